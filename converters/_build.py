@@ -1,0 +1,454 @@
+"""The build: source model -> model passes -> export -> quantize -> check -> signed bundle + report."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib
+import inspect
+import io
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import tomllib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgefleet import InputError, Manifest, ModelEntry, SigningKey, compute_baseline, write_bundle
+from edgefleet import __version__ as ef_version
+
+from ._data import Dataset
+from ._evaluate import runner_for
+from ._onnx_quant import quantize_onnx
+from ._passes import Distill, Pass, Quantize, pass_from_dict
+from ._report import format_table
+from .backends import FrameworkBackend, backend_for, load_model
+
+__all__ = ["BuildConfig", "BuildResult", "build", "load_recipe"]
+
+Progress = Callable[[str], None]
+
+# Lowest onnxruntime release that implements each default-domain opset (from ORT's compatibility table).
+_ORT_FOR_OPSET = {13: "1.7", 14: "1.10", 15: "1.11", 16: "1.12", 17: "1.14", 18: "1.16", 19: "1.17",
+                  20: "1.17", 21: "1.20", 22: "1.20", 23: "1.22"}
+_DEFAULT_ACCEL = {"onnx": ["CPUExecutionProvider"], "tflite": ["xnnpack"]}
+_EXPORT_AGREEMENT_MIN = 0.99
+
+
+def _stderr(msg: str) -> None:
+    print(f"[edgefleet] {msg}", file=sys.stderr, flush=True)
+
+
+@dataclass
+class BuildConfig:
+    """What to build. `steps` are model passes (distill, prune_*, qat) in order; `quantize` is applied
+    to every exported file."""
+
+    name: str = "model"
+    version: str = "0.1.0"
+    formats: list[str] = field(default_factory=lambda: ["onnx"])
+    steps: list[Pass] = field(default_factory=list)
+    quantize: Quantize = field(default_factory=lambda: Quantize(mode="none"))
+    layout: str = "NCHW"
+    preprocessing: dict[str, Any] = field(default_factory=dict)
+    labels: list[str] = field(default_factory=list)
+    accelerators: dict[str, list[str]] = field(default_factory=lambda: dict(_DEFAULT_ACCEL))
+    golden_count: int = 4
+
+    def __post_init__(self) -> None:
+        bad = [f for f in self.formats if f not in ("onnx", "tflite")]
+        if bad or not self.formats:
+            raise InputError(f"unknown format(s) {bad or self.formats}: use onnx, tflite or onnx,tflite")
+        if self.layout not in ("NCHW", "NHWC", "NC"):
+            raise InputError(f"layout {self.layout!r} is not one of NCHW, NHWC, NC")
+
+
+@dataclass
+class BuildResult:
+    manifest: Manifest
+    report: dict[str, Any]
+    path: Path
+
+
+def _resolve_object(spec: str) -> Any:
+    mod_name, _, attr = spec.partition(":")
+    if not mod_name or not attr:
+        raise InputError(f"'{spec}' must look like package.module:factory")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        obj = getattr(importlib.import_module(mod_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise InputError(f"cannot import '{spec}': {exc}") from exc
+    # A factory function or a class is called to make the model; an instance is used as it is.
+    return obj() if inspect.isfunction(obj) or inspect.isclass(obj) else obj
+
+
+def load_recipe(path: str | os.PathLike[str]) -> BuildConfig:
+    """Read a TOML recipe: top-level name/version/formats/layout/labels/preprocessing and [[steps]]."""
+    try:
+        doc = tomllib.loads(Path(path).read_text())
+    except FileNotFoundError as exc:
+        raise InputError(f"recipe {path} does not exist") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise InputError(f"recipe {path} is not valid TOML: {exc}") from exc
+    known = {"name", "version", "formats", "layout", "labels", "preprocessing", "steps", "golden_count", "accelerators"}
+    unknown = set(doc) - known
+    if unknown:
+        raise InputError(f"recipe {path}: unknown key(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(known))}")
+    steps: list[Pass] = []
+    quant = Quantize(mode="none")
+    for i, st in enumerate(doc.get("steps", [])):
+        st = dict(st)
+        if st.get("pass") == "distill" and isinstance(st.get("student"), str):
+            st["student"] = _resolve_object(st["student"])
+        p = pass_from_dict(st, f"recipe {Path(path).name} steps[{i}]")
+        if isinstance(p, Quantize):
+            quant = p
+        else:
+            steps.append(p)
+    kw = {k: doc[k] for k in ("name", "version", "formats", "layout", "labels", "preprocessing", "golden_count",
+                              "accelerators") if k in doc}
+    return BuildConfig(steps=steps, quantize=quant, **kw)
+
+
+def _versions() -> dict[str, str]:
+    out = {"edgefleet": ef_version, "python": platform.python_version()}
+    for pkg in ("numpy", "torch", "tensorflow", "tf_keras", "tensorflow-model-optimization", "onnx", "onnxruntime",
+                "ai-edge-litert", "litert-torch", "ai-edge-quantizer"):
+        with contextlib.suppress(PackageNotFoundError):
+            out[pkg] = version(pkg)
+    return out
+
+
+def _git_commit() -> str | None:
+    try:
+        r = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return r.stdout.strip() or None if r.returncode == 0 else None
+
+
+def _model_sha(model: Any, path: Path | None) -> str:
+    if path is not None:
+        from edgefleet._bundle import sha256_file
+
+        return sha256_file(path)
+    h = hashlib.sha256()
+    if hasattr(model, "state_dict"):
+        for k, v in sorted(model.state_dict().items()):
+            h.update(k.encode())
+            h.update(v.detach().cpu().numpy().tobytes())
+    elif hasattr(model, "get_weights"):
+        for w in model.get_weights():
+            h.update(np.asarray(w).tobytes())
+    return h.hexdigest()
+
+
+def _top1(y: np.ndarray) -> np.ndarray:
+    return np.asarray(y).reshape(len(y), -1).argmax(axis=1)
+
+
+def _score(pred: np.ndarray, ds: Dataset, ref_pred: np.ndarray) -> tuple[float | None, float]:
+    acc = None if ds.y is None else float((_top1(pred) == ds.y).mean())
+    return acc, float((_top1(pred) == _top1(ref_pred)).mean())
+
+
+class _OnnxSource:
+    """An ONNX source model treated like a framework model for prediction and 'export'."""
+
+    def __init__(self, model: Any, work: Path) -> None:
+        import onnx
+
+        self.path = work / "source.onnx"
+        onnx.save(model, str(self.path))
+        self.runner = runner_for("onnx", self.path)
+
+
+def build(
+    model: Any,
+    out: str | os.PathLike[str],
+    config: BuildConfig,
+    *,
+    calibration: Dataset | None = None,
+    evaluation: Dataset | None = None,
+    train: Dataset | None = None,
+    signing_key: SigningKey | None = None,
+    report_path: str | os.PathLike[str] | None = None,
+    progress: Progress = _stderr,
+    echo_table: bool = False,
+) -> BuildResult:
+    """Build a bundle from MODEL (a path to .onnx / .pt2 / .keras, a torch.nn.Module or a tf_keras model)."""
+    out = Path(out)
+    if evaluation is None and calibration is None:
+        raise InputError("a build needs evaluation (--eval) or calibration (--calibration) data to check exports")
+    check = evaluation if evaluation is not None else calibration
+    assert check is not None
+    src_path = Path(model) if isinstance(model, (str, os.PathLike)) else None
+    with tempfile.TemporaryDirectory(prefix="edgefleet-build-") as tmp:
+        work = Path(tmp)
+        if src_path is not None:
+            model, backend, src_format = load_model(src_path)
+        else:
+            backend = backend_for(model)
+            src_format = backend.source_format()
+        onnx_src = _OnnxSource(model, work) if backend is None else None
+        source_sha = _model_sha(model if onnx_src is None else None, src_path)
+
+        def predict(m: Any, x: np.ndarray) -> np.ndarray:
+            if onnx_src is not None:
+                return onnx_src.runner.predict(x)
+            assert backend is not None
+            return backend.predict(m, x)
+
+        in_shape = onnx_src.runner.inputs[0].shape if onnx_src else backend.input_shape(model, check.x)  # type: ignore[union-attr]
+        for ds in (d for d in (calibration, evaluation, train) if d is not None):
+            ds.check_input(tuple(in_shape))
+        src_pred = predict(model, check.x)
+        src_acc, _ = _score(src_pred, check, src_pred)
+        if onnx_src is not None:
+            src_size, src_lat = onnx_src.path.stat().st_size, onnx_src.runner.latency_p50_ms(check.x)
+        else:
+            src_size = src_path.stat().st_size if src_path else backend.param_bytes(model)  # type: ignore[union-attr]
+            src_lat = _framework_latency(backend, model, check.x)  # type: ignore[arg-type]
+        progress(f"source {src_format}: {src_size} bytes, accuracy {src_acc}, p50 {src_lat} ms")
+        steps: list[dict[str, Any]] = []
+
+        # 1. model passes
+        current = model
+        for p in config.steps:
+            if onnx_src is not None:
+                raise InputError(f"pass '{p.name}' needs a PyTorch or Keras model; ONNX sources can only be quantized")
+            assert backend is not None
+            if train is None:
+                raise InputError(f"pass '{p.name}' trains the model and needs training data (--train TRAIN.npz)")
+            progress(f"pass {p.name} {p.params()}")
+            result: dict[str, Any]
+            if isinstance(p, Distill):
+                current = backend.distill(current, p.student, train, p, progress)
+                result = {"student_param_bytes": backend.param_bytes(current)}
+            elif p.name == "prune_magnitude":
+                current, result = backend.prune_magnitude(current, train, p, progress)
+            elif p.name == "prune_structured":
+                current, result = backend.prune_structured(current, train, p, progress)
+            elif p.name == "qat":
+                current, result = backend.qat(current, train, p, progress)
+            else:
+                raise InputError(f"pass '{p.name}' cannot run as a model step")
+            acc, agree = _score(predict(current, check.x), check, src_pred)
+            result.update({"accuracy": acc, "agreement": round(agree, 5)})
+            progress(f"pass {p.name}: accuracy {acc} agreement {agree:.4f}")
+            steps.append({"pass": p.name, "params": p.params(), "result": result})
+        model_pred = predict(current, check.x)
+        qat_done = any(s["pass"] == "qat" for s in steps)
+
+        # 2. export + 3. quantize, per format
+        q = config.quantize
+        artifacts: list[dict[str, Any]] = []
+        warnings: list[str] = []
+        for fmt in config.formats:
+            try:
+                artifacts.append(_make_artifact(fmt, current, backend, onnx_src, check, calibration, q, qat_done,
+                                                model_pred, src_pred, work, progress))
+            except InputError as exc:
+                if len(config.formats) == 1:
+                    raise
+                warnings.append(f"{fmt} not built: {exc}")
+                progress(f"WARNING: {fmt} not built: {exc}")
+        if not artifacts:
+            raise InputError("no format could be built: " + "; ".join(warnings))
+        if q.mode != "none":
+            steps.append({"pass": "quantize", "params": q.params(),
+                          "result": {a["format"]: a.pop("quantization") for a in artifacts}})
+        else:
+            for a in artifacts:
+                a.pop("quantization")
+
+        # 4. golden sample, drift baseline, manifest
+        golden_x = np.ascontiguousarray(check.x[: config.golden_count], dtype=np.float32)
+        members: dict[str, bytes] = {"golden/inputs.npy": _npy(golden_x)}
+        entries: list[ModelEntry] = []
+        for a in artifacts:
+            path = a.pop("_path")
+            runner = a.pop("_runner")
+            g_out = runner.predict(golden_x)
+            mid = f"{a['format']}-{a['precision']}"
+            members[f"models/{mid}.{a['format']}"] = path.read_bytes()
+            members[f"golden/{mid}.outputs.npy"] = _npy(g_out)
+            entries.append(ModelEntry(
+                id=mid, format=a["format"], path=f"models/{mid}.{a['format']}", precision=a["precision"],
+                inputs=runner.inputs, outputs=runner.outputs, requirements=a.pop("requirements"),
+                accelerators=config.accelerators.get(a["format"], []),
+                metrics={k: a[k] for k in ("accuracy", "agreement", "latency_ms_p50", "max_abs_diff")},
+                golden_outputs=f"golden/{mid}.outputs.npy",
+                golden_tolerance=_tolerance(a["precision"], g_out),
+            ))
+            a["file"] = f"models/{mid}.{a['format']}"
+        base_pred = model_pred if onnx_src is None else src_pred
+        lineage = {"dataset_sha256": {d.name: d.sha256() for d in (train, calibration, evaluation) if d is not None},
+                   "git_commit": _git_commit()}
+        source = {"format": src_format, "sha256": source_sha, "size_bytes": src_size,
+                  "file": src_path.name if src_path else None}
+        manifest = Manifest(
+            name=config.name, version=config.version, models=entries, files=[],
+            created_by=_versions(), source=source,
+            preprocessing={"layout": config.layout, **config.preprocessing}, labels=list(config.labels),
+            steps=steps, metrics={"source_accuracy": src_acc, "evaluated_on": check.name, "samples": len(check)},
+            drift_baseline=compute_baseline(check.x, base_pred, config.layout),
+            golden={"inputs": "golden/inputs.npy", "count": len(golden_x)},
+            lineage=lineage,
+        )
+        manifest = write_bundle(out, manifest, members, signing_key)
+        report = {
+            "bundle": {"path": str(out), "name": config.name, "version": config.version,
+                       "size_bytes": out.stat().st_size, "signed": signing_key is not None},
+            "source": {"format": src_format, "precision": "fp32", "size_bytes": src_size, "accuracy": src_acc,
+                       "agreement": 1.0, "latency_ms_p50": src_lat, "sha256": source_sha},
+            "artifacts": artifacts,
+            "steps": steps,
+            "warnings": warnings,
+            "evaluated_on": {"name": check.name, "samples": len(check), "labels": check.y is not None},
+            "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
+        }
+        if report_path is not None:
+            _atomic_text(Path(report_path), json.dumps(report, indent=2, sort_keys=True, default=str))
+        if echo_table:
+            print(format_table(report))
+        return BuildResult(manifest, report, out)
+
+
+def _framework_latency(backend: FrameworkBackend, model: Any, x: np.ndarray, runs: int = 30) -> float:
+    import time
+
+    one = np.ascontiguousarray(x[:1])
+    for _ in range(5):
+        backend.predict(model, one)
+    ts = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        backend.predict(model, one)
+        ts.append(time.perf_counter() - t)
+    return round(float(np.median(ts)) * 1000, 4)
+
+
+def _npy(a: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, a, allow_pickle=False)
+    return buf.getvalue()
+
+
+def _tolerance(precision: str, ref: np.ndarray) -> dict[str, float]:
+    # Other CPUs and kernels may round differently; quantized files may move by a quantization step.
+    span = float(np.max(np.abs(ref))) if ref.size else 1.0
+    if precision == "fp32":
+        return {"atol": max(1e-4, 1e-5 * span), "rtol": 1e-4}
+    if precision == "fp16":
+        return {"atol": max(1e-2, 1e-3 * span), "rtol": 1e-2}
+    return {"atol": max(1e-2, 0.05 * span), "rtol": 0.05}
+
+
+def _atomic_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _requirements(fmt: str, path: Path) -> dict[str, Any]:
+    if fmt == "onnx":
+        import onnx
+
+        m = onnx.load(str(path), load_external_data=False)
+        opset = max((o.version for o in m.opset_import if o.domain in ("", "ai.onnx")), default=13)
+        ort_min = _ORT_FOR_OPSET.get(opset, "1.22" if opset > 23 else "1.7")
+        return {"onnx_opset": int(opset), "min_onnxruntime": ort_min, "ir_version": int(m.ir_version)}
+    lit = version("ai-edge-litert") if _has("ai-edge-litert") else "1.0"
+    return {"tflite_schema": 3, "min_litert": ".".join(lit.split(".")[:2])}
+
+
+def _has(pkg: str) -> bool:
+    try:
+        version(pkg)
+    except PackageNotFoundError:
+        return False
+    return True
+
+
+def _make_artifact(fmt: str, model: Any, backend: FrameworkBackend | None, onnx_src: _OnnxSource | None,
+                   check: Dataset, calib: Dataset | None, q: Quantize, qat_done: bool, model_pred: np.ndarray,
+                   src_pred: np.ndarray, work: Path, progress: Progress) -> dict[str, Any]:
+    fp32 = work / f"model.fp32.{fmt}"
+    # Export fp32 and check it against the model it came from before anything else.
+    if fmt == "onnx":
+        if onnx_src is not None:
+            fp32 = onnx_src.path
+        else:
+            assert backend is not None
+            progress("export onnx")
+            backend.export_onnx(model, check.x, fp32)
+    else:
+        if onnx_src is not None:
+            raise InputError("ONNX -> TFLite conversion is not supported (no maintained converter works with this "
+                             "stack); export TFLite from the PyTorch or Keras model instead")
+        assert backend is not None
+        progress("export tflite")
+        mode = "int8" if qat_done else "none"
+        backend.export_tflite(model, check.x, fp32, mode, calib, q.io if qat_done else "float")
+    runner = runner_for(fmt, fp32)
+    pred = runner.predict(check.x)
+    diff = float(np.max(np.abs(pred - model_pred)))
+    agree = float((_top1(pred) == _top1(model_pred)).mean())
+    progress(f"check {fmt} export: top-1 agreement {agree:.4f}, max abs diff {diff:.2e}")
+    if agree < _EXPORT_AGREEMENT_MIN and not qat_done:
+        raise InputError(f"{fmt} export disagrees with its source model (top-1 agreement {agree:.3f} < "
+                         f"{_EXPORT_AGREEMENT_MIN}, max abs diff {diff:.3g}); not bundled")
+    precision = "int8" if qat_done and fmt == "tflite" else "fp32"
+    final, quant_info = fp32, {"precision": precision}
+    ref_acc, ref_agree = _score(pred, check, src_pred)
+    ref = ref_acc if ref_acc is not None else ref_agree
+    if q.mode != "none" and not (qat_done and fmt == "tflite"):
+        final = work / f"model.q.{fmt}"
+
+        def score(path: Path) -> float:
+            acc, agr = _score(runner_for(fmt, path).predict(check.x), check, src_pred)
+            return acc if acc is not None else agr
+
+        if fmt == "onnx":
+            quant_info = quantize_onnx(fp32, final, q, calib, score, ref, progress)
+        else:
+            assert backend is not None
+            progress(f"quantize tflite ({q.mode})")
+            prec = backend.export_tflite(model, check.x, final, q.mode, calib, q.io)
+            quant_info = {"precision": prec, "io": q.io}
+            if q.max_accuracy_drop is not None:
+                s = score(final)
+                quant_info["score"] = round(s, 5)
+                if ref - s > q.max_accuracy_drop:
+                    raise InputError(f"tflite {q.mode} loses {ref - s:.4f} > --max-accuracy-drop "
+                                     f"{q.max_accuracy_drop} (score {s:.4f} vs {ref:.4f}); keeping layers in float "
+                                     "is implemented for ONNX only; build --format onnx or allow a larger drop")
+    frunner = runner_for(fmt, final)
+    fpred = frunner.predict(check.x)
+    acc, agree = _score(fpred, check, src_pred)
+    return {
+        "format": fmt,
+        "precision": quant_info["precision"],
+        "size_bytes": final.stat().st_size,
+        "accuracy": acc,
+        "agreement": round(agree, 5),
+        "max_abs_diff": round(float(np.max(np.abs(fpred - model_pred))), 6),
+        "latency_ms_p50": frunner.latency_p50_ms(check.x),
+        "export_check": {"agreement": round(agree, 5), "max_abs_diff": diff},
+        "quantization": quant_info,
+        "requirements": _requirements(fmt, final),
+        "_path": final,
+        "_runner": frunner,
+    }

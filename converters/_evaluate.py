@@ -1,0 +1,111 @@
+"""Run exported files the way a device would, to measure agreement, accuracy and latency."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgefleet import TensorSpec
+from edgefleet._errors import require
+
+__all__ = ["OnnxRunner", "TfliteRunner", "runner_for"]
+
+_NP_DTYPES = {
+    "tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int8)": "int8", "tensor(uint8)": "uint8",
+    "tensor(int32)": "int32", "tensor(int64)": "int64", "tensor(bool)": "bool", "tensor(int16)": "int16",
+}
+
+
+class Runner:
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def _one(self, x: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def latency_p50_ms(self, sample: np.ndarray, runs: int = 50, warmup: int = 10) -> float:
+        x = np.ascontiguousarray(sample[:1])
+        for _ in range(warmup):
+            self._one(x)
+        times = []
+        for _ in range(runs):
+            t = time.perf_counter()
+            self._one(x)
+            times.append(time.perf_counter() - t)
+        return round(float(np.median(times)) * 1000, 4)
+
+
+class OnnxRunner(Runner):
+    def __init__(self, path: Path, threads: int = 0) -> None:
+        ort = require("onnxruntime", "runtime", "running ONNX files")
+        so = ort.SessionOptions()
+        so.log_severity_level = 3
+        if threads:
+            so.intra_op_num_threads = threads
+        self.sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        self.in_name = self.sess.get_inputs()[0].name
+        self.inputs = [TensorSpec(i.name, _NP_DTYPES.get(i.type, "float32"),
+                                  [d if isinstance(d, int) else None for d in i.shape]) for i in self.sess.get_inputs()]
+        self.outputs = [TensorSpec(o.name, _NP_DTYPES.get(o.type, "float32"),
+                                   [d if isinstance(d, int) else None for d in o.shape]) for o in self.sess.get_outputs()]
+
+    def _one(self, x: np.ndarray) -> np.ndarray:
+        return self.sess.run(None, {self.in_name: x})[0]
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        dtype = np.float16 if self.inputs[0].dtype == "float16" else np.float32
+        fixed = self.inputs[0].shape[0]
+        step = 256 if fixed is None else fixed
+        outs = [self._one(np.ascontiguousarray(x[i : i + step], dtype=dtype)) for i in range(0, len(x), step)]
+        return np.concatenate(outs).astype(np.float32)
+
+    def latency_p50_ms(self, sample: np.ndarray, runs: int = 50, warmup: int = 10) -> float:
+        dtype = np.float16 if self.inputs[0].dtype == "float16" else np.float32
+        return super().latency_p50_ms(sample.astype(dtype), runs, warmup)
+
+
+class TfliteRunner(Runner):
+    def __init__(self, path: Path, threads: int = 2) -> None:
+        interp = require("ai_edge_litert.interpreter", "runtime", "running TFLite files")
+        self.it = interp.Interpreter(model_path=str(path), num_threads=threads)
+        self.it.allocate_tensors()
+        self.ind = self.it.get_input_details()[0]
+        self.outd = self.it.get_output_details()[0]
+        self.inputs = [self._spec(d) for d in self.it.get_input_details()]
+        self.outputs = [self._spec(d) for d in self.it.get_output_details()]
+
+    @staticmethod
+    def _spec(d: dict[str, Any]) -> TensorSpec:
+        dtype = np.dtype(d["dtype"]).name
+        qp = d.get("quantization_parameters", {})
+        scales = [float(s) for s in qp.get("scales", [])]
+        zps = [int(z) for z in qp.get("zero_points", [])]
+        quant = dtype in ("int8", "uint8", "int16") and bool(scales)
+        shape = [int(s) for s in d["shape"]]
+        return TensorSpec(d["name"], dtype, shape, scales if quant else None, zps if quant else None)
+
+    def _one(self, x: np.ndarray) -> np.ndarray:
+        spec = self.inputs[0]
+        if spec.scale is not None:
+            info = np.iinfo(np.dtype(spec.dtype))
+            x = np.clip(np.round(x / spec.scale[0]) + spec.zero_point[0], info.min, info.max)  # type: ignore[index]
+        self.it.set_tensor(self.ind["index"], x.astype(self.ind["dtype"]))
+        self.it.invoke()
+        y = self.it.get_tensor(self.outd["index"])
+        o = self.outputs[0]
+        if o.scale is not None:
+            y = (y.astype(np.float32) - o.zero_point[0]) * o.scale[0]  # type: ignore[index]
+        return np.asarray(y, dtype=np.float32)
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        return np.concatenate([self._one(np.ascontiguousarray(x[i : i + 1], dtype=np.float32)) for i in range(len(x))])
+
+
+def runner_for(fmt: str, path: Path) -> Runner:
+    return OnnxRunner(path) if fmt == "onnx" else TfliteRunner(path)

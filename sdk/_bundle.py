@@ -1,0 +1,237 @@
+"""Reading and writing `.efb` bundles: a deterministic ZIP with a signed manifest.
+
+Writing is atomic (temp file, fsync, rename). Reading validates every member before
+anything is returned, never unpickles, and extracts only inside the given directory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import stat
+import tempfile
+import zipfile
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import numpy as np
+
+from ._errors import BundleError, InputError, SignatureError
+from ._manifest import FileEntry, Manifest, canonical_json
+from ._signing import PublicKey, SigningKey, check_signature, encode_signature, load_public_key
+
+__all__ = ["DEFAULT_MAX_MEMBER_BYTES", "Bundle", "open_bundle", "sign_bundle", "write_bundle"]
+
+MANIFEST = "manifest.json"
+SIGNATURE = "manifest.sig"
+DEFAULT_MAX_MEMBER_BYTES = 1 << 30  # 1 GiB: far above any edge model, far below a zip bomb.
+_EPOCH = (1980, 1, 1, 0, 0, 0)
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path: str | os.PathLike[str]) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def check_member_name(name: str) -> None:
+    """Refuse any archive name that could escape the extraction directory or be ambiguous."""
+    if not name or name.startswith(("/", "\\")) or (len(name) > 1 and name[1] == ":"):
+        raise BundleError(f"bundle member '{name}' has an absolute path; bundles hold relative paths only")
+    if "\\" in name or "\x00" in name:
+        raise BundleError(f"bundle member '{name}' contains a backslash or NUL; use '/'-separated names")
+    parts = PurePosixPath(name).parts
+    if any(p in ("..", ".") for p in parts) or name.endswith("/") or "//" in name:
+        raise BundleError(f"bundle member '{name}' contains '..', '.' or an empty path component (path traversal)")
+
+
+def _zipinfo(name: str) -> zipfile.ZipInfo:
+    zi = zipfile.ZipInfo(name, date_time=_EPOCH)
+    zi.compress_type = zipfile.ZIP_STORED
+    zi.create_system = 3
+    zi.external_attr = (stat.S_IFREG | 0o644) << 16
+    return zi
+
+
+def write_bundle(
+    path: str | os.PathLike[str],
+    manifest: Manifest,
+    members: Mapping[str, bytes],
+    signing_key: SigningKey | None = None,
+) -> Manifest:
+    """Write a bundle atomically; fills `manifest.files` from `members`. Same inputs, same bytes."""
+    for name in members:
+        check_member_name(name)
+        if name in (MANIFEST, SIGNATURE):
+            raise BundleError(f"'{name}' is reserved for the bundle's own manifest / signature")
+    manifest.files = [FileEntry(n, sha256_bytes(b), len(b)) for n, b in sorted(members.items())]
+    manifest.check_references()
+    # Round-trip through the parser so a writer can never produce a bundle the reader refuses.
+    manifest = Manifest.parse(json.loads(manifest.canonical_bytes()))
+    body = manifest.canonical_bytes()
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    try:
+        with os.fdopen(fd, "wb") as raw, zipfile.ZipFile(raw, "w") as zf:
+            zf.writestr(_zipinfo(MANIFEST), body)
+            if signing_key is not None:
+                zf.writestr(_zipinfo(SIGNATURE), canonical_json(encode_signature(signing_key, body)))
+            for name in sorted(members):
+                zf.writestr(_zipinfo(name), members[name])
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return manifest
+
+
+@dataclass
+class Bundle:
+    """A validated bundle. Member bytes were hash-checked when it was opened."""
+
+    path: Path
+    manifest: Manifest
+    signed_by: str | None
+    signature_present: bool
+    _members: dict[str, bytes]
+
+    def read(self, name: str) -> bytes:
+        if name not in self._members:
+            raise BundleError(f"bundle {self.path.name} has no member '{name}'")
+        return self._members[name]
+
+    @property
+    def member_names(self) -> list[str]:
+        return sorted(self._members)
+
+    def load_array(self, name: str) -> np.ndarray:
+        """Load a `.npy` member; pickled object arrays are refused."""
+        try:
+            return np.load(io.BytesIO(self.read(name)), allow_pickle=False)
+        except ValueError as exc:
+            raise BundleError(f"bundle member '{name}' is not a plain .npy array: {exc}") from exc
+
+    def golden_inputs(self) -> np.ndarray | None:
+        p = self.manifest.golden.get("inputs")
+        return None if not p else self.load_array(str(p))
+
+    def extract(self, directory: str | os.PathLike[str]) -> Path:
+        """Write every member under DIRECTORY (created if needed), never outside it."""
+        root = Path(directory)
+        root.mkdir(parents=True, exist_ok=True)
+        root = root.resolve()
+        for name, data in sorted(self._members.items()):
+            dest = root.joinpath(*PurePosixPath(name).parts)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            if dest.parent.resolve() != dest.parent or not dest.parent.is_relative_to(root):
+                raise BundleError(f"refusing to extract '{name}': a directory on its path is a link out of {root}")
+            fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+        return root
+
+
+def _read_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, limit: int) -> bytes:
+    chunks, total = [], 0
+    with zf.open(info) as f:
+        while chunk := f.read(1 << 20):
+            total += len(chunk)
+            if total > limit:
+                raise BundleError(f"bundle member '{info.filename}' is larger than the {limit}-byte limit")
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def open_bundle(
+    path: str | os.PathLike[str],
+    trusted_keys: Sequence[PublicKey | str | os.PathLike[str] | bytes] | None = None,
+    *,
+    max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES,
+) -> Bundle:
+    """Open and fully validate a bundle.
+
+    With `trusted_keys`, the signature must be present and made by one of them. Without
+    it the signature is not checked (the result says whether one is present).
+    """
+    p = Path(path)
+    keys = None if trusted_keys is None else [load_public_key(k) for k in trusted_keys]
+    if keys is not None and not keys:
+        raise InputError("trusted_keys is empty: pass at least one public key, or None to skip the signature check")
+    try:
+        zf = zipfile.ZipFile(p)
+    except FileNotFoundError as exc:
+        raise BundleError(f"bundle {p} does not exist") from exc
+    except (zipfile.BadZipFile, OSError, ValueError) as exc:
+        raise BundleError(f"{p} is not a readable bundle (truncated or corrupt archive: {exc})") from exc
+    with zf:
+        infos = zf.infolist()
+        seen: set[str] = set()
+        for info in infos:
+            check_member_name(info.filename)
+            if info.filename in seen:
+                raise BundleError(f"bundle member '{info.filename}' appears twice")
+            seen.add(info.filename)
+            mode = info.external_attr >> 16
+            if stat.S_ISLNK(mode) or (mode and not stat.S_ISREG(mode)):
+                raise BundleError(f"bundle member '{info.filename}' is a link or special file; only regular files are allowed")
+            if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+                raise BundleError(f"bundle member '{info.filename}' uses an unsupported compression method")
+            if info.file_size > max_member_bytes:
+                raise BundleError(f"bundle member '{info.filename}' is larger than the {max_member_bytes}-byte limit")
+        if MANIFEST not in seen:
+            raise BundleError(f"{p.name} has no manifest.json: not an edgefleet bundle")
+        try:
+            raw = {i.filename: _read_member(zf, i, max_member_bytes) for i in infos}
+        except (zipfile.BadZipFile, OSError, EOFError) as exc:
+            raise BundleError(f"{p} is truncated or corrupt: {exc}") from exc
+
+    body = raw.pop(MANIFEST)
+    sig_raw = raw.pop(SIGNATURE, None)
+    signed_by = None
+    if keys is not None:
+        if sig_raw is None:
+            raise SignatureError(f"bundle {p.name} is not signed, but trusted keys were given; sign it with 'edgefleet sign'")
+        try:
+            sig_doc: Any = json.loads(sig_raw)
+        except json.JSONDecodeError as exc:
+            raise SignatureError(f"bundle {p.name} has a malformed signature file") from exc
+        signed_by = check_signature(sig_doc, body, keys).key_id
+    manifest = Manifest.from_bytes(body)
+    if manifest.canonical_bytes() != body:
+        raise BundleError("manifest.json is not in canonical form (sorted keys, no whitespace); it was edited by hand")
+    listed = {fe.path: fe for fe in manifest.files}
+    for name in raw:
+        if name not in listed:
+            raise BundleError(f"bundle member '{name}' is not listed in the manifest")
+    for name, fe in listed.items():
+        if name not in raw:
+            raise BundleError(f"manifest lists '{name}', but the bundle does not contain it")
+        data = raw[name]
+        if len(data) != fe.size or sha256_bytes(data) != fe.sha256:
+            raise BundleError(f"bundle member '{name}' does not match its sha256 in the manifest (tampered or corrupt)")
+    return Bundle(p, manifest, signed_by, sig_raw is not None, raw)
+
+
+def sign_bundle(
+    path: str | os.PathLike[str], key: SigningKey, out: str | os.PathLike[str] | None = None
+) -> Manifest:
+    """(Re-)sign an existing bundle after validating it; writes OUT (default: in place) atomically."""
+    b = open_bundle(path)
+    members = {n: b.read(n) for n in b.member_names}
+    return write_bundle(out or path, b.manifest, members, key)
+
+

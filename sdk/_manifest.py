@@ -1,0 +1,307 @@
+"""The bundle manifest (format v1): typed records, strict parsing, canonical bytes.
+
+The authoritative description is docs/bundle-format.md; keep the two in step.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from ._errors import BundleError
+
+__all__ = [
+    "FORMAT_MAJOR",
+    "FORMAT_VERSION",
+    "FileEntry",
+    "Manifest",
+    "ModelEntry",
+    "TensorSpec",
+    "canonical_json",
+]
+
+FORMAT_NAME = "edgefleet.bundle"
+FORMAT_MAJOR = 1
+FORMAT_MINOR = 0
+FORMAT_VERSION = f"{FORMAT_MAJOR}.{FORMAT_MINOR}"
+
+MODEL_FORMATS = ("onnx", "tflite")
+PRECISIONS = ("fp32", "fp16", "int8", "mixed")
+DTYPES = ("float32", "float16", "int8", "uint8", "int16", "int32", "int64", "bool")
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+_SEMVER = re.compile(r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)(?:-[0-9A-Za-z.-]+)?(?:\+[0-9A-Za-z.-]+)?$")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+def canonical_json(obj: Any) -> bytes:
+    """The canonical encoding that signatures cover: sorted keys, no whitespace, UTF-8."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
+
+
+class _Fields:
+    """Reads fields from a JSON object and names the exact field in every error."""
+
+    def __init__(self, obj: Any, where: str) -> None:
+        if not isinstance(obj, dict):
+            raise BundleError(f"manifest field '{where}' must be an object, got {type(obj).__name__}")
+        self.obj = obj
+        self.where = where
+
+    def path(self, key: str) -> str:
+        return f"{self.where}.{key}" if self.where else key
+
+    def get(self, key: str, types: type | tuple[type, ...], *, required: bool = True, default: Any = None) -> Any:
+        if key not in self.obj:
+            if required:
+                raise BundleError(f"manifest field '{self.path(key)}' is missing")
+            return default
+        value = self.obj[key]
+        if isinstance(value, bool) and bool not in (types if isinstance(types, tuple) else (types,)):
+            raise BundleError(f"manifest field '{self.path(key)}' has the wrong type (bool)")
+        if not isinstance(value, types):
+            raise BundleError(
+                f"manifest field '{self.path(key)}' has the wrong type: expected {_tn(types)}, "
+                f"got {type(value).__name__}"
+            )
+        return value
+
+    def choice(self, key: str, allowed: tuple[str, ...]) -> str:
+        value = self.get(key, str)
+        if value not in allowed:
+            raise BundleError(f"manifest field '{self.path(key)}' is {value!r}; expected one of {', '.join(allowed)}")
+        return str(value)
+
+    def pattern(self, key: str, rx: re.Pattern[str], what: str) -> str:
+        value = self.get(key, str)
+        if not rx.match(value):
+            raise BundleError(f"manifest field '{self.path(key)}' is {value!r}, which is not {what}")
+        return str(value)
+
+
+def _tn(types: type | tuple[type, ...]) -> str:
+    ts = types if isinstance(types, tuple) else (types,)
+    return " or ".join(t.__name__ for t in ts)
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    """One archive member other than the manifest and its signature."""
+
+    path: str
+    sha256: str
+    size: int
+
+    @classmethod
+    def parse(cls, obj: Any, where: str) -> FileEntry:
+        f = _Fields(obj, where)
+        size = f.get("size", int)
+        if size < 0:
+            raise BundleError(f"manifest field '{f.path('size')}' must be >= 0")
+        return cls(path=f.get("path", str), sha256=f.pattern("sha256", _HEX64, "a sha256 hex digest"), size=size)
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """A model input or output: name, dtype, shape (None for a dynamic dimension), int8 quantization."""
+
+    name: str
+    dtype: str
+    shape: list[int | None]
+    scale: list[float] | None = None
+    zero_point: list[int] | None = None
+
+    @classmethod
+    def parse(cls, obj: Any, where: str) -> TensorSpec:
+        f = _Fields(obj, where)
+        shape = f.get("shape", list)
+        for i, d in enumerate(shape):
+            if d is not None and (not isinstance(d, int) or isinstance(d, bool) or d < 0):
+                raise BundleError(f"manifest field '{f.path('shape')}[{i}]' must be a non-negative int or null")
+        q = f.get("quantization", (dict, type(None)), required=False)
+        scale = zp = None
+        if q is not None:
+            qf = _Fields(q, f.path("quantization"))
+            scale = [float(s) for s in qf.get("scale", list)]
+            zp = [int(z) for z in qf.get("zero_point", list)]
+            if not scale or len(scale) != len(zp):
+                raise BundleError(f"manifest field '{f.path('quantization')}' needs equal, non-empty scale and zero_point")
+        return cls(name=f.get("name", str), dtype=f.choice("dtype", DTYPES), shape=list(shape), scale=scale, zero_point=zp)
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
+        d["quantization"] = None if self.scale is None else {"scale": self.scale, "zero_point": self.zero_point}
+        return d
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """One model file in the bundle and everything a runtime needs to run it."""
+
+    id: str
+    format: str
+    path: str
+    precision: str
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    requirements: dict[str, Any]
+    accelerators: list[str] = field(default_factory=list)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    golden_outputs: str | None = None
+    golden_tolerance: dict[str, float] = field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, obj: Any, where: str) -> ModelEntry:
+        f = _Fields(obj, where)
+        fmt = f.choice("format", MODEL_FORMATS)
+        req = f.get("requirements", dict)
+        rf = _Fields(req, f.path("requirements"))
+        if fmt == "onnx":
+            rf.get("onnx_opset", int)
+            rf.get("min_onnxruntime", str)
+        else:
+            rf.get("min_litert", str)
+        inputs = [TensorSpec.parse(t, f"{f.path('inputs')}[{i}]") for i, t in enumerate(f.get("inputs", list))]
+        outputs = [TensorSpec.parse(t, f"{f.path('outputs')}[{i}]") for i, t in enumerate(f.get("outputs", list))]
+        if not inputs or not outputs:
+            raise BundleError(f"manifest field '{where}' needs at least one input and one output")
+        accel = f.get("accelerators", list, required=False, default=[])
+        if not all(isinstance(a, str) for a in accel):
+            raise BundleError(f"manifest field '{f.path('accelerators')}' must be a list of strings")
+        tol = f.get("golden_tolerance", dict, required=False, default={})
+        return cls(
+            id=f.pattern("id", _NAME, "a simple name (letters, digits, . _ -)"),
+            format=fmt,
+            path=f.get("path", str),
+            precision=f.choice("precision", PRECISIONS),
+            inputs=inputs,
+            outputs=outputs,
+            requirements=dict(req),
+            accelerators=list(accel),
+            metrics=dict(f.get("metrics", dict, required=False, default={})),
+            golden_outputs=f.get("golden_outputs", (str, type(None)), required=False),
+            golden_tolerance={str(k): float(v) for k, v in tol.items()},
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["inputs"] = [t.to_dict() for t in self.inputs]
+        d["outputs"] = [t.to_dict() for t in self.outputs]
+        return d
+
+
+@dataclass
+class Manifest:
+    """The parsed `manifest.json` of a bundle."""
+
+    name: str
+    version: str
+    models: list[ModelEntry]
+    files: list[FileEntry]
+    format_version: str = FORMAT_VERSION
+    created_by: dict[str, str] = field(default_factory=dict)
+    source: dict[str, Any] = field(default_factory=dict)
+    preprocessing: dict[str, Any] = field(default_factory=dict)
+    labels: list[str] = field(default_factory=list)
+    steps: list[dict[str, Any]] = field(default_factory=list)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    drift_baseline: dict[str, Any] = field(default_factory=dict)
+    golden: dict[str, Any] = field(default_factory=dict)
+    lineage: dict[str, Any] = field(default_factory=dict)
+
+    def model(self, model_id: str) -> ModelEntry:
+        for m in self.models:
+            if m.id == model_id:
+                return m
+        raise BundleError(f"bundle has no model '{model_id}'; it has {', '.join(m.id for m in self.models)}")
+
+    def file(self, path: str) -> FileEntry:
+        for fe in self.files:
+            if fe.path == path:
+                return fe
+        raise BundleError(f"manifest lists no file '{path}'")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT_NAME,
+            "format_version": self.format_version,
+            "name": self.name,
+            "version": self.version,
+            "created_by": dict(self.created_by),
+            "source": self.source,
+            "models": [m.to_dict() for m in self.models],
+            "files": [asdict(fe) for fe in sorted(self.files, key=lambda e: e.path)],
+            "preprocessing": self.preprocessing,
+            "labels": list(self.labels),
+            "steps": self.steps,
+            "metrics": self.metrics,
+            "drift_baseline": self.drift_baseline,
+            "golden": self.golden,
+            "lineage": self.lineage,
+        }
+
+    def canonical_bytes(self) -> bytes:
+        return canonical_json(self.to_dict())
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> Manifest:
+        try:
+            obj = json.loads(data.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise BundleError(f"manifest.json is not valid UTF-8 JSON: {exc}") from exc
+        return cls.parse(obj)
+
+    @classmethod
+    def parse(cls, obj: Any) -> Manifest:
+        f = _Fields(obj, "")
+        if f.get("format", str) != FORMAT_NAME:
+            raise BundleError(f"manifest field 'format' is {obj.get('format')!r}, not {FORMAT_NAME!r}: not an edgefleet bundle")
+        fv = f.get("format_version", str)
+        m = re.match(r"^(\d+)\.(\d+)$", fv)
+        if not m:
+            raise BundleError(f"manifest field 'format_version' is {fv!r}; expected MAJOR.MINOR")
+        if int(m.group(1)) != FORMAT_MAJOR:
+            raise BundleError(
+                f"bundle format version {fv} is not supported (this edgefleet reads {FORMAT_MAJOR}.x); "
+                "upgrade edgefleet or rebuild the bundle"
+            )
+        files = [FileEntry.parse(e, f"files[{i}]") for i, e in enumerate(f.get("files", list))]
+        models = [ModelEntry.parse(e, f"models[{i}]") for i, e in enumerate(f.get("models", list))]
+        if not models:
+            raise BundleError("manifest field 'models' is empty: a bundle needs at least one model")
+        manifest = cls(
+            name=f.pattern("name", _NAME, "a simple name (letters, digits, . _ -)"),
+            version=f.pattern("version", _SEMVER, "a semantic version such as 1.2.0"),
+            models=models,
+            files=files,
+            format_version=fv,
+            created_by={str(k): str(v) for k, v in f.get("created_by", dict, required=False, default={}).items()},
+            source=f.get("source", dict, required=False, default={}),
+            preprocessing=f.get("preprocessing", dict, required=False, default={}),
+            labels=[str(x) for x in f.get("labels", list, required=False, default=[])],
+            steps=f.get("steps", list, required=False, default=[]),
+            metrics=f.get("metrics", dict, required=False, default={}),
+            drift_baseline=f.get("drift_baseline", dict, required=False, default={}),
+            golden=f.get("golden", dict, required=False, default={}),
+            lineage=f.get("lineage", dict, required=False, default={}),
+        )
+        manifest.check_references()
+        return manifest
+
+    def check_references(self) -> None:
+        """Every path the manifest mentions must be a listed file; names must be unique."""
+        paths = [fe.path for fe in self.files]
+        if len(set(paths)) != len(paths):
+            raise BundleError("manifest field 'files' lists the same path twice")
+        ids = [m.id for m in self.models]
+        if len(set(ids)) != len(ids):
+            raise BundleError("manifest field 'models' uses the same id twice")
+        known = set(paths)
+        refs = [(f"models[{i}].path", m.path) for i, m in enumerate(self.models)]
+        refs += [(f"models[{i}].golden_outputs", m.golden_outputs) for i, m in enumerate(self.models) if m.golden_outputs]
+        if self.golden.get("inputs"):
+            refs.append(("golden.inputs", str(self.golden["inputs"])))
+        for where, p in refs:
+            if p not in known:
+                raise BundleError(f"manifest field '{where}' names '{p}', which is not in 'files'")
