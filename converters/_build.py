@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
 from edgefleet import InputError, Manifest, ModelEntry, SigningKey, compute_baseline, write_bundle
 from edgefleet import __version__ as ef_version
 
@@ -37,8 +36,19 @@ __all__ = ["BuildConfig", "BuildResult", "build", "load_recipe"]
 Progress = Callable[[str], None]
 
 # Lowest onnxruntime release that implements each default-domain opset (from ORT's compatibility table).
-_ORT_FOR_OPSET = {13: "1.7", 14: "1.10", 15: "1.11", 16: "1.12", 17: "1.14", 18: "1.16", 19: "1.17",
-                  20: "1.17", 21: "1.20", 22: "1.20", 23: "1.22"}
+_ORT_FOR_OPSET = {
+    13: "1.7",
+    14: "1.10",
+    15: "1.11",
+    16: "1.12",
+    17: "1.14",
+    18: "1.16",
+    19: "1.17",
+    20: "1.17",
+    21: "1.20",
+    22: "1.20",
+    23: "1.22",
+}
 _DEFAULT_ACCEL = {"onnx": ["CPUExecutionProvider"], "tflite": ["xnnpack"]}
 _EXPORT_AGREEMENT_MIN = 0.99
 
@@ -103,7 +113,9 @@ def load_recipe(path: str | os.PathLike[str]) -> BuildConfig:
     known = {"name", "version", "formats", "layout", "labels", "preprocessing", "steps", "golden_count", "accelerators"}
     unknown = set(doc) - known
     if unknown:
-        raise InputError(f"recipe {path}: unknown key(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(known))}")
+        raise InputError(
+            f"recipe {path}: unknown key(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(known))}"
+        )
     steps: list[Pass] = []
     quant = Quantize(mode="none")
     for i, st in enumerate(doc.get("steps", [])):
@@ -115,15 +127,28 @@ def load_recipe(path: str | os.PathLike[str]) -> BuildConfig:
             quant = p
         else:
             steps.append(p)
-    kw = {k: doc[k] for k in ("name", "version", "formats", "layout", "labels", "preprocessing", "golden_count",
-                              "accelerators") if k in doc}
+    kw = {
+        k: doc[k]
+        for k in ("name", "version", "formats", "layout", "labels", "preprocessing", "golden_count", "accelerators")
+        if k in doc
+    }
     return BuildConfig(steps=steps, quantize=quant, **kw)
 
 
 def _versions() -> dict[str, str]:
     out = {"edgefleet": ef_version, "python": platform.python_version()}
-    for pkg in ("numpy", "torch", "tensorflow", "tf_keras", "tensorflow-model-optimization", "onnx", "onnxruntime",
-                "ai-edge-litert", "litert-torch", "ai-edge-quantizer"):
+    for pkg in (
+        "numpy",
+        "torch",
+        "tensorflow",
+        "tf_keras",
+        "tensorflow-model-optimization",
+        "onnx",
+        "onnxruntime",
+        "ai-edge-litert",
+        "litert-torch",
+        "ai-edge-quantizer",
+    ):
         with contextlib.suppress(PackageNotFoundError):
             out[pkg] = version(pkg)
     return out
@@ -256,8 +281,22 @@ def build(
         warnings: list[str] = []
         for fmt in config.formats:
             try:
-                artifacts.append(_make_artifact(fmt, current, backend, onnx_src, check, calibration, q, qat_done,
-                                                model_pred, src_pred, work, progress))
+                artifacts.append(
+                    _make_artifact(
+                        fmt,
+                        current,
+                        backend,
+                        onnx_src,
+                        check,
+                        calibration,
+                        q,
+                        qat_done,
+                        model_pred,
+                        src_pred,
+                        work,
+                        progress,
+                    )
+                )
             except InputError as exc:
                 if len(config.formats) == 1:
                     raise
@@ -266,8 +305,13 @@ def build(
         if not artifacts:
             raise InputError("no format could be built: " + "; ".join(warnings))
         if q.mode != "none":
-            steps.append({"pass": "quantize", "params": q.params(),
-                          "result": {a["format"]: a.pop("quantization") for a in artifacts}})
+            steps.append(
+                {
+                    "pass": "quantize",
+                    "params": q.params(),
+                    "result": {a["format"]: a.pop("quantization") for a in artifacts},
+                }
+            )
         else:
             for a in artifacts:
                 a.pop("quantization")
@@ -283,35 +327,67 @@ def build(
             mid = f"{a['format']}-{a['precision']}"
             members[f"models/{mid}.{a['format']}"] = path.read_bytes()
             members[f"golden/{mid}.outputs.npy"] = _npy(g_out)
-            entries.append(ModelEntry(
-                id=mid, format=a["format"], path=f"models/{mid}.{a['format']}", precision=a["precision"],
-                inputs=runner.inputs, outputs=runner.outputs, requirements=a.pop("requirements"),
-                accelerators=config.accelerators.get(a["format"], []),
-                metrics={k: a[k] for k in ("accuracy", "agreement", "latency_ms_p50", "max_abs_diff")},
-                golden_outputs=f"golden/{mid}.outputs.npy",
-                golden_tolerance=_tolerance(a["precision"], g_out),
-            ))
+            entries.append(
+                ModelEntry(
+                    id=mid,
+                    format=a["format"],
+                    path=f"models/{mid}.{a['format']}",
+                    precision=a["precision"],
+                    inputs=runner.inputs,
+                    outputs=runner.outputs,
+                    requirements=a.pop("requirements"),
+                    accelerators=config.accelerators.get(a["format"], []),
+                    # Timings stay in the report: in the manifest they would make rebuilds differ byte for byte.
+                    metrics={k: a[k] for k in ("accuracy", "agreement", "max_abs_diff", "size_bytes")},
+                    golden_outputs=f"golden/{mid}.outputs.npy",
+                    golden_tolerance=_tolerance(a["precision"], g_out),
+                )
+            )
             a["file"] = f"models/{mid}.{a['format']}"
         base_pred = model_pred if onnx_src is None else src_pred
-        lineage = {"dataset_sha256": {d.name: d.sha256() for d in (train, calibration, evaluation) if d is not None},
-                   "git_commit": _git_commit()}
-        source = {"format": src_format, "sha256": source_sha, "size_bytes": src_size,
-                  "file": src_path.name if src_path else None}
+        lineage = {
+            "dataset_sha256": {d.name: d.sha256() for d in (train, calibration, evaluation) if d is not None},
+            "git_commit": _git_commit(),
+        }
+        source = {
+            "format": src_format,
+            "sha256": source_sha,
+            "size_bytes": src_size,
+            "file": src_path.name if src_path else None,
+        }
         manifest = Manifest(
-            name=config.name, version=config.version, models=entries, files=[],
-            created_by=_versions(), source=source,
-            preprocessing={"layout": config.layout, **config.preprocessing}, labels=list(config.labels),
-            steps=steps, metrics={"source_accuracy": src_acc, "evaluated_on": check.name, "samples": len(check)},
+            name=config.name,
+            version=config.version,
+            models=entries,
+            files=[],
+            created_by=_versions(),
+            source=source,
+            preprocessing={"layout": config.layout, **config.preprocessing},
+            labels=list(config.labels),
+            steps=_without_timings(steps),
+            metrics={"source_accuracy": src_acc, "evaluated_on": check.name, "samples": len(check)},
             drift_baseline=compute_baseline(check.x, base_pred, config.layout),
             golden={"inputs": "golden/inputs.npy", "count": len(golden_x)},
             lineage=lineage,
         )
         manifest = write_bundle(out, manifest, members, signing_key)
         report = {
-            "bundle": {"path": str(out), "name": config.name, "version": config.version,
-                       "size_bytes": out.stat().st_size, "signed": signing_key is not None},
-            "source": {"format": src_format, "precision": "fp32", "size_bytes": src_size, "accuracy": src_acc,
-                       "agreement": 1.0, "latency_ms_p50": src_lat, "sha256": source_sha},
+            "bundle": {
+                "path": str(out),
+                "name": config.name,
+                "version": config.version,
+                "size_bytes": out.stat().st_size,
+                "signed": signing_key is not None,
+            },
+            "source": {
+                "format": src_format,
+                "precision": "fp32",
+                "size_bytes": src_size,
+                "accuracy": src_acc,
+                "agreement": 1.0,
+                "latency_ms_p50": src_lat,
+                "sha256": source_sha,
+            },
             "artifacts": artifacts,
             "steps": steps,
             "warnings": warnings,
@@ -337,6 +413,15 @@ def _framework_latency(backend: FrameworkBackend, model: Any, x: np.ndarray, run
         backend.predict(model, one)
         ts.append(time.perf_counter() - t)
     return round(float(np.median(ts)) * 1000, 4)
+
+
+def _without_timings(obj: Any) -> Any:
+    """The manifest copy of a value: timings vary run to run and would break reproducible bundles."""
+    if isinstance(obj, dict):
+        return {k: _without_timings(v) for k, v in obj.items() if not k.startswith("latency")}
+    if isinstance(obj, list):
+        return [_without_timings(v) for v in obj]
+    return obj
 
 
 def _npy(a: np.ndarray) -> bytes:
@@ -382,9 +467,20 @@ def _has(pkg: str) -> bool:
     return True
 
 
-def _make_artifact(fmt: str, model: Any, backend: FrameworkBackend | None, onnx_src: _OnnxSource | None,
-                   check: Dataset, calib: Dataset | None, q: Quantize, qat_done: bool, model_pred: np.ndarray,
-                   src_pred: np.ndarray, work: Path, progress: Progress) -> dict[str, Any]:
+def _make_artifact(
+    fmt: str,
+    model: Any,
+    backend: FrameworkBackend | None,
+    onnx_src: _OnnxSource | None,
+    check: Dataset,
+    calib: Dataset | None,
+    q: Quantize,
+    qat_done: bool,
+    model_pred: np.ndarray,
+    src_pred: np.ndarray,
+    work: Path,
+    progress: Progress,
+) -> dict[str, Any]:
     fp32 = work / f"model.fp32.{fmt}"
     # Export fp32 and check it against the model it came from before anything else.
     if fmt == "onnx":
@@ -396,8 +492,10 @@ def _make_artifact(fmt: str, model: Any, backend: FrameworkBackend | None, onnx_
             backend.export_onnx(model, check.x, fp32)
     else:
         if onnx_src is not None:
-            raise InputError("ONNX -> TFLite conversion is not supported (no maintained converter works with this "
-                             "stack); export TFLite from the PyTorch or Keras model instead")
+            raise InputError(
+                "ONNX -> TFLite conversion is not supported (no maintained converter works with this "
+                "stack); export TFLite from the PyTorch or Keras model instead"
+            )
         assert backend is not None
         progress("export tflite")
         mode = "int8" if qat_done else "none"
@@ -408,8 +506,10 @@ def _make_artifact(fmt: str, model: Any, backend: FrameworkBackend | None, onnx_
     agree = float((_top1(pred) == _top1(model_pred)).mean())
     progress(f"check {fmt} export: top-1 agreement {agree:.4f}, max abs diff {diff:.2e}")
     if agree < _EXPORT_AGREEMENT_MIN and not qat_done:
-        raise InputError(f"{fmt} export disagrees with its source model (top-1 agreement {agree:.3f} < "
-                         f"{_EXPORT_AGREEMENT_MIN}, max abs diff {diff:.3g}); not bundled")
+        raise InputError(
+            f"{fmt} export disagrees with its source model (top-1 agreement {agree:.3f} < "
+            f"{_EXPORT_AGREEMENT_MIN}, max abs diff {diff:.3g}); not bundled"
+        )
     precision = "int8" if qat_done and fmt == "tflite" else "fp32"
     final, quant_info = fp32, {"precision": precision}
     ref_acc, ref_agree = _score(pred, check, src_pred)
@@ -432,9 +532,11 @@ def _make_artifact(fmt: str, model: Any, backend: FrameworkBackend | None, onnx_
                 s = score(final)
                 quant_info["score"] = round(s, 5)
                 if ref - s > q.max_accuracy_drop:
-                    raise InputError(f"tflite {q.mode} loses {ref - s:.4f} > --max-accuracy-drop "
-                                     f"{q.max_accuracy_drop} (score {s:.4f} vs {ref:.4f}); keeping layers in float "
-                                     "is implemented for ONNX only; build --format onnx or allow a larger drop")
+                    raise InputError(
+                        f"tflite {q.mode} loses {ref - s:.4f} > --max-accuracy-drop "
+                        f"{q.max_accuracy_drop} (score {s:.4f} vs {ref:.4f}); keeping layers in float "
+                        "is implemented for ONNX only; build --format onnx or allow a larger drop"
+                    )
     frunner = runner_for(fmt, final)
     fpred = frunner.predict(check.x)
     acc, agree = _score(fpred, check, src_pred)

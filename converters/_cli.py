@@ -26,9 +26,16 @@ def _run(args: argparse.Namespace) -> int:
     if args.layout:
         cfg.layout = args.layout
     q = cfg.quantize
-    overrides: dict[str, Any] = {k: v for k, v in {
-        "mode": args.quantize, "calibration": args.calibration_method, "max_accuracy_drop": args.max_accuracy_drop,
-        "activation_type": args.activation_type}.items() if v is not None}
+    overrides: dict[str, Any] = {
+        k: v
+        for k, v in {
+            "mode": args.quantize,
+            "calibration": args.calibration_method,
+            "max_accuracy_drop": args.max_accuracy_drop,
+            "activation_type": args.activation_type,
+        }.items()
+        if v is not None
+    }
     if overrides:
         params = {**q.params(), **overrides}
         cfg.quantize = Quantize(**params)
@@ -38,8 +45,17 @@ def _run(args: argparse.Namespace) -> int:
     train = load_npz(args.train, need_labels=True) if args.train else None
     if cfg.quantize.mode == "int8" and calib is None:
         raise InputError("--quantize int8 needs --calibration CALIB.npz (representative inputs)")
-    build(args.model, args.output, cfg, calibration=calib, evaluation=ev, train=train, signing_key=key,
-          report_path=args.report, echo_table=True)
+    build(
+        args.model,
+        args.output,
+        cfg,
+        calibration=calib,
+        evaluation=ev,
+        train=train,
+        signing_key=key,
+        report_path=args.report,
+        echo_table=True,
+    )
     return 0
 
 

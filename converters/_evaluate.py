@@ -7,15 +7,20 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
 from edgefleet import TensorSpec
 from edgefleet._errors import require
 
 __all__ = ["OnnxRunner", "TfliteRunner", "runner_for"]
 
 _NP_DTYPES = {
-    "tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int8)": "int8", "tensor(uint8)": "uint8",
-    "tensor(int32)": "int32", "tensor(int64)": "int64", "tensor(bool)": "bool", "tensor(int16)": "int16",
+    "tensor(float)": "float32",
+    "tensor(float16)": "float16",
+    "tensor(int8)": "int8",
+    "tensor(uint8)": "uint8",
+    "tensor(int32)": "int32",
+    "tensor(int64)": "int64",
+    "tensor(bool)": "bool",
+    "tensor(int16)": "int16",
 }
 
 
@@ -50,10 +55,14 @@ class OnnxRunner(Runner):
             so.intra_op_num_threads = threads
         self.sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
         self.in_name = self.sess.get_inputs()[0].name
-        self.inputs = [TensorSpec(i.name, _NP_DTYPES.get(i.type, "float32"),
-                                  [d if isinstance(d, int) else None for d in i.shape]) for i in self.sess.get_inputs()]
-        self.outputs = [TensorSpec(o.name, _NP_DTYPES.get(o.type, "float32"),
-                                   [d if isinstance(d, int) else None for d in o.shape]) for o in self.sess.get_outputs()]
+        self.inputs = [
+            TensorSpec(i.name, _NP_DTYPES.get(i.type, "float32"), [d if isinstance(d, int) else None for d in i.shape])
+            for i in self.sess.get_inputs()
+        ]
+        self.outputs = [
+            TensorSpec(o.name, _NP_DTYPES.get(o.type, "float32"), [d if isinstance(d, int) else None for d in o.shape])
+            for o in self.sess.get_outputs()
+        ]
 
     def _one(self, x: np.ndarray) -> np.ndarray:
         return self.sess.run(None, {self.in_name: x})[0]

@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
 from edgefleet import InputError
 from edgefleet._errors import require
 
@@ -60,10 +59,15 @@ def _static(pre: Path, out: Path, calib: Dataset, p: Any, act: str, exclude: lis
     q = _ort_quant()
     input_name = OnnxRunner(pre).in_name
     logging.getLogger("onnxruntime").setLevel(logging.ERROR)
-    method = {"minmax": q.CalibrationMethod.MinMax, "entropy": q.CalibrationMethod.Entropy,
-              "percentile": q.CalibrationMethod.Percentile}[p.calibration]
+    method = {
+        "minmax": q.CalibrationMethod.MinMax,
+        "entropy": q.CalibrationMethod.Entropy,
+        "percentile": q.CalibrationMethod.Percentile,
+    }[p.calibration]
     q.quantize_static(
-        str(pre), str(out), _Reader(input_name, calib.x),
+        str(pre),
+        str(out),
+        _Reader(input_name, calib.x),
         quant_format=q.QuantFormat.QDQ,
         per_channel=p.per_channel,
         activation_type=q.QuantType.QUInt8 if act == "uint8" else q.QuantType.QInt8,
@@ -85,8 +89,10 @@ def _sensitivity(pre: Path, quant: Path, x: np.ndarray) -> list[tuple[str, float
     def run(path: Path) -> dict[str, np.ndarray]:
         m = onnx.load(str(path))
         have = {o.name for o in m.graph.output}
+        # Quantization may fuse nodes (e.g. Gemm + Relu), so a tensor can exist in one model only.
+        produced = {o for n in m.graph.node for o in n.output}
         for t in tensors:
-            if t not in have and t not in graph_inputs:
+            if t not in have and t in produced:
                 m.graph.output.append(onnx.helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None))
         with tempfile.TemporaryDirectory() as d:
             tmp = Path(d) / "aug.onnx"
@@ -128,8 +134,10 @@ def quantize_onnx(
         return {"precision": "fp16"}
     if calib is None or len(calib) < p.min_calibration_samples:
         have = 0 if calib is None else len(calib)
-        raise InputError(f"static int8 quantization needs a calibration set of at least {p.min_calibration_samples} "
-                         f"samples (--calibration CALIB.npz); got {have}")
+        raise InputError(
+            f"static int8 quantization needs a calibration set of at least {p.min_calibration_samples} "
+            f"samples (--calibration CALIB.npz); got {have}"
+        )
     calib = calib.take(p.calibration_samples)
     with tempfile.TemporaryDirectory() as d:
         work = Path(d)
@@ -180,5 +188,12 @@ def quantize_onnx(
                         )
                     k *= 2
         shutil.copy(best, out)
-    return {"precision": "mixed" if excluded else "int8", "activations": act, "calibration": p.calibration,
-            "per_channel": p.per_channel, "kept_in_float": excluded, "tried": tried, "score": round(s, 5)}
+    return {
+        "precision": "mixed" if excluded else "int8",
+        "activations": act,
+        "calibration": p.calibration,
+        "per_channel": p.per_channel,
+        "kept_in_float": excluded,
+        "tried": tried,
+        "score": round(s, 5),
+    }

@@ -6,7 +6,7 @@ import dataclasses
 import types
 import typing
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 from edgefleet import InputError
@@ -46,7 +46,7 @@ class Pass:
         out = {}
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
-            out[f.name] = v if isinstance(v, (str, int, float, bool, list, type(None))) else repr(type(v).__name__)
+            out[f.name] = v if isinstance(v, (str, int, float, bool, list, type(None))) else type(v).__name__
         return out
 
 

@@ -15,7 +15,10 @@ def format_table(report: dict[str, Any]) -> str:
     rows = [("source", report["source"])] + [(a.get("file", a["format"]), a) for a in report["artifacts"]]
     src_size = report["source"]["size_bytes"] or 1
     src_lat = report["source"]["latency_ms_p50"] or 1
-    head = f"{'file':<28} {'format':<7} {'prec':<6} {'bytes':>10} {'size x':>7} {'accuracy':>9} {'agree':>7} {'p50 ms':>8} {'speed x':>8}"
+    head = (
+        f"{'file':<28} {'format':<7} {'prec':<6} {'bytes':>10} {'size x':>7} "
+        f"{'accuracy':>9} {'agree':>7} {'p50 ms':>8} {'speed x':>8}"
+    )
     lines = [head, "-" * len(head)]
     for name, r in rows:
         fmt = r.get("format", "")

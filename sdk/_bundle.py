@@ -13,7 +13,7 @@ import os
 import stat
 import tempfile
 import zipfile
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -185,9 +185,12 @@ def open_bundle(
             if info.filename in seen:
                 raise BundleError(f"bundle member '{info.filename}' appears twice")
             seen.add(info.filename)
-            mode = info.external_attr >> 16
-            if stat.S_ISLNK(mode) or (mode and not stat.S_ISREG(mode)):
-                raise BundleError(f"bundle member '{info.filename}' is a link or special file; only regular files are allowed")
+            # Many zip writers store permission bits without a file type; only a stated non-regular type is refused.
+            ftype = stat.S_IFMT(info.external_attr >> 16)
+            if ftype and ftype != stat.S_IFREG:
+                raise BundleError(
+                    f"bundle member '{info.filename}' is a link or special file; only regular files are allowed"
+                )
             if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
                 raise BundleError(f"bundle member '{info.filename}' uses an unsupported compression method")
             if info.file_size > max_member_bytes:
@@ -204,7 +207,9 @@ def open_bundle(
     signed_by = None
     if keys is not None:
         if sig_raw is None:
-            raise SignatureError(f"bundle {p.name} is not signed, but trusted keys were given; sign it with 'edgefleet sign'")
+            raise SignatureError(
+                f"bundle {p.name} is not signed, but trusted keys were given; sign it with 'edgefleet sign'"
+            )
         try:
             sig_doc: Any = json.loads(sig_raw)
         except json.JSONDecodeError as exc:
@@ -226,12 +231,8 @@ def open_bundle(
     return Bundle(p, manifest, signed_by, sig_raw is not None, raw)
 
 
-def sign_bundle(
-    path: str | os.PathLike[str], key: SigningKey, out: str | os.PathLike[str] | None = None
-) -> Manifest:
+def sign_bundle(path: str | os.PathLike[str], key: SigningKey, out: str | os.PathLike[str] | None = None) -> Manifest:
     """(Re-)sign an existing bundle after validating it; writes OUT (default: in place) atomically."""
     b = open_bundle(path)
     members = {n: b.read(n) for n in b.member_names}
     return write_bundle(out or path, b.manifest, members, key)
-
-

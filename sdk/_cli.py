@@ -34,8 +34,10 @@ def _cmd_sign(args: argparse.Namespace) -> int:
 def _cmd_verify(args: argparse.Namespace) -> int:
     b = open_bundle(args.bundle, trusted_keys=args.key)
     m = b.manifest
-    print(f"OK: {m.name} {m.version} (format {m.format_version}), signed by {b.signed_by}, "
-          f"{len(m.files)} files hash-checked")
+    print(
+        f"OK: {m.name} {m.version} (format {m.format_version}), signed by {b.signed_by}, "
+        f"{len(m.files)} files hash-checked"
+    )
     return 0
 
 
@@ -53,8 +55,10 @@ def _summary(b: Any) -> str:
         ins = "; ".join(f"{t.name} {t.dtype}{t.shape}" for t in e.inputs)
         outs = "; ".join(f"{t.name} {t.dtype}{t.shape}" for t in e.outputs)
         acc = e.metrics.get("accuracy")
-        lines.append(f"  {e.id:<24} {e.format:<6} {e.precision:<5} {fe.size:>10} B  "
-                     f"acc={'-' if acc is None else f'{acc:.4f}'} agree={e.metrics.get('agreement', '-')}")
+        lines.append(
+            f"  {e.id:<24} {e.format:<6} {e.precision:<5} {fe.size:>10} B  "
+            f"acc={'-' if acc is None else f'{acc:.4f}'} agree={e.metrics.get('agreement', '-')}"
+        )
         lines.append(f"  {'':<24} in: {ins}  out: {outs}  needs {e.requirements}")
     if m.steps:
         lines.append("steps:")
@@ -62,7 +66,9 @@ def _summary(b: Any) -> str:
             lines.append(f"  {s.get('pass')}: {json.dumps(s.get('params', {}), sort_keys=True)}")
     base = m.drift_baseline
     if base:
-        lines.append(f"drift     baseline on {base.get('n_samples')} samples, {len(base.get('inputs', []))} input features")
+        lines.append(
+            f"drift     baseline on {base.get('n_samples')} samples, {len(base.get('inputs', []))} input features"
+        )
     if m.golden:
         lines.append(f"golden    {m.golden.get('count')} samples")
     if m.labels:

@@ -99,12 +99,14 @@ def compute_baseline(x: np.ndarray, y: np.ndarray, layout: str, bins: int = DEFA
     for name, values in input_features(x, layout).items():
         edges = _quantile_edges(values, bins)
         counts = bin_counts(values, edges)
-        features.append({
-            "name": name,
-            "level": "pixel" if values.ndim > 1 else "sample",
-            "edges": edges,
-            "proportions": [round(float(c), 8) for c in counts / max(1, counts.sum())],
-        })
+        features.append(
+            {
+                "name": name,
+                "level": "pixel" if values.ndim > 1 else "sample",
+                "edges": edges,
+                "proportions": [round(float(c), 8) for c in counts / max(1, counts.sum())],
+            }
+        )
     logits = looks_like_logits(y)
     cls, conf = output_features(y, logits)
     k = int(np.asarray(y).reshape(len(y), -1).shape[1])
@@ -113,7 +115,7 @@ def compute_baseline(x: np.ndarray, y: np.ndarray, layout: str, bins: int = DEFA
     conf_counts = bin_counts(conf, conf_edges)
     return {
         "version": BASELINE_VERSION,
-        "n_samples": int(len(x)),
+        "n_samples": len(x),
         "layout": layout,
         "inputs": features,
         "outputs": {

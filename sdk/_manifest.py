@@ -126,8 +126,12 @@ class TensorSpec:
             scale = [float(s) for s in qf.get("scale", list)]
             zp = [int(z) for z in qf.get("zero_point", list)]
             if not scale or len(scale) != len(zp):
-                raise BundleError(f"manifest field '{f.path('quantization')}' needs equal, non-empty scale and zero_point")
-        return cls(name=f.get("name", str), dtype=f.choice("dtype", DTYPES), shape=list(shape), scale=scale, zero_point=zp)
+                raise BundleError(
+                    f"manifest field '{f.path('quantization')}' needs equal, non-empty scale and zero_point"
+                )
+        return cls(
+            name=f.get("name", str), dtype=f.choice("dtype", DTYPES), shape=list(shape), scale=scale, zero_point=zp
+        )
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
@@ -256,7 +260,9 @@ class Manifest:
     def parse(cls, obj: Any) -> Manifest:
         f = _Fields(obj, "")
         if f.get("format", str) != FORMAT_NAME:
-            raise BundleError(f"manifest field 'format' is {obj.get('format')!r}, not {FORMAT_NAME!r}: not an edgefleet bundle")
+            raise BundleError(
+                f"manifest field 'format' is {obj.get('format')!r}, not {FORMAT_NAME!r}: not an edgefleet bundle"
+            )
         fv = f.get("format_version", str)
         m = re.match(r"^(\d+)\.(\d+)$", fv)
         if not m:
@@ -299,7 +305,9 @@ class Manifest:
             raise BundleError("manifest field 'models' uses the same id twice")
         known = set(paths)
         refs = [(f"models[{i}].path", m.path) for i, m in enumerate(self.models)]
-        refs += [(f"models[{i}].golden_outputs", m.golden_outputs) for i, m in enumerate(self.models) if m.golden_outputs]
+        refs += [
+            (f"models[{i}].golden_outputs", m.golden_outputs) for i, m in enumerate(self.models) if m.golden_outputs
+        ]
         if self.golden.get("inputs"):
             refs.append(("golden.inputs", str(self.golden["inputs"])))
         for where, p in refs:

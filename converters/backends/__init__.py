@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
 from edgefleet import InputError
 
 from .._data import Dataset
@@ -73,8 +72,10 @@ def backend_for(model: Any) -> FrameworkBackend:
             from ._keras import KerasBackend
 
             return KerasBackend()
-    raise InputError(f"unsupported model object {type(model).__name__} from {mod}: give a torch.nn.Module, "
-                     "a tf_keras model, or a path to .onnx / .pt2 / .keras")
+    raise InputError(
+        f"unsupported model object {type(model).__name__} from {mod}: give a torch.nn.Module, "
+        "a tf_keras model, or a path to .onnx / .pt2 / .keras"
+    )
 
 
 def load_model(path: Path) -> tuple[Any, FrameworkBackend | None, str]:

@@ -24,11 +24,14 @@ def _check_external(model: Any, base: Path) -> None:
             continue
         loc = {e.key: e.value for e in t.external_data}.get("location", "")
         if not loc or os.path.isabs(loc) or ".." in Path(loc).parts:
-            raise InputError(f"ONNX tensor '{t.name}' has external data at '{loc}', outside the model's directory; "
-                             "keep external data files next to the model")
+            raise InputError(
+                f"ONNX tensor '{t.name}' has external data at '{loc}', outside the model's directory; "
+                "keep external data files next to the model"
+            )
         target = base / loc
-        if target.is_symlink() or any(p.is_symlink() for p in target.parents if p != p.parent and
-                                      p.is_relative_to(base)):
+        if target.is_symlink() or any(
+            p.is_symlink() for p in target.parents if p != p.parent and p.is_relative_to(base)
+        ):
             raise InputError(f"ONNX tensor '{t.name}' has external data through a link ('{loc}'); links are refused")
         if not target.resolve().is_relative_to(base_real):
             raise InputError(f"ONNX tensor '{t.name}' external data '{loc}' resolves outside {base}")

@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
 from edgefleet import InputError
 from edgefleet._errors import require
 
@@ -26,7 +25,9 @@ def load_pt2(path: Path) -> Any:
     try:
         ep = torch.export.load(str(path))
     except Exception as exc:  # torch raises many types for a corrupt archive
-        raise InputError(f"{path.name} is not a readable torch.export program (.pt2): {type(exc).__name__}: {exc}") from exc
+        raise InputError(
+            f"{path.name} is not a readable torch.export program (.pt2): {type(exc).__name__}: {exc}"
+        ) from exc
     return ep.module()
 
 
@@ -86,8 +87,19 @@ class TorchBackend(FrameworkBackend):
     def param_bytes(self, model: Any) -> int:
         return sum(p.numel() * p.element_size() for p in model.parameters())
 
-    def _fit(self, model: Any, train: Dataset, epochs: int, lr: float, bs: int, loss_fn: Any,
-             progress: Progress, label: str, after_step: Any = None, on_epoch: Any = None) -> None:
+    def _fit(
+        self,
+        model: Any,
+        train: Dataset,
+        epochs: int,
+        lr: float,
+        bs: int,
+        loss_fn: Any,
+        progress: Progress,
+        label: str,
+        after_step: Any = None,
+        on_epoch: Any = None,
+    ) -> None:
         if train.y is None:
             raise InputError(f"{label} needs labelled training data (an .npz with 'x' and 'y')")
         opt = torch.optim.Adam(model.parameters(), lr=lr)
@@ -112,7 +124,9 @@ class TorchBackend(FrameworkBackend):
 
     def distill(self, teacher: Any, student: Any, train: Dataset, p: Any, progress: Progress) -> Any:
         if not isinstance(student, nn.Module):
-            raise InputError(f"distill.student must be a torch.nn.Module for a PyTorch teacher, got {type(student).__name__}")
+            raise InputError(
+                f"distill.student must be a torch.nn.Module for a PyTorch teacher, got {type(student).__name__}"
+            )
         # Teacher logits are computed once; each batch looks its rows up by index.
         t_logits = torch.from_numpy(self.predict(teacher, train.x))
         temp, alpha = p.temperature, p.alpha
@@ -163,9 +177,18 @@ class TorchBackend(FrameworkBackend):
                     prune_to(target(step["k"]))
             progress(f"prune_magnitude: sparsity target {target(step['k']):.3f} (step {step['k']}/{total_steps})")
 
-        self._fit(model, train, max(1, p.epochs), p.learning_rate, p.batch_size,
-                  _ce, progress, "prune_magnitude",
-                  after_step=apply_masks, on_epoch=on_epoch)
+        self._fit(
+            model,
+            train,
+            max(1, p.epochs),
+            p.learning_rate,
+            p.batch_size,
+            _ce,
+            progress,
+            "prune_magnitude",
+            after_step=apply_masks,
+            on_epoch=on_epoch,
+        )
         if step["k"] < total_steps:
             prune_to(p.sparsity)
         apply_masks()
@@ -179,18 +202,23 @@ class TorchBackend(FrameworkBackend):
         model = copy.deepcopy(model).eval()
         pairs = _find_prunable_pairs(model, train.x[:2])
         if not pairs:
-            raise InputError("prune_structured found no conv/linear layer whose channels can be removed "
-                             "(each must feed exactly one conv/linear through BN, activations, pooling or flatten)")
+            raise InputError(
+                "prune_structured found no conv/linear layer whose channels can be removed "
+                "(each must feed exactly one conv/linear through BN, activations, pooling or flatten)"
+            )
         removed = {}
         for pair in pairs:
             removed[pair.producer] = _prune_pair(model, pair, p.ratio)
         after_prune = sum(q.numel() for q in model.parameters())
         progress(f"prune_structured: removed channels {removed}; parameters {before} -> {after_prune}")
-        self._fit(model, train, p.epochs, p.learning_rate, p.batch_size,
-                  _ce, progress, "prune_structured")
+        self._fit(model, train, p.epochs, p.learning_rate, p.batch_size, _ce, progress, "prune_structured")
         model.eval()
-        return model, {"channels_removed": removed, "params_before": before, "params_after": after_prune,
-                       "train_accuracy": _accuracy(self, model, train)}
+        return model, {
+            "channels_removed": removed,
+            "params_before": before,
+            "params_after": after_prune,
+            "train_accuracy": _accuracy(self, model, train),
+        }
 
     def export_onnx(self, model: Any, sample: np.ndarray, path: Path) -> None:
         _set_train(model, False)
@@ -198,14 +226,24 @@ class TorchBackend(FrameworkBackend):
         x = torch.from_numpy(np.ascontiguousarray(np.concatenate([sample[:1], sample[:1]])))
         batch = torch.export.Dim("batch", min=1, max=4096)
         try:
-            prog = torch.onnx.export(model, (x,), dynamo=True, input_names=["input"], output_names=["output"],
-                                     dynamic_shapes=({0: batch},), verbose=False)
+            prog = torch.onnx.export(
+                model,
+                (x,),
+                dynamo=True,
+                input_names=["input"],
+                output_names=["output"],
+                dynamic_shapes=({0: batch},),
+                verbose=False,
+            )
             prog.save(str(path))
         except Exception as exc:
-            raise InputError(f"PyTorch -> ONNX export failed: {type(exc).__name__}: {str(exc).splitlines()[0]}") from exc
+            raise InputError(
+                f"PyTorch -> ONNX export failed: {type(exc).__name__}: {str(exc).splitlines()[0]}"
+            ) from exc
 
-    def export_tflite(self, model: Any, sample: np.ndarray, path: Path, mode: str, calib: Dataset | None,
-                      io: str) -> str:
+    def export_tflite(
+        self, model: Any, sample: np.ndarray, path: Path, mode: str, calib: Dataset | None, io: str
+    ) -> str:
         litert_torch = require("litert_torch", "convert", "PyTorch -> TFLite export")
         _set_train(model, False)
         x = torch.from_numpy(np.ascontiguousarray(sample[:1]))
@@ -224,11 +262,37 @@ class TorchBackend(FrameworkBackend):
 
 # --- structured pruning -------------------------------------------------------------------
 
-_PASS_THROUGH = (nn.BatchNorm2d, nn.BatchNorm1d, nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Hardswish, nn.Tanh,
-                 nn.Sigmoid, nn.LeakyReLU, nn.ELU, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.Dropout,
-                 nn.Identity)
-_PASS_FUNCS = {F.relu, F.relu6, F.silu, F.gelu, torch.relu, torch.tanh, torch.sigmoid, F.max_pool2d, F.avg_pool2d,
-               F.adaptive_avg_pool2d, F.dropout}
+_PASS_THROUGH = (
+    nn.BatchNorm2d,
+    nn.BatchNorm1d,
+    nn.ReLU,
+    nn.ReLU6,
+    nn.SiLU,
+    nn.GELU,
+    nn.Hardswish,
+    nn.Tanh,
+    nn.Sigmoid,
+    nn.LeakyReLU,
+    nn.ELU,
+    nn.MaxPool2d,
+    nn.AvgPool2d,
+    nn.AdaptiveAvgPool2d,
+    nn.Dropout,
+    nn.Identity,
+)
+_PASS_FUNCS = {
+    F.relu,
+    F.relu6,
+    F.silu,
+    F.gelu,
+    torch.relu,
+    torch.tanh,
+    torch.sigmoid,
+    F.max_pool2d,
+    F.avg_pool2d,
+    F.adaptive_avg_pool2d,
+    F.dropout,
+}
 
 
 class _Pair:
@@ -267,7 +331,7 @@ def _find_prunable_pairs(model: Any, sample: np.ndarray) -> list[_Pair]:
                     shape = cur.meta["tensor_meta"].shape
                     spatial = int(np.prod(shape[2:])) if len(shape) > 2 else 1
                 elif isinstance(m, (nn.Conv2d, nn.Linear)):
-                    ok = (isinstance(m, nn.Linear) or m.groups == 1)
+                    ok = isinstance(m, nn.Linear) or m.groups == 1
                     if ok and nxt.args[0] is cur:
                         pairs.append(_Pair(node.target, bns, nxt.target, spatial))
                     break
@@ -298,15 +362,24 @@ def _prune_pair(model: Any, pair: _Pair, ratio: float) -> int:
     prod, cons = mods[pair.producer], mods[pair.consumer]
     w = prod.weight.detach()
     n_out = w.shape[0]
-    keep_n = max(1, n_out - int(round(n_out * ratio)))
+    keep_n = max(1, n_out - round(n_out * ratio))
     if keep_n == n_out:
         return 0
     importance = w.abs().reshape(n_out, -1).sum(dim=1)
     keep = torch.sort(torch.topk(importance, keep_n).indices).values
     with torch.no_grad():
         if isinstance(prod, nn.Conv2d):
-            new_p = nn.Conv2d(prod.in_channels, keep_n, prod.kernel_size, prod.stride, prod.padding,
-                              prod.dilation, 1, prod.bias is not None, prod.padding_mode)
+            new_p = nn.Conv2d(
+                prod.in_channels,
+                keep_n,
+                prod.kernel_size,
+                prod.stride,
+                prod.padding,
+                prod.dilation,
+                1,
+                prod.bias is not None,
+                prod.padding_mode,
+            )
         else:
             new_p = nn.Linear(prod.in_features, keep_n, prod.bias is not None)
         new_p.weight.copy_(w[keep])
@@ -325,8 +398,17 @@ def _prune_pair(model: Any, pair: _Pair, ratio: float) -> int:
             _set_module(model, bn_name, new_bn)
         cw = cons.weight.detach()
         if isinstance(cons, nn.Conv2d):
-            new_c = nn.Conv2d(keep_n, cons.out_channels, cons.kernel_size, cons.stride, cons.padding,
-                              cons.dilation, 1, cons.bias is not None, cons.padding_mode)
+            new_c = nn.Conv2d(
+                keep_n,
+                cons.out_channels,
+                cons.kernel_size,
+                cons.stride,
+                cons.padding,
+                cons.dilation,
+                1,
+                cons.bias is not None,
+                cons.padding_mode,
+            )
             new_c.weight.copy_(cw[:, keep])
         else:
             s = pair.flatten_spatial

@@ -13,10 +13,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
-
 from edgefleet import generate_keypair, load_signing_key
 from edgefleet.converters import BuildConfig, Dataset, Distill, PruneMagnitude, PruneStructured, Quantize, build
+from torch import nn
 
 from .data import load_splits, save_npz
 from .models import Student, Teacher
@@ -73,7 +72,9 @@ def main(argv: list[str] | None = None) -> int:
         quantize=Quantize(mode="int8", calibration="minmax", max_accuracy_drop=0.01),
     )
     result = build(
-        teacher, out / f"digits-{args.version}.efb", cfg,
+        teacher,
+        out / f"digits-{args.version}.efb",
+        cfg,
         calibration=Dataset(*splits["calib"], name="calib.npz"),
         evaluation=Dataset(*splits["eval"], name="eval.npz"),
         train=Dataset(*splits["train"], name="train.npz"),

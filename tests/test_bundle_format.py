@@ -1,0 +1,296 @@
+"""Bundle format v1: determinism, signing, and every refusal the reader promises."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import stat
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edgefleet import (
+    BundleError,
+    InputError,
+    Manifest,
+    ModelEntry,
+    SignatureError,
+    TensorSpec,
+    generate_keypair,
+    open_bundle,
+    sign_bundle,
+    write_bundle,
+)
+from edgefleet._manifest import canonical_json
+
+
+def _npy(a: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, a, allow_pickle=False)
+    return buf.getvalue()
+
+
+def make_manifest(version: str = "1.0.0") -> Manifest:
+    entry = ModelEntry(
+        id="onnx-fp32",
+        format="onnx",
+        path="models/onnx-fp32.onnx",
+        precision="fp32",
+        inputs=[TensorSpec("input", "float32", [None, 1, 8, 8])],
+        outputs=[TensorSpec("logits", "float32", [None, 10])],
+        requirements={"onnx_opset": 17, "min_onnxruntime": "1.14"},
+        golden_outputs="golden/onnx-fp32.outputs.npy",
+    )
+    return Manifest(
+        name="digits", version=version, models=[entry], files=[], golden={"inputs": "golden/inputs.npy", "count": 2}
+    )
+
+
+def make_members(model_bytes: bytes = b"model-bytes") -> dict[str, bytes]:
+    return {
+        "models/onnx-fp32.onnx": model_bytes,
+        "golden/inputs.npy": _npy(np.zeros((2, 1, 8, 8), np.float32)),
+        "golden/onnx-fp32.outputs.npy": _npy(np.zeros((2, 10), np.float32)),
+    }
+
+
+def rewrite(src: Path, dst: Path, edit) -> None:
+    """Copy a bundle member by member, letting EDIT change (name, data, info) or add members."""
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w") as zout:
+        items = [(i, zin.read(i.filename)) for i in zin.infolist()]
+        for info, data in edit(items):
+            zout.writestr(info, data)
+
+
+def test_same_inputs_and_key_give_identical_bytes(tmp_path: Path) -> None:
+    key = generate_keypair(tmp_path / "k")
+    a, b = tmp_path / "a.efb", tmp_path / "b.efb"
+    write_bundle(a, make_manifest(), make_members(), key)
+    write_bundle(b, make_manifest(), make_members(), key)
+    assert a.read_bytes() == b.read_bytes()
+    # Different content gives different bytes: the comparison above is not vacuous.
+    write_bundle(b, make_manifest(), make_members(b"other"), key)
+    assert a.read_bytes() != b.read_bytes()
+
+
+def test_roundtrip_with_signature(tmp_path: Path) -> None:
+    key = generate_keypair(tmp_path / "k")
+    write_bundle(tmp_path / "x.efb", make_manifest(), make_members(), key)
+    b = open_bundle(tmp_path / "x.efb", trusted_keys=[tmp_path / "k.pub"])
+    assert b.signed_by == key.key_id
+    assert b.manifest.model("onnx-fp32").inputs[0].shape == [None, 1, 8, 8]
+    assert b.read("models/onnx-fp32.onnx") == b"model-bytes"
+    assert b.golden_inputs().shape == (2, 1, 8, 8)
+    fe = b.manifest.file("models/onnx-fp32.onnx")
+    assert fe.size == len(b"model-bytes")
+
+
+def test_wrong_key_missing_signature_and_tamper(tmp_path: Path) -> None:
+    key = generate_keypair(tmp_path / "k")
+    other = generate_keypair(tmp_path / "other")
+    path = tmp_path / "x.efb"
+    write_bundle(path, make_manifest(), make_members(), key)
+    with pytest.raises(SignatureError, match="does not verify"):
+        open_bundle(path, trusted_keys=[other.public])
+    unsigned = tmp_path / "u.efb"
+    write_bundle(unsigned, make_manifest(), make_members(), None)
+    with pytest.raises(SignatureError, match="not signed"):
+        open_bundle(unsigned, trusted_keys=[key.public])
+    assert open_bundle(unsigned).signature_present is False
+    # A manifest edited after signing (version bumped, then re-canonicalised) fails the signature.
+    forged = tmp_path / "f.efb"
+
+    def bump(items):
+        for info, data in items:
+            if info.filename == "manifest.json":
+                doc = json.loads(data)
+                doc["version"] = "9.9.9"
+                data = canonical_json(doc)
+            yield info, data
+
+    rewrite(path, forged, bump)
+    with pytest.raises(SignatureError):
+        open_bundle(forged, trusted_keys=[key.public])
+
+
+def test_member_hash_mismatch_is_refused(tmp_path: Path) -> None:
+    path, bad = tmp_path / "x.efb", tmp_path / "bad.efb"
+    write_bundle(path, make_manifest(), make_members(), None)
+
+    def flip(items):
+        for info, data in items:
+            if info.filename.startswith("models/"):
+                data = b"X" + data[1:]
+            yield info, data
+
+    rewrite(path, bad, flip)
+    with pytest.raises(BundleError, match="does not match its sha256"):
+        open_bundle(bad)
+
+
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [
+        ("../evil", "path traversal"),
+        ("models/../../evil", "path traversal"),
+        ("/etc/passwd", "absolute path"),
+        ("C:/x", "absolute path"),
+        ("models\\x", "backslash"),
+    ],
+)
+def test_dangerous_member_names_are_refused(tmp_path: Path, name: str, message: str) -> None:
+    path, bad = tmp_path / "x.efb", tmp_path / "bad.efb"
+    write_bundle(path, make_manifest(), make_members(), None)
+
+    def add(items):
+        yield from items
+        yield zipfile.ZipInfo(name), b"payload"
+
+    rewrite(path, bad, add)
+    with pytest.raises(BundleError, match=message):
+        open_bundle(bad)
+
+
+def test_links_duplicates_unlisted_and_oversize(tmp_path: Path) -> None:
+    path = tmp_path / "x.efb"
+    write_bundle(path, make_manifest(), make_members(), None)
+
+    def add_link(items):
+        yield from items
+        zi = zipfile.ZipInfo("models/link")
+        zi.external_attr = (stat.S_IFLNK | 0o777) << 16
+        yield zi, b"/etc/passwd"
+
+    rewrite(path, tmp_path / "l.efb", add_link)
+    with pytest.raises(BundleError, match="link"):
+        open_bundle(tmp_path / "l.efb")
+
+    def dup(items):
+        items = list(items)
+        yield from items
+        yield items[-1]
+
+    with pytest.warns(UserWarning):  # zipfile itself warns about the duplicate name
+        rewrite(path, tmp_path / "d.efb", dup)
+    with pytest.raises(BundleError, match="appears twice"):
+        open_bundle(tmp_path / "d.efb")
+
+    def extra(items):
+        yield from items
+        yield zipfile.ZipInfo("notes.txt"), b"hello"
+
+    rewrite(path, tmp_path / "e.efb", extra)
+    with pytest.raises(BundleError, match="not listed in the manifest"):
+        open_bundle(tmp_path / "e.efb")
+
+    with pytest.raises(BundleError, match="larger than"):
+        open_bundle(path, max_member_bytes=8)
+
+
+def test_unknown_major_version_and_malformed_fields(tmp_path: Path) -> None:
+    path = tmp_path / "x.efb"
+    write_bundle(path, make_manifest(), make_members(), None)
+
+    def edit_manifest(change):
+        def edit(items):
+            for info, data in items:
+                if info.filename == "manifest.json":
+                    doc = json.loads(data)
+                    change(doc)
+                    data = canonical_json(doc)
+                yield info, data
+
+        return edit
+
+    cases = [
+        (lambda d: d.update(format_version="2.0"), "not supported"),
+        (lambda d: d["models"][0].update(sha="x") or d["models"][0].update(precision="int4"), "precision"),
+        (lambda d: d["models"][0].update(format="pickle"), "format"),
+        (lambda d: d["files"][0].update(sha256="nothex"), "sha256"),
+        (lambda d: d.update(version="one"), "semantic version"),
+        (lambda d: d["models"][0]["inputs"][0].update(shape=[-1, 8]), "non-negative"),
+        (lambda d: d["models"][0].pop("requirements"), "requirements"),
+        (lambda d: d.update(models=[]), "at least one model"),
+    ]
+    for i, (change, msg) in enumerate(cases):
+        bad = tmp_path / f"bad{i}.efb"
+        rewrite(path, bad, edit_manifest(change))
+        with pytest.raises(BundleError, match=msg):
+            open_bundle(bad)
+
+
+def test_non_canonical_manifest_and_truncation(tmp_path: Path) -> None:
+    path = tmp_path / "x.efb"
+    write_bundle(path, make_manifest(), make_members(), None)
+
+    def pretty(items):
+        for info, data in items:
+            if info.filename == "manifest.json":
+                data = json.dumps(json.loads(data), indent=2).encode()
+            yield info, data
+
+    rewrite(path, tmp_path / "p.efb", pretty)
+    with pytest.raises(BundleError, match="canonical"):
+        open_bundle(tmp_path / "p.efb")
+    data = path.read_bytes()
+    (tmp_path / "t.efb").write_bytes(data[: len(data) // 2])
+    with pytest.raises(BundleError, match="truncated or corrupt"):
+        open_bundle(tmp_path / "t.efb")
+    with pytest.raises(BundleError, match="does not exist"):
+        open_bundle(tmp_path / "missing.efb")
+
+
+def test_pickled_arrays_are_never_loaded(tmp_path: Path) -> None:
+    members = make_members()
+    buf = io.BytesIO()
+    np.save(buf, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    members["golden/inputs.npy"] = buf.getvalue()
+    write_bundle(tmp_path / "x.efb", make_manifest(), members, None)
+    b = open_bundle(tmp_path / "x.efb")
+    with pytest.raises(BundleError, match="not a plain .npy"):
+        b.golden_inputs()
+
+
+def test_extract_stays_inside_directory(tmp_path: Path) -> None:
+    write_bundle(tmp_path / "x.efb", make_manifest(), make_members(), None)
+    b = open_bundle(tmp_path / "x.efb")
+    dest = tmp_path / "out"
+    root = b.extract(dest)
+    assert (root / "models" / "onnx-fp32.onnx").read_bytes() == b"model-bytes"
+    # A pre-existing link inside the target pointing elsewhere is not followed.
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    dest2 = tmp_path / "out2"
+    dest2.mkdir()
+    os.symlink(outside, dest2 / "models")
+    with pytest.raises(BundleError, match="link out of"):
+        b.extract(dest2)
+    assert list(outside.iterdir()) == []
+
+
+def test_writer_refuses_bad_names_and_dangling_references(tmp_path: Path) -> None:
+    with pytest.raises(BundleError, match="path traversal"):
+        write_bundle(tmp_path / "x.efb", make_manifest(), {**make_members(), "../x": b""}, None)
+    members = make_members()
+    del members["golden/inputs.npy"]
+    with pytest.raises(BundleError, match="not in 'files'"):
+        write_bundle(tmp_path / "y.efb", make_manifest(), members, None)
+    assert not (tmp_path / "x.efb").exists() and not (tmp_path / "y.efb").exists()
+    assert list(tmp_path.glob("*.tmp")) == []
+
+
+def test_sign_existing_bundle_and_bad_key(tmp_path: Path) -> None:
+    write_bundle(tmp_path / "x.efb", make_manifest(), make_members(), None)
+    key = generate_keypair(tmp_path / "k")
+    sign_bundle(tmp_path / "x.efb", key)
+    assert open_bundle(tmp_path / "x.efb", trusted_keys=[key.public]).signed_by == key.key_id
+    (tmp_path / "junk.key").write_text("not a key")
+    from edgefleet import load_signing_key
+
+    with pytest.raises(InputError, match="not an unencrypted PEM Ed25519 private key"):
+        load_signing_key(tmp_path / "junk.key")
+    with pytest.raises(InputError, match="already exists"):
+        generate_keypair(tmp_path / "k")

@@ -1,0 +1,110 @@
+"""Data sets, typed pass parameters and recipes: bad input gets a clear error."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edgefleet import InputError, bin_counts, compute_baseline
+from edgefleet.converters import PASSES, Dataset, PruneMagnitude, Quantize, load_npz, load_recipe, pass_from_dict
+
+
+def test_load_npz_errors(tmp_path: Path) -> None:
+    np.savez(tmp_path / "nox.npz", y=np.arange(3))
+    with pytest.raises(InputError, match="no array named 'x'"):
+        load_npz(tmp_path / "nox.npz")
+    np.savez(tmp_path / "noy.npz", x=np.zeros((3, 4), np.float32))
+    with pytest.raises(InputError, match="no array named 'y'"):
+        load_npz(tmp_path / "noy.npz", need_labels=True)
+    np.savez(tmp_path / "obj.npz", x=np.array([{"a": 1}], dtype=object))
+    with pytest.raises(InputError, match="pickled"):
+        load_npz(tmp_path / "obj.npz")
+    good = tmp_path / "good.npz"
+    np.savez(good, x=np.zeros((5, 4), np.float32))
+    (tmp_path / "trunc.npz").write_bytes(good.read_bytes()[:40])
+    with pytest.raises(InputError, match="truncated or corrupt"):
+        load_npz(tmp_path / "trunc.npz")
+    with pytest.raises(InputError, match="too few"):
+        load_npz(good, min_samples=10)
+    np.savez(tmp_path / "nan.npz", x=np.full((2, 2), np.nan, np.float32))
+    with pytest.raises(InputError, match="NaN"):
+        load_npz(tmp_path / "nan.npz")
+    assert len(load_npz(good)) == 5
+
+
+def test_dataset_shape_and_label_checks() -> None:
+    ds = Dataset(np.zeros((4, 1, 8, 8), np.float32), name="calib.npz")
+    with pytest.raises(InputError, match=r"per-sample shape \(1, 8, 8\), but the model expects \(3, 8, 8\)"):
+        ds.check_input((None, 3, 8, 8))
+    ds.check_input((None, 1, 8, 8))
+    with pytest.raises(InputError, match="one label per sample"):
+        Dataset(np.zeros((4, 2), np.float32), np.zeros(3, np.int64))
+    with pytest.raises(InputError, match="must be integers"):
+        Dataset(np.zeros((2, 2), np.float32), np.zeros(2, np.float32))
+    with pytest.raises(InputError, match="must be floating point"):
+        Dataset(np.zeros((2, 2), np.int32)).check_input((None, 2))
+
+
+def test_passes_are_registered_with_typed_parameters() -> None:
+    assert {"distill", "prune_magnitude", "prune_structured", "qat", "quantize"} <= set(PASSES)
+    p = pass_from_dict({"pass": "prune_magnitude", "sparsity": 0.6, "epochs": 2})
+    assert isinstance(p, PruneMagnitude) and p.sparsity == 0.6
+    q = pass_from_dict({"pass": "quantize", "mode": "int8", "max_accuracy_drop": 0})
+    assert isinstance(q, Quantize) and q.max_accuracy_drop == 0.0
+    with pytest.raises(InputError, match="unknown pass 'shrink'"):
+        pass_from_dict({"pass": "shrink"})
+    with pytest.raises(InputError, match="unknown parameter 'sparsty'"):
+        pass_from_dict({"pass": "prune_magnitude", "sparsty": 0.5})
+    with pytest.raises(InputError, match="must be float, got str"):
+        pass_from_dict({"pass": "prune_magnitude", "sparsity": "half"})
+    with pytest.raises(InputError, match="expected one of"):
+        pass_from_dict({"pass": "quantize", "mode": "int4"})
+    with pytest.raises(InputError, match=r"sparsity must be in \[0, 1\)"):
+        pass_from_dict({"pass": "prune_magnitude", "sparsity": 1.5})
+    with pytest.raises(InputError, match="distill needs a student"):
+        pass_from_dict({"pass": "distill"})
+
+
+def test_recipe_file(tmp_path: Path) -> None:
+    r = tmp_path / "r.toml"
+    r.write_text(
+        'name = "digits"\nversion = "2.0.0"\nformats = ["onnx"]\n'
+        '[[steps]]\npass = "prune_magnitude"\nsparsity = 0.4\n'
+        '[[steps]]\npass = "quantize"\nmode = "dynamic"\n'
+    )
+    cfg = load_recipe(r)
+    assert cfg.name == "digits" and cfg.version == "2.0.0"
+    assert [s.name for s in cfg.steps] == ["prune_magnitude"] and cfg.quantize.mode == "dynamic"
+    r.write_text('nmae = "x"\n')
+    with pytest.raises(InputError, match="unknown key"):
+        load_recipe(r)
+    r.write_text("[[steps]\n")
+    with pytest.raises(InputError, match="not valid TOML"):
+        load_recipe(r)
+
+
+def test_refuses_pickled_torch_files(tmp_path: Path) -> None:
+    from edgefleet.converters.backends import load_model
+
+    p = tmp_path / "model.pth"
+    p.write_bytes(pickle.dumps({"weights": [1, 2]}))
+    with pytest.raises(InputError, match=r"pickled PyTorch file.*torch\.export"):
+        load_model(p)
+
+
+def test_bins_cover_everything_and_baseline_sums_to_one() -> None:
+    assert bin_counts(np.array([-100.0, 0.0, 0.5, 1.0, 100.0]), [0.0, 1.0]).tolist() == [1, 2, 2]
+    rng = np.random.default_rng(0)
+    x = rng.random((50, 3, 4, 4)).astype(np.float32)
+    y = rng.normal(size=(50, 5))
+    base = compute_baseline(x, y, "NCHW")
+    names = [f["name"] for f in base["inputs"]]
+    assert names == ["channel_0_intensity", "channel_1_intensity", "channel_2_intensity", "brightness", "contrast"]
+    for f in base["inputs"]:
+        assert len(f["proportions"]) == len(f["edges"]) + 1
+        assert abs(sum(f["proportions"]) - 1) < 1e-6
+    assert base["outputs"]["apply_softmax"] is True
+    assert abs(sum(base["outputs"]["predicted_class"]["proportions"]) - 1) < 1e-6
