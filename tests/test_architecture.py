@@ -33,8 +33,9 @@ def test_import_linter_contracts_hold(tmp_path: Path) -> None:
     _installed_layout(tmp_path)
     exe = Path(sys.executable).parent / "lint-imports"
     env = {**os.environ, "PYTHONPATH": str(tmp_path)}
-    r = subprocess.run([str(exe), "--config", "pyproject.toml"], cwd=tmp_path, capture_output=True, text=True,
-                       check=False, env=env)
+    r = subprocess.run(
+        [str(exe), "--config", "pyproject.toml"], cwd=tmp_path, capture_output=True, text=True, check=False, env=env
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     assert "Contracts: 2 kept, 0 broken" in r.stdout
 
@@ -46,8 +47,9 @@ def test_import_linter_catches_a_violation(tmp_path: Path) -> None:
         f.write("\nimport edgefleet.runtime  # noqa\n")
     exe = Path(sys.executable).parent / "lint-imports"
     env = {**os.environ, "PYTHONPATH": str(tmp_path)}
-    r = subprocess.run([str(exe), "--config", "pyproject.toml"], cwd=tmp_path, capture_output=True, text=True,
-                       check=False, env=env)
+    r = subprocess.run(
+        [str(exe), "--config", "pyproject.toml"], cwd=tmp_path, capture_output=True, text=True, check=False, env=env
+    )
     assert r.returncode != 0 and "edgefleet._drift -> edgefleet.runtime" in r.stdout
 
 
@@ -73,7 +75,9 @@ def test_cli_help_does_not_import_frameworks() -> None:
 def test_wheel_installs_only_the_edgefleet_package(tmp_path: Path) -> None:
     r = subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp_path), str(ROOT)],
-        capture_output=True, text=True, check=False,
+        capture_output=True,
+        text=True,
+        check=False,
     )
     assert r.returncode == 0, r.stderr[-2000:]
     import zipfile
@@ -82,6 +86,11 @@ def test_wheel_installs_only_the_edgefleet_package(tmp_path: Path) -> None:
     tops = {n.split("/")[0] for n in zipfile.ZipFile(wheel).namelist()}
     assert tops == {"edgefleet", f"{wheel.name.split('-')[0]}-{wheel.name.split('-')[1]}.dist-info"}
     names = zipfile.ZipFile(wheel).namelist()
-    for pkg in ("edgefleet/converters/__init__.py", "edgefleet/runtime/__init__.py", "edgefleet/fleet/__init__.py",
-                "edgefleet/converters/backends/_torch.py", "edgefleet/_bundle.py"):
+    for pkg in (
+        "edgefleet/converters/__init__.py",
+        "edgefleet/runtime/__init__.py",
+        "edgefleet/fleet/__init__.py",
+        "edgefleet/converters/backends/_torch.py",
+        "edgefleet/_bundle.py",
+    ):
         assert pkg in names

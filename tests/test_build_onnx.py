@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import pytest
-
 from edgefleet import InputError, open_bundle
 from edgefleet.converters import BuildConfig, Dataset, Quantize, build
 
@@ -24,9 +23,28 @@ def _ort_predict(data: bytes, x: np.ndarray) -> np.ndarray:
 def test_cli_int8_build_report_and_verify(tmp_path: Path, mlp_onnx: Path, digits_npz: dict, keypair) -> None:
     _, key, pub = keypair
     out, rep = tmp_path / "mlp.efb", tmp_path / "report.json"
-    r = run_cli("build", str(mlp_onnx), "--calibration", str(digits_npz["calib"]), "--eval", str(digits_npz["eval"]),
-                "--quantize", "int8", "--format", "onnx", "--sign-key", str(key), "--name", "mlp",
-                "--version", "1.2.3", "-o", str(out), "--report", str(rep))
+    r = run_cli(
+        "build",
+        str(mlp_onnx),
+        "--calibration",
+        str(digits_npz["calib"]),
+        "--eval",
+        str(digits_npz["eval"]),
+        "--quantize",
+        "int8",
+        "--format",
+        "onnx",
+        "--sign-key",
+        str(key),
+        "--name",
+        "mlp",
+        "--version",
+        "1.2.3",
+        "-o",
+        str(out),
+        "--report",
+        str(rep),
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert "models/onnx-int8.onnx" in r.stdout and "size x" in r.stdout  # the readable table
     report = json.loads(rep.read_text())
@@ -61,8 +79,12 @@ def test_cli_int8_build_report_and_verify(tmp_path: Path, mlp_onnx: Path, digits
 def test_same_build_twice_is_byte_identical(tmp_path: Path, mlp_onnx: Path, digits: dict, keypair) -> None:
     key, _, _ = keypair
     cfg = BuildConfig(name="mlp", quantize=Quantize(mode="int8", activation_type="uint8"))
-    kw = dict(calibration=Dataset(*digits["calib"]), evaluation=Dataset(*digits["eval"]), signing_key=key,
-              progress=lambda _: None)
+    kw = dict(
+        calibration=Dataset(*digits["calib"]),
+        evaluation=Dataset(*digits["eval"]),
+        signing_key=key,
+        progress=lambda _: None,
+    )
     build(mlp_onnx, tmp_path / "a.efb", cfg, **kw)
     build(mlp_onnx, tmp_path / "b.efb", cfg, **kw)
     assert (tmp_path / "a.efb").read_bytes() == (tmp_path / "b.efb").read_bytes()
@@ -70,8 +92,13 @@ def test_same_build_twice_is_byte_identical(tmp_path: Path, mlp_onnx: Path, digi
 
 @pytest.mark.parametrize(("mode", "precision"), [("dynamic", "int8"), ("fp16", "fp16"), ("none", "fp32")])
 def test_other_quantization_modes(tmp_path: Path, mlp_onnx: Path, digits: dict, mode: str, precision: str) -> None:
-    res = build(mlp_onnx, tmp_path / "m.efb", BuildConfig(quantize=Quantize(mode=mode)),
-                evaluation=Dataset(*digits["eval"]), progress=lambda _: None)
+    res = build(
+        mlp_onnx,
+        tmp_path / "m.efb",
+        BuildConfig(quantize=Quantize(mode=mode)),
+        evaluation=Dataset(*digits["eval"]),
+        progress=lambda _: None,
+    )
     (art,) = res.report["artifacts"]
     assert art["precision"] == precision
     assert art["agreement"] > 0.97
@@ -84,14 +111,25 @@ def test_accuracy_gate_keeps_sensitive_nodes_in_float(tmp_path: Path, mlp_onnx: 
     # Calibrating on dimmed images sets activation ranges far too narrow: plain int8 saturates.
     bad_calib = Dataset(x_cal * 0.05)
     ev = Dataset(*digits["eval"])
-    plain = build(mlp_onnx, tmp_path / "p.efb", BuildConfig(quantize=Quantize(mode="int8", activation_type="uint8")),
-                  calibration=bad_calib, evaluation=ev, progress=lambda _: None)
+    plain = build(
+        mlp_onnx,
+        tmp_path / "p.efb",
+        BuildConfig(quantize=Quantize(mode="int8", activation_type="uint8")),
+        calibration=bad_calib,
+        evaluation=ev,
+        progress=lambda _: None,
+    )
     src_acc = plain.report["source"]["accuracy"]
     plain_drop = src_acc - plain.report["artifacts"][0]["accuracy"]
     assert plain_drop > 0.02, "the test needs a quantization that really hurts"
-    gated = build(mlp_onnx, tmp_path / "g.efb",
-                  BuildConfig(quantize=Quantize(mode="int8", activation_type="uint8", max_accuracy_drop=0.01)),
-                  calibration=bad_calib, evaluation=ev, progress=lambda _: None)
+    gated = build(
+        mlp_onnx,
+        tmp_path / "g.efb",
+        BuildConfig(quantize=Quantize(mode="int8", activation_type="uint8", max_accuracy_drop=0.01)),
+        calibration=bad_calib,
+        evaluation=ev,
+        progress=lambda _: None,
+    )
     (art,) = gated.report["artifacts"]
     q = gated.report["steps"][-1]["result"]["onnx"]
     assert art["precision"] == "mixed" and q["kept_in_float"], q
@@ -116,8 +154,16 @@ def test_bad_inputs_leave_nothing_behind(tmp_path: Path, mlp_onnx: Path, digits_
     r = run_cli("build", str(mlp_onnx), "--calibration", str(tiny), "--quantize", "int8", "-o", str(out))
     assert r.returncode == 1 and "calibration set of at least 8 samples" in r.stderr
     (tmp_path / "bad.key").write_text("-----BEGIN PRIVATE KEY-----\nnope\n")
-    r = run_cli("build", str(mlp_onnx), "--eval", str(digits_npz["eval"]), "--sign-key", str(tmp_path / "bad.key"),
-                "-o", str(out))
+    r = run_cli(
+        "build",
+        str(mlp_onnx),
+        "--eval",
+        str(digits_npz["eval"]),
+        "--sign-key",
+        str(tmp_path / "bad.key"),
+        "-o",
+        str(out),
+    )
     assert r.returncode == 1 and "not an unencrypted PEM Ed25519 private key" in r.stderr
     r = run_cli("build", str(mlp_onnx), "--eval", str(digits_npz["eval"]), "--format", "tflite", "-o", str(out))
     assert r.returncode == 1 and "ONNX -> TFLite conversion is not supported" in r.stderr
@@ -125,22 +171,32 @@ def test_bad_inputs_leave_nothing_behind(tmp_path: Path, mlp_onnx: Path, digits_
 
 
 def test_both_formats_from_onnx_builds_what_works_and_says_so(tmp_path: Path, mlp_onnx: Path, digits: dict) -> None:
-    res = build(mlp_onnx, tmp_path / "m.efb", BuildConfig(formats=["onnx", "tflite"]),
-                evaluation=Dataset(*digits["eval"]), progress=lambda _: None)
+    res = build(
+        mlp_onnx,
+        tmp_path / "m.efb",
+        BuildConfig(formats=["onnx", "tflite"]),
+        evaluation=Dataset(*digits["eval"]),
+        progress=lambda _: None,
+    )
     assert [a["format"] for a in res.report["artifacts"]] == ["onnx"]
     assert any("tflite not built" in w for w in res.report["warnings"])
 
 
 def test_external_data_outside_model_dir_or_via_link_is_refused(tmp_path: Path, mlp_onnx: Path) -> None:
     import onnx
-
     from edgefleet.converters.backends import load_model
 
     m = onnx.load(str(mlp_onnx))
     model_dir = tmp_path / "model"
     model_dir.mkdir()
-    onnx.save(m, str(model_dir / "ok.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
-              location="weights.bin", size_threshold=0)
+    onnx.save(
+        m,
+        str(model_dir / "ok.onnx"),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location="weights.bin",
+        size_threshold=0,
+    )
     load_model(model_dir / "ok.onnx")  # the honest layout loads
     # Point the external data outside the directory.
     evil = onnx.load(str(model_dir / "ok.onnx"), load_external_data=False)

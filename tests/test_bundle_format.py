@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from edgefleet import (
     BundleError,
     InputError,
@@ -250,7 +249,7 @@ def test_pickled_arrays_are_never_loaded(tmp_path: Path) -> None:
     members["golden/inputs.npy"] = buf.getvalue()
     write_bundle(tmp_path / "x.efb", make_manifest(), members, None)
     b = open_bundle(tmp_path / "x.efb")
-    with pytest.raises(BundleError, match="not a plain .npy"):
+    with pytest.raises(BundleError, match=r"not a plain \.npy"):
         b.golden_inputs()
 
 

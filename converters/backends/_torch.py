@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import operator
+import re
+from io import StringIO
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +31,17 @@ def load_pt2(path: Path) -> Any:
         raise InputError(
             f"{path.name} is not a readable torch.export program (.pt2): {type(exc).__name__}: {exc}"
         ) from exc
-    return ep.module()
+    module = ep.module()
+    # A program exported with a concrete batch size only accepts that size; remember it.
+    user_inputs = [n for n in ep.graph.nodes if n.op == "placeholder" and n.name in ep.graph_signature.user_inputs]
+    val = user_inputs[0].meta.get("val") if user_inputs else None
+    if val is not None and isinstance(val.shape[0], int):
+        module._edgefleet_static_batch = int(val.shape[0])
+    return module
+
+
+def _static_batch(model: Any) -> int | None:
+    return getattr(model, "_edgefleet_static_batch", None)
 
 
 def _batches(ds: Dataset, batch_size: int, rng: np.random.Generator) -> Any:
@@ -66,6 +79,21 @@ def _set_train(model: Any, mode: bool) -> None:
         pass
 
 
+def _export_error(target: str, exc: BaseException) -> str:
+    """One line naming the operator(s) the exporter could not express, when its message says which."""
+    parts, cur = [], exc
+    while cur is not None and len(parts) < 6:
+        parts.append(str(cur))
+        cur = cur.__cause__ or cur.__context__
+    text = "\n".join(parts)
+    ops = sorted(set(re.findall(r"(?:aten|prims)\.[A-Za-z0-9_]+(?:\.[A-Za-z0-9_]+)?", text)))
+    ops = [o for o in ops if not any(other.startswith(o + ".") for other in ops)]
+    if ops:
+        return f"PyTorch -> {target} export failed: operator(s) {', '.join(ops)} cannot be expressed in this format"
+    first = re.sub(r"\x1b\[[0-9;]*m", "", str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+    return f"PyTorch -> {target} export failed: {first}"
+
+
 def _ce(model: Any, idx: np.ndarray, xb: Any, yb: Any) -> Any:
     return F.cross_entropy(model(xb), yb)
 
@@ -76,9 +104,10 @@ class TorchBackend(FrameworkBackend):
     def predict(self, model: Any, x: np.ndarray) -> np.ndarray:
         _set_train(model, False)
         outs = []
+        step = _static_batch(model) or 256
         with torch.no_grad():
-            for i in range(0, len(x), 256):
-                outs.append(model(torch.from_numpy(np.ascontiguousarray(x[i : i + 256]))).numpy())
+            for i in range(0, len(x), step):
+                outs.append(model(torch.from_numpy(np.ascontiguousarray(x[i : i + step]))).numpy())
         return np.concatenate(outs).astype(np.float32)
 
     def input_shape(self, model: Any, sample: np.ndarray) -> tuple[int | None, ...]:
@@ -222,9 +251,13 @@ class TorchBackend(FrameworkBackend):
 
     def export_onnx(self, model: Any, sample: np.ndarray, path: Path) -> None:
         _set_train(model, False)
-        # A batch of two: torch.export specialises a size-1 dimension to a constant.
-        x = torch.from_numpy(np.ascontiguousarray(np.concatenate([sample[:1], sample[:1]])))
-        batch = torch.export.Dim("batch", min=1, max=4096)
+        static = _static_batch(model)
+        if static is not None:
+            x, dyn = torch.from_numpy(np.ascontiguousarray(sample[:static])), None
+        else:
+            # A batch of two: torch.export specialises a size-1 dimension to a constant.
+            x = torch.from_numpy(np.ascontiguousarray(np.concatenate([sample[:1], sample[:1]])))
+            dyn = ({0: torch.export.Dim("batch", min=1, max=4096)},)
         try:
             prog = torch.onnx.export(
                 model,
@@ -232,14 +265,12 @@ class TorchBackend(FrameworkBackend):
                 dynamo=True,
                 input_names=["input"],
                 output_names=["output"],
-                dynamic_shapes=({0: batch},),
+                dynamic_shapes=dyn,
                 verbose=False,
             )
             prog.save(str(path))
         except Exception as exc:
-            raise InputError(
-                f"PyTorch -> ONNX export failed: {type(exc).__name__}: {str(exc).splitlines()[0]}"
-            ) from exc
+            raise InputError(_export_error("ONNX (torch.onnx)", exc)) from exc
 
     def export_tflite(
         self, model: Any, sample: np.ndarray, path: Path, mode: str, calib: Dataset | None, io: str
@@ -248,11 +279,12 @@ class TorchBackend(FrameworkBackend):
         _set_train(model, False)
         x = torch.from_numpy(np.ascontiguousarray(sample[:1]))
         try:
-            edge = litert_torch.convert(model, (x,))
-            edge.export(str(path))
+            # litert-torch reports its progress on stdout; keep stdout for the build report.
+            with contextlib.redirect_stdout(StringIO()):
+                edge = litert_torch.convert(model, (x,))
+                edge.export(str(path))
         except Exception as exc:
-            msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise InputError(f"PyTorch -> TFLite export (litert-torch) failed: {msg}") from exc
+            raise InputError(_export_error("TFLite (litert-torch)", exc)) from exc
         if mode == "none":
             return "fp32"
         from .._tflite_quant import quantize_tflite
