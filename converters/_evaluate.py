@@ -67,6 +67,13 @@ class OnnxRunner(Runner):
     def _one(self, x: np.ndarray) -> np.ndarray:
         return self.sess.run(None, {self.in_name: x})[0]
 
+    @staticmethod
+    def session_from_bytes(data: bytes) -> Any:
+        ort = require("onnxruntime", "runtime", "running ONNX files")
+        so = ort.SessionOptions()
+        so.log_severity_level = 3
+        return ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])
+
     def predict(self, x: np.ndarray) -> np.ndarray:
         dtype = np.float16 if self.inputs[0].dtype == "float16" else np.float32
         fixed = self.inputs[0].shape[0]

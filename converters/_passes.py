@@ -185,7 +185,8 @@ class Quantize(Pass):
 
     mode: none | dynamic | int8 | fp16. For ONNX int8: QDQ, per-channel weights, `calibration`
     method, `activation_type` (auto measures uint8 and int8 activations and keeps the faster one
-    that passes the gate). `max_accuracy_drop` keeps the most sensitive nodes in float until
+    that passes the gate), `bias_correction` (fold the mean shift of int8 weight rounding into biases,
+    as NNCF's fast bias correction does). `max_accuracy_drop` keeps the most sensitive nodes in float until
     the int8 file loses no more than that on the evaluation set. `io` (TFLite int8 from Keras):
     float or int8 inputs/outputs.
     """
@@ -195,6 +196,7 @@ class Quantize(Pass):
     calibration: Literal["minmax", "entropy", "percentile"] = "minmax"
     activation_type: Literal["auto", "uint8", "int8"] = "auto"
     per_channel: bool = True
+    bias_correction: bool = True
     max_accuracy_drop: float | None = None
     calibration_samples: int = 256
     io: Literal["float", "int8"] = "float"

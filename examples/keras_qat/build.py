@@ -13,12 +13,11 @@ from pathlib import Path
 
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")  # tfmot needs Keras 2 (tf_keras)
 
-import numpy as np  # noqa: E402
+import numpy as np
+from edgefleet import generate_keypair, load_signing_key
+from edgefleet.converters import BuildConfig, Dataset, QuantAwareTraining, Quantize, build
 
-from edgefleet import generate_keypair, load_signing_key  # noqa: E402
-from edgefleet.converters import BuildConfig, Dataset, QuantAwareTraining, Quantize, build  # noqa: E402
-
-from ..digits.data import load_splits  # noqa: E402
+from ..digits.data import load_splits
 
 
 def make_model(width: int = 16):
