@@ -74,7 +74,8 @@ def _static(pre: Path, out: Path, calib: Dataset, p: Any, act: str, exclude: lis
         weight_type=q.QuantType.QInt8,
         calibrate_method=method,
         nodes_to_exclude=exclude,
-        extra_options={"CalibMovingAverage": p.calibration == "minmax", "CalibPercentile": 99.99},
+        # Moving-average min/max narrowed ranges and lost agreement in measurements here; plain min/max it is.
+        extra_options={"CalibMovingAverage": False, "CalibPercentile": 99.99},
     )
 
 
@@ -147,7 +148,7 @@ def _sensitivity(pre: Path, quant: Path, x: np.ndarray) -> list[tuple[str, float
     return sorted(ranked, key=lambda kv: -kv[1])
 
 
-def _bias_correct(src: Path, dst: Path, x: np.ndarray) -> int:
+def _bias_correct(src: Path, dst: Path, x: np.ndarray, skip: frozenset[str] = frozenset()) -> int:
     """Fold the mean output shift that int8 weight rounding causes into each layer's bias.
 
     For a Conv/Gemm with weights W and bias b, rounding gives W + dW; on inputs with per-channel
@@ -265,16 +266,26 @@ def quantize_onnx(
         except Exception:  # pre-processing is an optimisation; quantize the plain model if it fails
             shutil.copy(src, pre)
         _name_nodes(pre)
-        if p.bias_correction:
-            progress("quantize onnx: bias correction for int8 weight rounding")
-            _bias_correct(pre, pre, calib.x[: min(64, len(calib))])
+        bias_layers: dict[int, int] = {}
+
+        def quantize(act: str, exclude: list[str], name: str) -> Path:
+            src = pre
+            if p.bias_correction:
+                src = work / f"bc_{name}.onnx"
+                bias_layers[len(exclude)] = _bias_correct(pre, src, calib.x[: min(64, len(calib))], frozenset(exclude))
+            out_path = work / f"q_{name}.onnx"
+            _static(src, out_path, calib, p, act, exclude)
+            return out_path
+
         acts = ["uint8", "int8"] if p.activation_type == "auto" else [p.activation_type]
         tried: list[dict[str, Any]] = []
         candidates = []
         for act in acts:
-            progress(f"quantize onnx: calibrating ({p.calibration}, {act} activations, {len(calib)} samples)")
-            cand = work / f"q_{act}.onnx"
-            _static(pre, cand, calib, p, act, [])
+            progress(
+                f"quantize onnx: calibrating ({p.calibration}, {act} activations, {len(calib)} samples"
+                f"{', bias correction' if p.bias_correction else ''})"
+            )
+            cand = quantize(act, [], act)
             s = score(cand)
             lat = OnnxRunner(cand).latency_p50_ms(calib.x)
             tried.append({"activations": act, "excluded": 0, "score": round(s, 5), "latency_ms_p50": lat})
@@ -289,12 +300,13 @@ def quantize_onnx(
                 act, best, s, _ = min(passing, key=lambda c: c[3])
             else:
                 progress(f"quantize onnx: drop {ref_score - s:.4f} > {gate}; ranking nodes by sensitivity")
-                ranked = _sensitivity(pre, best, calib.x[: min(32, len(calib))])
+                ranked = _sensitivity(
+                    work / f"bc_{act}.onnx" if p.bias_correction else pre, best, calib.x[: min(32, len(calib))]
+                )
                 tried_k = 0
                 for k in _exclusion_steps(len(ranked)):
                     excluded = [n for n, _ in ranked[:k]]
-                    cand = work / f"q_{act}_x{k}.onnx"
-                    _static(pre, cand, calib, p, act, excluded)
+                    cand = quantize(act, excluded, f"{act}_x{k}")
                     s = score(cand)
                     tried.append({"activations": act, "excluded": k, "score": round(s, 5)})
                     progress(f"quantize onnx: {k} node(s) kept in float -> score {s:.4f} (drop {ref_score - s:.4f})")

@@ -23,15 +23,17 @@ from ..digits.data import load_splits
 def make_model(width: int = 16):
     import tf_keras as keras
 
-    return keras.Sequential([
-        keras.layers.Input((8, 8, 1)),
-        keras.layers.Conv2D(width, 3, padding="same", activation="relu"),
-        keras.layers.Conv2D(2 * width, 3, padding="same", activation="relu"),
-        keras.layers.MaxPooling2D(),
-        keras.layers.Flatten(),
-        keras.layers.Dense(64, activation="relu"),
-        keras.layers.Dense(10),
-    ])
+    return keras.Sequential(
+        [
+            keras.layers.Input((8, 8, 1)),
+            keras.layers.Conv2D(width, 3, padding="same", activation="relu"),
+            keras.layers.Conv2D(2 * width, 3, padding="same", activation="relu"),
+            keras.layers.MaxPooling2D(),
+            keras.layers.Flatten(),
+            keras.layers.Dense(64, activation="relu"),
+            keras.layers.Dense(10),
+        ]
+    )
 
 
 def nhwc(split: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
@@ -43,8 +45,11 @@ def train(model, x: np.ndarray, y: np.ndarray, epochs: int) -> None:
     import tf_keras as keras
 
     keras.utils.set_random_seed(0)
-    model.compile(optimizer=keras.optimizers.Adam(2e-3),
-                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
+    model.compile(
+        optimizer=keras.optimizers.Adam(2e-3),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=["accuracy"],
+    )
     model.fit(x, y, epochs=epochs, batch_size=64, verbose=0)
 
 
@@ -62,15 +67,25 @@ def main(argv: list[str] | None = None) -> int:
     key_path = args.out / "signing.key"
     key = load_signing_key(key_path) if key_path.exists() else generate_keypair(key_path)
     cfg = BuildConfig(
-        name="digits-keras-qat", version="1.0.0", formats=["tflite"], layout="NHWC",
+        name="digits-keras-qat",
+        version="1.0.0",
+        formats=["tflite"],
+        layout="NHWC",
         labels=[str(i) for i in range(10)],
         steps=[QuantAwareTraining(epochs=args.qat_epochs, learning_rate=1e-4)],
         quantize=Quantize(mode="int8", io="int8"),
     )
-    build(args.out / "model.keras", args.out / "digits-keras-qat.efb", cfg,
-          calibration=Dataset(*s["calib"], name="calib"), evaluation=Dataset(*s["eval"], name="eval"),
-          train=Dataset(*s["train"], name="train"), signing_key=key,
-          report_path=args.out / "report.json", echo_table=True)
+    build(
+        args.out / "model.keras",
+        args.out / "digits-keras-qat.efb",
+        cfg,
+        calibration=Dataset(*s["calib"], name="calib"),
+        evaluation=Dataset(*s["eval"], name="eval"),
+        train=Dataset(*s["train"], name="train"),
+        signing_key=key,
+        report_path=args.out / "report.json",
+        echo_table=True,
+    )
     return 0
 
 
