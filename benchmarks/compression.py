@@ -73,14 +73,25 @@ def bundle_files(bundle: Path, out: Path) -> dict[str, tuple[str, Path]]:
     return {m.id: (m.format, root / m.path) for m in b.manifest.models}
 
 
-def run_example(name: str, model: Any, variants: list[tuple[str, BuildConfig]], calib: Dataset, ev: Dataset,
-                train: Dataset | None, work: Path, rounds: int, runs: int, extra: dict[str, tuple[str, Path]]) -> dict:
+def run_example(
+    name: str,
+    model: Any,
+    variants: list[tuple[str, BuildConfig]],
+    calib: Dataset,
+    ev: Dataset,
+    train: Dataset | None,
+    work: Path,
+    rounds: int,
+    runs: int,
+    extra: dict[str, tuple[str, Path]],
+) -> dict:
     files: dict[str, tuple[str, Path]] = {}
     reports = {}
     for label, cfg in variants:
         t = time.perf_counter()
-        res = build(model, work / f"{name}-{label}.efb", cfg, calibration=calib, evaluation=ev, train=train,
-                    progress=quiet)
+        res = build(
+            model, work / f"{name}-{label}.efb", cfg, calibration=calib, evaluation=ev, train=train, progress=quiet
+        )
         reports[label] = {"build_seconds": round(time.perf_counter() - t, 1), "steps": res.report["steps"]}
         for mid, f in bundle_files(res.path, work).items():
             files[f"{label}/{mid}"] = f
@@ -96,15 +107,25 @@ def run_example(name: str, model: Any, variants: list[tuple[str, BuildConfig]], 
         base_key = fp32.get(fmt)
         base_size = files[base_key][1].stat().st_size if base_key else None
         s = score(fmt, path, ev, ref_top1)
-        rows.append({
-            "variant": key, "format": fmt, "size_bytes": path.stat().st_size,
-            "size_ratio": round(path.stat().st_size / base_size, 4) if base_size else None,
-            "latency_ms_p50": lat[key],
-            "speedup": round(lat[base_key] / lat[key], 3) if base_key else None,
-            **{k: (round(v, 4) if v is not None else None) for k, v in s.items()},
-        })
-    return {"rows": rows, "builds": reports, "eval_samples": len(ev), "eval_set": ev.name,
-            "labels": ev.y is not None, "target": TARGETS.get(name)}
+        rows.append(
+            {
+                "variant": key,
+                "format": fmt,
+                "size_bytes": path.stat().st_size,
+                "size_ratio": round(path.stat().st_size / base_size, 4) if base_size else None,
+                "latency_ms_p50": lat[key],
+                "speedup": round(lat[base_key] / lat[key], 3) if base_key else None,
+                **{k: (round(v, 4) if v is not None else None) for k, v in s.items()},
+            }
+        )
+    return {
+        "rows": rows,
+        "builds": reports,
+        "eval_samples": len(ev),
+        "eval_set": ev.name,
+        "labels": ev.y is not None,
+        "target": TARGETS.get(name),
+    }
 
 
 def ort_default_static(fp32: Path, calib: Dataset, out: Path) -> Path:
@@ -135,17 +156,33 @@ def digits(work: Path, quick: bool) -> dict:
     s = load_splits()
     teacher = train_teacher(*s["train"], epochs=8 if quick else 15)
     torch.manual_seed(1)
-    student_steps = [Distill(student=Student(), epochs=8 if quick else 15, learning_rate=2e-3),
-                     PruneStructured(ratio=0.25, epochs=3), PruneMagnitude(sparsity=0.5, epochs=3)]
+    student_steps = [
+        Distill(student=Student(), epochs=8 if quick else 15, learning_rate=2e-3),
+        PruneStructured(ratio=0.25, epochs=3),
+        PruneMagnitude(sparsity=0.5, epochs=3),
+    ]
     variants = [
         ("fp32", BuildConfig(formats=["onnx", "tflite"])),
         ("teacher-int8", BuildConfig(formats=["onnx", "tflite"], quantize=Quantize(mode="int8"))),
-        ("student-int8", BuildConfig(formats=["onnx", "tflite"], steps=student_steps,
-                                     quantize=Quantize(mode="int8", max_accuracy_drop=0.015))),
+        (
+            "student-int8",
+            BuildConfig(
+                formats=["onnx", "tflite"], steps=student_steps, quantize=Quantize(mode="int8", max_accuracy_drop=0.015)
+            ),
+        ),
     ]
-    return run_example("digits", teacher, variants, Dataset(*s["calib"], name="calib"),
-                       Dataset(*s["eval"], name="held-out split"), Dataset(*s["train"], name="train"), work,
-                       rounds=5, runs=100, extra={})
+    return run_example(
+        "digits",
+        teacher,
+        variants,
+        Dataset(*s["calib"], name="calib"),
+        Dataset(*s["eval"], name="held-out split"),
+        Dataset(*s["train"], name="train"),
+        work,
+        rounds=5,
+        runs=100,
+        extra={},
+    )
 
 
 def efficientnet(work: Path, quick: bool) -> dict:
@@ -161,22 +198,35 @@ def efficientnet(work: Path, quick: bool) -> dict:
         ("fp16", BuildConfig(formats=["onnx", "tflite"], quantize=Quantize(mode="fp16"))),
     ]
     # The peer baseline needs the same fp32 file our int8 started from: build it first.
-    fp32 = build(model, work / "effnet-fp32-only.efb", BuildConfig(formats=["onnx"]), evaluation=held,
-                 progress=quiet)
+    fp32 = build(model, work / "effnet-fp32-only.efb", BuildConfig(formats=["onnx"]), evaluation=held, progress=quiet)
     fp32_onnx = bundle_files(fp32.path, work)["onnx-fp32"][1]
     ort_q = ort_default_static(fp32_onnx, calib, work / "ort-quantize-static-defaults.onnx")
-    return run_example("efficientnet_lite0", model, variants, calib, held, None, work, rounds=5 if quick else 8,
-                       runs=20 if quick else 40, extra={"onnxruntime-quantize_static-defaults": ("onnx", ort_q)})
+    return run_example(
+        "efficientnet_lite0",
+        model,
+        variants,
+        calib,
+        held,
+        None,
+        work,
+        rounds=5 if quick else 8,
+        runs=20 if quick else 40,
+        extra={"onnxruntime-quantize_static-defaults": ("onnx", ort_q)},
+    )
 
 
 def table(results: dict) -> str:
-    lines = [f"# Compression benchmark\n\nMeasured {results['measured_at']} on {results['machine']}.\n"
-             "Latency: batch 1, p50 over interleaved rounds in one process; ratios against the fp32 file of "
-             "the same format.\n"]
+    lines = [
+        f"# Compression benchmark\n\nMeasured {results['measured_at']} on {results['machine']}.\n"
+        "Latency: batch 1, p50 over interleaved rounds in one process; ratios against the fp32 file of "
+        "the same format.\n"
+    ]
     for name, ex in results["examples"].items():
         lines.append(f"## {name}\n")
-        lines.append(f"Evaluated on {ex['eval_samples']} samples ({ex['eval_set']}); "
-                     f"{'accuracy against labels' if ex['labels'] else 'agreement = top-1 agreement with fp32'}.")
+        lines.append(
+            f"Evaluated on {ex['eval_samples']} samples ({ex['eval_set']}); "
+            f"{'accuracy against labels' if ex['labels'] else 'agreement = top-1 agreement with fp32'}."
+        )
         if ex.get("target"):
             lines.append(f"Target: {ex['target']}.\n")
         lines.append("| variant | format | bytes | size x | p50 ms | speed x | accuracy | agreement |")

@@ -526,7 +526,7 @@ def _make_artifact(
         else:
             assert backend is not None
             progress(f"quantize tflite ({q.mode})")
-            prec = backend.export_tflite(model, check.x, final, q.mode, calib, q.io)
+            prec = backend.export_tflite(model, check.x, final, q.mode, calib, q.io, q.bias_correction)
             quant_info = {"precision": prec, "io": q.io}
             if q.max_accuracy_drop is not None:
                 s = score(final)

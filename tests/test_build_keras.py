@@ -45,10 +45,21 @@ def keras_file(tmp_path_factory: pytest.TempPathFactory, splits: dict) -> Path:
 
 
 def test_qat_file_to_int8_tflite_with_int8_io(tmp_path: Path, keras_file: Path, splits: dict) -> None:
-    cfg = BuildConfig(formats=["tflite"], layout="NHWC", steps=[QuantAwareTraining(epochs=2)],
-                      quantize=Quantize(mode="int8", io="int8"))
-    res = build(keras_file, tmp_path / "q.efb", cfg, calibration=Dataset(*splits["calib"]),
-                evaluation=Dataset(*splits["eval"]), train=Dataset(*splits["train"]), progress=lambda _: None)
+    cfg = BuildConfig(
+        formats=["tflite"],
+        layout="NHWC",
+        steps=[QuantAwareTraining(epochs=2)],
+        quantize=Quantize(mode="int8", io="int8"),
+    )
+    res = build(
+        keras_file,
+        tmp_path / "q.efb",
+        cfg,
+        calibration=Dataset(*splits["calib"]),
+        evaluation=Dataset(*splits["eval"]),
+        train=Dataset(*splits["train"]),
+        progress=lambda _: None,
+    )
     (art,) = res.report["artifacts"]
     assert res.report["source"]["format"] == "keras"
     assert art["precision"] == "int8" and art["accuracy"] >= res.report["source"]["accuracy"] - 0.015
@@ -62,12 +73,20 @@ def test_distill_prune_and_both_formats(tmp_path: Path, keras_file: Path, splits
     teacher = keras.models.load_model(keras_file)
     student = make_model(width=4)
     cfg = BuildConfig(
-        formats=["onnx", "tflite"], layout="NHWC",
+        formats=["onnx", "tflite"],
+        layout="NHWC",
         steps=[Distill(student=student, epochs=10, learning_rate=3e-3), PruneMagnitude(sparsity=0.5, epochs=2)],
         quantize=Quantize(mode="int8"),
     )
-    res = build(teacher, tmp_path / "d.efb", cfg, calibration=Dataset(*splits["calib"]),
-                evaluation=Dataset(*splits["eval"]), train=Dataset(*splits["train"]), progress=lambda _: None)
+    res = build(
+        teacher,
+        tmp_path / "d.efb",
+        cfg,
+        calibration=Dataset(*splits["calib"]),
+        evaluation=Dataset(*splits["eval"]),
+        train=Dataset(*splits["train"]),
+        progress=lambda _: None,
+    )
     fmts = {a["format"]: a for a in res.report["artifacts"]}
     assert set(fmts) == {"onnx", "tflite"}, res.report["warnings"]
     steps = {s["pass"]: s for s in res.report["steps"]}
@@ -79,9 +98,13 @@ def test_distill_prune_and_both_formats(tmp_path: Path, keras_file: Path, splits
 
 @pytest.mark.parametrize(("mode", "precision"), [("fp16", "fp16"), ("dynamic", "int8")])
 def test_tflite_fp16_and_dynamic(tmp_path: Path, keras_file: Path, splits: dict, mode: str, precision: str) -> None:
-    res = build(keras_file, tmp_path / "m.efb", BuildConfig(formats=["tflite"], layout="NHWC",
-                                                           quantize=Quantize(mode=mode)),
-                evaluation=Dataset(*splits["eval"]), progress=lambda _: None)
+    res = build(
+        keras_file,
+        tmp_path / "m.efb",
+        BuildConfig(formats=["tflite"], layout="NHWC", quantize=Quantize(mode=mode)),
+        evaluation=Dataset(*splits["eval"]),
+        progress=lambda _: None,
+    )
     (art,) = res.report["artifacts"]
     assert art["precision"] == precision and art["agreement"] > 0.98
 
@@ -90,16 +113,34 @@ def test_corrupt_keras_file_is_refused(tmp_path: Path, keras_file: Path, splits:
     bad = tmp_path / "bad.keras"
     bad.write_bytes(keras_file.read_bytes()[:500])
     with pytest.raises(InputError, match="not a readable Keras model"):
-        build(bad, tmp_path / "x.efb", BuildConfig(formats=["tflite"]), evaluation=Dataset(*splits["eval"]),
-              progress=lambda _: None)
+        build(
+            bad,
+            tmp_path / "x.efb",
+            BuildConfig(formats=["tflite"]),
+            evaluation=Dataset(*splits["eval"]),
+            progress=lambda _: None,
+        )
     assert not (tmp_path / "x.efb").exists()
 
 
 def test_cli_builds_from_keras_file(tmp_path: Path, keras_file: Path, splits: dict) -> None:
     np.savez(tmp_path / "calib.npz", x=splits["calib"][0])
     np.savez(tmp_path / "eval.npz", x=splits["eval"][0], y=splits["eval"][1])
-    r = run_cli("build", str(keras_file), "--format", "tflite", "--layout", "NHWC", "--quantize", "int8",
-                "--calibration", str(tmp_path / "calib.npz"), "--eval", str(tmp_path / "eval.npz"),
-                "-o", str(tmp_path / "k.efb"))
+    r = run_cli(
+        "build",
+        str(keras_file),
+        "--format",
+        "tflite",
+        "--layout",
+        "NHWC",
+        "--quantize",
+        "int8",
+        "--calibration",
+        str(tmp_path / "calib.npz"),
+        "--eval",
+        str(tmp_path / "eval.npz"),
+        "-o",
+        str(tmp_path / "k.efb"),
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert "models/tflite-int8.tflite" in r.stdout

@@ -213,3 +213,26 @@ def test_external_data_outside_model_dir_or_via_link_is_refused(tmp_path: Path, 
     (model_dir / "weights.bin").symlink_to(tmp_path / "elsewhere.bin")
     with pytest.raises(InputError, match="link"):
         load_model(model_dir / "ok.onnx")
+
+
+def test_cli_keygen_sign_verify_inspect(tmp_path: Path, mlp_onnx: Path, digits_npz: dict) -> None:
+    key = tmp_path / "keys" / "release"
+    key.parent.mkdir()
+    r = run_cli("keygen", str(key))
+    assert r.returncode == 0 and key.exists() and (tmp_path / "keys" / "release.pub").exists()
+    assert oct(key.stat().st_mode & 0o777) == "0o600"
+    assert run_cli("keygen", str(key)).returncode == 1  # never overwrites a key silently
+    out = tmp_path / "m.efb"
+    assert run_cli("build", str(mlp_onnx), "--eval", str(digits_npz["eval"]), "-o", str(out)).returncode == 0
+    r = run_cli("verify", str(out), "--key", f"{key}.pub")
+    assert r.returncode == 1 and "not signed" in r.stderr
+    r = run_cli("sign", str(out), "--key", str(key))
+    assert r.returncode == 0, r.stderr
+    assert run_cli("verify", str(out), "--key", f"{key}.pub").returncode == 0
+    human = run_cli("inspect", str(out), "--key", f"{key}.pub")
+    assert human.returncode == 0 and "signature present" in human.stdout and "onnx-fp32" in human.stdout
+    data = bytearray(out.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (tmp_path / "bad.efb").write_bytes(bytes(data))
+    r = run_cli("verify", str(tmp_path / "bad.efb"), "--key", f"{key}.pub")
+    assert r.returncode == 1 and r.stderr.startswith("edgefleet: error:")

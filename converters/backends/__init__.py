@@ -51,7 +51,14 @@ class FrameworkBackend(abc.ABC):
 
     @abc.abstractmethod
     def export_tflite(
-        self, model: Any, sample: np.ndarray, path: Path, mode: str, calib: Dataset | None, io: str
+        self,
+        model: Any,
+        sample: np.ndarray,
+        path: Path,
+        mode: str,
+        calib: Dataset | None,
+        io: str,
+        bias_correction: bool = True,
     ) -> str:
         """Write a TFLite file (quantized as MODE where the framework does it) and return its precision."""
 

@@ -172,8 +172,16 @@ class KerasBackend(FrameworkBackend):
             ) from exc
 
     def export_tflite(
-        self, model: Any, sample: np.ndarray, path: Path, mode: str, calib: Dataset | None, io: str
+        self,
+        model: Any,
+        sample: np.ndarray,
+        path: Path,
+        mode: str,
+        calib: Dataset | None,
+        io: str,
+        bias_correction: bool = True,
     ) -> str:
+        # TFLiteConverter runs its own post-training calibration; bias_correction applies to the other routes.
         conv = tf.lite.TFLiteConverter.from_keras_model(model)
         precision = "fp32"
         if mode != "none":

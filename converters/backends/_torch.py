@@ -273,16 +273,26 @@ class TorchBackend(FrameworkBackend):
             raise InputError(_export_error("ONNX (torch.onnx)", exc)) from exc
 
     def export_tflite(
-        self, model: Any, sample: np.ndarray, path: Path, mode: str, calib: Dataset | None, io: str
+        self,
+        model: Any,
+        sample: np.ndarray,
+        path: Path,
+        mode: str,
+        calib: Dataset | None,
+        io: str,
+        bias_correction: bool = True,
     ) -> str:
         litert_torch = require("litert_torch", "convert", "PyTorch -> TFLite export")
         _set_train(model, False)
         x = torch.from_numpy(np.ascontiguousarray(sample[:1]))
+        if mode == "int8" and bias_correction and calib is not None and len(calib):
+            # Convert a bias-corrected copy: the quantizer rounds these weights the same way (per output channel).
+            model = copy.deepcopy(model)
+            _bias_correct(model, calib.x[:64])
         try:
             # litert-torch reports its progress on stdout; keep stdout for the build report.
             with contextlib.redirect_stdout(StringIO()):
-                edge = litert_torch.convert(model, (x,))
-                edge.export(str(path))
+                litert_torch.convert(model, (x,)).export(str(path))
         except Exception as exc:
             raise InputError(_export_error("TFLite (litert-torch)", exc)) from exc
         if mode == "none":
@@ -290,6 +300,58 @@ class TorchBackend(FrameworkBackend):
         from .._tflite_quant import quantize_tflite
 
         return quantize_tflite(path, mode, calib, io)
+
+
+def _bias_correct(model: Any, x: np.ndarray) -> int:
+    """Fold the mean output shift of int8 per-channel weight rounding into conv / linear biases.
+
+    BN folding scales each output channel by a constant, which leaves per-channel rounding unchanged,
+    so correcting here carries over to the folded weights the TFLite quantizer rounds.
+    """
+    if not isinstance(model, nn.Module):
+        return 0
+    layers = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    sums: dict[int, Any] = {}
+    counts = {"n": 0}
+
+    def hook(mod: Any, inputs: tuple[Any, ...], _: Any) -> None:
+        a = inputs[0].detach().double()
+        ch = a.mean(dim=(0, 2, 3)) if a.dim() == 4 else a.reshape(-1, a.shape[-1]).mean(dim=0)
+        sums[id(mod)] = sums.get(id(mod), 0) + ch
+
+    handles = [m.register_forward_hook(hook) for m in layers]
+    try:
+        _set_train(model, False)
+        with torch.no_grad():
+            for i in range(0, len(x), 16):
+                model(torch.from_numpy(np.ascontiguousarray(x[i : i + 16])))
+                counts["n"] += 1
+    finally:
+        for h in handles:
+            h.remove()
+    done = 0
+    with torch.no_grad():
+        for m in layers:
+            if id(m) not in sums:
+                continue
+            mean_in = sums[id(m)] / counts["n"]
+            w = m.weight.detach().double()
+            scale = w.abs().reshape(w.shape[0], -1).amax(dim=1).clamp_min(1e-12) / 127.0
+            shape = (-1,) + (1,) * (w.dim() - 1)
+            dw = torch.clamp(torch.round(w / scale.reshape(shape)), -127, 127) * scale.reshape(shape) - w
+            if isinstance(m, nn.Conv2d):
+                per_in = dw.sum(dim=(2, 3))  # (out, in / groups)
+                cin = w.shape[1]
+                out_per_group = w.shape[0] // m.groups
+                idx = (torch.arange(w.shape[0]) // out_per_group)[:, None] * cin + torch.arange(cin)[None, :]
+                shift = (per_in * mean_in[idx]).sum(dim=1)
+            else:
+                shift = dw @ mean_in
+            if m.bias is None:
+                m.bias = nn.Parameter(torch.zeros(w.shape[0], dtype=m.weight.dtype))
+            m.bias.sub_(shift.to(m.bias.dtype))
+            done += 1
+    return done
 
 
 # --- structured pruning -------------------------------------------------------------------
