@@ -29,7 +29,7 @@ from ._evaluate import runner_for
 from ._onnx_quant import quantize_onnx
 from ._passes import Distill, Pass, Quantize, pass_from_dict
 from ._report import format_table
-from .backends import FrameworkBackend, backend_for, load_model
+from .backends import FrameworkBackend, Gate, backend_for, load_model
 
 __all__ = ["BuildConfig", "BuildResult", "build", "load_recipe"]
 
@@ -526,16 +526,17 @@ def _make_artifact(
         else:
             assert backend is not None
             progress(f"quantize tflite ({q.mode})")
-            prec = backend.export_tflite(model, check.x, final, q.mode, calib, q.io, q.bias_correction)
-            quant_info = {"precision": prec, "io": q.io}
+            gate = None if q.max_accuracy_drop is None else Gate(score, ref, q.max_accuracy_drop, progress)
+            quant_info = backend.export_tflite(model, check.x, final, q.mode, calib, q.io, q.bias_correction, gate)
+            quant_info["io"] = runner_for(fmt, final).inputs[0].dtype
             if q.max_accuracy_drop is not None:
                 s = score(final)
                 quant_info["score"] = round(s, 5)
                 if ref - s > q.max_accuracy_drop:
                     raise InputError(
-                        f"tflite {q.mode} loses {ref - s:.4f} > --max-accuracy-drop "
-                        f"{q.max_accuracy_drop} (score {s:.4f} vs {ref:.4f}); keeping layers in float "
-                        "is implemented for ONNX only; build --format onnx or allow a larger drop"
+                        f"tflite {q.mode} loses {ref - s:.4f} > --max-accuracy-drop {q.max_accuracy_drop} "
+                        f"(score {s:.4f} vs {ref:.4f}); keeping layers in float is available for int8 from ONNX and "
+                        "PyTorch sources, not for Keras (TFLiteConverter); build --format onnx or allow a larger drop"
                     )
     frunner = runner_for(fmt, final)
     fpred = frunner.predict(check.x)

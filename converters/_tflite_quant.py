@@ -1,10 +1,16 @@
-"""Quantize a float TFLite file with AI Edge Quantizer (the maintained route for PyTorch sources)."""
+"""Quantize a float TFLite file with AI Edge Quantizer (the maintained route for PyTorch sources),
+including the accuracy-aware loop that keeps the most sensitive ops in float."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 import tempfile
+from collections.abc import Callable
+from io import StringIO
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from edgefleet import InputError
@@ -12,17 +18,26 @@ from edgefleet._errors import require
 
 from ._data import Dataset
 
+__all__ = ["quantize_tflite", "quantize_tflite_gated"]
+
+_QUANTIZABLE = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "BATCH_MATMUL", "TRANSPOSE_CONV")
+
 
 def quantize_tflite(path: Path, mode: str, calib: Dataset | None, io: str) -> str:
     """Quantize the TFLite file at PATH in place; returns the precision."""
+    # AI Edge Quantizer's static recipe always gives int8 inputs/outputs (recorded with their scales in
+    # the manifest), so `io` cannot ask for float I/O on this route.
+    del io
     aeq = require("ai_edge_quantizer", "convert", "TFLite quantization of PyTorch models")
     from ai_edge_quantizer import recipe
     from ai_edge_quantizer.algorithm_manager import AlgorithmName
     from ai_edge_quantizer.qtyping import TFLOperationName
 
-    # AI Edge Quantizer's static recipe always gives int8 inputs/outputs (recorded with their scales in
-    # the manifest), so `io` cannot ask for float I/O on this route.
-    del io
+    if mode == "int8":
+        if calib is None or len(calib) == 0:
+            raise InputError("TFLite int8 quantization needs a calibration set (--calibration CALIB.npz)")
+        _write(path, _static(path, _calibrate(path, calib), []))
+        return "int8"
     qt = aeq.Quantizer(str(path))
     if mode == "dynamic":
         qt.load_quantization_recipe(recipe.dynamic_wi8_afp32())
@@ -30,24 +45,114 @@ def quantize_tflite(path: Path, mode: str, calib: Dataset | None, io: str) -> st
     elif mode == "fp16":
         qt.add_weight_only_config(".*", TFLOperationName.ALL_SUPPORTED, 16, algorithm_key=AlgorithmName.FLOAT_CASTING)
         precision = "fp16"
-    elif mode == "int8":
-        if calib is None or len(calib) == 0:
-            raise InputError("TFLite int8 quantization needs a calibration set (--calibration CALIB.npz)")
-        qt.load_quantization_recipe(recipe.static_wi8_ai8())
-        sig = "serving_default"
-        from ai_edge_litert.interpreter import Interpreter
-
-        name = Interpreter(model_path=str(path)).get_signature_list()[sig]["inputs"][0]
-        data = {sig: [{name: np.ascontiguousarray(calib.x[i : i + 1], dtype=np.float32)} for i in range(len(calib))]}
-        result = qt.calibrate(data)
-        out = qt.quantize(result)
-        _write(path, out.quantized_model)
-        return "int8"
     else:
         raise InputError(f"unknown TFLite quantization mode {mode!r}")
-    out = qt.quantize()
+    with contextlib.redirect_stdout(StringIO()):
+        out = qt.quantize()
     _write(path, out.quantized_model)
     return precision
+
+
+def _calibrate(path: Path, calib: Dataset) -> Any:
+    aeq = require("ai_edge_quantizer", "convert", "TFLite quantization of PyTorch models")
+    from ai_edge_litert.interpreter import Interpreter
+    from ai_edge_quantizer import recipe
+
+    sig = "serving_default"
+    name = Interpreter(model_path=str(path)).get_signature_list()[sig]["inputs"][0]
+    data = {sig: [{name: np.ascontiguousarray(calib.x[i : i + 1], dtype=np.float32)} for i in range(len(calib))]}
+    qt = aeq.Quantizer(str(path))
+    qt.load_quantization_recipe(recipe.static_wi8_ai8())
+    with contextlib.redirect_stdout(StringIO()):
+        return qt.calibrate(data)
+
+
+def _static(path: Path, calibration: Any, keep_float: list[str], only: str | None = None) -> bytes:
+    """int8 weights and activations everywhere, except the op scopes in KEEP_FLOAT; with ONLY, just that op."""
+    aeq = require("ai_edge_quantizer", "convert", "TFLite quantization of PyTorch models")
+    from ai_edge_quantizer import recipe
+    from ai_edge_quantizer.algorithm_manager import AlgorithmName
+    from ai_edge_quantizer.qtyping import TFLOperationName
+
+    qt = aeq.Quantizer(str(path))
+    if only is None:
+        qt.load_quantization_recipe(recipe.static_wi8_ai8())
+        for scope in keep_float:
+            # Later recipe entries win in AI Edge Quantizer, so these override the global int8 entry.
+            qt.update_quantization_recipe(
+                f"^{re.escape(scope)}$", TFLOperationName.ALL_SUPPORTED, algorithm_key=AlgorithmName.NO_QUANTIZE
+            )
+    else:
+        qt.add_static_config(f"^{re.escape(only)}$", TFLOperationName.ALL_SUPPORTED, 8, 8)
+    with contextlib.redirect_stdout(StringIO()), contextlib.redirect_stderr(StringIO()):
+        out = qt.quantize(calibration)
+    if not out.quantized_model:
+        raise InputError("AI Edge Quantizer produced no model")
+    return bytes(out.quantized_model)
+
+
+def _op_scopes(path: Path) -> list[str]:
+    from ai_edge_quantizer.utils import tfl_flatbuffer_utils as fu
+
+    model = fu.read_model(str(path))
+    sg = model.subgraphs[0]
+    return [
+        fu.get_op_scope(op, sg.tensors)
+        for i, op in enumerate(sg.operators)
+        if fu.get_op_name_by_index(model, 0, i) in _QUANTIZABLE
+    ]
+
+
+def quantize_tflite_gated(
+    path: Path,
+    calib: Dataset,
+    score: Callable[[Path], float],
+    ref_score: float,
+    gate: float,
+    progress: Callable[[str], None],
+) -> dict[str, Any]:
+    """Static int8 of the float TFLite file at PATH (in place), keeping the most sensitive ops in float
+    until the score drops by at most GATE. Ops are ranked by the output error each causes when it
+    alone is quantized."""
+    from ._evaluate import TfliteRunner
+    from ._onnx_quant import _exclusion_steps
+
+    calibration = _calibrate(path, calib)
+    with tempfile.TemporaryDirectory() as d:
+        work = Path(d)
+        cand = work / "q0.tflite"
+        cand.write_bytes(_static(path, calibration, []))
+        s = score(cand)
+        tried = [{"kept_in_float": 0, "score": round(s, 5)}]
+        kept: list[str] = []
+        if ref_score - s > gate:
+            progress(f"quantize tflite: drop {ref_score - s:.4f} > {gate}; ranking ops by sensitivity")
+            x = calib.x[: min(16, len(calib))]
+            ref = TfliteRunner(path).predict(x).astype(np.float64)
+            denom = float(np.mean(ref**2)) + 1e-12
+            ranked = []
+            for scope in _op_scopes(path):
+                one = work / "one.tflite"
+                one.write_bytes(_static(path, calibration, [], only=scope))
+                ranked.append((scope, float(np.mean((TfliteRunner(one).predict(x) - ref) ** 2)) / denom))
+            ranked.sort(key=lambda kv: -kv[1])
+            for k in _exclusion_steps(len(ranked)):
+                kept = [sc for sc, _ in ranked[:k]]
+                cand = work / f"q{k}.tflite"
+                cand.write_bytes(_static(path, calibration, kept))
+                s = score(cand)
+                tried.append({"kept_in_float": k, "score": round(s, 5)})
+                progress(f"quantize tflite: {k} op(s) kept in float -> score {s:.4f} (drop {ref_score - s:.4f})")
+                if ref_score - s <= gate:
+                    break
+            else:
+                raise InputError(
+                    f"TFLite int8 quantization cannot meet --max-accuracy-drop {gate}: best drop with up to "
+                    f"{len(ranked)} op(s) kept in float was {ref_score - max(t['score'] for t in tried):.4f} "
+                    f"(tried {tried}); give more calibration data or allow a larger drop"
+                )
+        _write(path, cand.read_bytes())
+    return {"precision": "mixed" if kept else "int8", "kept_in_float": kept, "tried": tried, "score": round(s, 5)}
 
 
 def _write(path: Path, data: bytes | bytearray | None) -> None:

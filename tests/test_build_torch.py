@@ -15,6 +15,7 @@ torch = pytest.importorskip("torch")
 
 from edgefleet import InputError, open_bundle  # noqa: E402
 from edgefleet.converters import BuildConfig, Dataset, PruneMagnitude, PruneStructured, Quantize, build  # noqa: E402
+from edgefleet.converters.backends._torch import TorchBackend  # noqa: E402
 
 from .conftest import ROOT, run_cli  # noqa: E402
 
@@ -182,3 +183,35 @@ def test_pickled_pth_is_refused_by_the_cli(tmp_path: Path, teacher, digits_npz: 
     bad.write_bytes(b"PK\x03\x04garbage")
     r = run_cli("build", str(bad), "--eval", str(digits_npz["eval"]), "-o", str(tmp_path / "x.efb"))
     assert r.returncode == 1 and "not a readable torch.export program" in r.stderr
+
+
+def _with_activation_outlier(teacher):
+    """The same function, but channel 0 between the two convs is 1000x larger (compensated in the next
+    conv): per-tensor int8 activations there lose the other channels' resolution, as outlier channels do."""
+    import copy
+
+    m = copy.deepcopy(teacher).eval()
+    with torch.no_grad():
+        m.features[1].weight[0] *= 1000
+        m.features[1].bias[0] *= 1000
+        m.features[3].weight[:, 0] /= 1000
+    return m
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "tflite"])
+def test_accuracy_gate_fixes_an_outlier_channel(tmp_path: Path, teacher, digits: dict, fmt: str) -> None:
+    model = _with_activation_outlier(teacher)
+    ev, cal = Dataset(*digits["eval"]), Dataset(*digits["calib"])
+    np.testing.assert_allclose(TorchBackend().predict(model, ev.x), TorchBackend().predict(teacher, ev.x), atol=1e-3)
+    plain = build(model, tmp_path / "p.efb", BuildConfig(formats=[fmt], quantize=Quantize(mode="int8")),
+                  calibration=cal, evaluation=ev, progress=lambda _: None)
+    src = plain.report["source"]["accuracy"]
+    assert src - plain.report["artifacts"][0]["accuracy"] > 0.02, "the outlier must hurt plain int8"
+    gated = build(model, tmp_path / "g.efb",
+                  BuildConfig(formats=[fmt], quantize=Quantize(mode="int8", max_accuracy_drop=0.01)),
+                  calibration=cal, evaluation=ev, progress=lambda _: None)
+    (art,) = gated.report["artifacts"]
+    info = gated.report["steps"][-1]["result"][fmt]
+    assert art["precision"] == "mixed" and info["kept_in_float"], info
+    assert src - art["accuracy"] <= 0.01
+    assert open_bundle(tmp_path / "g.efb").manifest.models[0].precision == "mixed"

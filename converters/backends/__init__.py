@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -12,9 +13,19 @@ from edgefleet import InputError
 
 from .._data import Dataset
 
-__all__ = ["FrameworkBackend", "backend_for", "load_model"]
+__all__ = ["FrameworkBackend", "Gate", "backend_for", "load_model"]
 
 Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class Gate:
+    """The accuracy gate: SCORE(path) must stay within MAX_DROP of REF."""
+
+    score: Callable[[Path], float]
+    ref: float
+    max_drop: float
+    progress: Progress
 
 
 class FrameworkBackend(abc.ABC):
@@ -59,8 +70,13 @@ class FrameworkBackend(abc.ABC):
         calib: Dataset | None,
         io: str,
         bias_correction: bool = True,
-    ) -> str:
-        """Write a TFLite file (quantized as MODE where the framework does it) and return its precision."""
+        gate: Gate | None = None,
+    ) -> dict[str, Any]:
+        """Write a TFLite file (quantized as MODE where the framework does it).
+
+        Returns at least {"precision": ...}. With GATE, an int8 file that loses more than the
+        gate allows keeps its most sensitive ops in float where the route supports it.
+        """
 
     def source_format(self) -> str:
         return self.name

@@ -12,7 +12,7 @@ from edgefleet import InputError
 from edgefleet._errors import require
 
 from .._data import Dataset
-from . import FrameworkBackend, Progress
+from . import FrameworkBackend, Gate, Progress
 
 # tensorflow-model-optimization works with Keras 2 only; this must be set before TensorFlow loads.
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
@@ -180,8 +180,10 @@ class KerasBackend(FrameworkBackend):
         calib: Dataset | None,
         io: str,
         bias_correction: bool = True,
-    ) -> str:
-        # TFLiteConverter runs its own post-training calibration; bias_correction applies to the other routes.
+        gate: Gate | None = None,
+    ) -> dict[str, Any]:
+        # TFLiteConverter calibrates on its own and keeps no op in float on request: bias_correction and
+        # gate apply to the other routes; the build checks the gate afterwards.
         conv = tf.lite.TFLiteConverter.from_keras_model(model)
         precision = "fp32"
         if mode != "none":
@@ -217,4 +219,4 @@ class KerasBackend(FrameworkBackend):
                 f"Keras -> TFLite conversion failed: {(ops[0] if ops else msg.splitlines()[0])[:300]}"
             ) from exc
         path.write_bytes(data_bytes)
-        return precision
+        return {"precision": precision}

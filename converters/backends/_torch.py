@@ -16,7 +16,7 @@ from edgefleet import InputError
 from edgefleet._errors import require
 
 from .._data import Dataset
-from . import FrameworkBackend, Progress
+from . import FrameworkBackend, Gate, Progress
 
 torch = require("torch", "convert", "PyTorch models")
 nn = torch.nn
@@ -281,7 +281,8 @@ class TorchBackend(FrameworkBackend):
         calib: Dataset | None,
         io: str,
         bias_correction: bool = True,
-    ) -> str:
+        gate: Gate | None = None,
+    ) -> dict[str, Any]:
         litert_torch = require("litert_torch", "convert", "PyTorch -> TFLite export")
         _set_train(model, False)
         x = torch.from_numpy(np.ascontiguousarray(sample[:1]))
@@ -296,10 +297,12 @@ class TorchBackend(FrameworkBackend):
         except Exception as exc:
             raise InputError(_export_error("TFLite (litert-torch)", exc)) from exc
         if mode == "none":
-            return "fp32"
-        from .._tflite_quant import quantize_tflite
+            return {"precision": "fp32"}
+        from .._tflite_quant import quantize_tflite, quantize_tflite_gated
 
-        return quantize_tflite(path, mode, calib, io)
+        if mode == "int8" and gate is not None and calib is not None and len(calib):
+            return quantize_tflite_gated(path, calib, gate.score, gate.ref, gate.max_drop, gate.progress)
+        return {"precision": quantize_tflite(path, mode, calib, io)}
 
 
 def _bias_correct(model: Any, x: np.ndarray) -> int:
