@@ -87,7 +87,7 @@ def _fake_quant_weight(w: np.ndarray, axis: int) -> np.ndarray:
     return np.moveaxis(np.clip(np.round(moved / scale), -127, 127) * scale, 0, axis).astype(np.float32)
 
 
-def _sensitivity(pre: Path, quant: Path, x: np.ndarray) -> list[tuple[str, float]]:
+def _sensitivity(pre: Path, quant: Path, x: np.ndarray, progress: Progress | None = None) -> list[tuple[str, float]]:
     """Rank quantizable nodes by the error each causes at the model output when it alone is quantized.
 
     For every Conv / Gemm / MatMul, a copy of the float model gets that node's weights rounded to
@@ -145,6 +145,8 @@ def _sensitivity(pre: Path, quant: Path, x: np.ndarray) -> list[tuple[str, float
         _topo_sort(m)
         err = float(np.mean((outputs(m) - ref) ** 2)) / denom
         ranked.append((node.name, err))
+        if progress is not None and len(ranked) % 10 == 0:
+            progress(f"quantize onnx: sensitivity of {len(ranked)} nodes measured")
     return sorted(ranked, key=lambda kv: -kv[1])
 
 
@@ -301,7 +303,10 @@ def quantize_onnx(
             else:
                 progress(f"quantize onnx: drop {ref_score - s:.4f} > {gate}; ranking nodes by sensitivity")
                 ranked = _sensitivity(
-                    work / f"bc_{act}.onnx" if p.bias_correction else pre, best, calib.x[: min(32, len(calib))]
+                    work / f"bc_{act}.onnx" if p.bias_correction else pre,
+                    best,
+                    calib.x[: min(32, len(calib))],
+                    progress,
                 )
                 tried_k = 0
                 for k in _exclusion_steps(len(ranked)):

@@ -47,7 +47,7 @@ def quantize_tflite(path: Path, mode: str, calib: Dataset | None, io: str) -> st
         precision = "fp16"
     else:
         raise InputError(f"unknown TFLite quantization mode {mode!r}")
-    with contextlib.redirect_stdout(StringIO()):
+    with contextlib.redirect_stdout(StringIO()), contextlib.redirect_stderr(StringIO()):
         out = qt.quantize()
     _write(path, out.quantized_model)
     return precision
@@ -63,7 +63,8 @@ def _calibrate(path: Path, calib: Dataset) -> Any:
     data = {sig: [{name: np.ascontiguousarray(calib.x[i : i + 1], dtype=np.float32)} for i in range(len(calib))]}
     qt = aeq.Quantizer(str(path))
     qt.load_quantization_recipe(recipe.static_wi8_ai8())
-    with contextlib.redirect_stdout(StringIO()):
+    # AI Edge Quantizer draws a progress bar per tensor on stderr; the build reports its own progress.
+    with contextlib.redirect_stdout(StringIO()), contextlib.redirect_stderr(StringIO()):
         return qt.calibrate(data)
 
 
@@ -131,7 +132,10 @@ def quantize_tflite_gated(
             ref = TfliteRunner(path).predict(x).astype(np.float64)
             denom = float(np.mean(ref**2)) + 1e-12
             ranked = []
-            for scope in _op_scopes(path):
+            scopes = _op_scopes(path)
+            for i, scope in enumerate(scopes):
+                if i % 10 == 0:
+                    progress(f"quantize tflite: sensitivity of op {i + 1}/{len(scopes)}")
                 one = work / "one.tflite"
                 one.write_bytes(_static(path, calibration, [], only=scope))
                 ranked.append((scope, float(np.mean((TfliteRunner(one).predict(x) - ref) ** 2)) / denom))

@@ -203,13 +203,24 @@ def test_accuracy_gate_fixes_an_outlier_channel(tmp_path: Path, teacher, digits:
     model = _with_activation_outlier(teacher)
     ev, cal = Dataset(*digits["eval"]), Dataset(*digits["calib"])
     np.testing.assert_allclose(TorchBackend().predict(model, ev.x), TorchBackend().predict(teacher, ev.x), atol=1e-3)
-    plain = build(model, tmp_path / "p.efb", BuildConfig(formats=[fmt], quantize=Quantize(mode="int8")),
-                  calibration=cal, evaluation=ev, progress=lambda _: None)
+    plain = build(
+        model,
+        tmp_path / "p.efb",
+        BuildConfig(formats=[fmt], quantize=Quantize(mode="int8")),
+        calibration=cal,
+        evaluation=ev,
+        progress=lambda _: None,
+    )
     src = plain.report["source"]["accuracy"]
     assert src - plain.report["artifacts"][0]["accuracy"] > 0.02, "the outlier must hurt plain int8"
-    gated = build(model, tmp_path / "g.efb",
-                  BuildConfig(formats=[fmt], quantize=Quantize(mode="int8", max_accuracy_drop=0.01)),
-                  calibration=cal, evaluation=ev, progress=lambda _: None)
+    gated = build(
+        model,
+        tmp_path / "g.efb",
+        BuildConfig(formats=[fmt], quantize=Quantize(mode="int8", max_accuracy_drop=0.01)),
+        calibration=cal,
+        evaluation=ev,
+        progress=lambda _: None,
+    )
     (art,) = gated.report["artifacts"]
     info = gated.report["steps"][-1]["result"][fmt]
     assert art["precision"] == "mixed" and info["kept_in_float"], info

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from edgefleet import generate_keypair, load_signing_key
+from edgefleet import EdgefleetError, generate_keypair, load_signing_key
 from edgefleet.converters import BuildConfig, Dataset, Distill, PruneMagnitude, PruneStructured, Quantize, build
 from torch import nn
 
@@ -87,4 +87,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except EdgefleetError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(1)

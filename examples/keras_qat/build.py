@@ -14,7 +14,7 @@ from pathlib import Path
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")  # tfmot needs Keras 2 (tf_keras)
 
 import numpy as np
-from edgefleet import generate_keypair, load_signing_key
+from edgefleet import EdgefleetError, generate_keypair, load_signing_key
 from edgefleet.converters import BuildConfig, Dataset, QuantAwareTraining, Quantize, build
 
 from ..digits.data import load_splits
@@ -90,4 +90,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except EdgefleetError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(1)
