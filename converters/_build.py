@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from edgefleet import InputError, Manifest, ModelEntry, SigningKey, compute_baseline, write_bundle
 from edgefleet import __version__ as ef_version
 

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
 from edgefleet import InputError
 
 __all__ = ["Dataset", "load_npz"]

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from edgefleet import TensorSpec
 from edgefleet._errors import require
 

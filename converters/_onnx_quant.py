@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from edgefleet import InputError
 from edgefleet._errors import require
 

@@ -24,7 +24,6 @@ from edgefleet.converters import (  # noqa: E402
     Quantize,
     build,
 )
-
 from examples.keras_qat.build import make_model, nhwc, train  # noqa: E402
 
 from .conftest import run_cli  # noqa: E402

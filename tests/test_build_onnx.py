@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import pytest
+
 from edgefleet import InputError, open_bundle
 from edgefleet.converters import BuildConfig, Dataset, Quantize, build
 
@@ -184,6 +185,7 @@ def test_both_formats_from_onnx_builds_what_works_and_says_so(tmp_path: Path, ml
 
 def test_external_data_outside_model_dir_or_via_link_is_refused(tmp_path: Path, mlp_onnx: Path) -> None:
     import onnx
+
     from edgefleet.converters.backends import load_model
 
     m = onnx.load(str(mlp_onnx))

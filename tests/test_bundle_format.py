@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from edgefleet import (
     BundleError,
     InputError,

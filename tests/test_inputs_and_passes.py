@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from edgefleet import InputError, bin_counts, compute_baseline
 from edgefleet.converters import PASSES, Dataset, PruneMagnitude, Quantize, load_npz, load_recipe, pass_from_dict
 

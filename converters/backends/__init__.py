@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from edgefleet import InputError
 
 from .._data import Dataset

@@ -13,10 +13,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from edgefleet import EdgefleetError, generate_keypair, load_signing_key
-from edgefleet.converters import BuildConfig, Dataset, Distill, PruneMagnitude, PruneStructured, Quantize, build
 from torch import nn
 
+from edgefleet.converters import BuildConfig, Dataset, Distill, PruneMagnitude, PruneStructured, Quantize, build
+
+from .._common import run, signing_key
 from .data import load_splits, save_npz
 from .models import Student, Teacher
 
@@ -55,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     # The teacher is also written as a torch.export program, the file a build pipeline would pass on.
     torch.export.save(torch.export.export(teacher, (torch.from_numpy(splits["eval"][0][:1]),)), out / "teacher.pt2")
     key_path = args.key or out / "signing.key"
-    key = load_signing_key(key_path) if key_path.exists() else generate_keypair(key_path)
+    key = signing_key(key_path)
     torch.manual_seed(1)
     cfg = BuildConfig(
         name="digits",
@@ -87,8 +88,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except EdgefleetError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(1)
+    run(main)

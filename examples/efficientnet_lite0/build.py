@@ -8,13 +8,13 @@ crops of other, held-out photos.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import numpy as np
-from edgefleet import EdgefleetError, generate_keypair, load_signing_key
+
 from edgefleet.converters import BuildConfig, Dataset, Quantize, build
 
+from .._common import run, signing_key
 from .photos import CALIBRATION_PHOTOS, HELD_OUT_PHOTOS, MEAN, STD, load_model, views
 
 
@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     np.savez(args.out / "calibration.npz", x=calib.x)
     np.savez(args.out / "heldout.npz", x=held.x)
     key_path = args.out / "signing.key"
-    key = load_signing_key(key_path) if key_path.exists() else generate_keypair(key_path)
+    key = signing_key(key_path)
     cfg = BuildConfig(
         name="efficientnet-lite0",
         version="1.0.0",
@@ -72,8 +72,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except EdgefleetError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(1)
+    run(main)

@@ -8,15 +8,15 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from pathlib import Path
 
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")  # tfmot needs Keras 2 (tf_keras)
 
 import numpy as np
-from edgefleet import EdgefleetError, generate_keypair, load_signing_key
+
 from edgefleet.converters import BuildConfig, Dataset, QuantAwareTraining, Quantize, build
 
+from .._common import run, signing_key
 from ..digits.data import load_splits
 
 
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     model.save(args.out / "model.keras")  # the file a pipeline hands to `edgefleet build`
     key_path = args.out / "signing.key"
-    key = load_signing_key(key_path) if key_path.exists() else generate_keypair(key_path)
+    key = signing_key(key_path)
     cfg = BuildConfig(
         name="digits-keras-qat",
         version="1.0.0",
@@ -90,8 +90,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except EdgefleetError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(1)
+    run(main)
