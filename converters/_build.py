@@ -24,9 +24,10 @@ import numpy as np
 
 from edgefleet import InputError, Manifest, ModelEntry, SigningKey, compute_baseline, write_bundle
 from edgefleet import __version__ as ef_version
+from edgefleet._fs import atomic_write
 
 from ._data import Dataset
-from ._evaluate import runner_for
+from ._evaluate import p50_ms, runner_for
 from ._onnx_quant import quantize_onnx
 from ._passes import Distill, Pass, Quantize, pass_from_dict
 from ._report import format_table
@@ -396,24 +397,15 @@ def build(
             "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
         }
         if report_path is not None:
-            _atomic_text(Path(report_path), json.dumps(report, indent=2, sort_keys=True, default=str))
+            atomic_write(report_path, json.dumps(report, indent=2, sort_keys=True, default=str).encode())
         if echo_table:
             print(format_table(report))
         return BuildResult(manifest, report, out)
 
 
-def _framework_latency(backend: FrameworkBackend, model: Any, x: np.ndarray, runs: int = 30) -> float:
-    import time
-
+def _framework_latency(backend: FrameworkBackend, model: Any, x: np.ndarray) -> float:
     one = np.ascontiguousarray(x[:1])
-    for _ in range(5):
-        backend.predict(model, one)
-    ts = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        backend.predict(model, one)
-        ts.append(time.perf_counter() - t)
-    return round(float(np.median(ts)) * 1000, 4)
+    return p50_ms(lambda: backend.predict(model, one), runs=30, warmup=5)
 
 
 def _without_timings(obj: Any) -> Any:
@@ -439,13 +431,6 @@ def _tolerance(precision: str, ref: np.ndarray) -> dict[str, float]:
     if precision == "fp16":
         return {"atol": max(1e-2, 1e-3 * span), "rtol": 1e-2}
     return {"atol": max(1e-2, 0.05 * span), "rtol": 0.05}
-
-
-def _atomic_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _requirements(fmt: str, path: Path) -> dict[str, Any]:

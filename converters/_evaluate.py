@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +12,7 @@ import numpy as np
 from edgefleet import TensorSpec
 from edgefleet._errors import require
 
-__all__ = ["OnnxRunner", "TfliteRunner", "runner_for"]
+__all__ = ["OnnxRunner", "TfliteRunner", "p50_ms", "runner_for"]
 
 _NP_DTYPES = {
     "tensor(float)": "float32",
@@ -23,6 +24,18 @@ _NP_DTYPES = {
     "tensor(bool)": "bool",
     "tensor(int16)": "int16",
 }
+
+
+def p50_ms(call: Callable[[], object], runs: int = 50, warmup: int = 10) -> float:
+    """Median wall time of CALL in milliseconds, after WARMUP untimed calls."""
+    for _ in range(warmup):
+        call()
+    times = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - t)
+    return round(float(np.median(times)) * 1000, 4)
 
 
 class Runner:
@@ -37,14 +50,7 @@ class Runner:
 
     def latency_p50_ms(self, sample: np.ndarray, runs: int = 50, warmup: int = 10) -> float:
         x = np.ascontiguousarray(sample[:1])
-        for _ in range(warmup):
-            self._one(x)
-        times = []
-        for _ in range(runs):
-            t = time.perf_counter()
-            self._one(x)
-            times.append(time.perf_counter() - t)
-        return round(float(np.median(times)) * 1000, 4)
+        return p50_ms(lambda: self._one(x), runs, warmup)
 
 
 class OnnxRunner(Runner):

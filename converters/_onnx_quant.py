@@ -17,6 +17,7 @@ from edgefleet._errors import require
 
 from ._data import Dataset
 from ._evaluate import OnnxRunner
+from ._int8 import round_per_channel
 
 __all__ = ["quantize_onnx"]
 
@@ -80,14 +81,6 @@ def _static(pre: Path, out: Path, calib: Dataset, p: Any, act: str, exclude: lis
     )
 
 
-def _fake_quant_weight(w: np.ndarray, axis: int) -> np.ndarray:
-    """Symmetric per-channel int8 rounding, as the QDQ quantizer applies to weights."""
-    moved = np.moveaxis(w.astype(np.float32), axis, 0)
-    scale = np.abs(moved).reshape(moved.shape[0], -1).max(axis=1) / 127.0
-    scale = np.where(scale == 0, 1.0, scale).reshape((-1,) + (1,) * (moved.ndim - 1))
-    return np.moveaxis(np.clip(np.round(moved / scale), -127, 127) * scale, 0, axis).astype(np.float32)
-
-
 def _sensitivity(pre: Path, quant: Path, x: np.ndarray, progress: Progress | None = None) -> list[tuple[str, float]]:
     """Rank quantizable nodes by the error each causes at the model output when it alone is quantized.
 
@@ -125,7 +118,7 @@ def _sensitivity(pre: Path, quant: Path, x: np.ndarray, progress: Progress | Non
         trans_b = any(a.name == "transB" and a.i == 1 for a in node.attribute)
         axis = 0 if node.op_type in ("Conv", "ConvTranspose") or (node.op_type == "Gemm" and trans_b) else w.ndim - 1
         wq_name = f"{node.input[1]}__fq"
-        m.graph.initializer.append(numpy_helper.from_array(_fake_quant_weight(w, axis), wq_name))
+        m.graph.initializer.append(numpy_helper.from_array(round_per_channel(w, axis), wq_name))
         target.input[1] = wq_name
         if node.input[0] in act_qparams:
             scale, zp = act_qparams[node.input[0]]
@@ -178,10 +171,11 @@ def _bias_correct(src: Path, dst: Path, x: np.ndarray, skip: frozenset[str] = fr
     sess = OnnxRunner.session_from_bytes(probe.SerializeToString())
     names = [o.name for o in sess.get_outputs()]
     in_name = model.graph.input[0].name
+    needed = {n.input[0] for n in targets}
     sums: dict[str, np.ndarray] = {}
     for i in range(len(x)):
         for nm, out in zip(names, sess.run(None, {in_name: x[i : i + 1]}), strict=True):
-            if nm in wanted or nm in {n.input[0] for n in targets}:
+            if nm in needed:
                 a = np.asarray(out, dtype=np.float64)
                 ch = a.reshape(a.shape[0], a.shape[1], -1).mean(axis=(0, 2)) if a.ndim > 2 else a.mean(axis=0)
                 sums[nm] = sums.get(nm, 0) + ch
@@ -194,7 +188,7 @@ def _bias_correct(src: Path, dst: Path, x: np.ndarray, skip: frozenset[str] = fr
         b = numpy_helper.to_array(weights[n.input[2]]).astype(np.float64)
         if n.op_type == "Conv":
             group = next((a.i for a in n.attribute if a.name == "group"), 1)
-            dw = _fake_quant_weight(w.astype(np.float32), 0).astype(np.float64) - w
+            dw = round_per_channel(w.astype(np.float32), 0).astype(np.float64) - w
             per_out = dw.sum(axis=(2, 3))  # (C_out, C_in / group)
             cin_g = w.shape[1]
             shift = np.array(
@@ -203,7 +197,7 @@ def _bias_correct(src: Path, dst: Path, x: np.ndarray, skip: frozenset[str] = fr
         else:
             trans_b = any(a.name == "transB" and a.i == 1 for a in n.attribute)
             wt = w if trans_b else w.T  # (out, in)
-            dw = _fake_quant_weight(wt.astype(np.float32), 0).astype(np.float64) - wt
+            dw = round_per_channel(wt.astype(np.float32), 0).astype(np.float64) - wt
             shift = dw @ mean_in
         weights[n.input[2]].CopyFrom(numpy_helper.from_array((b - shift).astype(np.float32), n.input[2]))
         done += 1

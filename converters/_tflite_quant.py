@@ -4,7 +4,6 @@ including the accuracy-aware loop that keeps the most sensitive ops in float."""
 from __future__ import annotations
 
 import contextlib
-import os
 import re
 import tempfile
 from collections.abc import Callable
@@ -16,6 +15,7 @@ import numpy as np
 
 from edgefleet import InputError
 from edgefleet._errors import require
+from edgefleet._fs import atomic_write
 
 from ._data import Dataset
 
@@ -163,7 +163,4 @@ def quantize_tflite_gated(
 def _write(path: Path, data: bytes | bytearray | None) -> None:
     if not data:
         raise InputError("AI Edge Quantizer produced no model")
-    fd, tmp = tempfile.mkstemp(dir=path.parent)
-    with os.fdopen(fd, "wb") as f:
-        f.write(bytes(data))
-    os.replace(tmp, path)
+    atomic_write(path, bytes(data))

@@ -13,6 +13,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from ._errors import InputError, SignatureError
+from ._fs import atomic_write
 
 __all__ = ["PublicKey", "SigningKey", "generate_keypair", "load_public_key", "load_signing_key"]
 
@@ -72,25 +73,9 @@ def generate_keypair(path: str | os.PathLike[str], *, overwrite: bool = False) -
     pem = key.key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
-    _write_private(priv_path, pem)
-    _atomic_write(pub_path, key.public.pem())
+    atomic_write(priv_path, pem, mode=0o600)
+    atomic_write(pub_path, key.public.pem())
     return key
-
-
-def _write_private(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 def load_signing_key(path: str | os.PathLike[str]) -> SigningKey:

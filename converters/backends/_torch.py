@@ -17,6 +17,7 @@ from edgefleet import InputError
 from edgefleet._errors import require
 
 from .._data import Dataset
+from .._int8 import round_per_channel
 from . import FrameworkBackend, Gate, Progress
 
 torch = require("torch", "convert", "PyTorch models")
@@ -340,9 +341,7 @@ def _bias_correct(model: Any, x: np.ndarray) -> int:
                 continue
             mean_in = sums[id(m)] / counts["n"]
             w = m.weight.detach().double()
-            scale = w.abs().reshape(w.shape[0], -1).amax(dim=1).clamp_min(1e-12) / 127.0
-            shape = (-1,) + (1,) * (w.dim() - 1)
-            dw = torch.clamp(torch.round(w / scale.reshape(shape)), -127, 127) * scale.reshape(shape) - w
+            dw = torch.from_numpy(round_per_channel(w.numpy(), 0)).double() - w
             if isinstance(m, nn.Conv2d):
                 per_in = dw.sum(dim=(2, 3))  # (out, in / groups)
                 cin = w.shape[1]
