@@ -25,6 +25,7 @@ import numpy as np
 from edgefleet import InputError, Manifest, ModelEntry, SigningKey, compute_baseline, write_bundle
 from edgefleet import __version__ as ef_version
 from edgefleet._fs import atomic_write
+from edgefleet._manifest import ORT_FOR_OPSET
 
 from ._data import Dataset
 from ._evaluate import p50_ms, runner_for
@@ -37,20 +38,6 @@ __all__ = ["BuildConfig", "BuildResult", "build", "load_recipe"]
 
 Progress = Callable[[str], None]
 
-# Lowest onnxruntime release that implements each default-domain opset (from ORT's compatibility table).
-_ORT_FOR_OPSET = {
-    13: "1.7",
-    14: "1.10",
-    15: "1.11",
-    16: "1.12",
-    17: "1.14",
-    18: "1.16",
-    19: "1.17",
-    20: "1.17",
-    21: "1.20",
-    22: "1.20",
-    23: "1.22",
-}
 _DEFAULT_ACCEL = {"onnx": ["CPUExecutionProvider"], "tflite": ["xnnpack"]}
 _EXPORT_AGREEMENT_MIN = 0.99
 
@@ -439,7 +426,7 @@ def _requirements(fmt: str, path: Path) -> dict[str, Any]:
 
         m = onnx.load(str(path), load_external_data=False)
         opset = max((o.version for o in m.opset_import if o.domain in ("", "ai.onnx")), default=13)
-        ort_min = _ORT_FOR_OPSET.get(opset, "1.22" if opset > 23 else "1.7")
+        ort_min = ORT_FOR_OPSET.get(opset, "1.22" if opset > 23 else "1.7")
         return {"onnx_opset": int(opset), "min_onnxruntime": ort_min, "ir_version": int(m.ir_version)}
     lit = version("ai-edge-litert") if _has("ai-edge-litert") else "1.0"
     return {"tflite_schema": 3, "min_litert": ".".join(lit.split(".")[:2])}

@@ -11,6 +11,7 @@ import numpy as np
 
 from edgefleet import TensorSpec
 from edgefleet._errors import require
+from edgefleet._quant import dequantize, quantize
 
 __all__ = ["OnnxRunner", "TfliteRunner", "p50_ms", "runner_for"]
 
@@ -116,14 +117,13 @@ class TfliteRunner(Runner):
     def _one(self, x: np.ndarray) -> np.ndarray:
         spec = self.inputs[0]
         if spec.scale is not None:
-            info = np.iinfo(np.dtype(spec.dtype))
-            x = np.clip(np.round(x / spec.scale[0]) + spec.zero_point[0], info.min, info.max)  # type: ignore[index]
+            x = quantize(x, spec)
         self.it.set_tensor(self.ind["index"], x.astype(self.ind["dtype"]))
         self.it.invoke()
         y = self.it.get_tensor(self.outd["index"])
         o = self.outputs[0]
         if o.scale is not None:
-            y = (y.astype(np.float32) - o.zero_point[0]) * o.scale[0]  # type: ignore[index]
+            y = dequantize(y, o)
         return np.asarray(y, dtype=np.float32)
 
     def predict(self, x: np.ndarray) -> np.ndarray:

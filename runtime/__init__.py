@@ -1,3 +1,23 @@
-"""On-device runtime: load verified bundles and run them (ONNX Runtime / LiteRT). See issue 3."""
+"""edgefleet.runtime: load a verified bundle, run it on CPU or an accelerator, keep telemetry.
 
-__all__: list[str] = []
+    model = edgefleet.runtime.load("digits-1.0.0.efb", trusted_keys=["publisher.pub"])
+    y = model.predict(x)          # float in, float out; int8 files are (de)quantized for you
+    model.info.accelerator        # what actually runs it
+
+Needs `pip install 'edgefleet[runtime]'` (onnxruntime, ai-edge-litert, paho-mqtt); never torch or tensorflow.
+"""
+
+from __future__ import annotations
+
+from ._model import GoldenResult, Model, ModelInfo, load
+from ._telemetry import BufferStats, TelemetryBuffer, WindowAggregator
+
+__all__ = [
+    "BufferStats",
+    "GoldenResult",
+    "Model",
+    "ModelInfo",
+    "TelemetryBuffer",
+    "WindowAggregator",
+    "load",
+]

@@ -13,10 +13,21 @@ import numpy as np
 
 from ._errors import InputError
 
-__all__ = ["BASELINE_VERSION", "bin_counts", "compute_baseline", "input_features", "output_features"]
+__all__ = [
+    "BASELINE_VERSION",
+    "MAX_PIXELS",
+    "bin_counts",
+    "compute_baseline",
+    "input_features",
+    "output_features",
+    "window_counts",
+]
 
 BASELINE_VERSION = 1
 DEFAULT_BINS = 10
+# Devices summarise at most this many pixels per channel and sample (an even stride over the image):
+# the proportions are the same in expectation and the cost stays small beside inference.
+MAX_PIXELS = 4096
 
 
 def bin_counts(values: np.ndarray, edges: list[float] | np.ndarray) -> np.ndarray:
@@ -46,12 +57,13 @@ def _image_axes(x: np.ndarray, layout: str) -> tuple[int, int] | None:
     return None
 
 
-def input_features(x: np.ndarray, layout: str) -> dict[str, np.ndarray]:
+def input_features(x: np.ndarray, layout: str, max_pixels: int | None = None) -> dict[str, np.ndarray]:
     """Named feature values of a batch: pixel-level channel intensities and per-sample summaries.
 
     Images: `channel_<c>_intensity` (every pixel), `brightness` (per-sample mean) and
     `contrast` (per-sample std). Other inputs: `feature_<i>` per column of the flattened sample
     (first 64 columns, to bound the telemetry size), plus `mean` and `std` per sample.
+    With MAX_PIXELS, images are summarised on an even stride of at most that many pixels per channel.
     """
     x = np.asarray(x, dtype=np.float32)
     if x.ndim < 2:
@@ -63,6 +75,9 @@ def input_features(x: np.ndarray, layout: str) -> dict[str, np.ndarray]:
     if img is not None:
         ax, c = img
         chans = np.moveaxis(x, ax, 1).reshape(n, c, -1)
+        if max_pixels is not None and chans.shape[2] > max_pixels:
+            chans = chans[:, :, :: -(-chans.shape[2] // max_pixels)]
+            flat = chans.reshape(n, -1)
         for i in range(c):
             feats[f"channel_{i}_intensity"] = chans[:, i, :]
         feats["brightness"] = flat.mean(axis=1)
@@ -126,4 +141,26 @@ def compute_baseline(x: np.ndarray, y: np.ndarray, layout: str, bins: int = DEFA
                 "proportions": [round(float(c), 8) for c in conf_counts / max(1, conf_counts.sum())],
             },
         },
+    }
+
+
+def window_counts(
+    x: np.ndarray, y: np.ndarray, baseline: dict[str, Any], max_pixels: int | None = MAX_PIXELS
+) -> dict[str, Any]:
+    """Counts of a batch on BASELINE's bins: what a device adds to its telemetry window.
+
+    Returns `{"inputs": {feature: counts}, "predicted_class": counts, "confidence": counts}`,
+    plain int lists that merge across devices and windows by addition.
+    """
+    feats = input_features(x, str(baseline.get("layout", "NC")), max_pixels)
+    inputs = {
+        f["name"]: bin_counts(feats[f["name"]], f["edges"]).tolist() for f in baseline["inputs"] if f["name"] in feats
+    }
+    out = baseline["outputs"]
+    cls, conf = output_features(y, bool(out["apply_softmax"]))
+    k = len(out["predicted_class"]["proportions"])
+    return {
+        "inputs": inputs,
+        "predicted_class": np.bincount(np.minimum(cls, k - 1), minlength=k).tolist(),
+        "confidence": bin_counts(conf, out["confidence"]["edges"]).tolist(),
     }

@@ -15,11 +15,13 @@ from ._errors import BundleError
 __all__ = [
     "FORMAT_MAJOR",
     "FORMAT_VERSION",
+    "ORT_FOR_OPSET",
     "FileEntry",
     "Manifest",
     "ModelEntry",
     "TensorSpec",
     "canonical_json",
+    "version_tuple",
 ]
 
 FORMAT_NAME = "edgefleet.bundle"
@@ -30,6 +32,24 @@ FORMAT_VERSION = f"{FORMAT_MAJOR}.{FORMAT_MINOR}"
 MODEL_FORMATS = ("onnx", "tflite")
 PRECISIONS = ("fp32", "fp16", "int8", "mixed")
 DTYPES = ("float32", "float16", "int8", "uint8", "int16", "int32", "int64", "bool")
+# Lowest onnxruntime release that implements each default-domain opset (from ORT's compatibility table).
+ORT_FOR_OPSET = {13: "1.7", 14: "1.10", 15: "1.11", 16: "1.12", 17: "1.14", 18: "1.16", 19: "1.17", 20: "1.17"}
+ORT_FOR_OPSET.update({21: "1.20", 22: "1.20", 23: "1.22"})
+
+
+def version_tuple(v: str) -> tuple[int, ...]:
+    """'1.20.1' -> (1, 20, 1); pre-release and local suffixes ('2.3.0rc1', '2.13.0+cpu') are cut off."""
+    parts = []
+    for p in re.split(r"[.+-]", v):
+        m = re.match(r"\d+", p)
+        if not m:
+            break
+        parts.append(int(m.group()))
+        if m.group() != p:
+            break
+    return tuple(parts)
+
+
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 _SEMVER = re.compile(r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)(?:-[0-9A-Za-z.-]+)?(?:\+[0-9A-Za-z.-]+)?$")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")

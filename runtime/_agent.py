@@ -1,0 +1,885 @@
+"""The device agent: MQTT link to the fleet, durable telemetry upload, safe A/B updates, shadow runs.
+
+Updates are an explicit state machine persisted in `agent.json` (atomic writes), in the manner of
+Mender's update agent:
+
+    idle -> downloading -> verifying -> staging -> smoke_test -> switching -> health_watch
+         -> committing -> idle                       (kept)
+         -> rolling_back -> idle                     (health window failed; old slot re-activated)
+
+Each state is written before its work starts, and its work is safe to repeat, so a restart after a
+crash at any point resumes from the persisted state. The active model is whatever `active.json`
+names; it only ever changes by an atomic rename (see `_slots`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import random
+import threading
+import time
+import uuid
+from collections import deque
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgefleet import BundleError, EdgefleetError, InputError, __version__, open_bundle
+from edgefleet._errors import require
+from edgefleet._fs import atomic_write
+from edgefleet._manifest import version_tuple
+from edgefleet._topics import (
+    EVENT_SCHEMA,
+    STATE_SCHEMA,
+    STATUS_SCHEMA,
+    BundleRef,
+    Command,
+    Desired,
+    parse_command,
+    parse_desired,
+    topic,
+)
+
+from ._config import AgentConfig
+from ._download import DownloadError, download
+from ._failpoints import failpoint
+from ._model import Model, load
+from ._slots import SlotInfo, SlotStore
+from ._telemetry import TelemetryBuffer
+
+__all__ = ["Agent", "UpdateState"]
+
+log = logging.getLogger("edgefleet.agent")
+
+_MAX_INFLIGHT = 32
+_DOWNLOAD_RETRIES = 8
+
+
+class UpdateState(StrEnum):
+    IDLE = "idle"
+    DOWNLOADING = "downloading"
+    VERIFYING = "verifying"
+    STAGING = "staging"
+    SMOKE_TEST = "smoke_test"
+    SWITCHING = "switching"
+    HEALTH_WATCH = "health_watch"
+    COMMITTING = "committing"
+    ROLLING_BACK = "rolling_back"
+
+
+_BEFORE_SWITCH = {UpdateState.DOWNLOADING, UpdateState.VERIFYING, UpdateState.STAGING, UpdateState.SMOKE_TEST}
+
+
+@dataclass
+class _Persisted:
+    state: UpdateState = UpdateState.IDLE
+    committed: dict[str, Any] | None = None
+    target: dict[str, Any] | None = None  # Desired.to_dict()
+    target_slot: str | None = None
+    previous: dict[str, Any] | None = None
+    old_p95_ms: float | None = None
+    watch_restarts: int = 0
+    attempts: int = 0
+    refused: dict[str, str | None] = field(default_factory=dict)  # "name:version" -> rollout it failed in
+    last_result: dict[str, Any] | None = None
+
+    def to_json(self) -> bytes:
+        d = dict(self.__dict__)
+        d["state"] = self.state.value
+        return json.dumps(d, sort_keys=True, indent=1).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes) -> _Persisted:
+        d = json.loads(data)
+        d["state"] = UpdateState(d["state"])
+        return cls(**d)
+
+
+class _Health:
+    """Live evidence about the active model during a health window."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.reset()
+
+    def reset(self) -> None:
+        self.calls = 0
+        self.errors = 0
+        self.nan = 0
+        self.live_ms: list[float] = []
+        self.probe_ms: list[float] = []
+
+    def add(self, ms: float | None, error: bool, nan: bool, probe: bool) -> None:
+        with self.lock:
+            self.calls += 1
+            self.errors += int(error)
+            self.nan += int(nan)
+            if ms is not None:
+                (self.probe_ms if probe else self.live_ms).append(ms)
+
+
+def _p95(values: list[float] | deque[float]) -> float | None:
+    return float(np.percentile(np.asarray(values), 95)) if len(values) else None
+
+
+class _Shadow:
+    """A candidate bundle run beside the active one on a sample of live inputs, in its own thread."""
+
+    def __init__(self, model: Model, ref: BundleRef, rate: float, duration_s: float, command_id: str) -> None:
+        self.model, self.ref, self.rate = model, ref, rate
+        self.command_id = command_id
+        self.deadline = time.monotonic() + duration_s
+        self.q: queue.Queue[tuple[np.ndarray, np.ndarray, float]] = queue.Queue(maxsize=64)
+        self.samples = self.agree = self.dropped = self.errors = 0
+        self.active_ms: list[float] = []
+        self.cand_ms: list[float] = []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="edgefleet-shadow", daemon=True)
+        self.thread.start()
+
+    def offer(self, x: np.ndarray, y: np.ndarray, ms: float) -> None:
+        if random.random() >= self.rate:
+            return
+        try:
+            self.q.put_nowait((x, y, ms))
+        except queue.Full:
+            self.dropped += 1
+
+    def _run(self) -> None:
+        while not self.stop.is_set():
+            try:
+                x, y, ms = self.q.get(timeout=0.1)
+            except queue.Empty:
+                continue
+            t0 = time.perf_counter()
+            try:
+                yc = self.model.predict(x)
+            except EdgefleetError:
+                self.errors += 1
+                continue
+            self.cand_ms.append((time.perf_counter() - t0) * 1000)
+            self.active_ms.append(ms)
+            n = len(x)
+            self.samples += n
+            self.agree += int((yc.reshape(n, -1).argmax(1) == y.reshape(n, -1).argmax(1)).sum())
+
+    def report(self) -> dict[str, Any]:
+        self.stop.set()
+        self.thread.join(timeout=5)
+        return {
+            "command_id": self.command_id,
+            "candidate": {"name": self.ref.name, "version": self.ref.version},
+            "samples": self.samples,
+            "agreement": round(self.agree / self.samples, 6) if self.samples else None,
+            "active_p50_ms": float(np.median(self.active_ms)) if self.active_ms else None,
+            "active_p95_ms": _p95(self.active_ms),
+            "candidate_p50_ms": float(np.median(self.cand_ms)) if self.cand_ms else None,
+            "candidate_p95_ms": _p95(self.cand_ms),
+            "candidate_errors": self.errors,
+            "dropped": self.dropped,
+        }
+
+
+class Agent:
+    """Runs the device side: `start()` it, call `predict()` from the app, `stop()` at the end."""
+
+    def __init__(self, config: AgentConfig) -> None:
+        self.config = config
+        self.device_id = config.device_id
+        root = Path(config.data_dir)
+        root.mkdir(parents=True, exist_ok=True)
+        self.root = root
+        self.slots = SlotStore(root)
+        self.downloads = root / "downloads"
+        self.downloads.mkdir(exist_ok=True)
+        self.buffer = TelemetryBuffer(root / "telemetry.db", max_bytes=config.buffer_max_bytes)
+        self._state_path = root / "agent.json"
+        self.persisted = self._load_state()
+        self._model: Model | None = None
+        self._model_lock = threading.RLock()
+        self._inbox: queue.Queue[tuple[str, Any]] = queue.Queue()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._client: Any = None
+        self._connected = threading.Event()
+        self._pub_lock = threading.Lock()
+        self._inflight: dict[int, str] = {}
+        self._cursor = 0
+        self._tokens = 0.0
+        self._tokens_at = time.monotonic()
+        self._health = _Health()
+        self._watch_until = 0.0
+        self._next_probe = 0.0
+        self._recent_ms: deque[float] = deque(maxlen=500)
+        self._desired: Desired | None = None
+        self._shadow: _Shadow | None = None
+        self._state_dirty = True
+        self._next_self_test = 0.0
+        self._backoff_until = 0.0
+        if self.buffer.reset_reason:
+            self._event("buffer_reset", reason=self.buffer.reset_reason)
+
+    # -- persisted state -----------------------------------------------------------------------
+    def _load_state(self) -> _Persisted:
+        if not self._state_path.exists():
+            return _Persisted()
+        try:
+            return _Persisted.from_json(self._state_path.read_bytes())
+        except (ValueError, KeyError, TypeError) as exc:
+            # atomic_write means this only happens if someone edited the file; start from the pointer.
+            log.error("agent state %s is unreadable (%s); starting idle from the active slot", self._state_path, exc)
+            aside = self._state_path.with_suffix(".json.bad")
+            self._state_path.replace(aside)
+            st = _Persisted()
+            a = self.slots.active()
+            st.committed = a.to_dict() if a else None
+            return st
+
+    def _persist(self, state: UpdateState | None = None, **changes: Any) -> None:
+        if state is not None:
+            old = self.persisted.state
+            self.persisted.state = state
+            if old != state:
+                target = self.persisted.target or {}
+                self._event(
+                    "update_state",
+                    from_state=old.value,
+                    to_state=state.value,
+                    target=target.get("bundle", {}).get("version"),
+                    rollout=target.get("rollout"),
+                    **{k: v for k, v in changes.items() if k == "reason"},
+                )
+        for k, v in changes.items():
+            if k != "reason":
+                setattr(self.persisted, k, v)
+        atomic_write(self._state_path, self.persisted.to_json())
+        self._state_dirty = True
+
+    # -- public API ----------------------------------------------------------------------------
+    @property
+    def model(self) -> Model | None:
+        return self._model
+
+    @property
+    def state(self) -> UpdateState:
+        return self.persisted.state
+
+    def predict(self, x: Any) -> np.ndarray:
+        """Run the active bundle on X (telemetry, health watch and shadow runs included)."""
+        model = self._model
+        if model is None:
+            raise BundleError(f"device {self.device_id} has no active bundle yet; it waits for the fleet to send one")
+        t0 = time.perf_counter()
+        try:
+            y = model.predict(x)
+        except InputError:
+            raise
+        except Exception:
+            self._health.add(None, True, False, False)
+            raise
+        ms = (time.perf_counter() - t0) * 1000
+        self._recent_ms.append(ms)
+        if self.persisted.state == UpdateState.HEALTH_WATCH:
+            self._health.add(ms, False, not bool(np.isfinite(y).all()), False)
+        sh = self._shadow
+        if sh is not None:
+            sh.offer(np.asarray(x), y, ms)
+        return y
+
+    def start(self) -> None:
+        """Recover from any interrupted update, then run the agent in a background thread."""
+        self._recover()
+        self._thread = threading.Thread(target=self._loop, name="edgefleet-agent", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Flush telemetry to the buffer, say offline, disconnect."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        with self._model_lock:
+            if self._model is not None:
+                self._model.flush_telemetry()
+        if self._client is not None:
+            try:
+                if self._connected.is_set():
+                    info = self._client.publish(topic(self.device_id, "status"), self._status(False), 1, True)
+                    info.wait_for_publish(timeout=2)
+                self._client.disconnect()
+            except (RuntimeError, ValueError, OSError):
+                pass
+            self._client.loop_stop()
+        self.buffer.close()
+
+    def run_forever(self) -> None:
+        self.start()
+        try:
+            while not self._stop.wait(1.0):
+                pass
+        finally:
+            self.stop()
+
+    # -- model activation ----------------------------------------------------------------------
+    def _load(self, path: Path) -> Model:
+        return load(
+            path,
+            [str(k) for k in self.config.trusted_keys],
+            self.config.backend,
+            self.config.accelerators,
+            threads=self.config.threads,
+        )
+
+    def _activate(self, info: SlotInfo | None) -> None:
+        """Make the model in INFO's slot the one `predict` uses (None: no model)."""
+        new = None
+        if info is not None:
+            new = self._load(self.slots.path(info.slot))
+            new.attach_telemetry(
+                self.buffer,
+                device_id=self.device_id,
+                window_s=self.config.window_s,
+                capture_per_hour=self.config.capture_per_hour,
+            )
+        with self._model_lock:
+            old, self._model = self._model, new
+        self._recent_ms.clear()
+        if old is not None:
+            old.close()
+        self._state_dirty = True
+
+    def _recover(self) -> None:
+        """Bring the device to a consistent state after a restart, whatever was interrupted."""
+        st = self.persisted
+        active = self.slots.active()
+        if active is not None and not self.slots.holds(active):
+            # Cannot happen with atomic writes short of disk corruption; fall back to the other slot.
+            self._event("slot_corrupt", slot=active.slot, version=active.version)
+            prev = st.previous or st.committed
+            if prev and prev.get("slot") != active.slot and self.slots.holds(SlotInfo(**prev)):
+                self.slots.switch(SlotInfo(**prev))
+                active = SlotInfo(**prev)
+            else:
+                active = None
+        if st.state == UpdateState.HEALTH_WATCH:
+            st.watch_restarts += 1
+            if st.watch_restarts > self.config.health.max_restarts:
+                self._persist(UpdateState.ROLLING_BACK, reason="the agent restarted during the health window")
+        if st.state == UpdateState.IDLE and active is None and self.config.initial_bundle is not None:
+            self._install_initial(self.config.initial_bundle)
+            return
+        if self.persisted.state in (UpdateState.ROLLING_BACK, UpdateState.COMMITTING):
+            self._activate(self.slots.active())
+            self._step()
+            return
+        self._activate(self.slots.active())
+        if self.persisted.state == UpdateState.HEALTH_WATCH:
+            self._begin_watch(persist=True)
+
+    def _install_initial(self, path: Path) -> None:
+        b = open_bundle(path, [str(k) for k in self.config.trusted_keys])
+        self._load(path).close()
+        slot = self.slots.inactive()
+        sha = self.slots.stage(path, slot)
+        info = SlotInfo(slot, b.manifest.name, b.manifest.version, sha)
+        self.slots.switch(info)
+        self._persist(UpdateState.IDLE, committed=info.to_dict())
+        self._activate(info)
+        self._event("installed", bundle={"name": info.name, "version": info.version})
+
+    # -- desired state and commands ------------------------------------------------------------
+    def _on_desired(self, d: Desired) -> None:
+        self._desired = d
+        self._consider_desired()
+
+    def _consider_desired(self) -> None:
+        d = self._desired
+        if d is None:
+            return
+        st = self.persisted
+        ref = d.bundle
+        target = (st.target or {}).get("bundle", {})
+        if st.state != UpdateState.IDLE:
+            if target.get("sha256") == ref.sha256:
+                return
+            if st.state in _BEFORE_SWITCH:
+                self._event("update_superseded", old=target.get("version"), new=ref.version)
+                self._persist(UpdateState.IDLE, target=None, target_slot=None, attempts=0)
+            else:
+                return  # finish the health window first; the latest desired is looked at again when idle
+        active = self.slots.active()
+        if active is not None and active.sha256 == ref.sha256:
+            return
+        key = f"{ref.name}:{ref.version}"
+        if key in st.refused and st.refused[key] == d.rollout:
+            return  # rolled back from in this rollout already; only a new rollout may offer it again
+        committed = st.committed
+        if (
+            committed is not None
+            and d.action != "rollback"
+            and committed.get("name") == ref.name
+            and version_tuple(ref.version) < version_tuple(str(committed.get("version")))
+        ):
+            last = st.last_result or {}
+            if last.get("refused_downgrade") != key:
+                self._event("update_refused", bundle=ref.to_dict(), reason="downgrade below the committed version")
+                self._persist(last_result={"refused_downgrade": key})
+            return
+        self._persist(UpdateState.DOWNLOADING, target=d.to_dict(), target_slot=None, attempts=0, watch_restarts=0)
+
+    def _on_command(self, c: Command) -> None:
+        if c.command == "flush":
+            if self._model is not None:
+                self._model.flush_telemetry()
+            self._cursor = 0
+        elif c.command == "report":
+            self._state_dirty = True
+        elif c.command == "shadow":
+            self._start_shadow(c)
+
+    def _start_shadow(self, c: Command) -> None:
+        ref = BundleRef.parse(c.args["bundle"], "shadow command bundle")
+        try:
+            path = self._fetch(ref, self.root / "shadow")
+            model = self._load(path)
+        except EdgefleetError as exc:
+            self._event("shadow_failed", command_id=c.id, reason=str(exc))
+            return
+        if self._shadow is not None:
+            self._shadow.report()
+        self._shadow = _Shadow(
+            model, ref, float(c.args.get("sample_rate", 0.1)), float(c.args.get("duration_s", 60)), c.id
+        )
+        self._shadow_min = int(c.args.get("min_samples", 0))
+        self._event("shadow_started", command_id=c.id, candidate={"name": ref.name, "version": ref.version})
+
+    def _check_shadow(self) -> None:
+        sh = self._shadow
+        if sh is None:
+            return
+        if time.monotonic() >= sh.deadline or (self._shadow_min and sh.samples >= self._shadow_min):
+            self._shadow = None
+            self._event("shadow_report", **sh.report())
+            sh.model.close()
+
+    # -- the update state machine --------------------------------------------------------------
+    def _fetch(self, ref: BundleRef, directory: Path) -> Path:
+        directory.mkdir(parents=True, exist_ok=True)
+        dest = directory / f"{ref.sha256}.efb"
+        if dest.exists():
+            return dest
+        return download(
+            ref.url,
+            dest,
+            size=ref.size,
+            sha256=ref.sha256,
+            token=self.config.http_token,
+            max_bytes_per_s=self.config.download_bytes_per_s,
+        )
+
+    def _fail(self, reason: str) -> None:
+        target = self.persisted.target or {}
+        self._event("update_failed", target=target.get("bundle"), rollout=target.get("rollout"), reason=reason)
+        for p in self.downloads.glob("*.efb*"):
+            p.unlink(missing_ok=True)
+        b = target.get("bundle", {})
+        refused = dict(self.persisted.refused)
+        refused[f"{b.get('name')}:{b.get('version')}"] = target.get("rollout")
+        self._persist(
+            UpdateState.IDLE,
+            target=None,
+            target_slot=None,
+            last_result={"result": "failed", "reason": reason, "bundle": b},
+            refused=refused,
+            reason=reason,
+        )
+
+    def _slot_with(self, sha: str) -> str | None:
+        for s in ("a", "b"):
+            p = self.slots.path(s)
+            if p.exists() and SlotInfo(s, "", "", sha) and self.slots.holds(SlotInfo(s, "", "", sha)):
+                return s
+        return None
+
+    def _step(self) -> None:
+        """Do the work of the current state once; each is safe to repeat after a crash."""
+        st = self.persisted
+        if st.state == UpdateState.IDLE or time.monotonic() < self._backoff_until:
+            return
+        target = Desired(
+            BundleRef.parse(st.target["bundle"], "target") if st.target else None,
+            (st.target or {}).get("action", "update"),
+            (st.target or {}).get("rollout"),
+            0.0,
+        )
+        ref = target.bundle
+        dl = self.downloads / f"{ref.sha256}.efb" if ref else None
+        if st.state == UpdateState.DOWNLOADING:
+            if self._slot_with(ref.sha256) is not None and self._slot_with(ref.sha256) != self._active_slot():
+                self._persist(UpdateState.SMOKE_TEST, target_slot=self._slot_with(ref.sha256))
+                return
+            try:
+                self._fetch(ref, self.downloads)
+            except DownloadError as exc:
+                attempts = st.attempts + 1
+                if attempts >= _DOWNLOAD_RETRIES:
+                    self._fail(f"download failed {attempts} times: {exc}")
+                else:
+                    self._persist(attempts=attempts)
+                    self._backoff_until = time.monotonic() + min(30.0, 0.5 * 2**attempts)
+                return
+            except BundleError as exc:
+                self._fail(str(exc))
+                return
+            self._persist(UpdateState.VERIFYING)
+        elif st.state == UpdateState.VERIFYING:
+            assert dl is not None
+            failpoint("verify.before")
+            try:
+                b = open_bundle(dl, [str(k) for k in self.config.trusted_keys])
+                if (b.manifest.name, b.manifest.version) != (ref.name, ref.version):
+                    raise BundleError(
+                        f"downloaded bundle is {b.manifest.name} {b.manifest.version}, not {ref.name} {ref.version}"
+                    )
+                # Loading it checks the runtime requirements and that every op is known here.
+                self._load(dl).close()
+            except (BundleError, FileNotFoundError) as exc:
+                self._fail(f"verification failed: {exc}")
+                return
+            failpoint("verify.after")
+            self._persist(UpdateState.STAGING)
+        elif st.state == UpdateState.STAGING:
+            assert dl is not None
+            slot = self.slots.inactive()
+            try:
+                self.slots.stage(dl, slot)
+            except OSError as exc:
+                self._fail(f"staging into slot {slot} failed: {exc}")
+                return
+            failpoint("stage.done")
+            self._persist(UpdateState.SMOKE_TEST, target_slot=slot)
+        elif st.state == UpdateState.SMOKE_TEST:
+            failpoint("smoke.before")
+            slot = st.target_slot or ""
+            try:
+                cand = self._load(self.slots.path(slot))
+                res = cand.check_golden()
+                new_ms = self._golden_p95(cand)
+                cand.close()
+            except (BundleError, OSError) as exc:
+                self._fail(f"smoke test failed: {exc}")
+                return
+            if not res.ok:
+                self._fail(f"smoke test failed: golden outputs differ by {res.max_abs_diff:.4g} (atol {res.atol:.4g})")
+                return
+            old_ms = self._golden_p95(self._model) if self._model is not None else None
+            failpoint("smoke.after")
+            self._persist(UpdateState.SWITCHING, old_p95_ms=old_ms, last_result={"smoke_p95_ms": new_ms})
+        elif st.state == UpdateState.SWITCHING:
+            slot = st.target_slot or ""
+            active = self.slots.active()
+            if active is None or active.slot != slot or active.sha256 != ref.sha256:
+                if st.previous is None or (active is not None and active.slot != slot):
+                    self._persist(previous=active.to_dict() if active else None)
+                failpoint("switch.before")
+                self.slots.switch(SlotInfo(slot, ref.name, ref.version, ref.sha256))
+            failpoint("switch.after")
+            self._activate(self.slots.active())
+            if st.previous is None:
+                # First install through the fleet: nothing to roll back to, so nothing to watch against.
+                self._persist(UpdateState.COMMITTING)
+            else:
+                self._persist(UpdateState.HEALTH_WATCH)
+                self._begin_watch(persist=False)
+        elif st.state == UpdateState.HEALTH_WATCH:
+            self._watch()
+        elif st.state == UpdateState.COMMITTING:
+            failpoint("commit.before")
+            active = self.slots.active()
+            result = {"result": "committed", "bundle": ref.to_dict() if ref else None}
+            self._persist(
+                UpdateState.IDLE,
+                committed=active.to_dict() if active else None,
+                target=None,
+                target_slot=None,
+                previous=None,
+                last_result=result,
+            )
+            for p in self.downloads.glob("*.efb*"):
+                p.unlink(missing_ok=True)
+            failpoint("commit.after")
+            self._event("committed", bundle=ref.to_dict() if ref else None, rollout=target.rollout)
+        elif st.state == UpdateState.ROLLING_BACK:
+            failpoint("rollback.before")
+            prev = SlotInfo(**st.previous) if st.previous else None
+            active = self.slots.active()
+            if prev is not None and (active is None or active.slot != prev.slot):
+                self.slots.switch(prev)
+            failpoint("rollback.switched")
+            self._activate(self.slots.active())
+            refused = dict(st.refused)
+            key = f"{ref.name}:{ref.version}" if ref else "?"
+            refused[key] = target.rollout
+            reason = (st.last_result or {}).get("reason", "health window failed")
+            self._persist(
+                UpdateState.IDLE,
+                target=None,
+                target_slot=None,
+                previous=None,
+                refused=refused,
+                last_result={"result": "rolled_back", "bundle": ref.to_dict() if ref else None, "reason": reason},
+            )
+            failpoint("rollback.after")
+            self._event("rolled_back", bundle=ref.to_dict() if ref else None, rollout=target.rollout, reason=reason)
+
+    def _active_slot(self) -> str | None:
+        a = self.slots.active()
+        return a.slot if a else None
+
+    def _golden_p95(self, model: Model | None, reps: int = 15) -> float | None:
+        if model is None:
+            return None
+        xs = model.bundle.golden_inputs()
+        if xs is None:
+            return None
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            model._run(model._prepare(xs))
+            times.append((time.perf_counter() - t0) * 1000)
+        return _p95(times)
+
+    def _begin_watch(self, persist: bool) -> None:
+        self._health.reset()
+        self._watch_until = time.monotonic() + self.config.health.window_s
+        self._next_probe = 0.0
+
+    def _watch(self) -> None:
+        hp = self.config.health
+        now = time.monotonic()
+        model = self._model
+        if model is not None and now >= self._next_probe:
+            self._next_probe = now + hp.probe_interval_s
+            xs = model.bundle.golden_inputs()
+            if xs is not None:
+                t0 = time.perf_counter()
+                try:
+                    y = model._run(model._prepare(xs))[0]
+                    self._health.add((time.perf_counter() - t0) * 1000, False, not bool(np.isfinite(y).all()), True)
+                except Exception:
+                    self._health.add(None, True, False, True)
+        failpoint("watch.tick")
+        h = self._health
+        with h.lock:
+            calls, errors, nan = h.calls, h.errors, h.nan
+            probe_p95, live_p95 = _p95(h.probe_ms), _p95(h.live_ms)
+        err_rate = errors / calls if calls else 0.0
+        nan_rate = nan / calls if calls else 0.0
+        bad = []
+        if calls >= hp.min_calls and err_rate > hp.max_error_rate:
+            bad.append(f"error rate {err_rate:.3f} > {hp.max_error_rate}")
+        if calls >= hp.min_calls and nan_rate > hp.max_nan_rate:
+            bad.append(f"NaN output rate {nan_rate:.3f} > {hp.max_nan_rate}")
+        old = self.persisted.old_p95_ms
+        if old is not None and probe_p95 is not None and len(h.probe_ms) >= 5:
+            limit = max(old * hp.max_p95_ratio, old + hp.p95_slack_ms)
+            if probe_p95 > limit:
+                bad.append(f"p95 latency {probe_p95:.2f} ms > {limit:.2f} ms (previous bundle {old:.2f} ms)")
+        summary = {
+            "calls": calls,
+            "error_rate": round(err_rate, 4),
+            "nan_rate": round(nan_rate, 4),
+            "p95_ms": probe_p95,
+            "live_p95_ms": live_p95,
+            "previous_p95_ms": old,
+        }
+        if bad and calls >= hp.min_calls:
+            reason = "; ".join(bad)
+            self._persist(UpdateState.ROLLING_BACK, last_result={"reason": reason, "health": summary}, reason=reason)
+        elif now >= self._watch_until and calls >= hp.min_calls:
+            failpoint("watch.pass")
+            self._persist(UpdateState.COMMITTING, last_result={"health": summary})
+        elif now >= self._watch_until + 4 * hp.window_s:
+            reason = f"only {calls} calls in the health window (need {hp.min_calls})"
+            self._persist(UpdateState.ROLLING_BACK, last_result={"reason": reason, "health": summary}, reason=reason)
+
+    # -- MQTT ------------------------------------------------------------------------------------
+    def _status(self, online: bool) -> bytes:
+        return json.dumps(
+            {"schema": STATUS_SCHEMA, "device_id": self.device_id, "online": online, "ts": time.time()}
+        ).encode()
+
+    def state_doc(self) -> dict[str, Any]:
+        m = self._model
+        st = self.persisted
+        return {
+            "schema": STATE_SCHEMA,
+            "device_id": self.device_id,
+            "agent_version": __version__,
+            "tags": list(self.config.tags),
+            "active": None if m is None else {**m.info.as_dict(), "slot": self._active_slot()},
+            "committed": st.committed,
+            "staged": (st.target or {}).get("bundle") if st.state != UpdateState.IDLE else None,
+            "update": {
+                "state": st.state.value,
+                "rollout": (st.target or {}).get("rollout"),
+                "last_result": st.last_result,
+                "refused": st.refused,
+            },
+            "buffer": self.buffer.stats().__dict__,
+            "ts": time.time(),
+        }
+
+    def _event(self, kind: str, **fields: Any) -> None:
+        ev = {
+            "schema": EVENT_SCHEMA,
+            "key": f"{self.device_id}:ev:{uuid.uuid4().hex}",
+            "device_id": self.device_id,
+            "type": kind,
+            "ts": time.time(),
+            **fields,
+        }
+        log.info("event %s %s", kind, {k: v for k, v in fields.items() if k != "bundle"})
+        self.buffer.add(ev, kind="events")
+
+    def _connect(self) -> None:
+        mqtt = require("paho.mqtt.client", "runtime", "connecting the device agent to the fleet")
+        from paho.mqtt.enums import CallbackAPIVersion
+        from paho.mqtt.packettypes import PacketTypes
+        from paho.mqtt.properties import Properties
+
+        c = self.config.mqtt
+        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=self.device_id, protocol=mqtt.MQTTv5)
+        if c.username:
+            client.username_pw_set(c.username, c.password)
+        if c.tls:
+            client.tls_set(ca_certs=c.ca, certfile=c.cert, keyfile=c.key)
+        client.will_set(topic(self.device_id, "status"), self._status(False), qos=1, retain=True)
+        client.reconnect_delay_set(1, 30)
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_message = self._on_message
+        client.on_publish = self._on_publish
+        props = Properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = 0
+        client.connect_async(c.host, c.port, keepalive=c.keepalive, clean_start=True, properties=props)
+        client.loop_start()
+        self._client = client
+
+    def _on_connect(self, client: Any, userdata: Any, flags: Any, reason_code: Any, properties: Any) -> None:
+        if reason_code.is_failure:
+            log.warning("MQTT connection refused: %s", reason_code)
+            return
+        with self._pub_lock:
+            self._inflight.clear()
+            self._cursor = 0
+        client.subscribe([(topic(self.device_id, "desired"), 1), (topic(self.device_id, "commands"), 1)])
+        client.publish(topic(self.device_id, "status"), self._status(True), qos=1, retain=True)
+        self._connected.set()
+        self._state_dirty = True
+
+    def _on_disconnect(self, client: Any, userdata: Any, flags: Any, reason_code: Any, properties: Any) -> None:
+        self._connected.clear()
+        with self._pub_lock:
+            self._inflight.clear()
+            self._cursor = 0
+
+    def _on_message(self, client: Any, userdata: Any, msg: Any) -> None:
+        kind = msg.topic.rsplit("/", 1)[-1]
+        try:
+            if not msg.payload:
+                return  # a cleared retained message
+            obj = json.loads(msg.payload)
+            self._inbox.put(("desired", parse_desired(obj)) if kind == "desired" else ("command", parse_command(obj)))
+        except (ValueError, InputError) as exc:
+            log.warning("ignoring malformed %s message: %s", kind, exc)
+            self._event("bad_message", topic=kind, reason=str(exc)[:300])
+
+    def _on_publish(self, client: Any, userdata: Any, mid: int, reason_code: Any, properties: Any) -> None:
+        with self._pub_lock:
+            key = self._inflight.pop(mid, None)
+        if key is not None and not reason_code.is_failure:
+            self.buffer.ack(key)
+
+    def _drain(self) -> None:
+        """Publish buffered windows and events oldest first, within the bandwidth cap and in-flight limit."""
+        if self._client is None or not self._connected.is_set():
+            return
+        rate = self.config.drain_bytes_per_s
+        now = time.monotonic()
+        self._tokens = min(rate, self._tokens + (now - self._tokens_at) * rate)
+        self._tokens_at = now
+        with self._pub_lock:
+            room = _MAX_INFLIGHT - len(self._inflight)
+            if room <= 0:
+                return
+            rows = self.buffer.pending(limit=room, after_seq=self._cursor)
+            for seq, kind, key, body in rows:
+                if self._tokens < len(body) and self._tokens < rate:
+                    break
+                info = self._client.publish(topic(self.device_id, kind), body, qos=1)
+                if info.rc != 0:
+                    break
+                self._inflight[info.mid] = key
+                self._cursor = seq
+                self._tokens -= len(body)
+
+    def _publish_state(self) -> None:
+        if self._client is None or not self._connected.is_set() or not self._state_dirty:
+            return
+        self._state_dirty = False
+        body = json.dumps(self.state_doc(), default=str).encode()
+        self._client.publish(topic(self.device_id, "state"), body, qos=1, retain=True)
+
+    def _self_test(self) -> None:
+        hz = self.config.self_test_hz
+        m = self._model
+        if hz <= 0 or m is None or time.monotonic() < self._next_self_test:
+            return
+        self._next_self_test = time.monotonic() + 1.0 / hz
+        xs = m.bundle.golden_inputs()
+        if xs is not None:
+            i = random.randrange(len(xs))
+            try:
+                self.predict(xs[i : i + 1])
+            except EdgefleetError as exc:
+                log.warning("self-test prediction failed: %s", exc)
+
+    def _loop(self) -> None:
+        try:
+            self._connect()
+        except EdgefleetError as exc:
+            log.error("%s", exc)
+            self._stop.set()
+            return
+        last_state = 0.0
+        while not self._stop.is_set():
+            try:
+                while True:
+                    kind, item = self._inbox.get_nowait()
+                    if kind == "desired":
+                        self._on_desired(item)
+                    else:
+                        self._on_command(item)
+            except queue.Empty:
+                pass
+            try:
+                self._step()
+                if self.persisted.state == UpdateState.IDLE:
+                    self._consider_desired()
+                self._check_shadow()
+                self._self_test()
+                m = self._model
+                if m is not None:
+                    m.flush_telemetry(force=False)
+                self._drain()
+                if time.monotonic() - last_state > 30:
+                    self._state_dirty, last_state = True, time.monotonic()
+                self._publish_state()
+            except EdgefleetError as exc:
+                log.error("agent step failed: %s", exc)
+            self._stop.wait(0.02 if self.persisted.state != UpdateState.IDLE else 0.05)

@@ -1,0 +1,110 @@
+"""The device agent's configuration (`device.toml`), checked field by field."""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from edgefleet import InputError
+from edgefleet._topics import check_device_id
+
+__all__ = ["AgentConfig", "HealthPolicy", "MqttConfig", "load_config"]
+
+
+@dataclass
+class MqttConfig:
+    host: str = "127.0.0.1"
+    port: int = 1883
+    username: str | None = None
+    password: str | None = None
+    tls: bool = False
+    ca: str | None = None
+    cert: str | None = None
+    key: str | None = None
+    keepalive: int = 30
+
+
+@dataclass
+class HealthPolicy:
+    """When a freshly switched bundle is kept: judged over `window_s` of live calls plus golden probes."""
+
+    window_s: float = 30.0
+    min_calls: int = 20
+    max_error_rate: float = 0.02
+    max_nan_rate: float = 0.0
+    max_p95_ratio: float = 1.5
+    p95_slack_ms: float = 1.0
+    probe_interval_s: float = 0.5
+    max_restarts: int = 1
+
+
+@dataclass
+class AgentConfig:
+    device_id: str
+    data_dir: Path
+    trusted_keys: list[Path]
+    mqtt: MqttConfig = field(default_factory=MqttConfig)
+    health: HealthPolicy = field(default_factory=HealthPolicy)
+    backend: str = "auto"
+    accelerators: list[str] | None = None
+    threads: int | None = None
+    window_s: float = 60.0
+    buffer_max_bytes: int = 64 << 20
+    drain_bytes_per_s: float = 256 * 1024
+    download_bytes_per_s: float | None = None
+    capture_per_hour: float = 0.0
+    http_token: str | None = None
+    initial_bundle: Path | None = None
+    # Built-in traffic for a standalone agent: run the bundle's golden inputs at this rate (0: off).
+    self_test_hz: float = 0.0
+    tags: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        check_device_id(self.device_id)
+        if not self.trusted_keys:
+            raise InputError("agent config needs trusted_keys: the public key(s) bundles must be signed with")
+
+
+def _section(cls: type, data: dict[str, Any], where: str) -> Any:
+    known = {f.name: f for f in fields(cls)}
+    for k in data:
+        if k not in known:
+            raise InputError(f"{where}: unknown setting '{k}' (known: {', '.join(sorted(known))})")
+    try:
+        return cls(**data)
+    except TypeError as exc:
+        raise InputError(f"{where}: {exc}") from exc
+
+
+def load_config(path: str | os.PathLike[str]) -> AgentConfig:
+    """Read a device.toml; relative paths in it are relative to the file."""
+    p = Path(path)
+    try:
+        data = tomllib.loads(p.read_text())
+    except FileNotFoundError as exc:
+        raise InputError(f"agent config {p} does not exist; 'edgefleet fleet provision' writes one") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise InputError(f"agent config {p} is not valid TOML: {exc}") from exc
+    base = p.parent
+
+    def rel(v: str) -> Path:
+        q = Path(v)
+        return q if q.is_absolute() else base / q
+
+    mqtt = _section(MqttConfig, data.pop("mqtt", {}), f"{p} [mqtt]")
+    for k in ("ca", "cert", "key"):
+        if getattr(mqtt, k):
+            setattr(mqtt, k, str(rel(getattr(mqtt, k))))
+    health = _section(HealthPolicy, data.pop("health", {}), f"{p} [health]")
+    for k in ("device_id", "data_dir", "trusted_keys"):
+        if k not in data:
+            raise InputError(f"agent config {p} lacks '{k}'")
+    data["data_dir"] = rel(data["data_dir"])
+    data["trusted_keys"] = [rel(k) for k in data["trusted_keys"]]
+    if data.get("initial_bundle"):
+        data["initial_bundle"] = rel(data["initial_bundle"])
+    cfg: AgentConfig = _section(AgentConfig, {**data, "mqtt": mqtt, "health": health}, str(p))
+    return cfg

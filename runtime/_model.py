@@ -1,0 +1,295 @@
+"""Loading a verified bundle and running it: `load()` and `Model`."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeAlias
+
+import numpy as np
+
+from edgefleet import Bundle, BundleError, InputError, ModelEntry, PublicKey, open_bundle
+from edgefleet._bundle import sha256_file
+from edgefleet._quant import dequantize, quantize
+
+from ._backends import BACKENDS, Session, SessionOptions, open_session
+from ._telemetry import TelemetryBuffer, WindowAggregator
+
+__all__ = ["GoldenResult", "Model", "ModelInfo", "load"]
+
+_BACKEND_MODULE = {"onnx": "onnxruntime", "tflite": "ai_edge_litert"}
+_BACKEND_EXTRA = "runtime"
+Key: TypeAlias = PublicKey | str | os.PathLike[str] | bytes
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What is running: bundle, model file, backend and the accelerator actually in use."""
+
+    bundle: str
+    version: str
+    model_id: str
+    format: str
+    precision: str
+    backend: str
+    backend_version: str
+    accelerator: str
+    fallbacks: tuple[str, ...]
+    signed_by: str | None
+    path: str
+    sha256: str
+    skipped: tuple[str, ...] = field(default_factory=tuple)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in self.__dict__.items()}
+
+
+@dataclass(frozen=True)
+class GoldenResult:
+    ok: bool
+    count: int
+    max_abs_diff: float
+    atol: float
+    rtol: float
+    agreement: float
+
+
+def _shape_text(shape: Sequence[int | None]) -> str:
+    dims = ["N" if i == 0 else ("?" if d is None else str(d)) for i, d in enumerate(shape)]
+    return "(" + ", ".join(dims) + ")"
+
+
+class Model:
+    """A loaded, verified bundle model. `predict` is thread-safe."""
+
+    def __init__(self, bundle: Bundle, entry: ModelEntry, session: Session, sha256: str, skipped: list[str]) -> None:
+        self.bundle = bundle
+        self.manifest = bundle.manifest
+        self.entry = entry
+        self._session = session
+        self._in = entry.inputs[0]
+        self._out = entry.outputs
+        self._rest = tuple(self._in.shape[1:])
+        self._float_in = self._in.scale is not None or self._in.dtype.startswith("float")
+        self._in_dtype = np.dtype("float32" if self._in.scale is not None else self._in.dtype)
+        self._lock = threading.Lock()
+        self._telemetry: WindowAggregator | None = None
+        self.info = ModelInfo(
+            bundle=self.manifest.name,
+            version=self.manifest.version,
+            model_id=entry.id,
+            format=entry.format,
+            precision=entry.precision,
+            backend=session.backend,
+            backend_version=session.backend_version,
+            accelerator=session.accelerator,
+            fallbacks=tuple(session.fallbacks),
+            signed_by=bundle.signed_by,
+            path=str(bundle.path),
+            sha256=sha256,
+            skipped=tuple(skipped),
+        )
+        if len(entry.inputs) != 1:
+            raise BundleError(f"model '{entry.id}' has {len(entry.inputs)} inputs; this runtime runs one-input models")
+
+    # -- telemetry -----------------------------------------------------------------------------
+    def attach_telemetry(
+        self,
+        buffer: TelemetryBuffer,
+        *,
+        device_id: str = "local",
+        window_s: float = 60.0,
+        capture_per_hour: float = 0.0,
+    ) -> WindowAggregator:
+        """Record every `predict` into windows stored in BUFFER (see `TelemetryBuffer`)."""
+        bundle = {"name": self.info.bundle, "version": self.info.version, "model_id": self.info.model_id}
+        agg = WindowAggregator(
+            buffer.add,
+            device_id=device_id,
+            bundle=bundle,
+            baseline=self.manifest.drift_baseline,
+            backend=self.info.backend,
+            accelerator=self.info.accelerator,
+            fallbacks=list(self.info.fallbacks),
+            window_s=window_s,
+            capture_per_hour=capture_per_hour,
+            capture_sink=lambda ts, x, y: buffer.add_sample(ts, f"{self.info.bundle}:{self.info.version}", x, y),
+        )
+        self._telemetry = agg
+        return agg
+
+    def flush_telemetry(self, force: bool = True) -> None:
+        if self._telemetry is not None:
+            self._telemetry.flush(force=force)
+
+    # -- inference -----------------------------------------------------------------------------
+    def _prepare(self, x: Any) -> np.ndarray:
+        if not isinstance(x, np.ndarray):
+            try:
+                x = np.asarray(x)
+            except (ValueError, TypeError) as exc:
+                raise InputError(f"input must be a numpy array; got {type(x).__name__}") from exc
+        if x.ndim != len(self._in.shape) or any(
+            d is not None and d != s for d, s in zip(self._rest, x.shape[1:], strict=False)
+        ):
+            raise InputError(
+                f"input '{self._in.name}' has shape {tuple(x.shape)}; expected {_shape_text(self._in.shape)} "
+                f"({self._in.dtype if not self._float_in else 'float32'}, N samples)"
+            )
+        if x.shape[0] == 0:
+            raise InputError(f"input '{self._in.name}' is an empty batch; give at least one sample")
+        if self._float_in:
+            if x.dtype.kind not in "fiu":
+                raise InputError(f"input '{self._in.name}' has dtype {x.dtype}; expected float32")
+            if x.dtype != self._in_dtype:
+                x = x.astype(self._in_dtype)
+            if not np.isfinite(x).all():
+                raise InputError(f"input '{self._in.name}' contains NaN or infinite values; clean the input first")
+        elif x.dtype != self._in_dtype:
+            if x.dtype.kind not in "iub":
+                raise InputError(f"input '{self._in.name}' has dtype {x.dtype}; expected {self._in.dtype}")
+            x = x.astype(self._in_dtype)
+        return x
+
+    def _run(self, x: np.ndarray) -> list[np.ndarray]:
+        feed = quantize(x, self._in) if self._in.scale is not None else x
+        fb = self._session.fixed_batch
+        if fb is None or len(feed) == fb:
+            outs = self._session.run([np.ascontiguousarray(feed)])
+        else:
+            parts: list[list[np.ndarray]] = []
+            n = len(feed)
+            for i in range(0, n, fb):
+                chunk = feed[i : i + fb]
+                if len(chunk) < fb:
+                    chunk = np.concatenate([chunk, np.zeros((fb - len(chunk), *chunk.shape[1:]), chunk.dtype)])
+                parts.append(self._session.run([np.ascontiguousarray(chunk)]))
+            outs = [np.concatenate([p[j] for p in parts])[:n] for j in range(len(parts[0]))]
+        res = []
+        for spec, y in zip(self._out, outs, strict=False):
+            if spec.scale is not None:
+                y = dequantize(y, spec)
+            elif y.dtype == np.float16:
+                y = y.astype(np.float32)
+            res.append(y)
+        return res
+
+    def predict(self, x: Any) -> np.ndarray:
+        """Run a batch (N, ...) and return the first output as float32 (dequantized if the file is int8)."""
+        return self._predict(x)[0]
+
+    def predict_all(self, x: Any) -> dict[str, np.ndarray]:
+        """Run a batch and return every output by name."""
+        return {spec.name: y for spec, y in zip(self._out, self._predict(x), strict=False)}
+
+    def _predict(self, x: Any) -> list[np.ndarray]:
+        t0 = time.perf_counter()
+        tel = self._telemetry
+        try:
+            arr = self._prepare(x)
+            outs = self._run(arr)
+        except InputError:
+            if tel is not None:
+                tel.record(None, None, time.perf_counter() - t0, "input")
+            raise
+        except Exception:
+            if tel is not None:
+                tel.record(None, None, time.perf_counter() - t0, "runtime")
+            raise
+        if tel is not None:
+            tel.record(arr, outs[0], time.perf_counter() - t0)
+        return outs
+
+    def check_golden(self) -> GoldenResult:
+        """Run the bundle's golden sample (without telemetry) and compare with its expected outputs."""
+        xs = self.bundle.golden_inputs()
+        if xs is None or not self.entry.golden_outputs:
+            raise BundleError(f"bundle {self.info.bundle} {self.info.version} has no golden sample for this model")
+        expected = self.bundle.load_array(self.entry.golden_outputs).astype(np.float32)
+        got = self._run(self._prepare(xs))[0].astype(np.float32)
+        atol = float(self.entry.golden_tolerance.get("atol", 1e-4))
+        rtol = float(self.entry.golden_tolerance.get("rtol", 1e-4))
+        if got.shape != expected.shape:
+            return GoldenResult(False, len(xs), float("inf"), atol, rtol, 0.0)
+        diff = float(np.max(np.abs(got - expected))) if got.size else 0.0
+        ok = bool(np.isfinite(got).all() and np.allclose(got, expected, atol=atol, rtol=rtol))
+        agree = float(np.mean(got.reshape(len(got), -1).argmax(1) == expected.reshape(len(got), -1).argmax(1)))
+        return GoldenResult(ok, len(xs), diff, atol, rtol, agree)
+
+    def close(self) -> None:
+        self.flush_telemetry()
+        self._session.close()
+
+    def __enter__(self) -> Model:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _candidates(bundle: Bundle, backend: str, model_id: str | None) -> list[ModelEntry]:
+    models = bundle.manifest.models
+    if model_id is not None:
+        return [bundle.manifest.model(model_id)]
+    if backend == "auto":
+        return list(models)
+    if backend not in BACKENDS:
+        raise InputError(f"backend '{backend}' is unknown; use auto, onnx or tflite")
+    found = [m for m in models if m.format == backend]
+    if not found:
+        have = ", ".join(sorted({m.format for m in models}))
+        raise BundleError(f"bundle {bundle.manifest.name} has no {backend} model (it has: {have})")
+    return found
+
+
+def load(
+    path: str | os.PathLike[str],
+    trusted_keys: Sequence[Key] | None = None,
+    backend: str = "auto",
+    accelerators: Sequence[str] | None = None,
+    *,
+    model_id: str | None = None,
+    threads: int | None = None,
+    allow_unsigned: bool = False,
+    telemetry: TelemetryBuffer | None = None,
+    device_id: str = "local",
+    window_s: float = 60.0,
+) -> Model:
+    """Verify the bundle at PATH and load one of its models.
+
+    Nothing runs before the signature (by one of TRUSTED_KEYS), every hash, the format version and
+    the model's runtime requirements are checked. BACKEND `auto` takes the first model in the
+    bundle the installed backends can run; ACCELERATORS (ONNX Runtime providers, or LiteRT
+    `xnnpack` / `cpu` / a delegate library path) override the bundle's hints, and a missing or
+    failing one falls back to CPU, as `model.info.fallbacks` says.
+    """
+    if trusted_keys is None and not allow_unsigned:
+        raise InputError(
+            "no trusted_keys given: pass the publisher's public key(s) to verify the bundle, "
+            "or allow_unsigned=True for a bundle you built yourself"
+        )
+    bundle = open_bundle(path, trusted_keys)
+    reasons: list[str] = []
+    for entry in _candidates(bundle, backend, model_id):
+        mod = _BACKEND_MODULE[entry.format]
+        if importlib.util.find_spec(mod) is None:
+            reasons.append(f"{entry.id}: {mod} is not installed (pip install 'edgefleet[{_BACKEND_EXTRA}]')")
+            continue
+        try:
+            opts = SessionOptions(list(accelerators) if accelerators is not None else None, threads)
+            session = open_session(entry, bundle.read(entry.path), opts)
+        except BundleError as exc:
+            if model_id is not None or backend != "auto":
+                raise
+            reasons.append(f"{entry.id}: {exc}")
+            continue
+        model = Model(bundle, entry, session, sha256_file(Path(path)), reasons)
+        if telemetry is not None:
+            model.attach_telemetry(telemetry, device_id=device_id, window_s=window_s)
+        return model
+    raise BundleError(f"no model in bundle {bundle.manifest.name} can run here: " + "; ".join(reasons))

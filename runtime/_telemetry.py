@@ -1,0 +1,450 @@
+"""On-device telemetry: per-window aggregation in memory, a bounded SQLite buffer on disk.
+
+Durability: the buffer runs SQLite in WAL mode with `synchronous=NORMAL`. A killed process loses
+nothing that was flushed (committed transactions are in the WAL); a power cut can lose the windows
+committed since the last WAL checkpoint, never corrupt the file. The window still being aggregated
+in memory (at most `window_s`, 60 s by default) is lost on a kill; `flush()` closes it early.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgefleet import InputError
+from edgefleet._drift import window_counts
+from edgefleet._telemetry import LATENCY_EDGES_MS, WINDOW_SCHEMA
+
+__all__ = ["BufferStats", "TelemetryBuffer", "WindowAggregator"]
+
+log = logging.getLogger("edgefleet.runtime")
+
+_LAT_EDGES_S = np.asarray(LATENCY_EDGES_MS, dtype=np.float64) / 1000.0
+# Small inputs are copied and summarised in batches (cheap per call); large ones are summarised at once,
+# which costs little beside their inference and avoids holding many copies.
+_BATCH_SAMPLES = 256
+_COPY_LIMIT_BYTES = 64 * 1024
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS windows (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    key TEXT UNIQUE NOT NULL,
+    kind TEXT NOT NULL DEFAULT 'telemetry',
+    start REAL NOT NULL,
+    end REAL NOT NULL,
+    body BLOB NOT NULL,
+    size INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS samples (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    ts REAL NOT NULL,
+    bundle TEXT NOT NULL,
+    input BLOB NOT NULL,
+    output BLOB NOT NULL,
+    size INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v INTEGER NOT NULL);
+"""
+
+
+@dataclass(frozen=True)
+class BufferStats:
+    windows: int
+    bytes: int
+    max_bytes: int
+    dropped_windows: int
+    full_disk_events: int
+    corrupt_resets: int
+    samples: int
+    oldest: float | None
+    newest: float | None
+
+
+def _is_full(exc: sqlite3.Error) -> bool:
+    return "full" in str(exc).lower() or getattr(exc, "sqlite_errorcode", None) == 13  # SQLITE_FULL
+
+
+class TelemetryBuffer:
+    """Durable, bounded store of closed telemetry windows, oldest dropped first.
+
+    Windows leave only through `ack(key)` (after the server has them) or by being dropped when
+    the buffer is over `max_bytes`; drops are counted. A corrupt file is moved aside and a fresh
+    buffer started (`reset_reason` says why), so telemetry never stops the device.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], max_bytes: int = 64 << 20, sample_max_bytes: int = 4 << 20):
+        if max_bytes < 4096:
+            raise InputError(f"telemetry buffer max_bytes is {max_bytes}; use at least 4096")
+        self.path = Path(path)
+        self.max_bytes = max_bytes
+        self.sample_max_bytes = sample_max_bytes
+        self.reset_reason: str | None = None
+        self._lock = threading.RLock()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self._db = self._open()
+        except sqlite3.DatabaseError as exc:
+            self._move_aside(str(exc))
+            self._db = self._open()
+            self._bump("corrupt_resets")
+        self._bytes = int(self._db.execute("SELECT COALESCE(SUM(size), 0) FROM windows").fetchone()[0])
+        self._sample_bytes = int(self._db.execute("SELECT COALESCE(SUM(size), 0) FROM samples").fetchone()[0])
+
+    def _open(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=10)
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
+            row = db.execute("PRAGMA quick_check").fetchone()
+            if row is None or row[0] != "ok":
+                raise sqlite3.DatabaseError(f"quick_check: {row[0] if row else 'no answer'}")
+            db.executescript(_SCHEMA)
+        except sqlite3.DatabaseError:
+            db.close()
+            raise
+        return db
+
+    def _move_aside(self, why: str) -> None:
+        stamp = time.strftime("%Y%m%dT%H%M%S")
+        aside = self.path.with_name(f"{self.path.name}.corrupt-{stamp}")
+        for suffix in ("", "-wal", "-shm"):
+            p = Path(str(self.path) + suffix)
+            if p.exists():
+                os.replace(p, Path(str(aside) + suffix))
+        self.reset_reason = f"telemetry buffer {self.path} was corrupt ({why}); moved to {aside.name}, started afresh"
+        log.warning(self.reset_reason)
+
+    def _meta(self, k: str) -> int:
+        row = self._db.execute("SELECT v FROM meta WHERE k = ?", (k,)).fetchone()
+        return int(row[0]) if row else 0
+
+    def _bump(self, k: str, n: int = 1) -> None:
+        self._db.execute(
+            "INSERT INTO meta (k, v) VALUES (?, ?) ON CONFLICT(k) DO UPDATE SET v = v + excluded.v", (k, n)
+        )
+
+    def _drop_oldest(self, need: int) -> None:
+        """Delete oldest windows until NEED more bytes fit under the cap (inside a transaction)."""
+        freed, dropped, last = 0, 0, None
+        for seq, size in self._db.execute("SELECT seq, size FROM windows ORDER BY seq"):
+            if self._bytes - freed + need <= self.max_bytes:
+                break
+            freed += size
+            dropped += 1
+            last = seq
+        if last is not None:
+            self._db.execute("DELETE FROM windows WHERE seq <= ?", (last,))
+            self._bump("dropped_windows", dropped)
+            self._bytes -= freed
+
+    def add(self, window: dict[str, Any], kind: str = "telemetry") -> None:
+        """Store a closed window (or, with KIND `events`, an event for the server).
+
+        Never raises for a full disk: the oldest records go, and that is counted.
+        """
+        body = json.dumps(window, separators=(",", ":"), sort_keys=True).encode()
+        start = float(window.get("start", window.get("ts", 0.0)))
+        with self._lock:
+            if len(body) > self.max_bytes:
+                self._db.execute("BEGIN IMMEDIATE")
+                self._bump("dropped_windows")
+                self._db.execute("COMMIT")
+                return
+            for attempt in range(3):
+                try:
+                    self._db.execute("BEGIN IMMEDIATE")
+                    self._drop_oldest(len(body))
+                    self._db.execute(
+                        "INSERT OR IGNORE INTO windows (key, kind, start, end, body, size) VALUES (?, ?, ?, ?, ?, ?)",
+                        (window["key"], kind, start, window.get("end", start), body, len(body)),
+                    )
+                    self._db.execute("COMMIT")
+                    self._bytes += len(body)
+                    return
+                except sqlite3.OperationalError as exc:
+                    self._rollback()
+                    self._bytes = int(self._db.execute("SELECT COALESCE(SUM(size), 0) FROM windows").fetchone()[0])
+                    if not _is_full(exc):
+                        raise
+                    self._on_full(attempt)
+            # Still full after freeing space: this window is the one lost, and counted.
+            self._count_quietly("dropped_windows")
+
+    def _rollback(self) -> None:
+        try:
+            self._db.execute("ROLLBACK")
+        except sqlite3.OperationalError:
+            pass
+
+    def _on_full(self, attempt: int) -> None:
+        log.warning("telemetry buffer: disk full; dropping the oldest windows")
+        rows = self._db.execute("SELECT COUNT(*) FROM windows").fetchone()[0]
+        # Free a quarter of the buffer, then half: deleting needs a little room itself.
+        n = max(1, rows // (4 if attempt == 0 else 2))
+        try:
+            self._db.execute("BEGIN IMMEDIATE")
+            self._db.execute("DELETE FROM windows WHERE seq IN (SELECT seq FROM windows ORDER BY seq LIMIT ?)", (n,))
+            self._bump("dropped_windows", min(n, rows))
+            self._bump("full_disk_events")
+            self._db.execute("COMMIT")
+        except sqlite3.OperationalError:
+            self._rollback()
+        self._bytes = int(self._db.execute("SELECT COALESCE(SUM(size), 0) FROM windows").fetchone()[0])
+
+    def _count_quietly(self, k: str) -> None:
+        try:
+            self._db.execute("BEGIN IMMEDIATE")
+            self._bump(k)
+            self._db.execute("COMMIT")
+        except sqlite3.OperationalError:
+            self._rollback()
+
+    def add_sample(self, ts: float, bundle: str, x: np.ndarray, y: np.ndarray) -> None:
+        """Keep one raw input/output pair (opt-in capture), oldest dropped beyond `sample_max_bytes`."""
+        bx, by = io.BytesIO(), io.BytesIO()
+        np.save(bx, x, allow_pickle=False)
+        np.save(by, y, allow_pickle=False)
+        size = bx.tell() + by.tell()
+        if size > self.sample_max_bytes:
+            return
+        with self._lock:
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+                while self._sample_bytes + size > self.sample_max_bytes:
+                    row = self._db.execute("SELECT seq, size FROM samples ORDER BY seq LIMIT 1").fetchone()
+                    if row is None:
+                        break
+                    self._db.execute("DELETE FROM samples WHERE seq = ?", (row[0],))
+                    self._sample_bytes -= row[1]
+                self._db.execute(
+                    "INSERT INTO samples (ts, bundle, input, output, size) VALUES (?, ?, ?, ?, ?)",
+                    (ts, bundle, bx.getvalue(), by.getvalue(), size),
+                )
+                self._db.execute("COMMIT")
+                self._sample_bytes += size
+            except sqlite3.OperationalError as exc:
+                self._rollback()
+                if not _is_full(exc):
+                    raise
+
+    def pending(self, limit: int = 100, after_seq: int = 0) -> list[tuple[int, str, str, bytes]]:
+        """Oldest first: (seq, kind, key, JSON body) of records not yet acknowledged."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT seq, kind, key, body FROM windows WHERE seq > ? ORDER BY seq LIMIT ?", (after_seq, limit)
+            ).fetchall()
+        return [(int(s), str(t), str(k), bytes(b)) for s, t, k, b in rows]
+
+    def ack(self, key: str) -> None:
+        """The server has the window KEY: it may leave the buffer."""
+        with self._lock:
+            row = self._db.execute("SELECT size FROM windows WHERE key = ?", (key,)).fetchone()
+            if row is None:
+                return
+            self._db.execute("DELETE FROM windows WHERE key = ?", (key,))
+            self._bytes -= int(row[0])
+
+    def windows(self, kind: str = "telemetry") -> Iterator[dict[str, Any]]:
+        """The stored, unacknowledged records of KIND, oldest first."""
+        with self._lock:
+            rows = self._db.execute("SELECT body FROM windows WHERE kind = ? ORDER BY seq", (kind,)).fetchall()
+        for (b,) in rows:
+            yield json.loads(b)
+
+    def samples(self) -> Iterator[tuple[float, str, np.ndarray, np.ndarray]]:
+        with self._lock:
+            rows = self._db.execute("SELECT ts, bundle, input, output FROM samples ORDER BY seq").fetchall()
+        for ts, bundle, bx, by in rows:
+            yield ts, bundle, np.load(io.BytesIO(bx), allow_pickle=False), np.load(io.BytesIO(by), allow_pickle=False)
+
+    def stats(self) -> BufferStats:
+        with self._lock:
+            n, lo, hi = self._db.execute("SELECT COUNT(*), MIN(start), MAX(end) FROM windows").fetchone()
+            ns = self._db.execute("SELECT COUNT(*) FROM samples").fetchone()[0]
+            return BufferStats(
+                windows=int(n),
+                bytes=self._bytes,
+                max_bytes=self.max_bytes,
+                dropped_windows=self._meta("dropped_windows"),
+                full_disk_events=self._meta("full_disk_events"),
+                corrupt_resets=self._meta("corrupt_resets"),
+                samples=int(ns),
+                oldest=lo,
+                newest=hi,
+            )
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+
+class _RateLimit:
+    """Token bucket: at most RATE events per hour, bursts of one."""
+
+    def __init__(self, per_hour: float, clock: Callable[[], float]) -> None:
+        self.interval = 3600.0 / per_hour if per_hour > 0 else float("inf")
+        self.clock = clock
+        self.next = clock()
+
+    def allow(self) -> bool:
+        now = self.clock()
+        if now < self.next:
+            return False
+        self.next = now + self.interval
+        return True
+
+
+class WindowAggregator:
+    """Aggregates `predict` calls of one model into telemetry windows handed to a sink.
+
+    Per call it appends a few numbers (and a copy of small inputs); histograms are computed in
+    batches, so telemetry stays a few microseconds per call.
+    """
+
+    def __init__(
+        self,
+        sink: Callable[[dict[str, Any]], None],
+        *,
+        device_id: str,
+        bundle: dict[str, str],
+        baseline: dict[str, Any],
+        backend: str,
+        accelerator: str,
+        fallbacks: list[str],
+        window_s: float = 60.0,
+        capture_per_hour: float = 0.0,
+        capture_sink: Callable[[float, np.ndarray, np.ndarray], None] | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._sink = sink
+        self.device_id = device_id
+        self.bundle = dict(bundle)
+        self.baseline = baseline
+        self.backend = backend
+        self.accelerator = accelerator
+        self.fallbacks = list(fallbacks)
+        self.window_s = float(window_s)
+        self._clock = clock
+        self._capture = _RateLimit(capture_per_hour, clock) if capture_per_hour > 0 and capture_sink else None
+        self._capture_sink = capture_sink
+        self._lock = threading.Lock()
+        self._start = self._window_start(clock())
+        self._end = self._start + self.window_s
+        self._reset()
+
+    def _window_start(self, now: float) -> float:
+        return now - (now % self.window_s)
+
+    def _reset(self) -> None:
+        self._lat: list[float] = []
+        self._errors: dict[str, int] = {}
+        self._xs: list[np.ndarray] = []
+        self._ys: list[np.ndarray] = []
+        self._pending = 0
+        self._samples = 0
+        self._nan = 0
+        self._counts: dict[str, Any] | None = None
+
+    def record(self, x: np.ndarray | None, y: np.ndarray | None, latency_s: float, error: str | None = None) -> None:
+        """One predict call: its float input and output batches, or the kind of error it raised."""
+        now = self._clock()
+        with self._lock:
+            if now >= self._end:
+                self._roll(now)
+            self._lat.append(latency_s)
+            if error is not None or x is None or y is None:
+                self._errors[error or "runtime"] = self._errors.get(error or "runtime", 0) + 1
+                return
+            if x.nbytes > _COPY_LIMIT_BYTES:
+                self._add_counts(x, y)
+            else:
+                self._xs.append(x.copy())
+                self._ys.append(y.copy())
+                self._pending += len(x)
+                if self._pending >= _BATCH_SAMPLES:
+                    self._summarise()
+            if self._capture is not None and self._capture.allow() and self._capture_sink is not None:
+                self._capture_sink(now, x[:1].copy(), y[:1].copy())
+
+    def _summarise(self) -> None:
+        if self._xs:
+            self._add_counts(np.concatenate(self._xs), np.concatenate(self._ys))
+            self._xs, self._ys, self._pending = [], [], 0
+
+    def _add_counts(self, x: np.ndarray, y: np.ndarray) -> None:
+        yy = y.reshape(len(y), -1)
+        ok = np.isfinite(yy).all(axis=1)
+        n_bad = int(len(ok) - ok.sum())
+        if n_bad:
+            self._nan += n_bad
+            x, y = x[ok], y[ok]
+        self._samples += len(x)
+        if not len(x) or not self.baseline:
+            return
+        c = window_counts(x, y, self.baseline)
+        if self._counts is None:
+            self._counts = c
+            return
+        acc = self._counts
+        for k, v in c["inputs"].items():
+            acc["inputs"][k] = [a + b for a, b in zip(acc["inputs"][k], v, strict=True)]
+        for k in ("predicted_class", "confidence"):
+            acc[k] = [a + b for a, b in zip(acc[k], c[k], strict=True)]
+
+    def _roll(self, now: float, forced: bool = False) -> None:
+        window = self._close()
+        aligned = self._window_start(now)
+        self._start = now if forced else aligned
+        self._end = aligned + self.window_s
+        self._reset()
+        if window is not None:
+            self._sink(window)
+
+    def _close(self) -> dict[str, Any] | None:
+        self._summarise()
+        if not self._lat:
+            return None
+        lat = np.asarray(self._lat)
+        hist = np.bincount(np.searchsorted(_LAT_EDGES_S, lat, side="right"), minlength=len(_LAT_EDGES_S) + 1)
+        counts = self._counts or {"inputs": {}, "predicted_class": [], "confidence": []}
+        return {
+            "schema": WINDOW_SCHEMA,
+            "key": f"{self.device_id}:{int(self._start * 1000)}:{uuid.uuid4().hex[:12]}",
+            "device_id": self.device_id,
+            "bundle": self.bundle,
+            "backend": self.backend,
+            "accelerator": self.accelerator,
+            "fallbacks": self.fallbacks,
+            "start": self._start,
+            "end": min(self._end, self._clock()),
+            "calls": len(self._lat),
+            "samples": self._samples,
+            "errors": dict(self._errors),
+            "nan_outputs": self._nan,
+            "latency_ms": {
+                "counts": hist.tolist(),
+                "sum": round(float(lat.sum()) * 1000, 6),
+                "max": round(float(lat.max()) * 1000, 6),
+            },
+            "inputs": counts["inputs"],
+            "outputs": {"predicted_class": counts["predicted_class"], "confidence": counts["confidence"]},
+        }
+
+    def flush(self, force: bool = False) -> None:
+        """Close the current window if its time is up (or now, with FORCE) and hand it to the sink."""
+        now = self._clock()
+        with self._lock:
+            if force or now >= self._end:
+                self._roll(now, forced=now < self._end)

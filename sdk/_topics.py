@@ -1,0 +1,182 @@
+"""The MQTT topic contract between device agents and the fleet server (docs/topics.md).
+
+Every device owns the prefix `edgefleet/v1/devices/<device_id>/`; the broker's ACL lets a device
+publish and subscribe only there. Payloads are JSON objects with a `schema` field.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from ._errors import InputError
+from ._manifest import _HEX64, _NAME, _SEMVER
+
+__all__ = [
+    "COMMANDS",
+    "COMMAND_SCHEMA",
+    "DESIRED_SCHEMA",
+    "DEVICE_ID",
+    "EVENT_SCHEMA",
+    "ROOT",
+    "STATE_SCHEMA",
+    "STATUS_SCHEMA",
+    "BundleRef",
+    "Command",
+    "Desired",
+    "check_device_id",
+    "parse_command",
+    "parse_desired",
+    "parse_topic",
+    "topic",
+]
+
+ROOT = "edgefleet/v1"
+DEVICE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+# kind -> (direction, retained, QoS)
+KINDS = {
+    "status": ("device", True, 1),  # online / offline; the offline message is the last will
+    "state": ("device", True, 1),  # full device state: active / staged bundle, update state machine
+    "telemetry": ("device", False, 1),  # telemetry windows (edgefleet.telemetry/1), idempotency key each
+    "events": ("device", False, 1),  # update transitions, rollbacks, shadow reports, buffer resets
+    "desired": ("server", True, 1),  # the bundle this device should run
+    "commands": ("server", False, 1),  # one-off orders: shadow, flush, report
+}
+
+STATUS_SCHEMA = "edgefleet.status/1"
+STATE_SCHEMA = "edgefleet.state/1"
+EVENT_SCHEMA = "edgefleet.event/1"
+DESIRED_SCHEMA = "edgefleet.desired/1"
+COMMAND_SCHEMA = "edgefleet.command/1"
+COMMANDS = ("shadow", "flush", "report")
+
+
+def check_device_id(device_id: str) -> str:
+    if not isinstance(device_id, str) or not DEVICE_ID.match(device_id):
+        raise InputError(
+            f"device id {device_id!r} is not valid: use 1-64 letters, digits, '.', '_' or '-', starting alphanumeric"
+        )
+    return device_id
+
+
+def topic(device_id: str, kind: str) -> str:
+    """The topic of KIND for DEVICE_ID, e.g. topic('cam-7', 'telemetry')."""
+    if kind not in KINDS:
+        raise InputError(f"unknown topic kind '{kind}'; one of {', '.join(KINDS)}")
+    return f"{ROOT}/devices/{check_device_id(device_id)}/{kind}"
+
+
+def parse_topic(name: str) -> tuple[str, str] | None:
+    """(device_id, kind) of a contract topic, or None for anything else."""
+    parts = name.split("/")
+    if len(parts) != 5 or "/".join(parts[:3]) != f"{ROOT}/devices" or parts[4] not in KINDS:
+        return None
+    if not DEVICE_ID.match(parts[3]):
+        return None
+    return parts[3], parts[4]
+
+
+def _field(obj: dict[str, Any], key: str, types: type | tuple[type, ...], where: str) -> Any:
+    v = obj.get(key)
+    if not isinstance(v, types) or (isinstance(v, bool) and types is not bool):
+        raise InputError(f"{where} field '{key}' is missing or has the wrong type")
+    return v
+
+
+@dataclass(frozen=True)
+class BundleRef:
+    """A bundle the server offers: where to fetch it and what it must hash to."""
+
+    name: str
+    version: str
+    url: str
+    sha256: str
+    size: int
+
+    @classmethod
+    def parse(cls, obj: Any, where: str) -> BundleRef:
+        if not isinstance(obj, dict):
+            raise InputError(f"{where} must be an object")
+        ref = cls(
+            name=_field(obj, "name", str, where),
+            version=_field(obj, "version", str, where),
+            url=_field(obj, "url", str, where),
+            sha256=_field(obj, "sha256", str, where),
+            size=_field(obj, "size", int, where),
+        )
+        if not _NAME.match(ref.name) or not _SEMVER.match(ref.version):
+            raise InputError(f"{where} has an invalid bundle name or version")
+        if not _HEX64.match(ref.sha256) or ref.size <= 0:
+            raise InputError(f"{where} needs a sha256 hex digest and a positive size")
+        if not re.match(r"^https?://", ref.url):
+            raise InputError(f"{where} url must be http:// or https://")
+        return ref
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass(frozen=True)
+class Desired:
+    """What the server wants the device to run. `action` is `update`, or `rollback` to allow a downgrade."""
+
+    bundle: BundleRef
+    action: str
+    rollout: str | None
+    issued_at: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "schema": DESIRED_SCHEMA,
+            "bundle": self.bundle.to_dict(),
+            "action": self.action,
+            "rollout": self.rollout,
+            "issued_at": self.issued_at,
+        }
+
+
+def _check_schema(obj: Any, schema: str, what: str) -> dict[str, Any]:
+    if not isinstance(obj, dict):
+        raise InputError(f"{what} must be a JSON object")
+    if obj.get("schema") != schema:
+        raise InputError(f"{what} has schema {obj.get('schema')!r}; expected {schema!r}")
+    return obj
+
+
+def parse_desired(obj: Any) -> Desired:
+    d = _check_schema(obj, DESIRED_SCHEMA, "desired state")
+    action = d.get("action", "update")
+    if action not in ("update", "rollback"):
+        raise InputError(f"desired state action {action!r} is unknown; use update or rollback")
+    rollout = d.get("rollout")
+    if rollout is not None and not isinstance(rollout, str):
+        raise InputError("desired state field 'rollout' must be a string or null")
+    issued = d.get("issued_at", 0.0)
+    if not isinstance(issued, (int, float)):
+        raise InputError("desired state field 'issued_at' must be a number")
+    return Desired(BundleRef.parse(d.get("bundle"), "desired state bundle"), action, rollout, float(issued))
+
+
+@dataclass(frozen=True)
+class Command:
+    id: str
+    command: str
+    args: dict[str, Any]
+
+
+def parse_command(obj: Any) -> Command:
+    c = _check_schema(obj, COMMAND_SCHEMA, "command")
+    name = _field(c, "command", str, "command")
+    if name not in COMMANDS:
+        raise InputError(f"command {name!r} is unknown; one of {', '.join(COMMANDS)}")
+    args = c.get("args", {})
+    if not isinstance(args, dict):
+        raise InputError("command field 'args' must be an object")
+    if name == "shadow":
+        BundleRef.parse(args.get("bundle"), "shadow command bundle")
+        rate = args.get("sample_rate", 0.1)
+        if not isinstance(rate, (int, float)) or not 0 < rate <= 1:
+            raise InputError("shadow command 'sample_rate' must be in (0, 1]")
+    return Command(_field(c, "id", str, "command"), name, args)
