@@ -36,6 +36,7 @@ _LAT_EDGES_S = np.asarray(LATENCY_EDGES_MS, dtype=np.float64) / 1000.0
 # which costs little beside their inference and avoids holding many copies.
 _BATCH_SAMPLES = 256
 _COPY_LIMIT_BYTES = 64 * 1024
+_RESERVE_BYTES = 256 * 1024
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS windows (
@@ -99,6 +100,8 @@ class TelemetryBuffer:
             self._move_aside(str(exc))
             self._db = self._open()
             self._bump("corrupt_resets")
+        self._reserve = Path(str(self.path) + ".reserve")
+        self._make_reserve()
         self._bytes = int(self._db.execute("SELECT COALESCE(SUM(size), 0) FROM windows").fetchone()[0])
         self._sample_bytes = int(self._db.execute("SELECT COALESCE(SUM(size), 0) FROM samples").fetchone()[0])
 
@@ -107,6 +110,11 @@ class TelemetryBuffer:
         try:
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=NORMAL")
+            # Small checkpoints keep the WAL (and what a power cut can lose) to about 128 KiB.
+            db.execute("PRAGMA wal_autocheckpoint=32")
+            db.execute("PRAGMA journal_size_limit=1048576")
+            # Deleted windows must give their space back to the filesystem when the disk is full.
+            db.execute("PRAGMA auto_vacuum=INCREMENTAL")
             row = db.execute("PRAGMA quick_check").fetchone()
             if row is None or row[0] != "ok":
                 raise sqlite3.DatabaseError(f"quick_check: {row[0] if row else 'no answer'}")
@@ -188,8 +196,22 @@ class TelemetryBuffer:
         except sqlite3.OperationalError:
             pass
 
+    def _make_reserve(self) -> None:
+        """Hold back a little disk space: on a full disk, even deleting rows needs room in the WAL."""
+        if self._reserve.exists():
+            return
+        try:
+            with open(self._reserve, "wb") as f:
+                f.write(b"\0" * _RESERVE_BYTES)
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError:
+            self._reserve.unlink(missing_ok=True)
+
     def _on_full(self, attempt: int) -> None:
         log.warning("telemetry buffer: disk full; dropping the oldest windows")
+        self._reserve.unlink(missing_ok=True)
+        self._checkpoint()
         rows = self._db.execute("SELECT COUNT(*) FROM windows").fetchone()[0]
         # Free a quarter of the buffer, then half: deleting needs a little room itself.
         n = max(1, rows // (4 if attempt == 0 else 2))
@@ -201,7 +223,20 @@ class TelemetryBuffer:
             self._db.execute("COMMIT")
         except sqlite3.OperationalError:
             self._rollback()
+        self._checkpoint()
+        try:
+            self._db.execute("PRAGMA incremental_vacuum")
+        except sqlite3.OperationalError:
+            pass
+        self._checkpoint()
+        self._make_reserve()
         self._bytes = int(self._db.execute("SELECT COALESCE(SUM(size), 0) FROM windows").fetchone()[0])
+
+    def _checkpoint(self) -> None:
+        try:
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        except sqlite3.OperationalError:
+            pass
 
     def _count_quietly(self, k: str) -> None:
         try:

@@ -24,35 +24,110 @@ def digits() -> dict[str, tuple[np.ndarray, np.ndarray]]:
     return load_splits()
 
 
-@pytest.fixture(scope="session")
-def mlp_onnx(tmp_path_factory: pytest.TempPathFactory, digits: dict) -> Path:
-    """A real classifier: scikit-learn MLP trained on digits, written as an ONNX graph (N, 1, 8, 8) -> (N, 10)."""
+def make_mlp_onnx(path: Path, digits: dict, seed: int = 0, hidden: int = 64, slow_layers: int = 0) -> Path:
+    """A real classifier: scikit-learn MLP trained on digits, as an ONNX graph (N, 1, 8, 8) -> (N, 10).
+
+    SLOW_LAYERS > 0 adds a heavy branch (that many 256x256 MatMul + Tanh) whose result is multiplied by
+    zero: same predictions, much slower, the kind of bundle a device's health window must catch.
+    """
     import onnx
     from onnx import TensorProto, helper, numpy_helper
     from sklearn.neural_network import MLPClassifier
 
     x, y = digits["train"]
-    clf = MLPClassifier(hidden_layer_sizes=(64,), max_iter=300, random_state=0).fit(x.reshape(len(x), -1), y)
+    clf = MLPClassifier(hidden_layer_sizes=(hidden,), max_iter=300, random_state=seed).fit(x.reshape(len(x), -1), y)
     w1, w2 = (c.astype(np.float32) for c in clf.coefs_)
     b1, b2 = (b.astype(np.float32) for b in clf.intercepts_)
+    inits = [numpy_helper.from_array(a, n) for a, n in ((w1, "w1"), (b1, "b1"), (w2, "w2"), (b2, "b2"))]
+    out = "logits"
     nodes = [
         helper.make_node("Flatten", ["input"], ["flat"], name="flatten"),
         helper.make_node("Gemm", ["flat", "w1", "b1"], ["h"], name="fc1"),
         helper.make_node("Relu", ["h"], ["hr"], name="relu"),
-        helper.make_node("Gemm", ["hr", "w2", "b2"], ["logits"], name="fc2"),
+        helper.make_node("Gemm", ["hr", "w2", "b2"], ["logits0" if slow_layers else "logits"], name="fc2"),
     ]
+    if slow_layers:
+        rng = np.random.default_rng(seed)
+        inits.append(numpy_helper.from_array((rng.standard_normal((64, 256)) * 0.1).astype(np.float32), "s0"))
+        inits.append(numpy_helper.from_array((rng.standard_normal((256, 256)) * 0.06).astype(np.float32), "sw"))
+        inits.append(numpy_helper.from_array(np.zeros((1,), np.float32), "zero"))
+        nodes.append(helper.make_node("MatMul", ["flat", "s0"], ["t0"], name="slow0"))
+        for i in range(slow_layers):
+            nodes.append(helper.make_node("MatMul", [f"t{i}", "sw"], [f"m{i}"], name=f"slow_mm{i}"))
+            nodes.append(helper.make_node("Tanh", [f"m{i}"], [f"t{i + 1}"], name=f"slow_tanh{i}"))
+        nodes.append(helper.make_node("ReduceMean", [f"t{slow_layers}"], ["r"], keepdims=1, name="slow_mean"))
+        nodes.append(helper.make_node("Mul", ["r", "zero"], ["rz"], name="slow_zero"))
+        nodes.append(helper.make_node("Add", ["logits0", "rz"], [out], name="slow_add"))
     graph = helper.make_graph(
         nodes,
         "digits_mlp",
         [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 1, 8, 8])],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])],
-        [numpy_helper.from_array(a, n) for a, n in ((w1, "w1"), (b1, "b1"), (w2, "w2"), (b2, "b2"))],
+        inits,
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 9
     onnx.checker.check_model(model)
-    path = tmp_path_factory.mktemp("mlp") / "mlp.onnx"
     onnx.save(model, str(path))
+    return path
+
+
+@pytest.fixture(scope="session")
+def mlp_onnx(tmp_path_factory: pytest.TempPathFactory, digits: dict) -> Path:
+    return make_mlp_onnx(tmp_path_factory.mktemp("mlp") / "mlp.onnx", digits)
+
+
+@pytest.fixture(scope="session")
+def publisher(tmp_path_factory: pytest.TempPathFactory):
+    """One publisher key pair for the session's bundles: (private key, key path, public key path)."""
+    from edgefleet import generate_keypair
+
+    d = tmp_path_factory.mktemp("publisher")
+    key = generate_keypair(d / "publisher.key")
+    return key, d / "publisher.key", d / "publisher.key.pub"
+
+
+@pytest.fixture(scope="session")
+def mlp_bundles(tmp_path_factory: pytest.TempPathFactory, digits: dict, publisher) -> dict[str, Path]:
+    """Signed ONNX bundles built by the converters: v1 and v2 (int8, different training), v3 (fp32, slow)."""
+    from edgefleet.converters import BuildConfig, Dataset, Quantize, build
+
+    d = tmp_path_factory.mktemp("mlp_bundles")
+    out = {}
+    specs = {"1.0.0": (0, 64, 0, "int8"), "2.0.0": (1, 96, 0, "int8"), "3.0.0": (2, 64, 60, "none")}
+    for version, (seed, hidden, slow, mode) in specs.items():
+        src = make_mlp_onnx(d / f"mlp-{version}.onnx", digits, seed=seed, hidden=hidden, slow_layers=slow)
+        cfg = BuildConfig(
+            name="mlp",
+            version=version,
+            formats=["onnx"],
+            layout="NCHW",
+            labels=[str(i) for i in range(10)],
+            quantize=Quantize(mode=mode),
+        )
+        out[version] = d / f"mlp-{version}.efb"
+        build(
+            src,
+            out[version],
+            cfg,
+            calibration=Dataset(*digits["calib"], name="calib"),
+            evaluation=Dataset(*digits["eval"], name="eval"),
+            signing_key=publisher[0],
+            progress=lambda msg: None,
+        )
+    return out
+
+
+@pytest.fixture(scope="session")
+def digits_bundle(tmp_path_factory: pytest.TempPathFactory, publisher) -> Path:
+    """The digits example bundle (torch -> distilled, pruned, int8; ONNX and TFLite files), short training."""
+    sys.path.insert(0, str(ROOT))
+    from examples.digits.build import main
+
+    d = tmp_path_factory.mktemp("digits_bundle")
+    rc = main(["--out", str(d), "--epochs", "3", "--key", str(publisher[1])])
+    assert rc == 0
+    (path,) = d.glob("digits-*.efb")
     return path
 
 

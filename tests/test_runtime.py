@@ -1,0 +1,195 @@
+"""The runtime on real bundles built by the converters: verification, both backends, accelerator
+fallback, input checks, and the `edgefleet run` command."""
+
+from __future__ import annotations
+
+import json
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import edgefleet.runtime as rt
+from edgefleet import BundleError, InputError, Manifest, SignatureError, generate_keypair, open_bundle, write_bundle
+
+from .conftest import run_cli
+
+pytestmark = pytest.mark.torch
+
+
+@pytest.mark.parametrize("backend", ["onnx", "tflite"])
+def test_predict_matches_golden_and_batches(digits_bundle: Path, publisher, backend: str) -> None:
+    m = rt.load(digits_bundle, [publisher[2]], backend=backend)
+    assert m.info.format == backend and m.info.precision == "int8"
+    assert m.info.backend == ("onnxruntime" if backend == "onnx" else "litert")
+    assert m.info.signed_by is not None and m.info.fallbacks == ()
+    res = m.check_golden()
+    assert res.ok and res.agreement == 1.0
+    x = m.bundle.golden_inputs()
+    expected = m.bundle.load_array(m.entry.golden_outputs)
+    # float in, float out: the int8 file's scales are applied by the runtime
+    y = m.predict(x)
+    assert y.dtype == np.float32 and y.shape == expected.shape
+    np.testing.assert_allclose(y, expected, atol=1e-6)
+    # a batch larger than the file's fixed batch (TFLite is exported for batch 1) is split and joined
+    big = np.concatenate([x] * 5)
+    np.testing.assert_allclose(m.predict(big), np.concatenate([expected] * 5), atol=1e-6)
+    assert m.predict(x[:1]).shape == (1, 10)
+
+
+def test_auto_picks_first_runnable_model(digits_bundle: Path, publisher) -> None:
+    m = rt.load(digits_bundle, [publisher[2]])
+    assert m.info.model_id == open_bundle(digits_bundle).manifest.models[0].id
+
+
+def test_refuses_before_running(tmp_path: Path, digits_bundle: Path, publisher) -> None:
+    other = generate_keypair(tmp_path / "other")
+    with pytest.raises(SignatureError):
+        rt.load(digits_bundle, [tmp_path / "other.pub"])
+    del other
+    with pytest.raises(InputError, match="trusted_keys"):
+        rt.load(digits_bundle)
+    data = bytearray(digits_bundle.read_bytes())
+    # A flipped byte is caught by the archive's CRC; an attacker who rebuilds the archive is caught by the hash.
+    b = open_bundle(digits_bundle)
+    model_path = b.manifest.models[0].path
+    at = bytes(data).index(b.read(model_path)[100:164]) + 10
+    data[at] ^= 0xFF
+    (tmp_path / "flipped.efb").write_bytes(bytes(data))
+    with pytest.raises(BundleError, match="corrupt"):
+        rt.load(tmp_path / "flipped.efb", [publisher[2]])
+    with zipfile.ZipFile(digits_bundle) as zin, zipfile.ZipFile(tmp_path / "tampered.efb", "w") as zout:
+        for info in zin.infolist():
+            body = zin.read(info)
+            if info.filename == model_path:
+                body = body[:-1] + bytes([body[-1] ^ 1])
+            zout.writestr(info, body)
+    with pytest.raises(BundleError, match="sha256"):
+        rt.load(tmp_path / "tampered.efb", [publisher[2]])
+    (tmp_path / "truncated.efb").write_bytes(digits_bundle.read_bytes()[: len(data) // 2])
+    with pytest.raises(BundleError, match="truncated or corrupt"):
+        rt.load(tmp_path / "truncated.efb", [publisher[2]])
+
+
+def _rewrite(src: Path, dst: Path, key, edit) -> None:
+    b = open_bundle(src)
+    d = b.manifest.to_dict()
+    members = {n: b.read(n) for n in b.member_names}
+    edit(d, members)
+    write_bundle(dst, Manifest.parse(d), members, key)
+
+
+def test_refuses_incompatible_bundle(tmp_path: Path, mlp_bundles: dict, publisher) -> None:
+    def newer(d, members):
+        d["models"][0]["requirements"]["min_onnxruntime"] = "99.0"
+
+    _rewrite(mlp_bundles["1.0.0"], tmp_path / "newer.efb", publisher[0], newer)
+    with pytest.raises(BundleError, match=r"needs onnxruntime >= 99.0"):
+        rt.load(tmp_path / "newer.efb", [publisher[2]])
+
+    import onnx
+    from onnx import TensorProto, helper
+
+    g = helper.make_graph(
+        [helper.make_node("Frobnicate", ["input"], ["logits"], domain="com.example")],
+        "unknown_op",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 1, 8, 8])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])],
+    )
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.example", 1)])
+    m.ir_version = 9
+    unknown = m.SerializeToString()
+
+    def swap(d, members):
+        from edgefleet._bundle import sha256_bytes
+
+        path = d["models"][0]["path"]
+        members[path] = unknown
+        for f in d["files"]:
+            if f["path"] == path:
+                f["sha256"], f["size"] = sha256_bytes(unknown), len(unknown)
+
+    _rewrite(mlp_bundles["1.0.0"], tmp_path / "unknown.efb", publisher[0], swap)
+    with pytest.raises(BundleError, match="Frobnicate"):
+        rt.load(tmp_path / "unknown.efb", [publisher[2]])
+    r = run_cli("run", str(tmp_path / "unknown.efb"), "--golden", "--key", str(publisher[2]))
+    assert r.returncode == 1 and r.stderr.count("\n") == 1 and "Frobnicate" in r.stderr
+    del onnx
+
+
+def test_bad_inputs_name_the_expected_shape(mlp_bundles: dict, publisher) -> None:
+    m = rt.load(mlp_bundles["1.0.0"], [publisher[2]])
+    with pytest.raises(InputError, match=r"shape \(8, 8\); expected \(N, 1, 8, 8\)"):
+        m.predict(np.zeros((8, 8), np.float32))
+    with pytest.raises(InputError, match=r"expected \(N, 1, 8, 8\)"):
+        m.predict(np.zeros((2, 1, 8, 9), np.float32))
+    with pytest.raises(InputError, match="dtype"):
+        m.predict(np.array([[[["a"] * 8] * 8]]))
+    x = np.zeros((2, 1, 8, 8), np.float32)
+    x[1, 0, 3, 3] = np.nan
+    with pytest.raises(InputError, match="NaN"):
+        m.predict(x)
+    # float64 and integer pixel arrays are accepted and converted
+    assert m.predict(np.zeros((1, 1, 8, 8), np.float64)).shape == (1, 10)
+
+
+def test_accelerator_fallback(digits_bundle: Path, publisher, tmp_path: Path) -> None:
+    m = rt.load(digits_bundle, [publisher[2]], backend="onnx", accelerators=["CUDAExecutionProvider"])
+    assert m.info.accelerator == "CPUExecutionProvider"
+    assert any("CUDAExecutionProvider is not available" in f for f in m.info.fallbacks)
+    # an external delegate library that fails to initialise (not a delegate at all) -> next choice
+    import numpy._core._multiarray_umath as umath  # a real shared library that is not a delegate
+
+    lib = Path(umath.__file__)
+    m2 = rt.load(digits_bundle, [publisher[2]], backend="tflite", accelerators=[str(lib), "xnnpack"])
+    assert m2.info.accelerator == "xnnpack"
+    assert any("is not a LiteRT external delegate" in f for f in m2.info.fallbacks)
+    m3 = rt.load(digits_bundle, [publisher[2]], backend="tflite", accelerators=[str(tmp_path / "missing.so")])
+    assert m3.info.accelerator == "xnnpack" and "no delegate library" in m3.info.fallbacks[0]
+    assert m3.check_golden().ok
+    # the fallback is reported in telemetry too
+    buf = rt.TelemetryBuffer(tmp_path / "t.db")
+    m3.attach_telemetry(buf, device_id="d1")
+    m3.predict(m3.bundle.golden_inputs())
+    m3.flush_telemetry()
+    (w,) = list(buf.windows())
+    assert w["accelerator"] == "xnnpack" and "no delegate library" in w["fallbacks"][0]
+
+
+def test_cli_run(tmp_path: Path, digits_bundle: Path, publisher) -> None:
+    x = open_bundle(digits_bundle).golden_inputs()
+    np.save(tmp_path / "x.npy", x)
+    r = run_cli(
+        "run",
+        str(digits_bundle),
+        "--input",
+        str(tmp_path / "x.npy"),
+        "--output",
+        str(tmp_path / "y.npy"),
+        "--backend",
+        "tflite",
+        "--key",
+        str(publisher[2]),
+    )
+    assert r.returncode == 0, r.stderr
+    y = np.load(tmp_path / "y.npy")
+    assert y.shape == (len(x), 10)
+    assert len(r.stdout.strip().splitlines()) == len(x)
+    assert "litert" in r.stderr and "xnnpack" in r.stderr
+    r = run_cli("run", str(digits_bundle), "--golden", "--key", str(publisher[2]))
+    assert r.returncode == 0 and "golden sample: PASS" in r.stdout
+    np.save(tmp_path / "bad.npy", np.zeros((3, 8, 8), np.float32))
+    r = run_cli("run", str(digits_bundle), "--input", str(tmp_path / "bad.npy"), "--key", str(publisher[2]))
+    assert r.returncode == 1 and "expected (N, 1, 8, 8)" in r.stderr and not (tmp_path / "out.npy").exists()
+    generate_keypair(tmp_path / "wrong")
+    r = run_cli("run", str(digits_bundle), "--golden", "--key", str(tmp_path / "wrong.pub"))
+    assert r.returncode == 1 and r.stderr.startswith("edgefleet: error:") and r.stderr.count("\n") == 1
+
+
+def test_manifest_golden_agrees_with_runtime_info(digits_bundle: Path, publisher) -> None:
+    d = json.loads(zipfile.ZipFile(digits_bundle).read("manifest.json"))
+    assert {m["format"] for m in d["models"]} == {"onnx", "tflite"}
+    m = rt.load(digits_bundle, [publisher[2]], backend="tflite")
+    info = m.info.as_dict()
+    assert info["bundle"] == d["name"] and info["version"] == d["version"]

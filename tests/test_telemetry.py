@@ -1,0 +1,176 @@
+"""The telemetry buffer: windows on the baseline bins, bounded with drop-oldest, durable across kill -9,
+acknowledged deletes, a full disk and a corrupt file."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import edgefleet.runtime as rt
+from edgefleet._drift import window_counts
+from edgefleet._telemetry import check_window, latency_quantile
+
+from .conftest import run_cli
+
+
+def _model(mlp_bundles: dict, publisher, tmp_path: Path, **kw):
+    buf = rt.TelemetryBuffer(tmp_path / "telemetry.db", **kw)
+    m = rt.load(mlp_bundles["1.0.0"], [publisher[2]])
+    agg = m.attach_telemetry(buf, device_id="dev-1", window_s=3600)
+    return m, buf, agg
+
+
+def test_window_counts_match_the_baseline_bins(mlp_bundles: dict, publisher, tmp_path: Path, digits: dict) -> None:
+    m, buf, _ = _model(mlp_bundles, publisher, tmp_path)
+    x = digits["eval"][0]
+    ys = [m.predict(x[i : i + 7]) for i in range(0, len(x), 7)]  # many small calls, summarised in batches
+    with pytest.raises(rt.InputError if hasattr(rt, "InputError") else Exception):
+        m.predict(np.zeros((1, 8, 8), np.float32))
+    m.flush_telemetry()
+    (w,) = list(buf.windows())
+    check_window(w)
+    assert w["device_id"] == "dev-1" and w["bundle"]["version"] == "1.0.0"
+    assert w["calls"] == len(ys) + 1 and w["samples"] == len(x) and w["errors"] == {"input": 1}
+    expected = window_counts(x, np.concatenate(ys), m.manifest.drift_baseline)
+    assert w["inputs"] == expected["inputs"]
+    assert w["outputs"]["predicted_class"] == expected["predicted_class"]
+    assert sum(w["latency_ms"]["counts"]) == w["calls"]
+    assert latency_quantile(w["latency_ms"]["counts"], 0.95) is not None
+    # the device summarises inputs against the very bins the bundle's baseline was built with
+    base = {f["name"]: f for f in m.manifest.drift_baseline["inputs"]}
+    for name, counts in w["inputs"].items():
+        assert len(counts) == len(base[name]["edges"]) + 1
+
+
+def test_bounded_drop_oldest_and_ack(mlp_bundles: dict, publisher, tmp_path: Path) -> None:
+    buf = rt.TelemetryBuffer(tmp_path / "b.db", max_bytes=20_000)
+    for i in range(60):
+        buf.add({"key": f"k{i}", "start": float(i), "end": float(i + 1), "pad": "x" * 900})
+    st = buf.stats()
+    assert st.bytes <= 20_000 and st.windows < 60 and st.dropped_windows == 60 - st.windows
+    keys = [k for _, _, k, _ in buf.pending(limit=1000)]
+    assert keys == [f"k{i}" for i in range(60 - st.windows, 60)]  # the newest survive, in order
+    buf.ack(keys[0])
+    assert [k for _, _, k, _ in buf.pending(limit=1)] == [keys[1]]
+    buf.close()
+    again = rt.TelemetryBuffer(tmp_path / "b.db", max_bytes=20_000)
+    assert again.stats().windows == st.windows - 1 and again.stats().dropped_windows == st.dropped_windows
+
+
+def test_survives_kill_9(mlp_bundles: dict, publisher, tmp_path: Path) -> None:
+    script = textwrap.dedent(
+        f"""
+        import os, signal, numpy as np, edgefleet.runtime as rt
+        buf = rt.TelemetryBuffer({str(tmp_path / "k.db")!r})
+        m = rt.load({str(mlp_bundles["1.0.0"])!r}, [{str(publisher[2])!r}])
+        m.attach_telemetry(buf, device_id="dev-k", window_s=3600)
+        x = m.bundle.golden_inputs()
+        for i in range(5):
+            for _ in range(10):
+                m.predict(x)
+            m.flush_telemetry()
+        print("flushed", flush=True)
+        for _ in range(10):
+            m.predict(x)  # this window is still in memory when the process dies
+        os.kill(os.getpid(), signal.SIGKILL)
+        """
+    )
+    p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert p.returncode == -signal.SIGKILL and "flushed" in p.stdout
+    buf = rt.TelemetryBuffer(tmp_path / "k.db")
+    ws = list(buf.windows())
+    assert len(ws) == 5 and all(w["calls"] == 10 for w in ws)
+    assert buf.stats().corrupt_resets == 0
+
+
+def test_corrupt_file_is_moved_aside(tmp_path: Path) -> None:
+    path = tmp_path / "c.db"
+    buf = rt.TelemetryBuffer(path)
+    buf.add({"key": "a", "start": 0.0, "end": 1.0})
+    buf.close()
+    data = bytearray(path.read_bytes())
+    data[100:4000] = os.urandom(3900)
+    path.write_bytes(bytes(data))
+    fresh = rt.TelemetryBuffer(path)
+    assert fresh.reset_reason and "corrupt" in fresh.reset_reason
+    assert fresh.stats().corrupt_resets == 1 and fresh.stats().windows == 0
+    assert list(tmp_path.glob("c.db.corrupt-*"))
+    fresh.add({"key": "b", "start": 0.0, "end": 1.0})
+    assert fresh.stats().windows == 1
+
+
+@pytest.fixture()
+def small_disk(tmp_path: Path):
+    """A real 1 MiB filesystem (tmpfs) when root; otherwise SQLite's page cap gives the same SQLITE_FULL."""
+    d = tmp_path / "disk"
+    d.mkdir()
+    if os.geteuid() == 0 and subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(d)]).returncode == 0:
+        yield d, None
+        subprocess.run(["umount", "-l", str(d)], check=False)
+    else:
+        yield d, 200
+
+
+def test_full_disk_drops_oldest_without_crashing(tmp_path: Path, small_disk) -> None:
+    d, page_cap = small_disk
+    buf = rt.TelemetryBuffer(d / "t.db", max_bytes=100 << 20)
+    if page_cap:
+        buf._db.execute(f"PRAGMA max_page_count={page_cap}")
+    for i in range(2000):
+        buf.add({"key": f"k{i}", "start": float(i), "end": float(i + 1), "pad": os.urandom(600).hex()})
+    st = buf.stats()
+    assert st.full_disk_events >= 1 and st.dropped_windows >= 1
+    keys = [k for _, _, k, _ in buf.pending(limit=10_000)]
+    assert len(keys) > 20 and keys[-1] == "k1999"  # the newest kept, the oldest gone
+    assert keys == sorted(keys, key=lambda k: int(k[1:]))
+    buf.close()
+    again = rt.TelemetryBuffer(d / "t.db")
+    assert again.stats().windows == len(keys)
+    again.close()
+
+
+def test_raw_sample_capture_is_rate_limited_and_capped(mlp_bundles: dict, publisher, tmp_path: Path) -> None:
+    buf = rt.TelemetryBuffer(tmp_path / "s.db", sample_max_bytes=3000)
+    m = rt.load(mlp_bundles["1.0.0"], [publisher[2]])
+    t = [1000.0]
+    agg = m.attach_telemetry(buf, device_id="d", window_s=60, capture_per_hour=60)  # one per minute
+    agg._clock = lambda: t[0]
+    agg._capture.clock = agg._clock  # type: ignore[union-attr]
+    agg._capture.next = t[0]  # type: ignore[union-attr]
+    x = m.bundle.golden_inputs()
+    for _ in range(20):
+        m.predict(x[:1])
+        t[0] += 20  # 20 calls over 400 s: at most 7 captures
+    samples = list(buf.samples())
+    assert 1 <= len(samples) <= 7
+    assert buf.stats().samples == len(samples)
+    assert sum(s[2].nbytes + s[3].nbytes for s in samples) < 3000  # the byte cap dropped the oldest
+    # default: nothing raw is kept
+    m2, buf2, _ = _model(mlp_bundles, publisher, tmp_path / "nocap")
+    m2.predict(x)
+    assert buf2.stats().samples == 0
+
+
+def test_cli_show_and_export(mlp_bundles: dict, publisher, tmp_path: Path) -> None:
+    m, buf, _ = _model(mlp_bundles, publisher, tmp_path)
+    for _ in range(3):
+        m.predict(m.bundle.golden_inputs())
+    m.flush_telemetry()
+    buf.close()
+    r = run_cli("telemetry", "show", "--buffer", str(tmp_path / "telemetry.db"))
+    assert r.returncode == 0, r.stderr
+    assert "1 records" in r.stdout and "mlp 1.0.0" in r.stdout
+    r = run_cli("telemetry", "export", "--buffer", str(tmp_path / "telemetry.db"), "-o", str(tmp_path / "out.jsonl"))
+    assert r.returncode == 0
+    (line,) = (tmp_path / "out.jsonl").read_text().splitlines()
+    assert json.loads(line)["calls"] == 3
+    r = run_cli("telemetry", "show", "--buffer", str(tmp_path / "nope.db"))
+    assert r.returncode == 1 and "no telemetry buffer" in r.stderr
