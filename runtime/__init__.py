@@ -9,15 +9,23 @@ Needs `pip install 'edgefleet[runtime]'` (onnxruntime, ai-edge-litert, paho-mqtt
 
 from __future__ import annotations
 
+from ._agent import Agent, UpdateState
+from ._config import AgentConfig, HealthPolicy, MqttConfig, load_config
 from ._model import GoldenResult, Model, ModelInfo, load
 from ._telemetry import BufferStats, TelemetryBuffer, WindowAggregator
 
 __all__ = [
+    "Agent",
+    "AgentConfig",
     "BufferStats",
     "GoldenResult",
+    "HealthPolicy",
     "Model",
     "ModelInfo",
+    "MqttConfig",
     "TelemetryBuffer",
+    "UpdateState",
     "WindowAggregator",
     "load",
+    "load_config",
 ]

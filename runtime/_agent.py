@@ -21,7 +21,7 @@ import random
 import threading
 import time
 import uuid
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -209,6 +209,8 @@ class Agent:
         self._connected = threading.Event()
         self._pub_lock = threading.Lock()
         self._inflight: dict[int, str] = {}
+        self._early: OrderedDict[int, bool] = OrderedDict()
+        self._link_gen = 0
         self._cursor = 0
         self._tokens = 0.0
         self._tokens_at = time.monotonic()
@@ -241,11 +243,15 @@ class Agent:
             return st
 
     def _persist(self, state: UpdateState | None = None, **changes: Any) -> None:
+        old_target = self.persisted.target
+        for k, v in changes.items():
+            if k != "reason":
+                setattr(self.persisted, k, v)
         if state is not None:
             old = self.persisted.state
             self.persisted.state = state
             if old != state:
-                target = self.persisted.target or {}
+                target = self.persisted.target or old_target or {}
                 self._event(
                     "update_state",
                     from_state=old.value,
@@ -254,9 +260,6 @@ class Agent:
                     rollout=target.get("rollout"),
                     **{k: v for k, v in changes.items() if k == "reason"},
                 )
-        for k, v in changes.items():
-            if k != "reason":
-                setattr(self.persisted, k, v)
         atomic_write(self._state_path, self.persisted.to_json())
         self._state_dirty = True
 
@@ -499,11 +502,7 @@ class Agent:
         )
 
     def _slot_with(self, sha: str) -> str | None:
-        for s in ("a", "b"):
-            p = self.slots.path(s)
-            if p.exists() and SlotInfo(s, "", "", sha) and self.slots.holds(SlotInfo(s, "", "", sha)):
-                return s
-        return None
+        return next((s for s in ("a", "b") if self.slots.holds(SlotInfo(s, "", "", sha))), None)
 
     def _step(self) -> None:
         """Do the work of the current state once; each is safe to repeat after a crash."""
@@ -519,8 +518,10 @@ class Agent:
         ref = target.bundle
         dl = self.downloads / f"{ref.sha256}.efb" if ref else None
         if st.state == UpdateState.DOWNLOADING:
-            if self._slot_with(ref.sha256) is not None and self._slot_with(ref.sha256) != self._active_slot():
-                self._persist(UpdateState.SMOKE_TEST, target_slot=self._slot_with(ref.sha256))
+            kept = self._slot_with(ref.sha256)
+            if kept is not None and kept != self._active_slot():
+                # Still in the inactive slot from an earlier try; the smoke test's load verifies it again.
+                self._persist(UpdateState.SMOKE_TEST, target_slot=kept)
                 return
             try:
                 self._fetch(ref, self.downloads)
@@ -600,6 +601,8 @@ class Agent:
         elif st.state == UpdateState.COMMITTING:
             failpoint("commit.before")
             active = self.slots.active()
+            # Reported before it is recorded: a crash in between reports it twice, never not at all.
+            self._event("committed", bundle=ref.to_dict() if ref else None, rollout=target.rollout)
             result = {"result": "committed", "bundle": ref.to_dict() if ref else None}
             self._persist(
                 UpdateState.IDLE,
@@ -612,7 +615,6 @@ class Agent:
             for p in self.downloads.glob("*.efb*"):
                 p.unlink(missing_ok=True)
             failpoint("commit.after")
-            self._event("committed", bundle=ref.to_dict() if ref else None, rollout=target.rollout)
         elif st.state == UpdateState.ROLLING_BACK:
             failpoint("rollback.before")
             prev = SlotInfo(**st.previous) if st.previous else None
@@ -625,6 +627,7 @@ class Agent:
             key = f"{ref.name}:{ref.version}" if ref else "?"
             refused[key] = target.rollout
             reason = (st.last_result or {}).get("reason", "health window failed")
+            self._event("rolled_back", bundle=ref.to_dict() if ref else None, rollout=target.rollout, reason=reason)
             self._persist(
                 UpdateState.IDLE,
                 target=None,
@@ -634,7 +637,6 @@ class Agent:
                 last_result={"result": "rolled_back", "bundle": ref.to_dict() if ref else None, "reason": reason},
             )
             failpoint("rollback.after")
-            self._event("rolled_back", bundle=ref.to_dict() if ref else None, rollout=target.rollout, reason=reason)
 
     def _active_slot(self) -> str | None:
         a = self.slots.active()
@@ -777,6 +779,7 @@ class Agent:
         with self._pub_lock:
             self._inflight.clear()
             self._cursor = 0
+            self._link_gen += 1
         client.subscribe([(topic(self.device_id, "desired"), 1), (topic(self.device_id, "commands"), 1)])
         client.publish(topic(self.device_id, "status"), self._status(True), qos=1, retain=True)
         self._connected.set()
@@ -787,6 +790,7 @@ class Agent:
         with self._pub_lock:
             self._inflight.clear()
             self._cursor = 0
+            self._link_gen += 1
 
     def _on_message(self, client: Any, userdata: Any, msg: Any) -> None:
         kind = msg.topic.rsplit("/", 1)[-1]
@@ -800,9 +804,15 @@ class Agent:
             self._event("bad_message", topic=kind, reason=str(exc)[:300])
 
     def _on_publish(self, client: Any, userdata: Any, mid: int, reason_code: Any, properties: Any) -> None:
+        ok = not reason_code.is_failure
         with self._pub_lock:
             key = self._inflight.pop(mid, None)
-        if key is not None and not reason_code.is_failure:
+            if key is None:
+                # The PUBACK beat `_drain` to recording the mid (or it is a state / status message).
+                self._early[mid] = ok
+                while len(self._early) > 1024:
+                    self._early.popitem(last=False)
+        if key is not None and ok:
             self.buffer.ack(key)
 
     def _drain(self) -> None:
@@ -815,18 +825,26 @@ class Agent:
         self._tokens_at = now
         with self._pub_lock:
             room = _MAX_INFLIGHT - len(self._inflight)
-            if room <= 0:
-                return
-            rows = self.buffer.pending(limit=room, after_seq=self._cursor)
-            for seq, kind, key, body in rows:
-                if self._tokens < len(body) and self._tokens < rate:
-                    break
-                info = self._client.publish(topic(self.device_id, kind), body, qos=1)
-                if info.rc != 0:
-                    break
-                self._inflight[info.mid] = key
+            cursor, gen = self._cursor, self._link_gen
+        if room <= 0:
+            return
+        # paho's own locks are taken inside publish(); never call it while holding ours (lock order).
+        for seq, kind, key, body in self.buffer.pending(limit=room, after_seq=cursor):
+            if self._tokens < len(body) and self._tokens < rate:
+                break
+            info = self._client.publish(topic(self.device_id, kind), body, qos=1)
+            if info.rc != 0:
+                break
+            with self._pub_lock:
+                early = self._early.pop(info.mid, None)
+                if gen != self._link_gen:
+                    break  # the link dropped meanwhile: everything unacknowledged is sent again
+                if early is None:
+                    self._inflight[info.mid] = key
                 self._cursor = seq
-                self._tokens -= len(body)
+            if early:
+                self.buffer.ack(key)
+            self._tokens -= len(body)
 
     def _publish_state(self) -> None:
         if self._client is None or not self._connected.is_set() or not self._state_dirty:

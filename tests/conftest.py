@@ -27,7 +27,7 @@ def digits() -> dict[str, tuple[np.ndarray, np.ndarray]]:
 def make_mlp_onnx(path: Path, digits: dict, seed: int = 0, hidden: int = 64, slow_layers: int = 0) -> Path:
     """A real classifier: scikit-learn MLP trained on digits, as an ONNX graph (N, 1, 8, 8) -> (N, 10).
 
-    SLOW_LAYERS > 0 adds a heavy branch (that many 256x256 MatMul + Tanh) whose result is multiplied by
+    SLOW_LAYERS > 0 adds a heavy branch (that many 512x512 MatMul + Tanh) whose result is multiplied by
     zero: same predictions, much slower, the kind of bundle a device's health window must catch.
     """
     import onnx
@@ -48,8 +48,8 @@ def make_mlp_onnx(path: Path, digits: dict, seed: int = 0, hidden: int = 64, slo
     ]
     if slow_layers:
         rng = np.random.default_rng(seed)
-        inits.append(numpy_helper.from_array((rng.standard_normal((64, 256)) * 0.1).astype(np.float32), "s0"))
-        inits.append(numpy_helper.from_array((rng.standard_normal((256, 256)) * 0.06).astype(np.float32), "sw"))
+        inits.append(numpy_helper.from_array((rng.standard_normal((64, 512)) * 0.1).astype(np.float32), "s0"))
+        inits.append(numpy_helper.from_array((rng.standard_normal((512, 512)) * 0.04).astype(np.float32), "sw"))
         inits.append(numpy_helper.from_array(np.zeros((1,), np.float32), "zero"))
         nodes.append(helper.make_node("MatMul", ["flat", "s0"], ["t0"], name="slow0"))
         for i in range(slow_layers):
@@ -94,7 +94,7 @@ def mlp_bundles(tmp_path_factory: pytest.TempPathFactory, digits: dict, publishe
 
     d = tmp_path_factory.mktemp("mlp_bundles")
     out = {}
-    specs = {"1.0.0": (0, 64, 0, "int8"), "2.0.0": (1, 96, 0, "int8"), "3.0.0": (2, 64, 60, "none")}
+    specs = {"1.0.0": (0, 64, 0, "int8"), "2.0.0": (1, 96, 0, "int8"), "3.0.0": (2, 64, 100, "none")}
     for version, (seed, hidden, slow, mode) in specs.items():
         src = make_mlp_onnx(d / f"mlp-{version}.onnx", digits, seed=seed, hidden=hidden, slow_layers=slow)
         cfg = BuildConfig(

@@ -1,0 +1,390 @@
+"""The device agent against a real Mosquitto broker and a real HTTP download: updates that commit,
+roll back, resume, refuse; offline buffering; shadow runs; kill -9 at every step of an update."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from edgefleet import generate_keypair, open_bundle
+from edgefleet._bundle import sha256_file
+
+from ._mqtt_driver import Observer, bundle_ref
+from ._servers import FileServer, Mosquitto
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def broker(tmp_path_factory: pytest.TempPathFactory):
+    b = Mosquitto(tmp_path_factory.mktemp("mosquitto"))
+    yield b
+    b.stop()
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory: pytest.TempPathFactory, mlp_bundles: dict):
+    root = tmp_path_factory.mktemp("www")
+    for p in mlp_bundles.values():
+        shutil.copy(p, root / p.name)
+    srv = FileServer(root)
+    yield srv
+    srv.close()
+
+
+@pytest.fixture()
+def observer(broker: Mosquitto):
+    o = Observer(broker.port)
+    yield o
+    o.close()
+
+
+class Device:
+    """One agent process with its own config and data directory."""
+
+    def __init__(self, workdir: Path, device_id: str, broker: Mosquitto, publisher, initial: Path | None, **cfg: Any):
+        self.dir = workdir
+        self.id = device_id
+        self.data = workdir / "data"
+        workdir.mkdir(parents=True, exist_ok=True)
+        shutil.copy(publisher[2], workdir / "publisher.pub")
+        health = {"window_s": 1.5, "min_calls": 10, "probe_interval_s": 0.05, **cfg.pop("health", {})}
+        lines = [
+            f'device_id = "{device_id}"',
+            'data_dir = "data"',
+            'trusted_keys = ["publisher.pub"]',
+            f"self_test_hz = {cfg.pop('self_test_hz', 40)}",
+            f"window_s = {cfg.pop('window_s', 1.0)}",
+        ]
+        if initial is not None:
+            shutil.copy(initial, workdir / "initial.efb")
+            lines.append('initial_bundle = "initial.efb"')
+        lines += [f"{k} = {json.dumps(v)}" for k, v in cfg.items()]
+        lines += ["", "[mqtt]", 'host = "127.0.0.1"', f"port = {broker.port}", "keepalive = 5", "", "[health]"]
+        lines += [f"{k} = {json.dumps(v)}" for k, v in health.items()]
+        self.config = workdir / "device.toml"
+        self.config.write_text("\n".join(lines) + "\n")
+        self.proc: subprocess.Popen[str] | None = None
+
+    def start(self, failpoint: str | None = None) -> None:
+        env = dict(os.environ)
+        env.pop("EDGEFLEET_FAILPOINTS", None)
+        if failpoint:
+            env["EDGEFLEET_FAILPOINTS"] = failpoint
+        exe = Path(sys.executable).parent / "edgefleet"
+        log = open(self.dir / "agent.log", "a")
+        self.proc = subprocess.Popen(
+            [str(exe), "agent", "--config", str(self.config), "-v"], stdout=log, stderr=log, text=True, env=env
+        )
+
+    def wait_exit(self, timeout: float = 60) -> int:
+        assert self.proc is not None
+        rc = self.proc.wait(timeout)
+        self.proc = None
+        return rc
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+            self.proc = None
+
+    def log(self) -> str:
+        return (self.dir / "agent.log").read_text()
+
+    def on_disk(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The pointer and agent state as a restarted agent would read them; checks they are whole."""
+        pointer = json.loads((self.data / "active.json").read_text())
+        state = json.loads((self.data / "agent.json").read_text()) if (self.data / "agent.json").exists() else {}
+        slot_file = self.data / "slots" / pointer["slot"] / "bundle.efb"
+        assert sha256_file(slot_file) == pointer["sha256"], "active slot does not hold the bundle the pointer names"
+        m = open_bundle(slot_file).manifest  # and it verifies as a whole bundle
+        assert m.version == pointer["version"]
+        return pointer, state
+
+
+def _active_version(o: Observer, dev: str) -> str | None:
+    st = o.state(dev)
+    return (st.get("active") or {}).get("version")
+
+
+def _idle_on(o: Observer, dev: str, version: str) -> bool:
+    st = o.state(dev)
+    return _active_version(o, dev) == version and st.get("update", {}).get("state") == "idle"
+
+
+def test_update_commit_rollback_refusals_and_explicit_rollback(
+    tmp_path: Path, broker: Mosquitto, files: FileServer, observer: Observer, mlp_bundles: dict, publisher
+) -> None:
+    dev = Device(tmp_path / "d", "dev-a", broker, publisher, mlp_bundles["1.0.0"])
+    dev.start()
+    try:
+        observer.wait(lambda: _idle_on(observer, "dev-a", "1.0.0"), 30, "v1 installed")
+        assert observer.status("dev-a")["online"] is True
+        v2 = bundle_ref(mlp_bundles["2.0.0"], files.url)
+        observer.desire("dev-a", v2, "r1")
+        observer.wait(lambda: observer.events("dev-a", "committed"), 60, "v2 committed")
+        observer.wait(lambda: _idle_on(observer, "dev-a", "2.0.0"), 10, "state shows v2")
+        path = [e["to_state"] for e in observer.events("dev-a", "update_state")]
+        assert path == [
+            "downloading",
+            "verifying",
+            "staging",
+            "smoke_test",
+            "switching",
+            "health_watch",
+            "committing",
+            "idle",
+        ]
+        assert observer.state("dev-a")["committed"]["version"] == "2.0.0"
+
+        # v3 gives the same answers, far slower: the smoke test passes, the health window does not.
+        v3 = bundle_ref(mlp_bundles["3.0.0"], files.url)
+        observer.desire("dev-a", v3, "r2")
+        (rb,) = observer.wait(lambda: observer.events("dev-a", "rolled_back"), 60, "v3 rolled back")
+        assert "p95 latency" in rb["reason"] and rb["rollout"] == "r2"
+        observer.wait(lambda: _idle_on(observer, "dev-a", "2.0.0"), 10, "back on v2")
+        st = observer.state("dev-a")
+        assert st["committed"]["version"] == "2.0.0" and st["update"]["refused"] == {"mlp:3.0.0": "r2"}
+        observer.wait(lambda: observer.state("dev-a")["update"]["refused"] == {"mlp:3.0.0": "r2"}, 5, "refusal")
+
+        # The same rollout does not get v3 again; a new rollout may.
+        def downloads() -> int:
+            return len([e for e in observer.events("dev-a", "update_state") if e["to_state"] == "downloading"])
+
+        n_downloads = downloads()
+        observer.desire("dev-a", v3, "r2")
+        time.sleep(1.5)
+        assert downloads() == n_downloads
+        v3_gets = len([r for r in files.requests if r[0].endswith("3.0.0.efb")])
+        observer.desire("dev-a", v3, "r2b")
+        observer.wait(lambda: len(observer.events("dev-a", "rolled_back")) == 2, 60, "v3 tried again in a new rollout")
+        # it was still in the inactive slot: verified again, not downloaded again
+        assert len([r for r in files.requests if r[0].endswith("3.0.0.efb")]) == v3_gets
+
+        # A downgrade is refused unless the server orders a rollback.
+        v1 = bundle_ref(mlp_bundles["1.0.0"], files.url)
+        observer.desire("dev-a", v1, "r3")
+        (ref,) = observer.wait(lambda: observer.events("dev-a", "update_refused"), 20, "downgrade refused")
+        assert "downgrade" in ref["reason"] and _active_version(observer, "dev-a") == "2.0.0"
+        observer.desire("dev-a", v1, "r4", action="rollback")
+        observer.wait(lambda: len(observer.events("dev-a", "committed")) == 2, 60, "rollback to v1 committed")
+        observer.wait(lambda: _idle_on(observer, "dev-a", "1.0.0"), 10, "on v1")
+
+        # Telemetry went out per window, tagged with the bundle that produced it, each with a unique key.
+        ws = observer.windows("dev-a")
+        assert {w["bundle"]["version"] for w in ws} >= {"1.0.0", "2.0.0"}
+        keys = [w["key"] for w in ws]
+        assert len(set(keys)) == len(keys) and all(w["accelerator"] == "CPUExecutionProvider" for w in ws)
+    finally:
+        dev.stop()
+    assert observer.wait(lambda: observer.status("dev-a").get("online") is False, 10, "offline status")
+
+
+def test_interrupted_download_resumes_with_range(
+    tmp_path: Path, broker: Mosquitto, files: FileServer, observer: Observer, mlp_bundles: dict, publisher
+) -> None:
+    dev = Device(tmp_path / "d", "dev-r", broker, publisher, mlp_bundles["1.0.0"], health={"window_s": 0.5})
+    name = mlp_bundles["3.0.0"].name
+    files.cut_after["/" + name] = 100_000
+    seen = len(files.requests)
+    dev.start()
+    try:
+        observer.wait(lambda: _idle_on(observer, "dev-r", "1.0.0"), 30, "v1 installed")
+        observer.desire("dev-r", bundle_ref(mlp_bundles["3.0.0"], files.url), "r1")
+        observer.wait(lambda: observer.events("dev-r", "rolled_back"), 60, "v3 tried")
+        mine = [r for r in files.requests[seen:] if r[0] == "/" + name]
+        assert mine[0][1] is None and mine[1][1] is not None and mine[1][1].startswith("bytes=")
+        assert 0 < int(mine[1][1][6:].rstrip("-")) <= 100_000  # resumed where the cut left it, not from 0
+    finally:
+        dev.stop()
+
+
+def test_bad_downloads_never_reach_a_slot(
+    tmp_path: Path, broker: Mosquitto, files: FileServer, observer: Observer, mlp_bundles: dict, publisher
+) -> None:
+    # a bundle signed by someone else, served with a correct size and sha256
+    other = generate_keypair(tmp_path / "other")
+    from edgefleet import sign_bundle
+
+    sign_bundle(mlp_bundles["2.0.0"], other, files.root / "foreign.efb")
+    dev = Device(tmp_path / "d", "dev-b", broker, publisher, mlp_bundles["1.0.0"])
+    dev.start()
+    try:
+        observer.wait(lambda: _idle_on(observer, "dev-b", "1.0.0"), 30, "v1 installed")
+        observer.desire("dev-b", bundle_ref(files.root / "foreign.efb", files.url), "r1")
+        (f1,) = observer.wait(lambda: observer.events("dev-b", "update_failed"), 30, "foreign bundle refused")
+        assert "verification failed" in f1["reason"] and "signature" in f1["reason"]
+        wrong = bundle_ref(mlp_bundles["2.0.0"], files.url)
+        wrong["sha256"] = "0" * 64
+        observer.desire("dev-b", wrong, "r2")
+        f2 = observer.wait(lambda: observer.events("dev-b", "update_failed")[1:], 30, "hash mismatch refused")[0]
+        assert "sha256" in f2["reason"]
+        assert not (dev.data / "slots" / "b" / "bundle.efb").exists()
+        assert _active_version(observer, "dev-b") == "1.0.0"
+        # garbage on the command and desired topics is reported, and the agent carries on
+        observer.publish("dev-b", "commands", b"{not json")
+        observer.publish("dev-b", "desired", json.dumps({"schema": "edgefleet.desired/1", "bundle": {"name": 3}}))
+        observer.wait(lambda: len(observer.events("dev-b", "bad_message")) == 2, 20, "bad messages reported")
+        observer.desire("dev-b", bundle_ref(mlp_bundles["2.0.0"], files.url), "r3")
+        observer.wait(lambda: _idle_on(observer, "dev-b", "2.0.0"), 60, "a good update still works")
+    finally:
+        dev.stop()
+
+
+def _buffered(db: Path) -> int:
+    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    try:
+        return int(con.execute("SELECT COUNT(*) FROM windows WHERE kind = 'telemetry'").fetchone()[0])
+    finally:
+        con.close()
+
+
+def test_offline_buffer_drains_oldest_first_within_the_bandwidth_cap(
+    tmp_path: Path, files: FileServer, mlp_bundles: dict, publisher
+) -> None:
+    broker = Mosquitto(tmp_path / "broker")
+    dev = Device(tmp_path / "d", "dev-o", broker, publisher, mlp_bundles["1.0.0"], window_s=0.2, drain_bytes_per_s=6000)
+    observer = Observer(broker.port)
+    dev.start()
+    try:
+        observer.wait(lambda: _idle_on(observer, "dev-o", "1.0.0"), 30, "v1 installed")
+        observer.wait(lambda: len(observer.windows("dev-o")) >= 3, 20, "windows flowing")
+        broker.stop()
+        time.sleep(5)
+        queued = _buffered(dev.data / "telemetry.db")
+        assert queued >= 15, "windows kept filling the buffer while the broker was down"
+        seen = len(observer.windows("dev-o"))
+        broker.start()
+        t0 = time.monotonic()
+        observer.wait(lambda: len(observer.windows("dev-o")) >= seen + queued, 60, "backlog delivered")
+        elapsed = time.monotonic() - t0
+        backlog = observer.windows("dev-o")[seen : seen + queued]
+        size = sum(len(json.dumps(w, separators=(",", ":"))) for w in backlog)
+        # oldest first, and no faster than the cap allows (one second of burst)
+        starts = [w["start"] for w in backlog]
+        assert starts == sorted(starts)
+        assert elapsed >= (size - 6000) / 6000 * 0.8
+        keys = [w["key"] for w in observer.windows("dev-o")]
+        assert len(set(keys)) == len(keys)
+        observer.wait(lambda: _buffered(dev.data / "telemetry.db") <= 3, 30, "acknowledged windows deleted")
+    finally:
+        dev.stop()
+        observer.close()
+        broker.stop()
+
+
+def test_shadow_mode_in_process(tmp_path: Path, broker: Mosquitto, files: FileServer, observer, mlp_bundles, publisher):
+    from edgefleet.runtime import Agent, load_config
+
+    dev = Device(tmp_path / "d", "dev-s", broker, publisher, mlp_bundles["1.0.0"], self_test_hz=0)
+    agent = Agent(load_config(dev.config))
+    agent.start()
+    try:
+        observer.wait(lambda: observer.status("dev-s").get("online"), 20, "online")
+        observer.command(
+            "dev-s",
+            "c1",
+            "shadow",
+            {"bundle": bundle_ref(mlp_bundles["2.0.0"], files.url), "sample_rate": 1.0, "min_samples": 40},
+        )
+        observer.wait(lambda: observer.events("dev-s", "shadow_started"), 20, "shadow started")
+        x = open_bundle(mlp_bundles["1.0.0"]).golden_inputs()
+        deadline = time.monotonic() + 30
+        while not observer.events("dev-s", "shadow_report") and time.monotonic() < deadline:
+            agent.predict(x)
+            time.sleep(0.01)
+        (rep,) = observer.events("dev-s", "shadow_report")
+        assert rep["candidate"]["version"] == "2.0.0" and rep["samples"] >= 40
+        assert 0.5 <= rep["agreement"] <= 1.0
+        assert rep["active_p95_ms"] > 0 and rep["candidate_p95_ms"] > 0
+        assert agent.model is not None and agent.model.info.version == "1.0.0"  # nothing promoted
+    finally:
+        agent.stop()
+
+
+def test_corrupt_buffer_is_replaced_and_reported(tmp_path, broker, observer, mlp_bundles, publisher) -> None:
+    dev = Device(tmp_path / "d", "dev-c", broker, publisher, mlp_bundles["1.0.0"])
+    dev.data.mkdir(parents=True)
+    (dev.data / "telemetry.db").write_bytes(b"this is not a database" * 500)
+    dev.start()
+    try:
+        (ev,) = observer.wait(lambda: observer.events("dev-c", "buffer_reset"), 30, "reset reported")
+        assert "corrupt" in ev["reason"]
+        observer.wait(lambda: observer.windows("dev-c"), 20, "telemetry flowing again")
+    finally:
+        dev.stop()
+
+
+# Kill points over every state of an update: (failpoint, bundle to offer, expected final version).
+COMMIT_PATH = [
+    "download.start",
+    "download.done",
+    "verify.before",
+    "verify.after",
+    "stage.temp_written",
+    "stage.renamed",
+    "stage.done",
+    "smoke.before",
+    "smoke.after",
+    "switch.before",
+    "switch.temp_written",
+    "switch.renamed",
+    "switch.after",
+    "watch.tick",
+    "watch.pass",
+    "commit.before",
+    "commit.after",
+]
+ROLLBACK_PATH = ["download.mid", "rollback.before", "rollback.switched", "rollback.after", "watch.tick"]
+KILL_POINTS = [(fp, "2.0.0", "2.0.0") for fp in COMMIT_PATH] + [(fp, "3.0.0", "1.0.0") for fp in ROLLBACK_PATH]
+
+
+@pytest.mark.parametrize(("failpoint", "offer", "final"), KILL_POINTS, ids=[f"{k[0]}-{k[1]}" for k in KILL_POINTS])
+def test_kill_9_during_update_leaves_a_consistent_device(
+    tmp_path: Path,
+    broker: Mosquitto,
+    files: FileServer,
+    observer: Observer,
+    mlp_bundles: dict,
+    publisher,
+    failpoint: str,
+    offer: str,
+    final: str,
+) -> None:
+    dev_id = "k-" + failpoint.replace(".", "-").replace("_", "-") + "-" + offer[0]
+    dev = Device(tmp_path / "d", dev_id, broker, publisher, mlp_bundles["1.0.0"], health={"window_s": 1.0})
+    dev.start()  # install v1 first, so the kill points are hit by the update, not the first install
+    observer.wait(lambda: _idle_on(observer, dev_id, "1.0.0"), 30, "v1 installed")
+    dev.stop()
+    dev.start(failpoint=failpoint)
+    observer.desire(dev_id, bundle_ref(mlp_bundles[offer], files.url), "r1")
+    rc = dev.wait_exit(90)
+    assert rc == -signal.SIGKILL, dev.log()[-2000:]
+    pointer, state = dev.on_disk()
+    assert pointer["version"] in ("1.0.0", offer)  # exactly the old or exactly the new bundle
+    dev.start()
+    try:
+        outcome = "committed" if final == offer else "rolled_back"
+        observer.wait(lambda: observer.events(dev_id, outcome), 90, outcome)
+        observer.wait(lambda: _idle_on(observer, dev_id, final), 30, f"settled on {final}")
+        pointer, state = dev.on_disk()
+        assert pointer["version"] == final and state["state"] == "idle"
+        assert state["committed"]["version"] == final
+        assert not list((dev.data / "slots").glob("*/.*.tmp"))
+    finally:
+        dev.stop()
