@@ -429,7 +429,9 @@ def _requirements(fmt: str, path: Path) -> dict[str, Any]:
         ort_min = ORT_FOR_OPSET.get(opset, "1.22" if opset > 23 else "1.7")
         return {"onnx_opset": int(opset), "min_onnxruntime": ort_min, "ir_version": int(m.ir_version)}
     lit = version("ai-edge-litert") if _has("ai-edge-litert") else "1.0"
-    return {"tflite_schema": 3, "min_litert": ".".join(lit.split(".")[:2])}
+    # LiteRT keeps the schema and op versions compatible within a major release; an op version a runtime
+    # lacks still fails at load (before activation) with the op named.
+    return {"tflite_schema": 3, "min_litert": lit.split(".")[0] + ".0"}
 
 
 def _has(pkg: str) -> bool:

@@ -9,6 +9,8 @@ Needs `pip install 'edgefleet[runtime]'` (onnxruntime, ai-edge-litert, paho-mqtt
 
 from __future__ import annotations
 
+from edgefleet import BundleError, InputError
+
 from ._agent import Agent, UpdateState
 from ._config import AgentConfig, HealthPolicy, MqttConfig, load_config
 from ._model import GoldenResult, Model, ModelInfo, load
@@ -18,8 +20,10 @@ __all__ = [
     "Agent",
     "AgentConfig",
     "BufferStats",
+    "BundleError",
     "GoldenResult",
     "HealthPolicy",
+    "InputError",
     "Model",
     "ModelInfo",
     "MqttConfig",

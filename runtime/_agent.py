@@ -58,6 +58,7 @@ log = logging.getLogger("edgefleet.agent")
 
 _MAX_INFLIGHT = 32
 _DOWNLOAD_RETRIES = 8
+_WARMUP_PROBES = 3
 
 
 class UpdateState(StrEnum):
@@ -113,14 +114,20 @@ class _Health:
         self.nan = 0
         self.live_ms: list[float] = []
         self.probe_ms: list[float] = []
+        self.probes = 0
 
     def add(self, ms: float | None, error: bool, nan: bool, probe: bool) -> None:
         with self.lock:
             self.calls += 1
             self.errors += int(error)
             self.nan += int(nan)
-            if ms is not None:
-                (self.probe_ms if probe else self.live_ms).append(ms)
+            if probe:
+                self.probes += 1
+                # The first runs after a switch or restart pay for cold caches; they say nothing about the model.
+                if ms is not None and self.probes > _WARMUP_PROBES:
+                    self.probe_ms.append(ms)
+            elif ms is not None:
+                self.live_ms.append(ms)
 
 
 def _p95(values: list[float] | deque[float]) -> float | None:
@@ -702,11 +709,12 @@ class Agent:
         if bad and calls >= hp.min_calls:
             reason = "; ".join(bad)
             self._persist(UpdateState.ROLLING_BACK, last_result={"reason": reason, "health": summary}, reason=reason)
-        elif now >= self._watch_until and calls >= hp.min_calls:
+        elif now >= self._watch_until and calls >= hp.min_calls and (old is None or len(h.probe_ms) >= 5):
+            # A model too slow to finish a few probes in the window is not passed for lack of evidence.
             failpoint("watch.pass")
             self._persist(UpdateState.COMMITTING, last_result={"health": summary})
         elif now >= self._watch_until + 4 * hp.window_s:
-            reason = f"only {calls} calls in the health window (need {hp.min_calls})"
+            reason = f"too little evidence in the health window: {calls} calls (need {hp.min_calls})"
             self._persist(UpdateState.ROLLING_BACK, last_result={"reason": reason, "health": summary}, reason=reason)
 
     # -- MQTT ------------------------------------------------------------------------------------

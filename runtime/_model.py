@@ -232,6 +232,42 @@ class Model:
         self.close()
 
 
+# The plain CPU kernels each backend falls back to when an accelerator computes wrong results.
+_REFERENCE = {"onnx": "CPUExecutionProvider", "tflite": "cpu"}
+
+
+def _open_checked(
+    bundle: Bundle,
+    entry: ModelEntry,
+    accelerators: Sequence[str] | None,
+    threads: int | None,
+    sha: str,
+    skipped: list[str],
+    verify: bool,
+) -> Model:
+    wanted = list(accelerators) if accelerators is not None else None
+    session = open_session(entry, bundle.read(entry.path), SessionOptions(wanted, threads))
+    model = Model(bundle, entry, session, sha, skipped)
+    if not verify or bundle.golden_inputs() is None or not entry.golden_outputs:
+        return model
+    ref = _REFERENCE[entry.format]
+    res = model.check_golden()
+    if not res.ok and session.accelerator != ref:
+        # An accelerator that computes wrong answers is worse than a slow one.
+        note = f"{session.accelerator} failed the golden sample check (max |diff| {res.max_abs_diff:.3g})"
+        session.close()
+        fallback = open_session(entry, bundle.read(entry.path), SessionOptions([ref], threads))
+        fallback.fallbacks = [*session.fallbacks, f"{note}; using {ref} kernels", *fallback.fallbacks]
+        model = Model(bundle, entry, fallback, sha, skipped)
+        res = model.check_golden()
+    if not res.ok:
+        raise BundleError(
+            f"model '{entry.id}' fails its golden sample on this device (max |diff| {res.max_abs_diff:.3g}, "
+            f"atol {res.atol:.3g}); it is not activated"
+        )
+    return model
+
+
 def _candidates(bundle: Bundle, backend: str, model_id: str | None) -> list[ModelEntry]:
     models = bundle.manifest.models
     if model_id is not None:
@@ -259,6 +295,7 @@ def load(
     telemetry: TelemetryBuffer | None = None,
     device_id: str = "local",
     window_s: float = 60.0,
+    verify: bool = True,
 ) -> Model:
     """Verify the bundle at PATH and load one of its models.
 
@@ -266,7 +303,9 @@ def load(
     the model's runtime requirements are checked. BACKEND `auto` takes the first model in the
     bundle the installed backends can run; ACCELERATORS (ONNX Runtime providers, or LiteRT
     `xnnpack` / `cpu` / a delegate library path) override the bundle's hints, and a missing or
-    failing one falls back to CPU, as `model.info.fallbacks` says.
+    failing one falls back to CPU, as `model.info.fallbacks` says. With VERIFY (the default) the
+    bundle's golden sample is run once on the chosen accelerator: one that computes wrong results
+    is dropped for the plain CPU kernels, and a model that fails on those is refused.
     """
     if trusted_keys is None and not allow_unsigned:
         raise InputError(
@@ -281,14 +320,12 @@ def load(
             reasons.append(f"{entry.id}: {mod} is not installed (pip install 'edgefleet[{_BACKEND_EXTRA}]')")
             continue
         try:
-            opts = SessionOptions(list(accelerators) if accelerators is not None else None, threads)
-            session = open_session(entry, bundle.read(entry.path), opts)
+            model = _open_checked(bundle, entry, accelerators, threads, sha256_file(Path(path)), reasons, verify)
         except BundleError as exc:
             if model_id is not None or backend != "auto":
                 raise
             reasons.append(f"{entry.id}: {exc}")
             continue
-        model = Model(bundle, entry, session, sha256_file(Path(path)), reasons)
         if telemetry is not None:
             model.attach_telemetry(telemetry, device_id=device_id, window_s=window_s)
         return model

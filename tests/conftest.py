@@ -1,11 +1,15 @@
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+from ._mqtt_driver import Observer
+from ._servers import FileServer, Mosquitto
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -147,3 +151,27 @@ def keypair(tmp_path: Path):
 
     key = generate_keypair(tmp_path / "key")
     return key, tmp_path / "key", tmp_path / "key.pub"
+
+
+@pytest.fixture(scope="session")
+def broker(tmp_path_factory: pytest.TempPathFactory):
+    b = Mosquitto(tmp_path_factory.mktemp("mosquitto"))
+    yield b
+    b.stop()
+
+
+@pytest.fixture(scope="session")
+def files(tmp_path_factory: pytest.TempPathFactory, mlp_bundles: dict):
+    root = tmp_path_factory.mktemp("www")
+    for p in mlp_bundles.values():
+        shutil.copy(p, root / p.name)
+    srv = FileServer(root)
+    yield srv
+    srv.close()
+
+
+@pytest.fixture()
+def observer(broker: Mosquitto):
+    o = Observer(broker.port)
+    yield o
+    o.close()

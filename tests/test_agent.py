@@ -25,34 +25,21 @@ from ._servers import FileServer, Mosquitto
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def broker(tmp_path_factory: pytest.TempPathFactory):
-    b = Mosquitto(tmp_path_factory.mktemp("mosquitto"))
-    yield b
-    b.stop()
-
-
-@pytest.fixture(scope="module")
-def files(tmp_path_factory: pytest.TempPathFactory, mlp_bundles: dict):
-    root = tmp_path_factory.mktemp("www")
-    for p in mlp_bundles.values():
-        shutil.copy(p, root / p.name)
-    srv = FileServer(root)
-    yield srv
-    srv.close()
-
-
-@pytest.fixture()
-def observer(broker: Mosquitto):
-    o = Observer(broker.port)
-    yield o
-    o.close()
-
-
 class Device:
     """One agent process with its own config and data directory."""
 
-    def __init__(self, workdir: Path, device_id: str, broker: Mosquitto, publisher, initial: Path | None, **cfg: Any):
+    def __init__(
+        self,
+        workdir: Path,
+        device_id: str,
+        broker: Mosquitto,
+        publisher,
+        initial: Path | None,
+        python: tuple[list[str], dict[str, str]] | None = None,
+        **cfg: Any,
+    ):
+        # PYTHON: (command prefix, extra environment) of another Python to run the agent with (aarch64 under qemu)
+        self.python = python
         self.dir = workdir
         self.id = device_id
         self.data = workdir / "data"
@@ -81,10 +68,14 @@ class Device:
         env.pop("EDGEFLEET_FAILPOINTS", None)
         if failpoint:
             env["EDGEFLEET_FAILPOINTS"] = failpoint
-        exe = Path(sys.executable).parent / "edgefleet"
+        if self.python is None:
+            cmd = [str(Path(sys.executable).parent / "edgefleet")]
+        else:
+            cmd = [*self.python[0], "-m", "edgefleet._cli"]
+            env.update(self.python[1])
         log = open(self.dir / "agent.log", "a")
         self.proc = subprocess.Popen(
-            [str(exe), "agent", "--config", str(self.config), "-v"], stdout=log, stderr=log, text=True, env=env
+            [*cmd, "agent", "--config", str(self.config), "-v"], stdout=log, stderr=log, text=True, env=env
         )
 
     def wait_exit(self, timeout: float = 60) -> int:
@@ -130,16 +121,22 @@ def _idle_on(o: Observer, dev: str, version: str) -> bool:
 def test_update_commit_rollback_refusals_and_explicit_rollback(
     tmp_path: Path, broker: Mosquitto, files: FileServer, observer: Observer, mlp_bundles: dict, publisher
 ) -> None:
-    dev = Device(tmp_path / "d", "dev-a", broker, publisher, mlp_bundles["1.0.0"])
+    update_scenario(tmp_path, broker, files, observer, mlp_bundles, publisher)
+
+
+def update_scenario(tmp_path, broker, files, observer, mlp_bundles, publisher, python=None, device="dev-a") -> None:
+    """v1 -> v2 committed -> v3 rolled back (slow) -> refusals -> explicit rollback to v1."""
+    health = {} if python is None else {"window_s": 3.0, "max_p95_ratio": 3.0, "p95_slack_ms": 5.0}
+    dev = Device(tmp_path / "d", device, broker, publisher, mlp_bundles["1.0.0"], python=python, health=health)
     dev.start()
     try:
-        observer.wait(lambda: _idle_on(observer, "dev-a", "1.0.0"), 30, "v1 installed")
-        assert observer.status("dev-a")["online"] is True
+        observer.wait(lambda: _idle_on(observer, device, "1.0.0"), 30, "v1 installed")
+        assert observer.status(device)["online"] is True
         v2 = bundle_ref(mlp_bundles["2.0.0"], files.url)
-        observer.desire("dev-a", v2, "r1")
-        observer.wait(lambda: observer.events("dev-a", "committed"), 60, "v2 committed")
-        observer.wait(lambda: _idle_on(observer, "dev-a", "2.0.0"), 10, "state shows v2")
-        path = [e["to_state"] for e in observer.events("dev-a", "update_state")]
+        observer.desire(device, v2, "r1")
+        observer.wait(lambda: observer.events(device, "committed"), 60, "v2 committed")
+        observer.wait(lambda: _idle_on(observer, device, "2.0.0"), 10, "state shows v2")
+        path = [e["to_state"] for e in observer.events(device, "update_state")]
         assert path == [
             "downloading",
             "verifying",
@@ -150,49 +147,49 @@ def test_update_commit_rollback_refusals_and_explicit_rollback(
             "committing",
             "idle",
         ]
-        assert observer.state("dev-a")["committed"]["version"] == "2.0.0"
+        assert observer.state(device)["committed"]["version"] == "2.0.0"
 
         # v3 gives the same answers, far slower: the smoke test passes, the health window does not.
         v3 = bundle_ref(mlp_bundles["3.0.0"], files.url)
-        observer.desire("dev-a", v3, "r2")
-        (rb,) = observer.wait(lambda: observer.events("dev-a", "rolled_back"), 60, "v3 rolled back")
+        observer.desire(device, v3, "r2")
+        (rb,) = observer.wait(lambda: observer.events(device, "rolled_back"), 60, "v3 rolled back")
         assert "p95 latency" in rb["reason"] and rb["rollout"] == "r2"
-        observer.wait(lambda: _idle_on(observer, "dev-a", "2.0.0"), 10, "back on v2")
-        st = observer.state("dev-a")
+        observer.wait(lambda: _idle_on(observer, device, "2.0.0"), 10, "back on v2")
+        st = observer.state(device)
         assert st["committed"]["version"] == "2.0.0" and st["update"]["refused"] == {"mlp:3.0.0": "r2"}
-        observer.wait(lambda: observer.state("dev-a")["update"]["refused"] == {"mlp:3.0.0": "r2"}, 5, "refusal")
+        observer.wait(lambda: observer.state(device)["update"]["refused"] == {"mlp:3.0.0": "r2"}, 5, "refusal")
 
         # The same rollout does not get v3 again; a new rollout may.
         def downloads() -> int:
-            return len([e for e in observer.events("dev-a", "update_state") if e["to_state"] == "downloading"])
+            return len([e for e in observer.events(device, "update_state") if e["to_state"] == "downloading"])
 
         n_downloads = downloads()
-        observer.desire("dev-a", v3, "r2")
+        observer.desire(device, v3, "r2")
         time.sleep(1.5)
         assert downloads() == n_downloads
         v3_gets = len([r for r in files.requests if r[0].endswith("3.0.0.efb")])
-        observer.desire("dev-a", v3, "r2b")
-        observer.wait(lambda: len(observer.events("dev-a", "rolled_back")) == 2, 60, "v3 tried again in a new rollout")
+        observer.desire(device, v3, "r2b")
+        observer.wait(lambda: len(observer.events(device, "rolled_back")) == 2, 60, "v3 tried again in a new rollout")
         # it was still in the inactive slot: verified again, not downloaded again
         assert len([r for r in files.requests if r[0].endswith("3.0.0.efb")]) == v3_gets
 
         # A downgrade is refused unless the server orders a rollback.
         v1 = bundle_ref(mlp_bundles["1.0.0"], files.url)
-        observer.desire("dev-a", v1, "r3")
-        (ref,) = observer.wait(lambda: observer.events("dev-a", "update_refused"), 20, "downgrade refused")
-        assert "downgrade" in ref["reason"] and _active_version(observer, "dev-a") == "2.0.0"
-        observer.desire("dev-a", v1, "r4", action="rollback")
-        observer.wait(lambda: len(observer.events("dev-a", "committed")) == 2, 60, "rollback to v1 committed")
-        observer.wait(lambda: _idle_on(observer, "dev-a", "1.0.0"), 10, "on v1")
+        observer.desire(device, v1, "r3")
+        (ref,) = observer.wait(lambda: observer.events(device, "update_refused"), 20, "downgrade refused")
+        assert "downgrade" in ref["reason"] and _active_version(observer, device) == "2.0.0"
+        observer.desire(device, v1, "r4", action="rollback")
+        observer.wait(lambda: len(observer.events(device, "committed")) == 2, 60, "rollback to v1 committed")
+        observer.wait(lambda: _idle_on(observer, device, "1.0.0"), 10, "on v1")
 
         # Telemetry went out per window, tagged with the bundle that produced it, each with a unique key.
-        ws = observer.windows("dev-a")
+        ws = observer.windows(device)
         assert {w["bundle"]["version"] for w in ws} >= {"1.0.0", "2.0.0"}
         keys = [w["key"] for w in ws]
         assert len(set(keys)) == len(keys) and all(w["accelerator"] == "CPUExecutionProvider" for w in ws)
     finally:
         dev.stop()
-    assert observer.wait(lambda: observer.status("dev-a").get("online") is False, 10, "offline status")
+    assert observer.wait(lambda: observer.status(device).get("online") is False, 10, "offline status")
 
 
 def test_interrupted_download_resumes_with_range(
@@ -366,8 +363,15 @@ def test_kill_9_during_update_leaves_a_consistent_device(
     offer: str,
     final: str,
 ) -> None:
-    dev_id = "k-" + failpoint.replace(".", "-").replace("_", "-") + "-" + offer[0]
-    dev = Device(tmp_path / "d", dev_id, broker, publisher, mlp_bundles["1.0.0"], health={"window_s": 1.0})
+    kill_case(tmp_path, broker, files, observer, mlp_bundles, publisher, failpoint, offer, final)
+
+
+def kill_case(tmp_path, broker, files, observer, mlp_bundles, publisher, failpoint, offer, final, python=None):
+    """SIGKILL at FAILPOINT while updating v1 -> OFFER; on disk it must be old or new, and settle on FINAL."""
+    dev_id = "k-" + failpoint.replace(".", "-").replace("_", "-") + "-" + offer[0] + ("-arm" if python else "")
+    # Under qemu every instruction is emulated: latencies there are noisy and about 50x native.
+    health = {"window_s": 1.0} if python is None else {"window_s": 3.0, "max_p95_ratio": 3.0, "p95_slack_ms": 5.0}
+    dev = Device(tmp_path / "d", dev_id, broker, publisher, mlp_bundles["1.0.0"], python=python, health=health)
     dev.start()  # install v1 first, so the kill points are hit by the update, not the first install
     observer.wait(lambda: _idle_on(observer, dev_id, "1.0.0"), 30, "v1 installed")
     dev.stop()

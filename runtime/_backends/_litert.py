@@ -15,7 +15,8 @@ from edgefleet._manifest import version_tuple
 from . import Session, SessionOptions
 
 XNNPACK = "xnnpack"
-REFERENCE = "cpu"
+CPU = "cpu"  # LiteRT's built-in optimized kernels, no delegate
+REFERENCE = "reference"  # the portable reference kernels: slow, identical results on every CPU
 
 
 def _first_line(exc: BaseException) -> str:
@@ -65,9 +66,11 @@ class LiteRtSession(Session):
             try:
                 if spec == XNNPACK:
                     self._it = self._make(interp, data, options, interp.OpResolverType.AUTO, [])
-                elif spec == REFERENCE:
+                elif spec == CPU:
                     resolver = interp.OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
                     self._it = self._make(interp, data, options, resolver, [])
+                elif spec == REFERENCE:
+                    self._it = self._make(interp, data, options, interp.OpResolverType.BUILTIN_REF, [])
                 elif is_delegate_path(spec):
                     path, opts = _parse_delegate(spec)
                     _check_delegate_library(path)
@@ -75,7 +78,7 @@ class LiteRtSession(Session):
                     self._it = self._make(interp, data, options, interp.OpResolverType.AUTO, [delegate])
                 else:
                     self.fallbacks.append(
-                        f"unknown LiteRT accelerator '{spec}' (use 'xnnpack', 'cpu' or a delegate library path)"
+                        f"unknown LiteRT accelerator '{spec}' (use 'xnnpack', 'cpu', 'reference' or a delegate library path)"
                     )
                     continue
             except BundleError:
