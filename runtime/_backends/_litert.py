@@ -78,7 +78,8 @@ class LiteRtSession(Session):
                     self._it = self._make(interp, data, options, interp.OpResolverType.AUTO, [delegate])
                 else:
                     self.fallbacks.append(
-                        f"unknown LiteRT accelerator '{spec}' (use 'xnnpack', 'cpu', 'reference' or a delegate library path)"
+                        f"unknown LiteRT accelerator '{spec}' "
+                        "(use 'xnnpack', 'cpu', 'reference' or a delegate library path)"
                     )
                     continue
             except BundleError:
