@@ -5,7 +5,25 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | sha256sum | cut -c1-12)
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint bench clean system
+
+# Debian packages the tests run for real: the Mosquitto broker and qemu-user (aarch64 runtime tests).
+# Installed when root (CI, fresh machines); otherwise they must be there already.
+SYSTEM_STAMP := $(VENV)/.system-$(shell echo mosquitto qemu-user | sha256sum | cut -c1-8)
+$(SYSTEM_STAMP):
+	@mkdir -p $(VENV)
+	@if command -v mosquitto >/dev/null || test -x /usr/sbin/mosquitto; then :; \
+	elif [ "$$(id -u)" = 0 ]; then \
+	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q mosquitto mosquitto-clients qemu-user; \
+	else echo "mosquitto is missing: sudo apt-get install mosquitto qemu-user" >&2; exit 1; fi
+	@if ! command -v qemu-aarch64 >/dev/null; then \
+	  if [ "$$(id -u)" = 0 ]; then DEBIAN_FRONTEND=noninteractive apt-get install -y -q qemu-user; \
+	  else echo "qemu-aarch64 is missing: sudo apt-get install qemu-user" >&2; exit 1; fi; fi
+	@# The broker is started by the tests on loopback ports; the Debian service is not needed.
+	@-systemctl disable --now mosquitto >/dev/null 2>&1 || true
+	touch $@
+
+system: $(SYSTEM_STAMP)
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,11 +41,14 @@ lint: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m mypy sdk runtime
 
-test: $(STAMP) lint
+test: $(STAMP) $(SYSTEM_STAMP) lint
+	# The aarch64 Python under qemu (cached in .cache/aarch64; downloads arm64 debs and aarch64 wheels once)
+	PYTHON=$(PY) bash tools/aarch64-env.sh
 	$(PY) -m pytest -q -ra $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(PY) benchmarks/compression.py
+	$(PY) benchmarks/runtime_overhead.py
 
 clean:
 	rm -rf build test-artifacts .pytest_cache .mypy_cache .ruff_cache

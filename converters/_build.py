@@ -68,6 +68,10 @@ class BuildConfig:
             raise InputError(f"unknown format(s) {bad or self.formats}: use onnx, tflite or onnx,tflite")
         if self.layout not in ("NCHW", "NHWC", "NC"):
             raise InputError(f"layout {self.layout!r} is not one of NCHW, NHWC, NC")
+        try:
+            json.dumps(self.preprocessing, allow_nan=False)
+        except (TypeError, ValueError) as exc:
+            raise InputError(f"preprocessing must hold plain JSON values (use .tolist() for arrays): {exc}") from exc
 
 
 @dataclass

@@ -36,6 +36,9 @@ _LAT_EDGES_S = np.asarray(LATENCY_EDGES_MS, dtype=np.float64) / 1000.0
 # which costs little beside their inference and avoids holding many copies.
 _BATCH_SAMPLES = 256
 _COPY_LIMIT_BYTES = 64 * 1024
+# Large inputs are summarised only while that costs at most this share of the inference time itself;
+# the histograms then cover a sample of the calls (the window says how many).
+_SUMMARY_BUDGET = 0.02
 _RESERVE_BYTES = 256 * 1024
 
 _SCHEMA = """
@@ -389,7 +392,10 @@ class WindowAggregator:
         self._ys: list[np.ndarray] = []
         self._pending = 0
         self._samples = 0
+        self._summarised = 0
         self._nan = 0
+        self._infer_s = 0.0
+        self._summary_s = 0.0
         self._counts: dict[str, Any] | None = None
 
     def record(self, x: np.ndarray | None, y: np.ndarray | None, latency_s: float, error: str | None = None) -> None:
@@ -403,7 +409,13 @@ class WindowAggregator:
                 self._errors[error or "runtime"] = self._errors.get(error or "runtime", 0) + 1
                 return
             if x.nbytes > _COPY_LIMIT_BYTES:
-                self._add_counts(x, y)
+                self._infer_s += latency_s
+                if self._summary_s <= _SUMMARY_BUDGET * self._infer_s:
+                    t0 = time.perf_counter()
+                    self._add_counts(x, y)
+                    self._summary_s += time.perf_counter() - t0
+                else:
+                    self._count_only(y)
             else:
                 self._xs.append(x.copy())
                 self._ys.append(y.copy())
@@ -418,6 +430,11 @@ class WindowAggregator:
             self._add_counts(np.concatenate(self._xs), np.concatenate(self._ys))
             self._xs, self._ys, self._pending = [], [], 0
 
+    def _count_only(self, y: np.ndarray) -> None:
+        ok = np.isfinite(y.reshape(len(y), -1)).all(axis=1)
+        self._nan += int(len(ok) - ok.sum())
+        self._samples += int(ok.sum())
+
     def _add_counts(self, x: np.ndarray, y: np.ndarray) -> None:
         yy = y.reshape(len(y), -1)
         ok = np.isfinite(yy).all(axis=1)
@@ -428,6 +445,7 @@ class WindowAggregator:
         self._samples += len(x)
         if not len(x) or not self.baseline:
             return
+        self._summarised += len(x)
         c = window_counts(x, y, self.baseline)
         if self._counts is None:
             self._counts = c
@@ -466,6 +484,7 @@ class WindowAggregator:
             "end": min(self._end, self._clock()),
             "calls": len(self._lat),
             "samples": self._samples,
+            "summarised": self._summarised,
             "errors": dict(self._errors),
             "nan_outputs": self._nan,
             "latency_ms": {
