@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import getpass
 import shutil
 import socket
 import subprocess
@@ -32,7 +33,7 @@ def wait_port(port: int, timeout: float = 10.0) -> None:
 class Mosquitto:
     """A real mosquitto broker on a loopback port; `stop()` / `start()` simulate an outage."""
 
-    def __init__(self, workdir: Path, port: int | None = None, extra_conf: str = "") -> None:
+    def __init__(self, workdir: Path, port: int | None = None, extra_conf: str = "", head_conf: str = "") -> None:
         exe = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
         if not Path(exe).exists():
             raise RuntimeError("mosquitto is not installed: run 'make test' (it installs the Debian package)")
@@ -42,7 +43,10 @@ class Mosquitto:
         workdir.mkdir(parents=True, exist_ok=True)
         self.conf = workdir / "mosquitto.conf"
         self.conf.write_text(
-            f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
+            # 'user' keeps mosquitto from switching to its own account when started as root, which could not
+            # read the test's files
+            f"{head_conf}user {getpass.getuser()}\nlistener {self.port} 127.0.0.1\nallow_anonymous true\n"
+            "persistence false\n"
             f"max_queued_messages 100000\n{extra_conf}"
         )
         self.proc: subprocess.Popen[bytes] | None = None

@@ -392,3 +392,49 @@ def kill_case(tmp_path, broker, files, observer, mlp_bundles, publisher, failpoi
         assert not list((dev.data / "slots").glob("*/.*.tmp"))
     finally:
         dev.stop()
+
+
+def test_tls_with_password_and_with_client_certificate(tmp_path: Path, mlp_bundles: dict, publisher) -> None:
+    from ._servers import free_port
+    from ._tls import CA
+
+    ca = CA(tmp_path / "pki")
+    srv_crt, srv_key = ca.issue("broker", server=True)
+    cli_crt, cli_key = ca.issue("dev-cert", server=False)
+    pw = tmp_path / "passwd"
+    subprocess.run(["mosquitto_passwd", "-b", "-c", str(pw), "dev-pass", "s3cret"], check=True)
+    p_pass, p_cert = free_port(), free_port()
+    conf = (
+        f"listener {p_pass} 127.0.0.1\ncafile {ca.crt}\ncertfile {srv_crt}\nkeyfile {srv_key}\n"
+        f"allow_anonymous false\npassword_file {pw}\n"
+        f"listener {p_cert} 127.0.0.1\ncafile {ca.crt}\ncertfile {srv_crt}\nkeyfile {srv_key}\n"
+        "require_certificate true\nuse_identity_as_username true\nallow_anonymous false\n"
+    )
+    broker = Mosquitto(tmp_path / "broker", extra_conf=conf, head_conf="per_listener_settings true\n")
+    observer = Observer(broker.port)
+    devs = [
+        Device(tmp_path / "a", "dev-pass", broker, publisher, mlp_bundles["1.0.0"]),
+        Device(tmp_path / "b", "dev-cert", broker, publisher, mlp_bundles["1.0.0"]),
+        Device(tmp_path / "c", "dev-wrong", broker, publisher, mlp_bundles["1.0.0"]),
+    ]
+    mqtt = {
+        "dev-pass": f'port = {p_pass}\ntls = true\nca = "{ca.crt}"\nusername = "dev-pass"\npassword = "s3cret"\n',
+        "dev-cert": f'port = {p_cert}\ntls = true\nca = "{ca.crt}"\ncert = "{cli_crt}"\nkey = "{cli_key}"\n',
+        "dev-wrong": f'port = {p_pass}\ntls = true\nca = "{ca.crt}"\nusername = "dev-pass"\npassword = "nope"\n',
+    }
+    for d in devs:
+        text = d.config.read_text().replace(f"port = {broker.port}\n", mqtt[d.id])
+        d.config.write_text(text)
+        d.start()
+    try:
+        observer.wait(lambda: observer.status("dev-pass").get("online"), 30, "password device online over TLS")
+        observer.wait(lambda: observer.status("dev-cert").get("online"), 30, "certificate device online over TLS")
+        observer.wait(lambda: observer.windows("dev-cert"), 30, "telemetry over TLS")
+        time.sleep(2)
+        assert not observer.status("dev-wrong") and devs[2].proc is not None and devs[2].proc.poll() is None
+        assert "refused" in devs[2].log() or "not authorised" in devs[2].log().lower()
+    finally:
+        for d in devs:
+            d.stop()
+        observer.close()
+        broker.stop()
