@@ -376,9 +376,14 @@ class Agent:
             else:
                 active = None
         if st.state == UpdateState.HEALTH_WATCH:
-            st.watch_restarts += 1
-            if st.watch_restarts > self.config.health.max_restarts:
-                self._persist(UpdateState.ROLLING_BACK, reason="the agent restarted during the health window")
+            restarts = st.watch_restarts + 1
+            if restarts > self.config.health.max_restarts:
+                reason = f"the agent restarted {restarts} times during the health window"
+                self._persist(
+                    UpdateState.ROLLING_BACK, watch_restarts=restarts, last_result={"reason": reason}, reason=reason
+                )
+            else:
+                self._persist(watch_restarts=restarts)
         if st.state == UpdateState.IDLE and active is None and self.config.initial_bundle is not None:
             self._install_initial(self.config.initial_bundle)
             return
@@ -388,7 +393,7 @@ class Agent:
             return
         self._activate(self.slots.active())
         if self.persisted.state == UpdateState.HEALTH_WATCH:
-            self._begin_watch(persist=True)
+            self._begin_watch()
 
     def _install_initial(self, path: Path) -> None:
         b = open_bundle(path, [str(k) for k in self.config.trusted_keys])
@@ -602,7 +607,7 @@ class Agent:
                 self._persist(UpdateState.COMMITTING)
             else:
                 self._persist(UpdateState.HEALTH_WATCH)
-                self._begin_watch(persist=False)
+                self._begin_watch()
         elif st.state == UpdateState.HEALTH_WATCH:
             self._watch()
         elif st.state == UpdateState.COMMITTING:
@@ -662,7 +667,7 @@ class Agent:
             times.append((time.perf_counter() - t0) * 1000)
         return _p95(times)
 
-    def _begin_watch(self, persist: bool) -> None:
+    def _begin_watch(self) -> None:
         self._health.reset()
         self._watch_until = time.monotonic() + self.config.health.window_s
         self._next_probe = 0.0

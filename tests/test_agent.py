@@ -438,3 +438,24 @@ def test_tls_with_password_and_with_client_certificate(tmp_path: Path, mlp_bundl
             d.stop()
         observer.close()
         broker.stop()
+
+
+def test_repeated_crashes_in_the_health_window_roll_back(
+    tmp_path: Path, broker: Mosquitto, files: FileServer, observer: Observer, mlp_bundles: dict, publisher
+) -> None:
+    dev = Device(tmp_path / "d", "dev-crashy", broker, publisher, mlp_bundles["1.0.0"], health={"window_s": 5.0})
+    dev.start()
+    observer.wait(lambda: _idle_on(observer, "dev-crashy", "1.0.0"), 30, "v1 installed")
+    dev.stop()
+    dev.start(failpoint="watch.tick")
+    observer.desire("dev-crashy", bundle_ref(mlp_bundles["2.0.0"], files.url), "r1")
+    assert dev.wait_exit(60) == -signal.SIGKILL  # first crash inside the window: tolerated (max_restarts = 1)
+    dev.start(failpoint="watch.tick")
+    assert dev.wait_exit(60) == -signal.SIGKILL  # second crash: the new bundle is blamed
+    dev.start()
+    try:
+        (rb,) = observer.wait(lambda: observer.events("dev-crashy", "rolled_back"), 60, "rolled back")
+        assert "restarted 2 times" in rb["reason"]
+        observer.wait(lambda: _idle_on(observer, "dev-crashy", "1.0.0"), 20, "back on v1")
+    finally:
+        dev.stop()
