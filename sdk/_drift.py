@@ -7,6 +7,7 @@ so devices never drop out-of-range data, and fleet-side merging is a plain sum o
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -17,9 +18,15 @@ __all__ = [
     "BASELINE_VERSION",
     "MAX_PIXELS",
     "bin_counts",
+    "chi2_goodness",
+    "chi2_sf",
+    "chi2_two_sample",
     "compute_baseline",
     "input_features",
+    "js_distance",
+    "ks_binned",
     "output_features",
+    "psi",
     "window_counts",
 ]
 
@@ -164,3 +171,130 @@ def window_counts(
         "predicted_class": np.bincount(np.minimum(cls, k - 1), minlength=k).tolist(),
         "confidence": bin_counts(conf, out["confidence"]["edges"]).tolist(),
     }
+
+
+# -- drift statistics on binned data -----------------------------------------------------------------
+# All take counts or proportions on the same bins (a baseline's proportions, a window's counts).
+# PSI uses a floor of PSI_EPS on every proportion, so empty bins give a finite value.
+
+PSI_EPS = 1e-4
+
+
+def _props(v: Any) -> np.ndarray:
+    a = np.asarray(v, dtype=np.float64)
+    if a.ndim != 1 or a.size == 0 or np.any(a < 0) or not np.all(np.isfinite(a)):
+        raise InputError("drift statistics need a non-empty 1-D list of non-negative counts or proportions")
+    s = a.sum()
+    return a / s if s > 0 else a
+
+
+def _pair(p: Any, q: Any) -> tuple[np.ndarray, np.ndarray]:
+    a, b = _props(p), _props(q)
+    if a.shape != b.shape:
+        raise InputError(f"drift statistics need the same bins on both sides; got {a.size} and {b.size} bins")
+    return a, b
+
+
+def psi(reference: Any, current: Any, eps: float = PSI_EPS) -> float:
+    """Population stability index: sum((c - r) * ln(c / r)), proportions floored at EPS."""
+    r, c = _pair(reference, current)
+    r, c = np.maximum(r, eps), np.maximum(c, eps)
+    return float(np.sum((c - r) * np.log(c / r)))
+
+
+def js_distance(reference: Any, current: Any) -> float:
+    """Jensen-Shannon distance (square root of the divergence, base 2: 0 = same, 1 = disjoint)."""
+    p, q = _pair(reference, current)
+    m = (p + q) / 2
+
+    def kl(a: np.ndarray) -> float:
+        nz = a > 0
+        return float(np.sum(a[nz] * np.log2(a[nz] / m[nz])))
+
+    return float(np.sqrt(max(0.0, (kl(p) + kl(q)) / 2)))
+
+
+def ks_binned(reference: Any, current: Any) -> float:
+    """Kolmogorov-Smirnov statistic on the binned CDFs: max |F - G| at the bin edges.
+
+    The statistic on the raw values differs from it by at most the largest single-bin proportion
+    of either side (inside a bin each CDF moves by at most its bin's mass).
+    """
+    p, q = _pair(reference, current)
+    return float(np.max(np.abs(np.cumsum(p) - np.cumsum(q))))
+
+
+def _gammaincc(a: float, x: float) -> float:
+    """Regularized upper incomplete gamma Q(a, x) (series / continued fraction, as in Numerical Recipes)."""
+    if x <= 0:
+        return 1.0
+    gln = math.lgamma(a)
+    if x < a + 1:
+        term = total = 1.0 / a
+        ap = a
+        for _ in range(10_000):
+            ap += 1
+            term *= x / ap
+            total += term
+            if abs(term) < abs(total) * 1e-15:
+                break
+        return max(0.0, 1.0 - total * math.exp(-x + a * math.log(x) - gln))
+    b = x + 1 - a
+    c = 1.0 / 1e-300
+    d = 1.0 / b
+    h = d
+    for i in range(1, 10_000):
+        an = -i * (i - a)
+        b += 2
+        d = an * d + b
+        d = 1e-300 if abs(d) < 1e-300 else d
+        c = b + an / c
+        c = 1e-300 if abs(c) < 1e-300 else c
+        d = 1.0 / d
+        delta = d * c
+        h *= delta
+        if abs(delta - 1) < 1e-15:
+            break
+    return min(1.0, math.exp(-x + a * math.log(x) - gln) * h)
+
+
+def chi2_sf(stat: float, dof: int) -> float:
+    """P(X >= STAT) for a chi-square variable with DOF degrees of freedom."""
+    if dof <= 0:
+        return 1.0
+    return _gammaincc(dof / 2.0, stat / 2.0)
+
+
+def chi2_goodness(reference: Any, current_counts: Any) -> tuple[float, float]:
+    """Pearson chi-square of CURRENT_COUNTS against REFERENCE proportions: (statistic, p-value).
+
+    Bins with zero reference proportion are left out (they cannot be tested against).
+    """
+    r = _props(reference)
+    obs = np.asarray(current_counts, dtype=np.float64)
+    if obs.shape != r.shape:
+        raise InputError(f"drift statistics need the same bins on both sides; got {r.size} and {obs.size} bins")
+    n = obs.sum()
+    keep = r > 0
+    if n == 0 or keep.sum() < 2:
+        return 0.0, 1.0
+    exp = r[keep] * n
+    stat = float(np.sum((obs[keep] - exp) ** 2 / exp))
+    return stat, chi2_sf(stat, int(keep.sum()) - 1)
+
+
+def chi2_two_sample(a_counts: Any, b_counts: Any) -> tuple[float, float]:
+    """Chi-square test of homogeneity of two count vectors on the same bins: (statistic, p-value)."""
+    a = np.asarray(a_counts, dtype=np.float64)
+    b = np.asarray(b_counts, dtype=np.float64)
+    if a.shape != b.shape:
+        raise InputError(f"drift statistics need the same bins on both sides; got {a.size} and {b.size} bins")
+    cols = a + b
+    keep = cols > 0
+    na, nb = a.sum(), b.sum()
+    if na == 0 or nb == 0 or keep.sum() < 2:
+        return 0.0, 1.0
+    total = na + nb
+    ea, eb = cols[keep] * na / total, cols[keep] * nb / total
+    stat = float(np.sum((a[keep] - ea) ** 2 / ea) + np.sum((b[keep] - eb) ** 2 / eb))
+    return stat, chi2_sf(stat, int(keep.sum()) - 1)
