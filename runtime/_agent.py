@@ -59,6 +59,7 @@ log = logging.getLogger("edgefleet.agent")
 _MAX_INFLIGHT = 32
 _DOWNLOAD_RETRIES = 8
 _WARMUP_PROBES = 3
+_MIN_LATENCY_PROBES = 10
 
 
 class UpdateState(StrEnum):
@@ -114,7 +115,15 @@ class _Health:
         self.nan = 0
         self.live_ms: list[float] = []
         self.probe_ms: list[float] = []
+        self.control_ms: list[float] = []
         self.probes = 0
+        self.controls = 0
+
+    def add_control(self, ms: float) -> None:
+        with self.lock:
+            self.controls += 1
+            if self.controls > _WARMUP_PROBES:
+                self.control_ms.append(ms)
 
     def add(self, ms: float | None, error: bool, nan: bool, probe: bool) -> None:
         with self.lock:
@@ -224,6 +233,7 @@ class Agent:
         self._health = _Health()
         self._watch_until = 0.0
         self._next_probe = 0.0
+        self._control: Model | None = None
         self._recent_ms: deque[float] = deque(maxlen=500)
         self._desired: Desired | None = None
         self._shadow: _Shadow | None = None
@@ -615,7 +625,11 @@ class Agent:
             active = self.slots.active()
             # Reported before it is recorded: a crash in between reports it twice, never not at all.
             self._event("committed", bundle=ref.to_dict() if ref else None, rollout=target.rollout)
-            result = {"result": "committed", "bundle": ref.to_dict() if ref else None}
+            result = {
+                "result": "committed",
+                "bundle": ref.to_dict() if ref else None,
+                "health": (st.last_result or {}).get("health"),
+            }
             self._persist(
                 UpdateState.IDLE,
                 committed=active.to_dict() if active else None,
@@ -671,6 +685,37 @@ class Agent:
         self._health.reset()
         self._watch_until = time.monotonic() + self.config.health.window_s
         self._next_probe = 0.0
+        self._end_watch()
+        prev = self.persisted.previous
+        if prev is not None:
+            # The previous bundle is probed alongside the new one, so both latencies are measured under the
+            # same load at the same time: a busy device does not fail a good bundle.
+            try:
+                self._control = self._load(self.slots.path(str(prev["slot"])))
+            except (EdgefleetError, OSError) as exc:
+                log.warning("cannot load the previous bundle as latency control: %s", exc)
+
+    def _end_watch(self) -> None:
+        ctl, self._control = self._control, None
+        if ctl is not None:
+            ctl.close()
+
+    def _probe(self, model: Model, control: bool) -> None:
+        xs = model.bundle.golden_inputs()
+        if xs is None:
+            return
+        t0 = time.perf_counter()
+        try:
+            y = model._run(model._prepare(xs))[0]
+        except Exception:  # an erroring model is exactly what the watch looks for
+            if not control:
+                self._health.add(None, True, False, True)
+            return
+        ms = (time.perf_counter() - t0) * 1000
+        if control:
+            self._health.add_control(ms)
+        else:
+            self._health.add(ms, False, not bool(np.isfinite(y).all()), True)
 
     def _watch(self) -> None:
         hp = self.config.health
@@ -678,19 +723,16 @@ class Agent:
         model = self._model
         if model is not None and now >= self._next_probe:
             self._next_probe = now + hp.probe_interval_s
-            xs = model.bundle.golden_inputs()
-            if xs is not None:
-                t0 = time.perf_counter()
-                try:
-                    y = model._run(model._prepare(xs))[0]
-                    self._health.add((time.perf_counter() - t0) * 1000, False, not bool(np.isfinite(y).all()), True)
-                except Exception:
-                    self._health.add(None, True, False, True)
+            self._probe(model, control=False)
+            if self._control is not None:
+                self._probe(self._control, control=True)
         failpoint("watch.tick")
         h = self._health
         with h.lock:
             calls, errors, nan = h.calls, h.errors, h.nan
             probe_p95, live_p95 = _p95(h.probe_ms), _p95(h.live_ms)
+            control_p95 = _p95(h.control_ms)
+            n_probes = min(len(h.probe_ms), len(h.control_ms)) if self._control is not None else len(h.probe_ms)
         err_rate = errors / calls if calls else 0.0
         nan_rate = nan / calls if calls else 0.0
         bad = []
@@ -698,8 +740,10 @@ class Agent:
             bad.append(f"error rate {err_rate:.3f} > {hp.max_error_rate}")
         if calls >= hp.min_calls and nan_rate > hp.max_nan_rate:
             bad.append(f"NaN output rate {nan_rate:.3f} > {hp.max_nan_rate}")
-        old = self.persisted.old_p95_ms
-        if old is not None and probe_p95 is not None and len(h.probe_ms) >= 5:
+        old = control_p95 if self._control is not None else self.persisted.old_p95_ms
+        at_end = now >= self._watch_until
+        enough = old is None or n_probes >= _MIN_LATENCY_PROBES
+        if at_end and enough and old is not None and probe_p95 is not None:
             limit = max(old * hp.max_p95_ratio, old + hp.p95_slack_ms)
             if probe_p95 > limit:
                 bad.append(f"p95 latency {probe_p95:.2f} ms > {limit:.2f} ms (previous bundle {old:.2f} ms)")
@@ -710,16 +754,20 @@ class Agent:
             "p95_ms": probe_p95,
             "live_p95_ms": live_p95,
             "previous_p95_ms": old,
+            "latency_probes": n_probes,
         }
         if bad and calls >= hp.min_calls:
             reason = "; ".join(bad)
+            self._end_watch()
             self._persist(UpdateState.ROLLING_BACK, last_result={"reason": reason, "health": summary}, reason=reason)
-        elif now >= self._watch_until and calls >= hp.min_calls and (old is None or len(h.probe_ms) >= 5):
-            # A model too slow to finish a few probes in the window is not passed for lack of evidence.
+        elif at_end and calls >= hp.min_calls and enough:
+            # A model too slow to finish enough probes in the window is not passed for lack of evidence.
             failpoint("watch.pass")
+            self._end_watch()
             self._persist(UpdateState.COMMITTING, last_result={"health": summary})
         elif now >= self._watch_until + 4 * hp.window_s:
-            reason = f"too little evidence in the health window: {calls} calls (need {hp.min_calls})"
+            reason = f"too little evidence in the health window: {calls} calls, {n_probes} latency probes"
+            self._end_watch()
             self._persist(UpdateState.ROLLING_BACK, last_result={"reason": reason, "health": summary}, reason=reason)
 
     # -- MQTT ------------------------------------------------------------------------------------

@@ -98,7 +98,7 @@ def mlp_bundles(tmp_path_factory: pytest.TempPathFactory, digits: dict, publishe
 
     d = tmp_path_factory.mktemp("mlp_bundles")
     out = {}
-    specs = {"1.0.0": (0, 64, 0, "int8"), "2.0.0": (1, 96, 0, "int8"), "3.0.0": (2, 64, 100, "none")}
+    specs = {"1.0.0": (0, 64, 0, "int8"), "2.0.0": (1, 96, 0, "int8"), "3.0.0": (2, 64, 500, "none")}
     for version, (seed, hidden, slow, mode) in specs.items():
         src = make_mlp_onnx(d / f"mlp-{version}.onnx", digits, seed=seed, hidden=hidden, slow_layers=slow)
         cfg = BuildConfig(

@@ -1,0 +1,148 @@
+"""The embedded broker: a supervised Mosquitto with a generated configuration.
+
+Anonymous access is off; every device has its own password, and the ACL lets a device publish and
+subscribe only under `edgefleet/v1/devices/<its id>/`. The server's own user may read and write the
+whole tree (and subscribe through `$share/...` for ingest workers).
+"""
+
+from __future__ import annotations
+
+import getpass
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+from edgefleet import EdgefleetError
+from edgefleet._fs import atomic_write
+from edgefleet._topics import ROOT, check_device_id
+
+__all__ = ["SERVER_USER", "Broker"]
+
+SERVER_USER = "edgefleet-server"
+
+
+def _mosquitto() -> str:
+    exe = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+    if not Path(exe).exists():
+        raise EdgefleetError("mosquitto is not installed: apt-get install mosquitto (or use --broker mqtt://HOST:PORT)")
+    return exe
+
+
+class Broker:
+    def __init__(self, directory: Path, port: int, host: str = "0.0.0.0") -> None:
+        self.dir = directory
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.port = port
+        self.host = host
+        self.passwd = self.dir / "passwd"
+        self.acl = self.dir / "acl"
+        self.conf = self.dir / "mosquitto.conf"
+        self.pidfile = self.dir / "mosquitto.pid"
+        secret = self.dir / "server.secret"
+        if not secret.exists():
+            atomic_write(secret, secrets.token_urlsafe(24).encode(), mode=0o600)
+        self.server_password = secret.read_text().strip()
+        if not self.passwd.exists():
+            self.passwd.touch(mode=0o600)
+        self.set_password(SERVER_USER, self.server_password)
+        self._write_acl()
+        self._write_conf()
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.restarts = 0
+
+    def _write_acl(self) -> None:
+        # %u is the username, which is the device id: a device sees only its own prefix.
+        text = (
+            f"user {SERVER_USER}\ntopic readwrite {ROOT}/#\n\n"
+            f"pattern write {ROOT}/devices/%u/status\n"
+            f"pattern write {ROOT}/devices/%u/state\n"
+            f"pattern write {ROOT}/devices/%u/telemetry\n"
+            f"pattern write {ROOT}/devices/%u/events\n"
+            f"pattern read {ROOT}/devices/%u/desired\n"
+            f"pattern read {ROOT}/devices/%u/commands\n"
+        )
+        atomic_write(self.acl, text.encode(), mode=0o600)
+
+    def _write_conf(self) -> None:
+        text = (
+            f"user {getpass.getuser()}\n"
+            f"pid_file {self.pidfile}\n"
+            f"listener {self.port} {self.host}\n"
+            "allow_anonymous false\n"
+            f"password_file {self.passwd}\n"
+            f"acl_file {self.acl}\n"
+            "persistence true\n"
+            f"persistence_location {self.dir}/\n"
+            "max_queued_messages 100000\n"
+            "max_inflight_messages 100\n"
+            "log_type error\nlog_type warning\n"
+            f"log_dest file {self.dir / 'mosquitto.log'}\n"
+        )
+        atomic_write(self.conf, text.encode())
+
+    def set_password(self, user: str, password: str) -> None:
+        if user != SERVER_USER:
+            check_device_id(user)
+        subprocess.run(["mosquitto_passwd", "-b", str(self.passwd), user, password], check=True, capture_output=True)
+        self.reload()
+
+    def remove_user(self, user: str) -> None:
+        subprocess.run(["mosquitto_passwd", "-D", str(self.passwd), user], check=False, capture_output=True)
+        self.reload()
+
+    def reload(self) -> None:
+        """Make a running broker re-read passwords and ACLs (SIGHUP)."""
+        if self.pidfile.exists():
+            try:
+                os.kill(int(self.pidfile.read_text().strip()), signal.SIGHUP)
+            except (ValueError, ProcessLookupError, PermissionError):
+                pass
+
+    def _spawn(self) -> None:
+        self.proc = subprocess.Popen(
+            [_mosquitto(), "-c", str(self.conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+
+    def start(self, timeout: float = 10.0) -> None:
+        import socket
+
+        self._spawn()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc is not None and self.proc.poll() is not None:
+                log = (self.dir / "mosquitto.log").read_text()[-500:] if (self.dir / "mosquitto.log").exists() else ""
+                raise EdgefleetError(f"mosquitto exited at start (port {self.port} in use?): {log.strip()}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
+                    break
+            except OSError:
+                time.sleep(0.05)
+        else:
+            raise EdgefleetError(f"mosquitto did not listen on port {self.port} within {timeout} s")
+        self._thread = threading.Thread(target=self._supervise, name="edgefleet-broker", daemon=True)
+        self._thread.start()
+
+    def _supervise(self) -> None:
+        while not self._stop.wait(1.0):
+            if self.proc is not None and self.proc.poll() is not None:
+                self.restarts += 1
+                time.sleep(min(5.0, 0.5 * self.restarts))
+                if not self._stop.is_set():
+                    self._spawn()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        self.proc = None

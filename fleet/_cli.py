@@ -1,0 +1,198 @@
+"""`edgefleet fleet ...`: registered through the `edgefleet.commands` entry point."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+__all__ = ["register"]
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+
+    from edgefleet._errors import require
+
+    from ._http import create_app
+    from ._server import FleetServer, ServerConfig
+
+    uvicorn: Any = require("uvicorn", "fleet", "the fleet server")
+    cfg = ServerConfig(
+        data_dir=Path(args.data_dir),
+        http_port=args.http_port,
+        mqtt_port=args.mqtt_port,
+        db_url=args.db,
+        broker_url=args.broker,
+        public_host=args.public_host,
+        trusted_keys=[Path(k) for k in args.trusted_key or []],
+    )
+    server = FleetServer(cfg)
+    server.start()
+    app = create_app(server)
+    ucfg = uvicorn.Config(app, host=args.host, port=args.http_port, log_level="warning")
+    userver = uvicorn.Server(ucfg)
+    stop = threading.Event()
+
+    def _term(signum: int, frame: Any) -> None:
+        userver.should_exit = True
+        stop.set()
+
+    signal.signal(signal.SIGTERM, _term)
+    signal.signal(signal.SIGINT, _term)
+    print(
+        f"edgefleet fleet server: http://{args.public_host}:{args.http_port}  mqtt port {args.mqtt_port}  "
+        f"data {cfg.data_dir}",
+        file=sys.stderr,
+        flush=True,
+    )
+    try:
+        userver.run()
+    finally:
+        server.stop()
+    return 0
+
+
+def _token(args: argparse.Namespace) -> int:
+    from ._server import create_token
+
+    print(create_token(Path(args.data_dir), args.name, args.db))
+    return 0
+
+
+def _provision(args: argparse.Namespace) -> int:
+    from ._server import provision
+
+    tags = [t for t in (args.tags or "").split(",") if t]
+    out = provision(
+        Path(args.data_dir),
+        args.device_id,
+        tags,
+        Path(args.out or f"{args.device_id}.toml"),
+        args.mqtt_host,
+        args.mqtt_port,
+        args.db,
+    )
+    print(str(out))
+    return 0
+
+
+def _client(
+    args: argparse.Namespace, method: str, path: str, body: bytes | None = None, ctype: str = "application/json"
+) -> Any:
+    from edgefleet import InputError
+
+    server = args.server or os.environ.get("EDGEFLEET_SERVER")
+    token = args.token or os.environ.get("EDGEFLEET_TOKEN")
+    if not server or not token:
+        raise InputError("give --server URL and --token T (or EDGEFLEET_SERVER / EDGEFLEET_TOKEN)")
+    req = urllib.request.Request(server.rstrip("/") + path, data=body, method=method)
+    req.add_header("Authorization", f"Bearer {token}")
+    if body is not None:
+        req.add_header("Content-Type", ctype)
+    try:
+        with urllib.request.urlopen(req, timeout=120) as resp:
+            return json.loads(resp.read() or b"null")
+    except urllib.error.HTTPError as exc:
+        try:
+            detail = json.loads(exc.read()).get("detail", exc.reason)
+        except ValueError:
+            detail = exc.reason
+        raise InputError(f"server refused: HTTP {exc.code}: {detail}") from exc
+    except urllib.error.URLError as exc:
+        raise InputError(f"cannot reach the fleet server at {server}: {exc.reason}") from exc
+
+
+def _devices(args: argparse.Namespace) -> int:
+    devs = _client(args, "GET", "/api/devices")
+    if args.json:
+        print(json.dumps(devs, indent=1))
+        return 0
+    print(f"{'device':<20} {'online':<7} {'bundle':<20} {'state':<14} tags")
+    for d in devs:
+        bundle = f"{d['bundle_name'] or '-'} {d['bundle_version'] or ''}"
+        print(
+            f"{d['id']:<20} {'yes' if d['online'] else 'no':<7} {bundle:<20} {d['update_state'] or '-':<14} "
+            f"{','.join(d['tags'])}"
+        )
+    return 0
+
+
+def _publish(args: argparse.Namespace) -> int:
+    from edgefleet import InputError
+
+    p = Path(args.bundle)
+    if not p.is_file():
+        raise InputError(f"bundle {p} does not exist")
+    ref = _client(args, "PUT", "/api/bundles", p.read_bytes(), "application/octet-stream")
+    print(json.dumps(ref, indent=1) if args.json else f"published {ref['name']} {ref['version']} ({ref['size']} B)")
+    return 0
+
+
+def _desire(args: argparse.Namespace) -> int:
+    body = json.dumps({"bundle": args.bundle, "action": args.action}).encode()
+    res = _client(args, "POST", f"/api/devices/{args.device_id}/desired", body)
+    print(json.dumps(res) if args.json else f"{res['device']} -> {res['bundle']}")
+    return 0
+
+
+def _client_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--server", help="fleet server URL (or EDGEFLEET_SERVER)")
+    p.add_argument("--token", help="operator API token (or EDGEFLEET_TOKEN)")
+    p.add_argument("--json", action="store_true")
+
+
+def register(sub: Any) -> None:
+    fleet = sub.add_parser("fleet", help="run and operate the fleet server")
+    fs = fleet.add_subparsers(dest="fleet_command", metavar="COMMAND")
+    fs.required = True
+
+    p = fs.add_parser("serve", help="start the server with its embedded Mosquitto and SQLite")
+    p.add_argument("--data-dir", default="fleet-data")
+    p.add_argument("--http-port", type=int, default=8080)
+    p.add_argument("--mqtt-port", type=int, default=1883)
+    p.add_argument("--host", default="0.0.0.0", help="HTTP listen address")
+    p.add_argument("--public-host", default="127.0.0.1", help="host name devices use to reach this server")
+    p.add_argument("--db", help="sqlite:///PATH (default: DATA_DIR/fleet.db) or postgresql://...")
+    p.add_argument("--broker", default="embedded")
+    p.add_argument("--trusted-key", action="append", help="public key bundles must be signed with (repeatable)")
+    p.set_defaults(func=_serve)
+
+    p = fs.add_parser("token", help="operator API tokens")
+    p.add_argument("action", choices=["create"])
+    p.add_argument("--data-dir", default="fleet-data")
+    p.add_argument("--name", default="operator")
+    p.add_argument("--db")
+    p.set_defaults(func=_token)
+
+    p = fs.add_parser("provision", help="register a device and write its device.toml")
+    p.add_argument("device_id")
+    p.add_argument("--tags", help="comma-separated")
+    p.add_argument("--data-dir", default="fleet-data")
+    p.add_argument("--out", help="where to write the config (default DEVICE_ID.toml)")
+    p.add_argument("--mqtt-host", default="127.0.0.1")
+    p.add_argument("--mqtt-port", type=int, default=1883)
+    p.add_argument("--db")
+    p.set_defaults(func=_provision)
+
+    p = fs.add_parser("devices", help="list devices")
+    _client_args(p)
+    p.set_defaults(func=_devices)
+
+    p = fs.add_parser("publish", help="upload a signed bundle")
+    p.add_argument("bundle")
+    _client_args(p)
+    p.set_defaults(func=_publish)
+
+    p = fs.add_parser("desire", help="order one device onto a published bundle")
+    p.add_argument("device_id")
+    p.add_argument("--bundle", required=True, help="NAME:VERSION")
+    p.add_argument("--action", default="update", choices=["update", "rollback"])
+    _client_args(p)
+    p.set_defaults(func=_desire)

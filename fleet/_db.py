@@ -1,0 +1,127 @@
+"""Storage for the fleet server: SQLite by default, PostgreSQL for scale-out, one SQL dialect.
+
+Statements are written with `?` placeholders and the portable subset both engines share
+(`INSERT ... ON CONFLICT DO NOTHING`, `REAL`, `INTEGER`, `TEXT`).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from edgefleet import InputError
+from edgefleet._errors import require
+
+__all__ = ["Database", "open_database"]
+
+SCHEMA = [
+    """CREATE TABLE IF NOT EXISTS devices (
+        id TEXT PRIMARY KEY, tags TEXT NOT NULL DEFAULT '[]', created REAL NOT NULL,
+        last_seen REAL, online INTEGER NOT NULL DEFAULT 0, state TEXT,
+        bundle_name TEXT, bundle_version TEXT, staged_version TEXT, accelerator TEXT, agent_version TEXT,
+        update_state TEXT)""",
+    """CREATE TABLE IF NOT EXISTS bundles (
+        name TEXT NOT NULL, version TEXT NOT NULL, sha256 TEXT NOT NULL, size INTEGER NOT NULL,
+        path TEXT NOT NULL, manifest TEXT NOT NULL, created REAL NOT NULL, PRIMARY KEY (name, version))""",
+    """CREATE TABLE IF NOT EXISTS windows (
+        key TEXT PRIMARY KEY, device_id TEXT NOT NULL, bundle_name TEXT NOT NULL, bundle_version TEXT NOT NULL,
+        start REAL NOT NULL, calls INTEGER NOT NULL, samples INTEGER NOT NULL, errors INTEGER NOT NULL,
+        nan_outputs INTEGER NOT NULL, body TEXT NOT NULL, received REAL NOT NULL)""",
+    "CREATE INDEX IF NOT EXISTS windows_bundle ON windows (bundle_name, bundle_version, start)",
+    """CREATE TABLE IF NOT EXISTS events (
+        key TEXT PRIMARY KEY, device_id TEXT NOT NULL, type TEXT NOT NULL, ts REAL NOT NULL, body TEXT NOT NULL)""",
+    "CREATE INDEX IF NOT EXISTS events_device ON events (device_id, ts)",
+    """CREATE TABLE IF NOT EXISTS tokens (sha256 TEXT PRIMARY KEY, name TEXT NOT NULL, created REAL NOT NULL)""",
+    """CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL)""",
+]
+
+
+class Database:
+    """A small thread-safe wrapper: `execute`, `query`, `transaction`."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self._local = threading.local()
+        self.kind = "postgresql" if url.startswith(("postgresql://", "postgres://")) else "sqlite"
+        if self.kind == "sqlite":
+            if not url.startswith("sqlite:///"):
+                raise InputError(f"database URL {url!r} is not understood; use sqlite:///PATH or postgresql://...")
+            self.path = Path(url[len("sqlite:///") :])
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.transaction() as cur:
+            for stmt in SCHEMA:
+                cur.execute(stmt)
+
+    def _conn(self) -> Any:
+        c = getattr(self._local, "conn", None)
+        if c is None:
+            if self.kind == "sqlite":
+                c = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
+                c.execute("PRAGMA journal_mode=WAL")
+                c.execute("PRAGMA synchronous=NORMAL")
+                c.execute("PRAGMA busy_timeout=30000")
+            else:
+                psycopg: Any = require("psycopg", "fleet", "using PostgreSQL")
+                c = psycopg.connect(self.url, autocommit=True)
+            self._local.conn = c
+        return c
+
+    def _sql(self, sql: str) -> str:
+        return sql.replace("?", "%s") if self.kind == "postgresql" else sql
+
+    @contextmanager
+    def transaction(self) -> Iterator[Any]:
+        """A cursor inside one transaction; `execute(sql, params)` on it takes `?` placeholders."""
+        conn = self._conn()
+        cur = conn.cursor()
+        cur.execute("BEGIN IMMEDIATE" if self.kind == "sqlite" else "BEGIN")
+        wrapped = _Cursor(cur, self._sql)
+        try:
+            yield wrapped
+        except BaseException:
+            cur.execute("ROLLBACK")
+            raise
+        cur.execute("COMMIT")
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> int:
+        with self.transaction() as cur:
+            cur.execute(sql, params)
+            return int(cur.rowcount)
+
+    def query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        cur = self._conn().cursor()
+        cur.execute(self._sql(sql), tuple(params))
+        return [tuple(r) for r in cur.fetchall()]
+
+    def bump(self, name: str, n: int = 1) -> None:
+        self.execute(
+            "INSERT INTO counters (name, value) VALUES (?, ?) "
+            "ON CONFLICT (name) DO UPDATE SET value = counters.value + ?",
+            (name, n, n),
+        )
+
+    def counters(self) -> dict[str, int]:
+        return {str(k): int(v) for k, v in self.query("SELECT name, value FROM counters")}
+
+
+class _Cursor:
+    def __init__(self, cur: Any, sql: Any) -> None:
+        self._cur, self._sql = cur, sql
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> Any:
+        return self._cur.execute(self._sql(sql), tuple(params))
+
+    @property
+    def rowcount(self) -> int:
+        return int(self._cur.rowcount)
+
+    def fetchall(self) -> list[Any]:
+        return list(self._cur.fetchall())
+
+
+def open_database(url: str) -> Database:
+    return Database(url)

@@ -1,0 +1,104 @@
+"""The HTTP side of the fleet server: REST API (OpenAPI at /openapi.json), bundle downloads with
+Range, Prometheus /metrics, /healthz. Imported only by `edgefleet fleet serve` (needs the fleet extra)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from edgefleet import BundleError, InputError
+
+from ._server import FleetServer, store_upload
+
+__all__ = ["create_app"]
+
+
+def create_app(server: FleetServer) -> Any:
+    app = FastAPI(title="edgefleet fleet server", version="1", description="Devices, bundles, rollouts, drift.")
+    bearer = HTTPBearer(auto_error=False)
+
+    def operator(creds: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:  # noqa: B008
+        if creds is None or not server.check_token(f"Bearer {creds.credentials}"):
+            raise HTTPException(401, "missing or wrong API token: create one with 'edgefleet fleet token create'")
+
+    @app.exception_handler(InputError)
+    async def _input(request: Request, exc: InputError) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=400)
+
+    @app.exception_handler(BundleError)
+    async def _bundle(request: Request, exc: BundleError) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=400)
+
+    @app.get("/healthz")
+    def healthz() -> JSONResponse:
+        return JSONResponse({"ok": server.ready}, status_code=200 if server.ready else 503)
+
+    @app.get("/metrics", response_class=PlainTextResponse)
+    def metrics() -> str:
+        return server.metrics()
+
+    @app.get("/api/devices", dependencies=[Depends(operator)])
+    def devices() -> list[dict[str, Any]]:
+        """Registered devices with their online state, bundle, tags."""
+        return [{**d, "bundle_version": d["bundle_version"]} for d in server.devices()]
+
+    @app.put("/api/bundles", dependencies=[Depends(operator)])
+    async def publish(request: Request) -> dict[str, Any]:
+        """Upload a bundle (the raw .efb as the body); it is verified against the server's trusted keys."""
+        chunks = [c async for c in request.stream()]
+        tmp = store_upload(chunks)
+        try:
+            return server.publish_bundle(tmp)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    @app.get("/api/bundles", dependencies=[Depends(operator)])
+    def bundles() -> list[dict[str, Any]]:
+        rows = server.db.query("SELECT name, version FROM bundles ORDER BY name, created")
+        return [server.bundle_ref(n, v) for n, v in rows]
+
+    @app.post("/api/devices/{device_id}/desired", dependencies=[Depends(operator)])
+    def desire(device_id: str, body: dict[str, Any]) -> dict[str, Any]:
+        """Order one device onto a published bundle (`{"bundle": "NAME:VERSION", "action": "update"}`)."""
+        if not server.db.query("SELECT 1 FROM devices WHERE id = ?", (device_id,)):
+            raise HTTPException(404, f"no device {device_id}")
+        name, _, version = str(body.get("bundle", "")).partition(":")
+        server.set_desired(device_id, name, version, body.get("rollout"), body.get("action", "update"))
+        return {"device": device_id, "bundle": f"{name}:{version}"}
+
+    @app.get("/bundles/{name}/{version}.efb")
+    def download(name: str, version: str, request: Request) -> Response:
+        rows = server.db.query("SELECT path, size FROM bundles WHERE name = ? AND version = ?", (name, version))
+        if not rows:
+            raise HTTPException(404, f"bundle {name}:{version} is not published")
+        path, size = Path(rows[0][0]), int(rows[0][1])
+        rng = request.headers.get("range")
+        start, end = 0, size - 1
+        status = 200
+        if rng:
+            m = re.match(r"bytes=(\d*)-(\d*)$", rng.strip())
+            if not m or (not m.group(1) and not m.group(2)):
+                raise HTTPException(416, "malformed Range header")
+            if m.group(1):
+                start = int(m.group(1))
+                end = int(m.group(2)) if m.group(2) else size - 1
+            else:
+                start = max(0, size - int(m.group(2)))
+            if start >= size or end < start:
+                return Response(status_code=416, headers={"Content-Range": f"bytes */{size}"})
+            end = min(end, size - 1)
+            status = 206
+        with open(path, "rb") as f:
+            f.seek(start)
+            data = f.read(end - start + 1)
+        headers = {"Accept-Ranges": "bytes", "Content-Length": str(len(data))}
+        if status == 206:
+            headers["Content-Range"] = f"bytes {start}-{end}/{size}"
+        return Response(data, status_code=status, headers=headers, media_type="application/octet-stream")
+
+    return app

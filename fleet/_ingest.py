@@ -1,0 +1,217 @@
+"""Ingest: MQTT messages from devices into the database, as workers on a shared subscription.
+
+Each worker subscribes to `$share/edgefleet-ingest/edgefleet/v1/devices/+/+`, so the broker (Mosquitto
+here, or a cluster such as EMQX) spreads messages over however many workers run, in any number of
+processes or machines. Telemetry windows and events are stored under their idempotency key with
+`INSERT ... ON CONFLICT DO NOTHING`: a redelivered or duplicated message is counted once.
+Nothing a device sends can stop a worker: bad messages are counted and dropped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import threading
+import time
+from typing import Any
+
+from edgefleet import InputError
+from edgefleet._telemetry import check_window
+from edgefleet._topics import ROOT, parse_topic
+
+from ._db import Database
+
+__all__ = ["SHARE_GROUP", "IngestWorker"]
+
+log = logging.getLogger("edgefleet.fleet.ingest")
+
+SHARE_GROUP = "edgefleet-ingest"
+MAX_PAYLOAD = 256 * 1024
+_BATCH = 500
+_BATCH_S = 0.05
+
+
+class IngestWorker:
+    """One ingest worker: a paho client on the shared subscription and a thread writing batches."""
+
+    def __init__(
+        self, db: Database, host: str, port: int, username: str, password: str, name: str = "ingest-0"
+    ) -> None:
+        self.db = db
+        self.host, self.port = host, port
+        self.username, self.password = username, password
+        self.name = name
+        self.q: queue.Queue[tuple[str, bytes]] = queue.Queue(maxsize=100_000)
+        self._stop = threading.Event()
+        self._known: set[str] = set()
+        self._known_at = 0.0
+        self.stats = {"received": 0, "stored": 0, "duplicates": 0, "rejected": 0, "unknown_device": 0}
+        self._client: Any = None
+        self._thread: threading.Thread | None = None
+        self.connected = threading.Event()
+
+    def start(self) -> None:
+        import paho.mqtt.client as mqtt
+        from paho.mqtt.enums import CallbackAPIVersion
+
+        c = mqtt.Client(
+            CallbackAPIVersion.VERSION2, client_id=f"edgefleet-{self.name}-{time.time_ns()}", protocol=mqtt.MQTTv5
+        )
+        c.username_pw_set(self.username, self.password)
+        c.on_connect = self._on_connect
+        c.on_message = self._on_message
+        c.on_disconnect = lambda *a: self.connected.clear()
+        c.reconnect_delay_set(0.5, 10)
+        c.connect_async(self.host, self.port, keepalive=30)
+        c.loop_start()
+        self._client = c
+        self._thread = threading.Thread(target=self._writer, name=f"edgefleet-{self.name}", daemon=True)
+        self._thread.start()
+
+    def _on_connect(self, client: Any, userdata: Any, flags: Any, reason_code: Any, properties: Any) -> None:
+        if reason_code.is_failure:
+            log.error("ingest worker %s: broker refused the connection: %s", self.name, reason_code)
+            return
+        client.subscribe(f"$share/{SHARE_GROUP}/{ROOT}/devices/+/+", qos=1)
+        self.connected.set()
+
+    def _on_message(self, client: Any, userdata: Any, msg: Any) -> None:
+        if msg.topic.endswith(("/desired", "/commands")):
+            return  # the server's own messages to devices
+        self.q.put((msg.topic, bytes(msg.payload)))
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop receiving, write what is queued, disconnect."""
+        if self._client is not None:
+            self._client.unsubscribe(f"$share/{SHARE_GROUP}/{ROOT}/devices/+/+")
+            self._client.disconnect()
+            self._client.loop_stop()
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def _is_known(self, device: str) -> bool:
+        if device in self._known:
+            return True
+        now = time.monotonic()
+        if now - self._known_at > 1.0:
+            self._known = {r[0] for r in self.db.query("SELECT id FROM devices")}
+            self._known_at = now
+        return device in self._known
+
+    def _writer(self) -> None:
+        while not (self._stop.is_set() and self.q.empty()):
+            batch: list[tuple[str, bytes]] = []
+            deadline = time.monotonic() + _BATCH_S
+            while len(batch) < _BATCH:
+                try:
+                    batch.append(self.q.get(timeout=max(0.0, deadline - time.monotonic())))
+                except queue.Empty:
+                    break
+            if batch:
+                try:
+                    self._write(batch)
+                except Exception:
+                    log.exception("ingest worker %s: a batch of %d failed", self.name, len(batch))
+                    self.db.bump("ingest_batch_failures")
+
+    def _write(self, batch: list[tuple[str, bytes]]) -> None:
+        counts = dict.fromkeys(self.stats, 0)
+        now = time.time()
+        with self.db.transaction() as cur:
+            for topic, payload in batch:
+                counts["received"] += 1
+                parsed = parse_topic(topic)
+                if parsed is None:
+                    counts["rejected"] += 1
+                    continue
+                device, kind = parsed
+                if not self._is_known(device):
+                    counts["unknown_device"] += 1
+                    continue
+                try:
+                    if len(payload) > MAX_PAYLOAD:
+                        raise InputError(f"payload of {len(payload)} bytes is over {MAX_PAYLOAD}")
+                    obj = json.loads(payload) if payload else None
+                    stored = self._store(cur, device, kind, obj, now)
+                except (InputError, ValueError, KeyError, TypeError) as exc:
+                    log.warning("dropped %s message from %s: %s", kind, device, exc)
+                    counts["rejected"] += 1
+                    continue
+                counts["stored" if stored else "duplicates"] += 1
+            for k, v in counts.items():
+                if v:
+                    cur.execute(
+                        "INSERT INTO counters (name, value) VALUES (?, ?) "
+                        "ON CONFLICT (name) DO UPDATE SET value = counters.value + ?",
+                        (f"ingest_{k}", v, v),
+                    )
+        for k, v in counts.items():
+            self.stats[k] += v
+
+    def _store(self, cur: Any, device: str, kind: str, obj: Any, now: float) -> bool:
+        if kind == "telemetry":
+            w = check_window(obj)
+            if w["device_id"] != device:
+                raise InputError(f"window names device {w['device_id']!r} but came from {device!r}")
+            cur.execute(
+                "INSERT INTO windows (key, device_id, bundle_name, bundle_version, start, calls, samples, errors, "
+                "nan_outputs, body, received) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (key) DO NOTHING",
+                (
+                    w["key"],
+                    device,
+                    w["bundle"]["name"],
+                    w["bundle"]["version"],
+                    float(w["start"]),
+                    w["calls"],
+                    w["samples"],
+                    sum(int(v) for v in w["errors"].values()),
+                    w["nan_outputs"],
+                    json.dumps(w, separators=(",", ":")),
+                    now,
+                ),
+            )
+            if cur.rowcount:
+                cur.execute("UPDATE devices SET last_seen = ? WHERE id = ?", (now, device))
+            return bool(cur.rowcount)
+        if kind == "events":
+            if not isinstance(obj, dict) or not isinstance(obj.get("key"), str) or not isinstance(obj.get("type"), str):
+                raise InputError("event needs a string 'key' and 'type'")
+            cur.execute(
+                "INSERT INTO events (key, device_id, type, ts, body) VALUES (?, ?, ?, ?, ?) "
+                "ON CONFLICT (key) DO NOTHING",
+                (obj["key"], device, obj["type"], float(obj.get("ts", now)), json.dumps(obj, separators=(",", ":"))),
+            )
+            return bool(cur.rowcount)
+        if kind == "status":
+            if obj is None:
+                return False
+            cur.execute(
+                "UPDATE devices SET online = ?, last_seen = ? WHERE id = ?",
+                (1 if obj.get("online") else 0, now, device),
+            )
+            return True
+        if kind == "state":
+            if not isinstance(obj, dict):
+                raise InputError("state must be an object")
+            active = obj.get("active") or {}
+            update = obj.get("update") or {}
+            staged = obj.get("staged") or {}
+            cur.execute(
+                "UPDATE devices SET state = ?, bundle_name = ?, bundle_version = ?, staged_version = ?, "
+                "accelerator = ?, agent_version = ?, update_state = ?, last_seen = ? WHERE id = ?",
+                (
+                    json.dumps(obj, separators=(",", ":")),
+                    active.get("bundle"),
+                    active.get("version"),
+                    staged.get("version"),
+                    active.get("accelerator"),
+                    obj.get("agent_version"),
+                    update.get("state"),
+                    now,
+                    device,
+                ),
+            )
+            return True
+        raise InputError(f"unknown message kind {kind!r}")

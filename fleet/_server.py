@@ -1,0 +1,279 @@
+"""The fleet server process: embedded broker, ingest worker, and one HTTP port for the REST API,
+bundle downloads (with Range) and Prometheus `/metrics`."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import secrets
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edgefleet import BundleError, EdgefleetError, InputError, open_bundle
+from edgefleet._bundle import sha256_file
+from edgefleet._fs import atomic_write
+from edgefleet._topics import DESIRED_SCHEMA, check_device_id, topic
+
+from ._broker import SERVER_USER, Broker
+from ._db import Database
+from ._ingest import IngestWorker
+
+__all__ = ["FleetServer", "ServerConfig", "create_token", "provision"]
+
+log = logging.getLogger("edgefleet.fleet")
+MAX_BUNDLE_BYTES = 2 << 30
+
+
+@dataclass
+class ServerConfig:
+    data_dir: Path
+    http_port: int = 8080
+    mqtt_port: int = 1883
+    db_url: str | None = None
+    broker_url: str = "embedded"
+    public_host: str = "127.0.0.1"
+    trusted_keys: list[Path] = field(default_factory=list)
+
+    @property
+    def db(self) -> str:
+        return self.db_url or f"sqlite:///{self.data_dir / 'fleet.db'}"
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.public_host}:{self.http_port}"
+
+
+def _hash_token(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def create_token(data_dir: Path, name: str = "operator", db_url: str | None = None) -> str:
+    """A new operator API token (only its hash is stored)."""
+    db = Database(db_url or f"sqlite:///{Path(data_dir) / 'fleet.db'}")
+    token = "eft_" + secrets.token_urlsafe(32)
+    db.execute("INSERT INTO tokens (sha256, name, created) VALUES (?, ?, ?)", (_hash_token(token), name, time.time()))
+    return token
+
+
+def trusted_dir(data_dir: Path) -> Path:
+    return Path(data_dir) / "trusted"
+
+
+def provision(
+    data_dir: Path,
+    device_id: str,
+    tags: list[str],
+    out: Path,
+    mqtt_host: str = "127.0.0.1",
+    mqtt_port: int = 1883,
+    db_url: str | None = None,
+) -> Path:
+    """Register DEVICE_ID, give it broker credentials, write its device.toml (and the trusted keys) to OUT."""
+    check_device_id(device_id)
+    for t in tags:
+        if not re.match(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$", t):
+            raise InputError(f"tag {t!r} is not valid: use letters, digits, '.', '_', ':' or '-'")
+    data_dir = Path(data_dir)
+    keys = sorted(trusted_dir(data_dir).glob("*.pub"))
+    if not keys:
+        raise InputError(
+            f"no trusted keys in {trusted_dir(data_dir)}: start the server with --trusted-key KEY.pub first"
+        )
+    db = Database(db_url or f"sqlite:///{data_dir / 'fleet.db'}")
+    password = secrets.token_urlsafe(24)
+    broker = Broker(data_dir / "mosquitto", mqtt_port)
+    broker.set_password(device_id, password)
+    db.execute(
+        "INSERT INTO devices (id, tags, created) VALUES (?, ?, ?) ON CONFLICT (id) DO UPDATE SET tags = ?",
+        (device_id, json.dumps(sorted(set(tags))), time.time(), json.dumps(sorted(set(tags)))),
+    )
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    names = []
+    for k in keys:
+        shutil.copy(k, out.parent / k.name)
+        names.append(k.name)
+    text = (
+        f'device_id = "{device_id}"\n'
+        f'data_dir = "{device_id}-data"\n'
+        f"trusted_keys = {json.dumps(names)}\n"
+        f"tags = {json.dumps(sorted(set(tags)))}\n\n"
+        "[mqtt]\n"
+        f'host = "{mqtt_host}"\nport = {mqtt_port}\n'
+        f'username = "{device_id}"\npassword = "{password}"\n'
+    )
+    atomic_write(out, text.encode(), mode=0o600)
+    return out
+
+
+class FleetServer:
+    """`edgefleet fleet serve`: everything in one process, state in the database."""
+
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self.dir = Path(config.data_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        (self.dir / "bundles").mkdir(exist_ok=True)
+        tdir = trusted_dir(self.dir)
+        tdir.mkdir(exist_ok=True)
+        for k in config.trusted_keys:
+            shutil.copy(k, tdir / Path(k).name)
+        self.db = Database(config.db)
+        self.broker: Broker | None = None
+        self.ingest: IngestWorker | None = None
+        self.ready = False
+        self._pub: Any = None
+
+    @property
+    def trusted(self) -> list[str]:
+        return [str(p) for p in sorted(trusted_dir(self.dir).glob("*.pub"))]
+
+    def start(self) -> None:
+        import paho.mqtt.client as mqtt
+        from paho.mqtt.enums import CallbackAPIVersion
+
+        if self.config.broker_url != "embedded":
+            raise InputError("only --broker embedded is supported by this server version")
+        self.broker = Broker(self.dir / "mosquitto", self.config.mqtt_port)
+        self.broker.start()
+        self.ingest = IngestWorker(
+            self.db, "127.0.0.1", self.config.mqtt_port, SERVER_USER, self.broker.server_password
+        )
+        self.ingest.start()
+        pub = mqtt.Client(
+            CallbackAPIVersion.VERSION2, client_id=f"edgefleet-server-{os.getpid()}", protocol=mqtt.MQTTv5
+        )
+        pub.username_pw_set(SERVER_USER, self.broker.server_password)
+        pub.reconnect_delay_set(0.5, 10)
+        pub.connect_async("127.0.0.1", self.config.mqtt_port)
+        pub.loop_start()
+        self._pub = pub
+        if not self.ingest.connected.wait(15):
+            raise EdgefleetError("the ingest worker could not connect to the embedded broker")
+        self.ready = True
+
+    def stop(self) -> None:
+        self.ready = False
+        if self.ingest is not None:
+            self.ingest.stop()
+        if self._pub is not None:
+            self._pub.disconnect()
+            self._pub.loop_stop()
+        if self.broker is not None:
+            self.broker.stop()
+
+    # -- operations the API and the CLI share ------------------------------------------------------
+    def check_token(self, header: str | None) -> bool:
+        if not header or not header.startswith("Bearer "):
+            return False
+        return bool(self.db.query("SELECT 1 FROM tokens WHERE sha256 = ?", (_hash_token(header[7:].strip()),)))
+
+    def publish_bundle(self, data_path: Path) -> dict[str, Any]:
+        """Verify an uploaded bundle against the trusted keys and store it; refuse anything invalid."""
+        if not self.trusted:
+            raise InputError("the server has no trusted keys: restart it with --trusted-key KEY.pub")
+        b = open_bundle(data_path, self.trusted)
+        m = b.manifest
+        sha = sha256_file(data_path)
+        rows = self.db.query("SELECT sha256 FROM bundles WHERE name = ? AND version = ?", (m.name, m.version))
+        if rows and rows[0][0] != sha:
+            raise InputError(f"bundle {m.name} {m.version} is already published with other content; bump the version")
+        dest = self.dir / "bundles" / f"{m.name}-{m.version}.efb"
+        if not rows:
+            shutil.copyfile(data_path, dest.with_suffix(".efb.tmp"))
+            os.replace(dest.with_suffix(".efb.tmp"), dest)
+            self.db.execute(
+                "INSERT INTO bundles (name, version, sha256, size, path, manifest, created) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (m.name, m.version, sha, dest.stat().st_size, str(dest), m.canonical_bytes().decode(), time.time()),
+            )
+        return self.bundle_ref(m.name, m.version)
+
+    def bundle_ref(self, name: str, version: str) -> dict[str, Any]:
+        rows = self.db.query("SELECT sha256, size FROM bundles WHERE name = ? AND version = ?", (name, version))
+        if not rows:
+            raise InputError(f"bundle {name}:{version} is not published; 'edgefleet fleet publish' it first")
+        return {
+            "name": name,
+            "version": version,
+            "sha256": rows[0][0],
+            "size": int(rows[0][1]),
+            "url": f"{self.config.base_url}/bundles/{name}/{version}.efb",
+        }
+
+    def set_desired(self, device: str, name: str, version: str, rollout: str | None, action: str = "update") -> None:
+        doc = {
+            "schema": DESIRED_SCHEMA,
+            "bundle": self.bundle_ref(name, version),
+            "action": action,
+            "rollout": rollout,
+            "issued_at": time.time(),
+        }
+        info = self._pub.publish(topic(device, "desired"), json.dumps(doc), qos=1, retain=True)
+        info.wait_for_publish(10)
+
+    def devices(self) -> list[dict[str, Any]]:
+        rows = self.db.query(
+            "SELECT id, tags, online, bundle_name, bundle_version, staged_version, accelerator, agent_version, "
+            "update_state, last_seen FROM devices ORDER BY id"
+        )
+        keys = (
+            "id",
+            "tags",
+            "online",
+            "bundle_name",
+            "bundle_version",
+            "staged_version",
+            "accelerator",
+            "agent_version",
+            "update_state",
+            "last_seen",
+        )
+        out = []
+        for r in rows:
+            d = dict(zip(keys, r, strict=True))
+            d["tags"] = json.loads(d["tags"])
+            d["online"] = bool(d["online"])
+            out.append(d)
+        return out
+
+    def metrics(self) -> str:
+        c = self.db.counters()
+        lines = [
+            "# HELP edgefleet_devices Registered devices.",
+            "# TYPE edgefleet_devices gauge",
+            f"edgefleet_devices {self.db.query('SELECT COUNT(*) FROM devices')[0][0]}",
+            "# HELP edgefleet_devices_online Devices whose last status says online.",
+            "# TYPE edgefleet_devices_online gauge",
+            f"edgefleet_devices_online {self.db.query('SELECT COUNT(*) FROM devices WHERE online = 1')[0][0]}",
+            "# HELP edgefleet_ingest_messages_total Messages handled by ingest workers, by outcome.",
+            "# TYPE edgefleet_ingest_messages_total counter",
+        ]
+        for k in ("received", "stored", "duplicates", "rejected", "unknown_device"):
+            lines.append(f'edgefleet_ingest_messages_total{{outcome="{k}"}} {c.get("ingest_" + k, 0)}')
+        if self.broker is not None:
+            lines += [
+                "# TYPE edgefleet_broker_restarts_total counter",
+                f"edgefleet_broker_restarts_total {self.broker.restarts}",
+            ]
+        return "\n".join(lines) + "\n"
+
+
+def store_upload(body_chunks: Any, limit: int = MAX_BUNDLE_BYTES) -> Path:
+    """Write an upload to a temp file (bounded); the caller removes it."""
+    fd, name = tempfile.mkstemp(suffix=".efb")
+    total = 0
+    with os.fdopen(fd, "wb") as f:
+        for chunk in body_chunks:
+            total += len(chunk)
+            if total > limit:
+                raise BundleError(f"upload is larger than {limit} bytes")
+            f.write(chunk)
+    return Path(name)
