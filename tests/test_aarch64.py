@@ -61,7 +61,7 @@ def test_it_really_is_aarch64(arm) -> None:
 def test_same_outputs_as_x86(arm, tmp_path: Path, digits_bundle: Path, mlp_bundles: dict, publisher, digits) -> None:
     x = digits["eval"][0][:64]
     np.save(tmp_path / "x.npy", x)
-    bundles = [str(digits_bundle), str(mlp_bundles["1.0.0"]), str(mlp_bundles["3.0.0"])]
+    bundles = [str(digits_bundle), str(mlp_bundles["1.0.0"]), str(mlp_bundles["3.0.0-qemu"])]
     args = [str(ROOT / "tests" / "_probe.py"), "OUT", str(publisher[2]), str(tmp_path / "x.npy"), *bundles]
     # the host runs the LiteRT release the aarch64 side has (newer aarch64 wheels crash under qemu)
     host_env = {**os.environ, "PYTHONPATH": str(ROOT / ".cache" / "aarch64" / "host-litert")}
@@ -116,8 +116,12 @@ def test_cli_on_aarch64(arm, tmp_path: Path, digits_bundle: Path, publisher) -> 
 # The agent tests, with the agent process on aarch64 (the broker and file server stay on the host).
 
 
+def _qemu_set(mlp_bundles: dict) -> dict:
+    return {**mlp_bundles, "3.0.0": mlp_bundles["3.0.0-qemu"]}
+
+
 def test_agent_updates_on_aarch64(arm, tmp_path, broker, files, observer, mlp_bundles, publisher) -> None:
-    update_scenario(tmp_path, broker, files, observer, mlp_bundles, publisher, python=arm, device="arm-a")
+    update_scenario(tmp_path, broker, files, observer, _qemu_set(mlp_bundles), publisher, python=arm, device="arm-a")
 
 
 ARM_KILLS = [
@@ -130,4 +134,4 @@ ARM_KILLS = [
 
 @pytest.mark.parametrize(("failpoint", "offer", "final"), ARM_KILLS, ids=[f"{k[0]}-{k[1]}" for k in ARM_KILLS])
 def test_kill_9_on_aarch64(arm, tmp_path, broker, files, observer, mlp_bundles, publisher, failpoint, offer, final):
-    kill_case(tmp_path, broker, files, observer, mlp_bundles, publisher, failpoint, offer, final, python=arm)
+    kill_case(tmp_path, broker, files, observer, _qemu_set(mlp_bundles), publisher, failpoint, offer, final, python=arm)

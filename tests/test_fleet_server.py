@@ -139,7 +139,8 @@ def test_publish_provision_update_and_registry(tmp_path: Path, server: Server, m
     assert r.returncode == 0, r.stderr
     text = cfg.read_text().replace(
         "[mqtt]",
-        "self_test_hz = 20\nwindow_s = 0.5\n\n[health]\nwindow_s = 1.0\nmin_calls = 5\nprobe_interval_s = 0.05\n\n[mqtt]",
+        "self_test_hz = 20\nwindow_s = 0.5\n\n"
+        "[health]\nwindow_s = 1.0\nmin_calls = 5\nprobe_interval_s = 0.05\n\n[mqtt]",
     )
     cfg.write_text(text)
     agent = subprocess.Popen(
