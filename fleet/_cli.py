@@ -142,6 +142,27 @@ def _desire(args: argparse.Namespace) -> int:
     return 0
 
 
+def _drift(args: argparse.Namespace) -> int:
+    from urllib.parse import quote
+
+    q = f"/api/drift?bundle={quote(args.bundle)}" + (f"&tag={quote(args.tag)}" if args.tag else "")
+    rep = _client(args, "GET", q)
+    if args.json:
+        print(json.dumps(rep["features"], indent=1))
+        return 0
+    print(f"drift of {rep['bundle']}: {rep['windows']} windows, {rep['samples']} samples")
+    print(f"{'feature':<28} {'psi':>8} {'js':>7} {'ks':>7} {'chi2 p':>9}  drifted")
+    for k, v in rep["features"].items():
+        if v["psi"] is None:
+            print(f"{k:<28} {'-':>8}")
+            continue
+        print(
+            f"{k:<28} {v['psi']:>8.4f} {v['js']:>7.4f} {v['ks']:>7.4f} {v['p_value']:>9.2g}  "
+            f"{'YES' if v['drifted'] else 'no'}"
+        )
+    return 0
+
+
 def _client_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--server", help="fleet server URL (or EDGEFLEET_SERVER)")
     p.add_argument("--token", help="operator API token (or EDGEFLEET_TOKEN)")
@@ -189,6 +210,12 @@ def register(sub: Any) -> None:
     p.add_argument("bundle")
     _client_args(p)
     p.set_defaults(func=_publish)
+
+    p = fs.add_parser("drift", help="fleet drift of a bundle version against its baseline")
+    p.add_argument("--bundle", required=True, help="NAME:VERSION")
+    p.add_argument("--tag", help="only devices with this tag")
+    _client_args(p)
+    p.set_defaults(func=_drift)
 
     p = fs.add_parser("desire", help="order one device onto a published bundle")
     p.add_argument("device_id")

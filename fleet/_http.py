@@ -71,6 +71,17 @@ def create_app(server: FleetServer) -> Any:
         server.set_desired(device_id, name, version, body.get("rollout"), body.get("action", "update"))
         return {"device": device_id, "bundle": f"{name}:{version}"}
 
+    @app.get("/api/drift", dependencies=[Depends(operator)])
+    def drift(bundle: str, since: float | None = None, tag: str | None = None) -> dict[str, Any]:
+        """Fleet drift for BUNDLE (NAME:VERSION) against its baseline: per feature psi, js, ks, chi2, drifted."""
+        from ._drift import drift_report
+
+        name, _, version = bundle.partition(":")
+        devices = None
+        if tag:
+            devices = [d["id"] for d in server.devices() if tag in d["tags"]]
+        return drift_report(server.db, name, version, devices=devices, since=since)
+
     @app.get("/bundles/{name}/{version}.efb")
     def download(name: str, version: str, request: Request) -> Response:
         rows = server.db.query("SELECT path, size FROM bundles WHERE name = ? AND version = ?", (name, version))

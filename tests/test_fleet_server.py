@@ -280,3 +280,55 @@ def _window(device: str, key: str) -> dict:
         "inputs": {},
         "outputs": {},
     }
+
+
+def test_fleet_drift_flags_the_shifted_cohort(tmp_path: Path, server: Server, mlp_bundles: dict, digits) -> None:
+    import numpy as np
+
+    import edgefleet.runtime as rt
+
+    assert server.cli("publish", str(mlp_bundles["1.0.0"])).returncode == 0
+    x = digits["eval"][0]
+    cohorts = {"dev-n": ("normal", x), "dev-s": ("shifted", np.clip(x * 0.6 + 0.35, 0, 1).astype(np.float32))}
+    for dev, (tag, data) in cohorts.items():
+        out = tmp_path / f"{dev}.toml"
+        r = run_cli(
+            "fleet",
+            "provision",
+            dev,
+            "--tags",
+            tag,
+            "--data-dir",
+            str(server.data),
+            "--out",
+            str(out),
+            "--mqtt-port",
+            str(server.mqtt),
+        )
+        assert r.returncode == 0, r.stderr
+        pw = json.loads(next(ln for ln in out.read_text().splitlines() if ln.startswith("password")).split("=", 1)[1])
+        # the real runtime summarises its own predictions into windows, which the device then sends
+        buf = rt.TelemetryBuffer(tmp_path / f"{dev}.db")
+        m = rt.load(mlp_bundles["1.0.0"], allow_unsigned=True)
+        m.attach_telemetry(buf, device_id=dev, window_s=3600)
+        for i in range(0, len(data), 16):
+            m.predict(data[i : i + 16])
+        m.flush_telemetry()
+        c, _ = _client(server.mqtt, dev, pw)
+        for _, kind, _, body in buf.pending(limit=100):
+            c.publish(topic(dev, kind), body, qos=1).wait_for_publish(5)
+        c.loop_stop()
+        c.disconnect()
+    _wait(lambda: _metric(server, 'edgefleet_ingest_messages_total{outcome="stored"}') >= 2, 20, "windows stored")
+    reports = {}
+    for tag in ("normal", "shifted"):
+        r = server.cli("drift", "--bundle", "mlp:1.0.0", "--tag", tag, "--json")
+        assert r.returncode == 0, r.stderr
+        reports[tag] = json.loads(r.stdout)
+    normal, shifted = reports["normal"], reports["shifted"]
+    for f in ("channel_0_intensity", "brightness", "contrast"):
+        assert not normal[f]["drifted"] and normal[f]["psi"] < 0.1
+        assert shifted[f]["drifted"] and shifted[f]["psi"] > 0.25
+        assert set(shifted[f]) >= {"psi", "js", "ks", "chi2", "drifted"}
+    r = server.cli("drift", "--bundle", "mlp:9.9.9")
+    assert r.returncode == 1 and "not published" in r.stderr
