@@ -163,6 +163,50 @@ def _drift(args: argparse.Namespace) -> int:
     return 0
 
 
+def _rollout(args: argparse.Namespace) -> int:
+    from edgefleet import InputError
+
+    if args.action == "create":
+        if not args.bundle or not args.selector:
+            raise InputError("rollout create needs --bundle NAME:VERSION and --selector TAG")
+        gates = {}
+        for g in args.gate or []:
+            k, _, v = g.partition("=")
+            try:
+                gates[k] = float(v)
+            except ValueError as exc:
+                raise InputError(f"--gate {g!r}: use NAME=NUMBER") from exc
+        try:
+            stages = [float(s) for s in args.stages.split(",")]
+        except ValueError as exc:
+            raise InputError(f"--stages {args.stages!r}: use percentages like 10,50,100") from exc
+        body = {"bundle": args.bundle, "selector": args.selector, "stages": stages, "gates": gates}
+        r = _client(args, "POST", "/api/rollouts", json.dumps(body).encode())
+    elif args.action == "list":
+        r = _client(args, "GET", "/api/rollouts")
+        print(json.dumps(r, indent=1) if args.json else "\n".join(f"{x['id']} {x['bundle']} {x['state']}" for x in r))
+        return 0
+    else:
+        if not args.id:
+            raise InputError(f"rollout {args.action} needs the rollout id")
+        method, path = (
+            ("GET", f"/api/rollouts/{args.id}")
+            if args.action == "status"
+            else ("POST", f"/api/rollouts/{args.id}/{args.action}")
+        )
+        r = _client(args, method, path)
+    if args.json:
+        print(json.dumps(r, indent=1))
+    else:
+        print(f"rollout {r['id']}: {r['bundle']} to '{r['selector']}' - {r['state']} (stage {r['stage']})")
+        for s in r["stages"]:
+            print(
+                f"  stage {s['stage']} {s['percent']:g}%: {s['status']}, {s['updated']}/{s['assigned']} updated, "
+                f"{s['failed']} failed"
+            )
+    return 0
+
+
 def _client_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--server", help="fleet server URL (or EDGEFLEET_SERVER)")
     p.add_argument("--token", help="operator API token (or EDGEFLEET_TOKEN)")
@@ -210,6 +254,16 @@ def register(sub: Any) -> None:
     p.add_argument("bundle")
     _client_args(p)
     p.set_defaults(func=_publish)
+
+    p = fs.add_parser("rollout", help="canary rollouts: create, status, list, pause, resume, abort")
+    p.add_argument("action", choices=["create", "status", "list", "pause", "resume", "abort"])
+    p.add_argument("id", nargs="?")
+    p.add_argument("--bundle", help="NAME:VERSION")
+    p.add_argument("--selector", help="device tag")
+    p.add_argument("--stages", default="10,50,100", help="percentages, e.g. 10,50,100")
+    p.add_argument("--gate", action="append", help="override a gate, e.g. max_p95_ratio=2 (repeatable)")
+    _client_args(p)
+    p.set_defaults(func=_rollout)
 
     p = fs.add_parser("drift", help="fleet drift of a bundle version against its baseline")
     p.add_argument("--bundle", required=True, help="NAME:VERSION")

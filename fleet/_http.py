@@ -71,6 +71,29 @@ def create_app(server: FleetServer) -> Any:
         server.set_desired(device_id, name, version, body.get("rollout"), body.get("action", "update"))
         return {"device": device_id, "bundle": f"{name}:{version}"}
 
+    @app.post("/api/rollouts", dependencies=[Depends(operator)])
+    def create_rollout(body: dict[str, Any]) -> dict[str, Any]:
+        """Start a rollout: `{"bundle": "NAME:VERSION", "selector": TAG, "stages": [10, 50, 100], "gates": {...}}`."""
+        stages = [float(s) for s in body.get("stages", [10, 50, 100])]
+        rid = server.rollouts.create(
+            str(body.get("bundle", "")), str(body.get("selector", "")), stages, body.get("gates")
+        )
+        return server.rollouts.get(rid)
+
+    @app.get("/api/rollouts", dependencies=[Depends(operator)])
+    def rollouts() -> list[dict[str, Any]]:
+        return server.rollouts.list()
+
+    @app.get("/api/rollouts/{rid}", dependencies=[Depends(operator)])
+    def rollout(rid: str) -> dict[str, Any]:
+        return server.rollouts.get(rid)
+
+    @app.post("/api/rollouts/{rid}/{action}", dependencies=[Depends(operator)])
+    def rollout_action(rid: str, action: str) -> dict[str, Any]:
+        if action not in ("pause", "resume", "abort"):
+            raise HTTPException(404, f"unknown action {action}; use pause, resume or abort")
+        return server.rollouts.set_state(rid, action)
+
     @app.get("/api/drift", dependencies=[Depends(operator)])
     def drift(bundle: str, since: float | None = None, tag: str | None = None) -> dict[str, Any]:
         """Fleet drift for BUNDLE (NAME:VERSION) against its baseline: per feature psi, js, ks, chi2, drifted."""

@@ -24,6 +24,7 @@ from edgefleet._topics import DESIRED_SCHEMA, check_device_id, topic
 from ._broker import SERVER_USER, Broker
 from ._db import Database
 from ._ingest import IngestWorker
+from ._rollout import RolloutEngine
 
 __all__ = ["FleetServer", "ServerConfig", "create_token", "provision"]
 
@@ -130,6 +131,7 @@ class FleetServer:
         self.ingest: IngestWorker | None = None
         self.ready = False
         self._pub: Any = None
+        self.rollouts = RolloutEngine(self.db, self.set_desired)
 
     @property
     def trusted(self) -> list[str]:
@@ -157,10 +159,12 @@ class FleetServer:
         self._pub = pub
         if not self.ingest.connected.wait(15):
             raise EdgefleetError("the ingest worker could not connect to the embedded broker")
+        self.rollouts.start()
         self.ready = True
 
     def stop(self) -> None:
         self.ready = False
+        self.rollouts.stop()
         if self.ingest is not None:
             self.ingest.stop()
         if self._pub is not None:

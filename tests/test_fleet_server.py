@@ -332,3 +332,121 @@ def test_fleet_drift_flags_the_shifted_cohort(tmp_path: Path, server: Server, ml
         assert set(shifted[f]) >= {"psi", "js", "ks", "chi2", "drifted"}
     r = server.cli("drift", "--bundle", "mlp:9.9.9")
     assert r.returncode == 1 and "not published" in r.stderr
+
+
+def test_canary_rollouts_complete_and_roll_back_by_themselves(
+    tmp_path: Path, server: Server, mlp_bundles: dict
+) -> None:
+    for v in ("1.0.0", "2.0.0", "3.0.0"):
+        assert server.cli("publish", str(mlp_bundles[v])).returncode == 0
+    agents = []
+    shutil_copy = __import__("shutil").copy
+    for i in range(4):
+        dev = f"edge-{i}"
+        cfg = tmp_path / dev / "device.toml"
+        r = run_cli(
+            "fleet",
+            "provision",
+            dev,
+            "--tags",
+            "canary",
+            "--data-dir",
+            str(server.data),
+            "--out",
+            str(cfg),
+            "--mqtt-port",
+            str(server.mqtt),
+        )
+        assert r.returncode == 0, r.stderr
+        shutil_copy(mlp_bundles["1.0.0"], cfg.parent / "v1.efb")
+        cfg.write_text(
+            cfg.read_text().replace(
+                "[mqtt]",
+                'initial_bundle = "v1.efb"\nself_test_hz = 30\nwindow_s = 0.5\n\n'
+                "[health]\nwindow_s = 1.0\nmin_calls = 5\nprobe_interval_s = 0.05\n\n[mqtt]",
+            )
+        )
+        agents.append(
+            subprocess.Popen(
+                [str(Path(sys.executable).parent / "edgefleet"), "agent", "--config", str(cfg)],
+                stdout=subprocess.DEVNULL,
+                stderr=open(cfg.parent / "agent.log", "wb"),
+            )
+        )
+    try:
+
+        def versions() -> dict[str, str | None]:
+            r = server.cli("devices", "--json")
+            return {d["id"]: d["bundle_version"] for d in json.loads(r.stdout)}
+
+        _wait(lambda: set(versions().values()) == {"1.0.0"}, 60, "all on v1")
+        assert (
+            run_cli(
+                "fleet",
+                "rollout",
+                "create",
+                "--bundle",
+                "mlp:2.0.0",
+                "--selector",
+                "nobody",
+                "--server",
+                server.url,
+                "--token",
+                server.token,
+            ).returncode
+            == 1
+        )  # matches nothing
+        r = server.cli(
+            "rollout",
+            "create",
+            "--bundle",
+            "mlp:2.0.0",
+            "--selector",
+            "canary",
+            "--stages",
+            "50,100",
+            "--gate",
+            "min_stage_s=2",
+            "--json",
+        )
+        assert r.returncode == 0, r.stderr
+        rid = json.loads(r.stdout)["id"]
+
+        def status(rid: str) -> dict:
+            r = server.cli("rollout", "status", rid, "--json")
+            assert r.returncode == 0, r.stderr
+            return json.loads(r.stdout)
+
+        _wait(lambda: status(rid)["state"] == "completed", 120, "v2 rollout completed")
+        assert set(versions().values()) == {"2.0.0"}
+        st = status(rid)
+        assert [s["assigned"] for s in st["stages"]] == [2, 2] and st["stages"][0]["gates"]["ok"]
+
+        # v3 is far slower: the first stage's devices roll back by themselves, the gate sees it, the rollout
+        # rolls back, and the other half never gets v3
+        r = server.cli(
+            "rollout",
+            "create",
+            "--bundle",
+            "mlp:3.0.0",
+            "--selector",
+            "canary",
+            "--stages",
+            "50,100",
+            "--gate",
+            "min_stage_s=2",
+            "--json",
+        )
+        rid3 = json.loads(r.stdout)["id"]
+        _wait(lambda: status(rid3)["state"] == "rolled_back", 120, "v3 rollout rolled back")
+        st3 = status(rid3)
+        assert st3["stages"][0]["failed"] == 2 and st3["stages"][1]["assigned"] == 0
+        assert "update failure rate" in " ".join(st3["stages"][0]["gates"]["failed_gates"])
+        _wait(lambda: set(versions().values()) == {"2.0.0"}, 60, "everyone back on v2")
+        r = server.cli("rollout", "pause", rid3)
+        assert r.returncode == 1 and "cannot be paused" in r.stderr
+    finally:
+        for a in agents:
+            a.send_signal(signal.SIGTERM)
+        for a in agents:
+            a.wait(20)

@@ -1,0 +1,358 @@
+"""Canary rollouts: stages over the devices a tag selects, each gated on what the fleet reports.
+
+State lives in the database (`rollouts`, `rollout_devices`); the engine is a loop that reads it, so a
+restarted server carries on where it was. Per stage the engine orders its share of devices onto the
+new bundle, waits `min_stage_s` (and for the devices to report), then checks the gates against the
+control cohort (selected devices still on another version):
+
+- enough devices updated and reporting (`min_devices`),
+- update failure rate (devices that failed or rolled back by themselves) <= `max_update_failure`,
+- post-update error rate <= control + `max_error_increase`,
+- p95 latency <= control x `max_p95_ratio`,
+- prediction drift: PSI of the predicted-class distribution against the control <= `max_prediction_psi`.
+
+All pass: next stage, or `completed`. A gate fails: `rolled_back` (devices already updated are ordered
+back to the version they ran). Devices that do not report within `stage_timeout_s`: `halted`, for an
+operator to resume or abort.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import threading
+import time
+import uuid
+from typing import Any
+
+from edgefleet import InputError
+from edgefleet._drift import psi
+from edgefleet._telemetry import latency_quantile
+
+from ._db import Database
+from ._drift import merge_windows
+
+__all__ = ["DEFAULT_GATES", "STATES", "RolloutEngine"]
+
+log = logging.getLogger("edgefleet.fleet.rollout")
+
+STATES = ("running", "paused", "halted", "rolled_back", "completed", "aborted")
+DEFAULT_GATES: dict[str, float] = {
+    "min_devices": 1,
+    "max_update_failure": 0.2,
+    "max_error_increase": 0.02,
+    "max_p95_ratio": 1.5,
+    "max_prediction_psi": 0.25,
+    "min_stage_s": 10.0,
+    "stage_timeout_s": 300.0,
+}
+
+SCHEMA = [
+    """CREATE TABLE IF NOT EXISTS rollouts (
+        id TEXT PRIMARY KEY, bundle_name TEXT NOT NULL, bundle_version TEXT NOT NULL, selector TEXT NOT NULL,
+        stages TEXT NOT NULL, gates TEXT NOT NULL, state TEXT NOT NULL, stage INTEGER NOT NULL,
+        stage_started REAL NOT NULL, created REAL NOT NULL, updated REAL NOT NULL, detail TEXT NOT NULL)""",
+    """CREATE TABLE IF NOT EXISTS rollout_devices (
+        rollout_id TEXT NOT NULL, device_id TEXT NOT NULL, stage INTEGER NOT NULL, assigned REAL NOT NULL,
+        previous_version TEXT, status TEXT NOT NULL, PRIMARY KEY (rollout_id, device_id))""",
+]
+
+
+def _order(rollout_id: str, device: str) -> str:
+    # A stable pseudo-random order: the same devices form the first stage however often the engine runs.
+    return hashlib.sha256(f"{rollout_id}/{device}".encode()).hexdigest()
+
+
+class RolloutEngine:
+    def __init__(self, db: Database, set_desired: Any, interval: float = 1.0) -> None:
+        self.db = db
+        self.set_desired = set_desired
+        self.interval = interval
+        with db.transaction() as cur:
+            for stmt in SCHEMA:
+                cur.execute(stmt)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    # -- operator actions --------------------------------------------------------------------------
+    def create(self, bundle: str, selector: str, stages: list[float], gates: dict[str, float] | None = None) -> str:
+        name, _, version = bundle.partition(":")
+        if not self.db.query("SELECT 1 FROM bundles WHERE name = ? AND version = ?", (name, version)):
+            raise InputError(f"bundle {bundle} is not published; publish it before rolling it out")
+        if not stages or any(not 0 < s <= 100 for s in stages) or sorted(stages) != list(stages) or stages[-1] != 100:
+            raise InputError("stages must be increasing percentages ending at 100, e.g. 10,50,100")
+        unknown = set(gates or {}) - set(DEFAULT_GATES)
+        if unknown:
+            raise InputError(f"unknown gate(s) {sorted(unknown)}; known: {sorted(DEFAULT_GATES)}")
+        if not self._selected(selector):
+            raise InputError(f"selector {selector!r} matches no device")
+        rid = "r-" + uuid.uuid4().hex[:10]
+        now = time.time()
+        self.db.execute(
+            "INSERT INTO rollouts (id, bundle_name, bundle_version, selector, stages, gates, state, stage, "
+            "stage_started, created, updated, detail) VALUES (?, ?, ?, ?, ?, ?, 'running', 0, ?, ?, ?, ?)",
+            (
+                rid,
+                name,
+                version,
+                selector,
+                json.dumps(stages),
+                json.dumps({**DEFAULT_GATES, **(gates or {})}),
+                now,
+                now,
+                now,
+                json.dumps({"history": []}),
+            ),
+        )
+        return rid
+
+    def set_state(self, rid: str, action: str) -> dict[str, Any]:
+        r = self.get(rid)
+        allowed = {"pause": ("running",), "resume": ("paused", "halted"), "abort": ("running", "paused", "halted")}
+        if r["state"] not in allowed[action]:
+            raise InputError(f"rollout {rid} is {r['state']}; it cannot be {action}d")
+        new = {"pause": "paused", "resume": "running", "abort": "aborted"}[action]
+        self._update(rid, state=new, note=f"operator: {action}", stage_started=time.time())
+        return self.get(rid)
+
+    def get(self, rid: str) -> dict[str, Any]:
+        rows = self.db.query(
+            "SELECT id, bundle_name, bundle_version, selector, stages, gates, state, stage, stage_started, created, "
+            "updated, detail FROM rollouts WHERE id = ?",
+            (rid,),
+        )
+        if not rows:
+            raise InputError(f"no rollout {rid}")
+        r = rows[0]
+        devs = self.db.query("SELECT device_id, stage, status FROM rollout_devices WHERE rollout_id = ?", (rid,))
+        stages = json.loads(r[4])
+        detail = json.loads(r[11])
+        per_stage = []
+        for i, pct in enumerate(stages):
+            mine = [d for d in devs if d[1] == i]
+            per_stage.append(
+                {
+                    "stage": i,
+                    "percent": pct,
+                    "assigned": len(mine),
+                    "updated": sum(1 for d in mine if d[2] == "updated"),
+                    "failed": sum(1 for d in mine if d[2] == "failed"),
+                    "gates": detail.get("gates", {}).get(str(i)),
+                    "status": "done" if i < r[7] or r[6] == "completed" else ("current" if i == r[7] else "pending"),
+                }
+            )
+        return {
+            "id": r[0],
+            "bundle": f"{r[1]}:{r[2]}",
+            "selector": r[3],
+            "stages": per_stage,
+            "gates": json.loads(r[5]),
+            "state": r[6],
+            "stage": r[7],
+            "created": r[9],
+            "updated": r[10],
+            "history": detail.get("history", []),
+        }
+
+    def list(self) -> list[dict[str, Any]]:
+        return [self.get(r[0]) for r in self.db.query("SELECT id FROM rollouts ORDER BY created DESC")]
+
+    # -- the engine ------------------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="edgefleet-rollouts", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(10)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self.tick()
+            except Exception:
+                log.exception("rollout tick failed")
+
+    def _selected(self, selector: str) -> list[dict[str, Any]]:
+        rows = self.db.query("SELECT id, tags, bundle_version, update_state FROM devices")
+        return [{"id": r[0], "version": r[2], "update_state": r[3]} for r in rows if selector in json.loads(r[1])]
+
+    def _update(self, rid: str, note: str | None = None, **fields: Any) -> None:
+        detail = json.loads(self.db.query("SELECT detail FROM rollouts WHERE id = ?", (rid,))[0][0])
+        if note:
+            detail.setdefault("history", []).append({"ts": time.time(), "note": note})
+        if "gates_result" in fields:
+            stage, res = fields.pop("gates_result")
+            detail.setdefault("gates", {})[str(stage)] = res
+        sets = ", ".join(f"{k} = ?" for k in fields)
+        params = [*fields.values(), time.time(), json.dumps(detail), rid]
+        self.db.execute(
+            f"UPDATE rollouts SET {sets + ', ' if sets else ''}updated = ?, detail = ? WHERE id = ?", params
+        )
+
+    def tick(self) -> None:
+        with self._lock:
+            for (rid,) in self.db.query("SELECT id FROM rollouts WHERE state = 'running'"):
+                self._advance(rid)
+            # rollouts that ended keep watching for devices' own rollbacks, which are recorded
+            self._record_device_results()
+
+    def _record_device_results(self) -> None:
+        for rid, dev in self.db.query("SELECT rollout_id, device_id FROM rollout_devices WHERE status = 'pending'"):
+            r = self.db.query("SELECT bundle_version FROM rollouts WHERE id = ?", (rid,))[0]
+            evs = self.db.query(
+                "SELECT type, body FROM events WHERE device_id = ? AND type IN ('rolled_back', 'update_failed', "
+                "'committed')",
+                (dev,),
+            )
+            status = None
+            for typ, body in evs:
+                b = json.loads(body)
+                if b.get("rollout") != rid:
+                    continue
+                status = "updated" if typ == "committed" else "failed"
+            if status is None:
+                cur = self.db.query("SELECT bundle_version, update_state FROM devices WHERE id = ?", (dev,))
+                if cur and cur[0][0] == r[0] and cur[0][1] == "idle":
+                    status = "updated"
+            if status is not None:
+                self.db.execute(
+                    "UPDATE rollout_devices SET status = ? WHERE rollout_id = ? AND device_id = ?", (status, rid, dev)
+                )
+
+    def _advance(self, rid: str) -> None:
+        r = self.get(rid)
+        name, version = r["bundle"].split(":")
+        stage = r["stage"]
+        pct = r["stages"][stage]["percent"]
+        gates = r["gates"]
+        selected = sorted(self._selected(r["selector"]), key=lambda d: _order(rid, d["id"]))
+        assigned = {
+            d[0]: d
+            for d in self.db.query(
+                "SELECT device_id, stage, status, previous_version FROM rollout_devices WHERE rollout_id = ?", (rid,)
+            )
+        }
+        target = math.ceil(pct / 100 * len(selected))
+        now = time.time()
+        for d in selected[:target]:
+            if d["id"] in assigned:
+                continue
+            if d["version"] == version:
+                status = "updated"
+            else:
+                status = "pending"
+                self.set_desired(d["id"], name, version, rid, "update")
+            self.db.execute(
+                "INSERT INTO rollout_devices (rollout_id, device_id, stage, assigned, previous_version, status) "
+                "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (rollout_id, device_id) DO NOTHING",
+                (rid, d["id"], stage, now, d["version"], status),
+            )
+        self._record_device_results()
+        rows = self.db.query(
+            "SELECT device_id, status, previous_version, assigned FROM rollout_devices WHERE rollout_id = ?", (rid,)
+        )
+        mine = [x for x in rows]
+        pending = [x for x in mine if x[1] == "pending"]
+        started = self.db.query("SELECT stage_started FROM rollouts WHERE id = ?", (rid,))[0][0]
+        if now - started < gates["min_stage_s"] and not any(x[1] == "failed" for x in mine):
+            return
+        if pending and now - started < gates["stage_timeout_s"]:
+            return
+        result = self._gates(rid, name, version, r["selector"], mine, gates)
+        if pending:
+            result["ok"] = False
+            result["halt"] = f"{len(pending)} device(s) did not report within {gates['stage_timeout_s']} s"
+        if result["ok"]:
+            if stage + 1 < len(r["stages"]):
+                self._update(
+                    rid,
+                    note=f"stage {stage} passed its gates",
+                    stage=stage + 1,
+                    stage_started=now,
+                    gates_result=(stage, result),
+                )
+            else:
+                self._update(rid, note="last stage passed: completed", state="completed", gates_result=(stage, result))
+        elif result.get("halt") and not result["failed_gates"]:
+            self._update(rid, note=result["halt"], state="halted", gates_result=(stage, result))
+        else:
+            self._update(
+                rid,
+                note="gates failed: " + "; ".join(result["failed_gates"]) + "; rolling back",
+                state="rolled_back",
+                gates_result=(stage, result),
+            )
+            for dev, status, prev, _ in mine:
+                if status in ("updated", "pending") and prev and prev != version:
+                    self.set_desired(dev, name, prev, rid, "rollback")
+
+    def _cohort(self, name: str, devices: list[str], version: str | None, since: float) -> dict[str, Any]:
+        if not devices:
+            return {"calls": 0, "errors": 0, "latency": None, "classes": None, "windows": 0}
+        marks = ",".join("?" for _ in devices)
+        sql = f"SELECT body FROM windows WHERE bundle_name = ? AND device_id IN ({marks}) AND start >= ?"
+        params: list[Any] = [name, *devices, since]
+        if version is not None:
+            sql += " AND bundle_version = ?"
+            params.append(version)
+        bodies = [json.loads(b) for (b,) in self.db.query(sql, params)]
+        merged = merge_windows(bodies)
+        lat: list[int] = []
+        for w in bodies:
+            c = w["latency_ms"]["counts"]
+            lat = [a + b for a, b in zip(lat, c, strict=True)] if lat else list(c)
+        errors = sum(sum(int(v) for v in w["errors"].values()) + int(w["nan_outputs"]) for w in bodies)
+        return {
+            "calls": merged["calls"],
+            "errors": errors,
+            "latency": latency_quantile(lat, 0.95) if lat else None,
+            "classes": merged["outputs"].get("predicted_class"),
+            "windows": len(bodies),
+        }
+
+    def _gates(
+        self, rid: str, name: str, version: str, selector: str, mine: list[Any], gates: dict[str, float]
+    ) -> dict[str, Any]:
+        assigned = [m[0] for m in mine]
+        updated = [m[0] for m in mine if m[1] == "updated"]
+        failed = [m[0] for m in mine if m[1] == "failed"]
+        since = min((m[3] for m in mine), default=time.time())
+        control_ids = [d["id"] for d in self._selected(selector) if d["id"] not in assigned and d["version"] != version]
+        new = self._cohort(name, updated, version, since)
+        ctl = self._cohort(name, control_ids, None, since)
+        values: dict[str, Any] = {
+            "devices_updated": len(updated),
+            "update_failure_rate": round(len(failed) / len(assigned), 4) if assigned else 0.0,
+            "error_rate": round(new["errors"] / new["calls"], 4) if new["calls"] else None,
+            "control_error_rate": round(ctl["errors"] / ctl["calls"], 4) if ctl["calls"] else None,
+            "p95_ms": new["latency"],
+            "control_p95_ms": ctl["latency"],
+            "prediction_psi": None,
+        }
+        failed_gates = []
+        if values["update_failure_rate"] > gates["max_update_failure"]:
+            failed_gates.append(f"update failure rate {values['update_failure_rate']} > {gates['max_update_failure']}")
+        if len(updated) < gates["min_devices"] and not failed_gates:
+            failed_gates.append(f"only {len(updated)} device(s) updated (need {int(gates['min_devices'])})")
+        if values["error_rate"] is not None:
+            base = values["control_error_rate"] or 0.0
+            if values["error_rate"] > base + gates["max_error_increase"]:
+                failed_gates.append(
+                    f"error rate {values['error_rate']} > control {base} + {gates['max_error_increase']}"
+                )
+        if values["p95_ms"] is not None and values["control_p95_ms"] is not None:
+            if values["p95_ms"] > values["control_p95_ms"] * gates["max_p95_ratio"]:
+                failed_gates.append(
+                    f"p95 {values['p95_ms']:.3f} ms > control {values['control_p95_ms']:.3f} ms x "
+                    f"{gates['max_p95_ratio']}"
+                )
+        if new["classes"] is not None and ctl["classes"] is not None and new["classes"].sum() and ctl["classes"].sum():
+            values["prediction_psi"] = round(psi(ctl["classes"], new["classes"]), 4)
+            if values["prediction_psi"] > gates["max_prediction_psi"]:
+                failed_gates.append(f"prediction PSI {values['prediction_psi']} > {gates['max_prediction_psi']}")
+        return {"ok": not failed_gates, "failed_gates": failed_gates, "values": values, "ts": time.time()}
