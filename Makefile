@@ -7,20 +7,23 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | sha256sum | cu
 
 .PHONY: demo test lint bench clean system
 
-# Debian packages the tests run for real: the Mosquitto broker and qemu-user (aarch64 runtime tests).
-# Installed when root (CI, fresh machines); otherwise they must be there already.
-SYSTEM_STAMP := $(VENV)/.system-$(shell echo mosquitto qemu-user | sha256sum | cut -c1-8)
+# Debian packages the tests run for real: the Mosquitto broker, qemu-user (aarch64 runtime tests) and
+# PostgreSQL (fleet storage tests). Installed when root (CI, fresh machines); otherwise they must be there.
+DEBS := mosquitto mosquitto-clients qemu-user postgresql
+SYSTEM_STAMP := $(VENV)/.system-$(shell echo $(DEBS) | sha256sum | cut -c1-8)
 $(SYSTEM_STAMP):
 	@mkdir -p $(VENV)
-	@if command -v mosquitto >/dev/null || test -x /usr/sbin/mosquitto; then :; \
+	@missing=""; \
+	command -v mosquitto >/dev/null || test -x /usr/sbin/mosquitto || missing="$$missing mosquitto"; \
+	command -v mosquitto_passwd >/dev/null || missing="$$missing mosquitto-clients"; \
+	command -v qemu-aarch64 >/dev/null || missing="$$missing qemu-user"; \
+	ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 || missing="$$missing postgresql"; \
+	if [ -z "$$missing" ]; then :; \
 	elif [ "$$(id -u)" = 0 ]; then \
-	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q mosquitto mosquitto-clients qemu-user; \
-	else echo "mosquitto is missing: sudo apt-get install mosquitto qemu-user" >&2; exit 1; fi
-	@if ! command -v qemu-aarch64 >/dev/null; then \
-	  if [ "$$(id -u)" = 0 ]; then DEBIAN_FRONTEND=noninteractive apt-get install -y -q qemu-user; \
-	  else echo "qemu-aarch64 is missing: sudo apt-get install qemu-user" >&2; exit 1; fi; fi
-	@# The broker is started by the tests on loopback ports; the Debian service is not needed.
-	@-systemctl disable --now mosquitto >/dev/null 2>&1 || true
+	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing; \
+	else echo "missing Debian packages:$$missing (sudo apt-get install$$missing)" >&2; exit 1; fi
+	@# The tests start their own broker and database on loopback ports; the Debian services are not needed.
+	@-systemctl disable --now mosquitto postgresql >/dev/null 2>&1 || true
 	touch $@
 
 system: $(SYSTEM_STAMP)

@@ -59,6 +59,29 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ingest(args: argparse.Namespace) -> int:
+    """One more ingest worker on the shared subscription, in its own process (or machine)."""
+    import signal
+    import threading
+
+    from ._broker import SERVER_USER
+    from ._db import Database
+    from ._ingest import IngestWorker
+
+    data = Path(args.data_dir)
+    password = args.password or (data / "mosquitto" / "server.secret").read_text().strip()
+    db = Database(args.db or f"sqlite:///{data / 'fleet.db'}")
+    worker = IngestWorker(db, args.mqtt_host, args.mqtt_port, args.username or SERVER_USER, password, args.name)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *a: stop.set())
+    signal.signal(signal.SIGINT, lambda *a: stop.set())
+    worker.start()
+    print(f"edgefleet ingest worker {args.name} on {args.mqtt_host}:{args.mqtt_port}", file=sys.stderr, flush=True)
+    stop.wait()
+    worker.stop()
+    return 0
+
+
 def _token(args: argparse.Namespace) -> int:
     from ._server import create_token
 
@@ -228,6 +251,16 @@ def register(sub: Any) -> None:
     p.add_argument("--broker", default="embedded")
     p.add_argument("--trusted-key", action="append", help="public key bundles must be signed with (repeatable)")
     p.set_defaults(func=_serve)
+
+    p = fs.add_parser("ingest", help="run an extra ingest worker (scale-out over a shared subscription)")
+    p.add_argument("--data-dir", default="fleet-data")
+    p.add_argument("--db", help="database URL (default: DATA_DIR/fleet.db)")
+    p.add_argument("--mqtt-host", default="127.0.0.1")
+    p.add_argument("--mqtt-port", type=int, default=1883)
+    p.add_argument("--username")
+    p.add_argument("--password", help="default: the embedded broker's server secret in DATA_DIR")
+    p.add_argument("--name", default=f"ingest-{os.getpid()}")
+    p.set_defaults(func=_ingest)
 
     p = fs.add_parser("token", help="operator API tokens")
     p.add_argument("action", choices=["create"])

@@ -140,7 +140,9 @@ class IngestWorker:
                     counts["rejected"] += 1
                     continue
                 counts["stored" if stored else "duplicates"] += 1
-            for k, v in counts.items():
+            counts_named = dict(counts)
+            counts_named[f"worker_{self.name}_received"] = counts["received"]
+            for k, v in counts_named.items():
                 if v:
                     cur.execute(
                         "INSERT INTO counters (name, value) VALUES (?, ?) "

@@ -185,3 +185,49 @@ def observer(broker: Mosquitto):
     o = Observer(broker.port)
     yield o
     o.close()
+
+
+@pytest.fixture(scope="session")
+def postgres_url():
+    """A real PostgreSQL server (Debian's postgresql), started on a loopback port for the session."""
+    import glob
+    import os
+    import tempfile
+
+    from ._servers import free_port
+
+    bins = sorted(glob.glob("/usr/lib/postgresql/*/bin/pg_ctl"))
+    assert bins, "PostgreSQL is not installed: make test installs the Debian package 'postgresql'"
+    bindir = Path(bins[-1]).parent
+    root = Path(tempfile.mkdtemp(prefix="edgefleet-pg-"))
+    as_user: list[str] = []
+    if os.geteuid() == 0:
+        # PostgreSQL refuses to run as root: run it as the package's own user.
+        shutil.chown(root, "postgres", "postgres")
+        as_user = ["runuser", "-u", "postgres", "--"]
+    port = free_port()
+    data = root / "data"
+    subprocess.run(
+        [*as_user, str(bindir / "initdb"), "-D", str(data), "-A", "trust", "-U", "edgefleet"],
+        check=True,
+        capture_output=True,
+    )
+    subprocess.run(
+        [
+            *as_user,
+            str(bindir / "pg_ctl"),
+            "-D",
+            str(data),
+            "-l",
+            str(root / "log"),
+            "-w",
+            "-o",
+            f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off",
+            "start",
+        ],
+        check=True,
+        capture_output=True,
+    )
+    yield f"postgresql://edgefleet@127.0.0.1:{port}/postgres"
+    subprocess.run([*as_user, str(bindir / "pg_ctl"), "-D", str(data), "-m", "fast", "stop"], capture_output=True)
+    shutil.rmtree(root, ignore_errors=True)

@@ -26,11 +26,13 @@ pytestmark = pytest.mark.slow
 
 
 class Server:
-    def __init__(self, data: Path, publisher) -> None:
+    def __init__(self, data: Path, publisher, db_url: str | None = None) -> None:
+        self.db_url = db_url
         self.data = data
         self.http, self.mqtt = free_port(), free_port()
         self.url = f"http://127.0.0.1:{self.http}"
         exe = Path(sys.executable).parent / "edgefleet"
+        data.parent.mkdir(parents=True, exist_ok=True)
         self.log = open(data.parent / "server.log", "ab")
         self.proc = subprocess.Popen(
             [
@@ -45,6 +47,7 @@ class Server:
                 str(self.mqtt),
                 "--trusted-key",
                 str(publisher[2]),
+                *(["--db", db_url] if db_url else []),
             ],
             stdout=self.log,
             stderr=self.log,
@@ -59,7 +62,7 @@ class Server:
                 time.sleep(0.2)
         else:
             raise AssertionError((data.parent / "server.log").read_text()[-3000:])
-        r = run_cli("fleet", "token", "create", "--data-dir", str(data))
+        r = run_cli("fleet", "token", "create", "--data-dir", str(data), *(["--db", db_url] if db_url else []))
         assert r.returncode == 0, r.stderr
         self.token = r.stdout.strip()
 
