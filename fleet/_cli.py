@@ -230,6 +230,32 @@ def _rollout(args: argparse.Namespace) -> int:
     return 0
 
 
+def _simulate(args: argparse.Namespace) -> int:
+    from edgefleet import InputError
+
+    from ._simulate import Simulation, parse_drift, run
+
+    server = args.server or os.environ.get("EDGEFLEET_SERVER")
+    token = args.token or os.environ.get("EDGEFLEET_TOKEN")
+    if not server or not token:
+        raise InputError("give --server URL and --token T (or EDGEFLEET_SERVER / EDGEFLEET_TOKEN)")
+    sim = Simulation(
+        server=server,
+        token=token,
+        devices=args.devices,
+        bundle=args.bundle,
+        tags=[t for t in (args.tags or "").split(",") if t],
+        drift=parse_drift(args.drift or []),
+        fail_rate=args.fail_rate,
+        rate_hz=args.rate,
+        prefix=args.prefix,
+        workdir=Path(args.workdir) if args.workdir else None,
+        inputs=Path(args.inputs) if args.inputs else None,
+    )
+    run(sim, args.duration)
+    return 0
+
+
 def _client_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--server", help="fleet server URL (or EDGEFLEET_SERVER)")
     p.add_argument("--token", help="operator API token (or EDGEFLEET_TOKEN)")
@@ -297,6 +323,21 @@ def register(sub: Any) -> None:
     p.add_argument("--gate", action="append", help="override a gate, e.g. max_p95_ratio=2 (repeatable)")
     _client_args(p)
     p.set_defaults(func=_rollout)
+
+    p = fs.add_parser("simulate", help="run N simulated devices (real agents and runtime) against a server")
+    p.add_argument("--devices", type=int, default=10)
+    p.add_argument("--bundle", help="NAME:VERSION the devices start on (downloaded from the server)")
+    p.add_argument("--tags", help="comma-separated tags for every device (each also gets cohort-0 / cohort-1)")
+    p.add_argument("--drift", action="append", help="TAG:SHIFT: devices with TAG see inputs shifted (repeatable)")
+    p.add_argument("--fail-rate", type=float, default=0.0, help="share of calls made to fail")
+    p.add_argument("--rate", type=float, default=5.0, help="predictions per second per device")
+    p.add_argument("--prefix", default="sim")
+    p.add_argument("--inputs", help=".npz with inputs 'x' the devices see (default: the bundle's golden inputs)")
+    p.add_argument("--duration", type=float, help="seconds (default: until Ctrl-C)")
+    p.add_argument("--workdir")
+    p.add_argument("--server")
+    p.add_argument("--token")
+    p.set_defaults(func=_simulate)
 
     p = fs.add_parser("drift", help="fleet drift of a bundle version against its baseline")
     p.add_argument("--bundle", required=True, help="NAME:VERSION")

@@ -47,6 +47,14 @@ def create_app(server: FleetServer) -> Any:
         """Registered devices with their online state, bundle, tags."""
         return [{**d, "bundle_version": d["bundle_version"]} for d in server.devices()]
 
+    @app.post("/api/devices", dependencies=[Depends(operator)])
+    def register(body: dict[str, Any]) -> dict[str, Any]:
+        """Provision a device (`{"id": ..., "tags": [...]}`): returns its broker credentials and the trusted keys."""
+        tags = body.get("tags", [])
+        if not isinstance(tags, list):
+            raise InputError("tags must be a list of strings")
+        return server.register(str(body.get("id", "")), [str(t) for t in tags])
+
     @app.put("/api/bundles", dependencies=[Depends(operator)])
     async def publish(request: Request) -> dict[str, Any]:
         """Upload a bundle (the raw .efb as the body); it is verified against the server's trusted keys."""

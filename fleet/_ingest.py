@@ -45,7 +45,6 @@ class IngestWorker:
         self.q: queue.Queue[tuple[str, bytes]] = queue.Queue(maxsize=100_000)
         self._stop = threading.Event()
         self._known: set[str] = set()
-        self._known_at = 0.0
         self.stats = {"received": 0, "stored": 0, "duplicates": 0, "rejected": 0, "unknown_device": 0}
         self._client: Any = None
         self._thread: threading.Thread | None = None
@@ -94,11 +93,11 @@ class IngestWorker:
     def _is_known(self, device: str) -> bool:
         if device in self._known:
             return True
-        now = time.monotonic()
-        if now - self._known_at > 1.0:
-            self._known = {r[0] for r in self.db.query("SELECT id FROM devices")}
-            self._known_at = now
-        return device in self._known
+        # Not cached: ask the database (a device registered a moment ago says 'online' first of all).
+        if self.db.query("SELECT 1 FROM devices WHERE id = ?", (device,)):
+            self._known.add(device)
+            return True
+        return False
 
     def _writer(self) -> None:
         while not (self._stop.is_set() and self.q.empty()):

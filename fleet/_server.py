@@ -67,6 +67,38 @@ def trusted_dir(data_dir: Path) -> Path:
     return Path(data_dir) / "trusted"
 
 
+def check_tags(tags: list[str]) -> list[str]:
+    for t in tags:
+        if not re.match(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$", t):
+            raise InputError(f"tag {t!r} is not valid: use letters, digits, '.', '_', ':' or '-'")
+    return sorted(set(tags))
+
+
+def register_device(db: Database, broker: Broker, device_id: str, tags: list[str]) -> str:
+    """Create or re-key DEVICE_ID: a fresh broker password (returned) and its tags in the registry."""
+    check_device_id(device_id)
+    tags = check_tags(tags)
+    password = secrets.token_urlsafe(24)
+    broker.set_password(device_id, password)
+    db.execute(
+        "INSERT INTO devices (id, tags, created) VALUES (?, ?, ?) ON CONFLICT (id) DO UPDATE SET tags = ?",
+        (device_id, json.dumps(tags), time.time(), json.dumps(tags)),
+    )
+    return password
+
+
+def device_toml(device_id: str, password: str, tags: list[str], key_names: list[str], host: str, port: int) -> str:
+    return (
+        f'device_id = "{device_id}"\n'
+        f'data_dir = "{device_id}-data"\n'
+        f"trusted_keys = {json.dumps(key_names)}\n"
+        f"tags = {json.dumps(sorted(set(tags)))}\n\n"
+        "[mqtt]\n"
+        f'host = "{host}"\nport = {port}\n'
+        f'username = "{device_id}"\npassword = "{password}"\n'
+    )
+
+
 def provision(
     data_dir: Path,
     device_id: str,
@@ -77,10 +109,6 @@ def provision(
     db_url: str | None = None,
 ) -> Path:
     """Register DEVICE_ID, give it broker credentials, write its device.toml (and the trusted keys) to OUT."""
-    check_device_id(device_id)
-    for t in tags:
-        if not re.match(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$", t):
-            raise InputError(f"tag {t!r} is not valid: use letters, digits, '.', '_', ':' or '-'")
     data_dir = Path(data_dir)
     keys = sorted(trusted_dir(data_dir).glob("*.pub"))
     if not keys:
@@ -88,28 +116,12 @@ def provision(
             f"no trusted keys in {trusted_dir(data_dir)}: start the server with --trusted-key KEY.pub first"
         )
     db = Database(db_url or f"sqlite:///{data_dir / 'fleet.db'}")
-    password = secrets.token_urlsafe(24)
-    broker = Broker(data_dir / "mosquitto", mqtt_port)
-    broker.set_password(device_id, password)
-    db.execute(
-        "INSERT INTO devices (id, tags, created) VALUES (?, ?, ?) ON CONFLICT (id) DO UPDATE SET tags = ?",
-        (device_id, json.dumps(sorted(set(tags))), time.time(), json.dumps(sorted(set(tags)))),
-    )
+    password = register_device(db, Broker(data_dir / "mosquitto", mqtt_port), device_id, tags)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    names = []
     for k in keys:
         shutil.copy(k, out.parent / k.name)
-        names.append(k.name)
-    text = (
-        f'device_id = "{device_id}"\n'
-        f'data_dir = "{device_id}-data"\n'
-        f"trusted_keys = {json.dumps(names)}\n"
-        f"tags = {json.dumps(sorted(set(tags)))}\n\n"
-        "[mqtt]\n"
-        f'host = "{mqtt_host}"\nport = {mqtt_port}\n'
-        f'username = "{device_id}"\npassword = "{password}"\n'
-    )
+    text = device_toml(device_id, password, tags, [k.name for k in keys], mqtt_host, mqtt_port)
     atomic_write(out, text.encode(), mode=0o600)
     return out
 
@@ -222,6 +234,22 @@ class FleetServer:
         }
         info = self._pub.publish(topic(device, "desired"), json.dumps(doc), qos=1, retain=True)
         info.wait_for_publish(10)
+
+    def register(self, device_id: str, tags: list[str]) -> dict[str, Any]:
+        """Provision through the API: credentials and everything a device.toml needs."""
+        assert self.broker is not None
+        password = register_device(self.db, self.broker, device_id, tags)
+        return {
+            "device_id": device_id,
+            "tags": check_tags(tags),
+            "mqtt": {
+                "host": self.config.public_host,
+                "port": self.config.mqtt_port,
+                "username": device_id,
+                "password": password,
+            },
+            "trusted_keys": {Path(k).name: Path(k).read_text() for k in self.trusted},
+        }
 
     def devices(self) -> list[dict[str, Any]]:
         rows = self.db.query(

@@ -453,3 +453,79 @@ def test_canary_rollouts_complete_and_roll_back_by_themselves(
             a.send_signal(signal.SIGTERM)
         for a in agents:
             a.wait(20)
+
+
+def test_simulated_fleet_drift_and_rollout(tmp_path: Path, server: Server, mlp_bundles: dict, digits_npz) -> None:
+    for v in ("1.0.0", "2.0.0"):
+        assert server.cli("publish", str(mlp_bundles[v])).returncode == 0
+    sim = subprocess.Popen(
+        [
+            str(Path(sys.executable).parent / "edgefleet"),
+            "fleet",
+            "simulate",
+            "--devices",
+            "6",
+            "--server",
+            server.url,
+            "--token",
+            server.token,
+            "--bundle",
+            "mlp:1.0.0",
+            "--tags",
+            "sim",
+            "--drift",
+            "cohort-1:0.4",
+            "--rate",
+            "10",
+            "--workdir",
+            str(tmp_path / "sim"),
+            "--inputs",
+            str(digits_npz["eval"]),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=open(tmp_path / "sim.log", "wb"),
+    )
+    try:
+
+        def devices() -> list[dict]:
+            return json.loads(server.cli("devices", "--json").stdout)
+
+        _wait(
+            lambda: len([d for d in devices() if d["online"] and d["bundle_version"] == "1.0.0"]) == 6,
+            90,
+            "six simulated devices online on v1",
+        )
+
+        def drift(tag: str) -> dict:
+            r = server.cli("drift", "--bundle", "mlp:1.0.0", "--tag", tag, "--json")
+            assert r.returncode == 0, r.stderr
+            return json.loads(r.stdout)
+
+        _wait(lambda: drift("cohort-1")["brightness"]["samples"] >= 100, 60, "telemetry from the shifted cohort")
+        assert drift("cohort-1")["brightness"]["drifted"] and not drift("cohort-0")["brightness"]["drifted"]
+        r = server.cli(
+            "rollout",
+            "create",
+            "--bundle",
+            "mlp:2.0.0",
+            "--selector",
+            "sim",
+            "--stages",
+            "50,100",
+            "--gate",
+            "min_stage_s=3",
+            "--gate",
+            "max_prediction_psi=5",
+            "--json",
+        )
+        assert r.returncode == 0, r.stderr
+        rid = json.loads(r.stdout)["id"]
+        _wait(
+            lambda: json.loads(server.cli("rollout", "status", rid, "--json").stdout)["state"] == "completed",
+            120,
+            "rollout over the simulated fleet completed",
+        )
+        assert {d["bundle_version"] for d in devices()} == {"2.0.0"}
+    finally:
+        sim.send_signal(signal.SIGINT)
+        sim.wait(60)
