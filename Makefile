@@ -7,9 +7,10 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | sha256sum | cu
 
 .PHONY: demo test lint bench clean system
 
-# Debian packages the tests run for real: the Mosquitto broker, qemu-user (aarch64 runtime tests) and
-# PostgreSQL (fleet storage tests). Installed when root (CI, fresh machines); otherwise they must be there.
-DEBS := mosquitto mosquitto-clients qemu-user postgresql
+# Debian packages the tests run for real: the Mosquitto broker, qemu-user (aarch64 runtime tests),
+# PostgreSQL (fleet storage tests) and chromium (dashboard tests). Installed when root (CI, fresh
+# machines); otherwise they must be there.
+DEBS := mosquitto mosquitto-clients qemu-user postgresql chromium
 SYSTEM_STAMP := $(VENV)/.system-$(shell echo $(DEBS) | sha256sum | cut -c1-8)
 $(SYSTEM_STAMP):
 	@mkdir -p $(VENV)
@@ -18,6 +19,7 @@ $(SYSTEM_STAMP):
 	command -v mosquitto_passwd >/dev/null || missing="$$missing mosquitto-clients"; \
 	command -v qemu-aarch64 >/dev/null || missing="$$missing qemu-user"; \
 	ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 || missing="$$missing postgresql"; \
+	command -v chromium >/dev/null || missing="$$missing chromium"; \
 	if [ -z "$$missing" ]; then :; \
 	elif [ "$$(id -u)" = 0 ]; then \
 	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing; \

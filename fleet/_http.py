@@ -143,4 +143,7 @@ def create_app(server: FleetServer) -> Any:
             headers["Content-Range"] = f"bytes {start}-{end}/{size}"
         return Response(data, status_code=status, headers=headers, media_type="application/octet-stream")
 
+    from ._dashboard import mount_dashboard
+
+    mount_dashboard(app, server)
     return app

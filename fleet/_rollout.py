@@ -332,8 +332,8 @@ class RolloutEngine:
             "update_failure_rate": round(len(failed) / len(assigned), 4) if assigned else 0.0,
             "error_rate": round(new["errors"] / new["calls"], 4) if new["calls"] else None,
             "control_error_rate": round(ctl["errors"] / ctl["calls"], 4) if ctl["calls"] else None,
-            "p95_ms": new["latency"],
-            "control_p95_ms": ctl["latency"],
+            "p95_ms": None if new["latency"] is None else round(new["latency"], 4),
+            "control_p95_ms": None if ctl["latency"] is None else round(ctl["latency"], 4),
             "prediction_psi": None,
         }
         failed_gates = []

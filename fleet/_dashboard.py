@@ -1,0 +1,261 @@
+"""The web dashboard: server-rendered pages (Jinja2, inline SVG charts), no JavaScript build step.
+
+Operators sign in with an API token (kept in an HttpOnly cookie). Pages: fleet overview, devices and
+device page, rollouts (create, pause, resume, abort; the rollout page refreshes itself while it runs),
+drift (per-feature statistics, baseline against live histogram, PSI over time).
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from fastapi import FastAPI, Form, Request
+from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from fastapi.templating import Jinja2Templates
+
+from edgefleet import InputError, Manifest
+from edgefleet._drift import psi
+
+from ._drift import drift_report
+from ._server import FleetServer
+
+__all__ = ["mount_dashboard"]
+
+COOKIE = "edgefleet_token"
+
+
+def _svg_bars(ref: list[float], live: np.ndarray | None) -> str:
+    w, h = 160, 40
+    n = len(ref)
+    live_p = (live / live.sum()) if live is not None and live.sum() else None
+    top = max([*ref, *(live_p.tolist() if live_p is not None else [])] or [1.0]) or 1.0
+    bw = w / max(n, 1) / 2
+    parts = [f'<svg width="{w}" height="{h}" role="img" aria-label="baseline against live histogram">']
+    for i, r in enumerate(ref):
+        x = i * 2 * bw
+        rh = r / top * (h - 2)
+        parts.append(f'<rect x="{x:.1f}" y="{h - rh:.1f}" width="{bw:.1f}" height="{rh:.1f}" fill="#9ca3af"/>')
+        if live_p is not None:
+            lh = float(live_p[i]) / top * (h - 2)
+            parts.append(f'<rect x="{x + bw:.1f}" y="{h - lh:.1f}" width="{bw:.1f}" height="{lh:.1f}" fill="#2563eb"/>')
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def _svg_line(values: list[float | None], threshold: float) -> str:
+    w, h = 160, 40
+    pts = [(i, v) for i, v in enumerate(values) if v is not None]
+    if not pts:
+        return '<span class="muted">-</span>'
+    top = max(max(v for _, v in pts), threshold * 1.2)
+    step = w / max(len(values) - 1, 1)
+    coords = " ".join(f"{i * step:.1f},{h - v / top * (h - 2):.1f}" for i, v in pts)
+    ty = h - threshold / top * (h - 2)
+    return (
+        f'<svg width="{w}" height="{h}" role="img" aria-label="PSI over time">'
+        f'<line x1="0" y1="{ty:.1f}" x2="{w}" y2="{ty:.1f}" stroke="#c62828" stroke-dasharray="3,3"/>'
+        f'<polyline points="{coords}" fill="none" stroke="#2563eb" stroke-width="1.5"/></svg>'
+    )
+
+
+def _series(
+    server: FleetServer, name: str, version: str, devices: list[str] | None, baseline: dict[str, Any], buckets: int = 12
+) -> dict[str, list[float | None]]:
+    rows = server.db.query(
+        "SELECT device_id, start, body FROM windows WHERE bundle_name = ? AND bundle_version = ? ORDER BY start",
+        (name, version),
+    )
+    rows = [r for r in rows if devices is None or r[0] in devices]
+    if not rows:
+        return {}
+    t0, t1 = rows[0][1], rows[-1][1] + 1e-9
+    width = (t1 - t0) / buckets or 1.0
+    acc: list[dict[str, np.ndarray]] = [{} for _ in range(buckets)]
+    for _, start, body in rows:
+        b = min(buckets - 1, int((start - t0) / width))
+        w = json.loads(body)
+        for k, v in {**w["inputs"], **{f"output:{k}": v for k, v in w["outputs"].items()}}.items():
+            a = np.asarray(v, dtype=np.int64)
+            acc[b][k] = acc[b][k] + a if k in acc[b] else a
+    refs = {f["name"]: f["proportions"] for f in baseline["inputs"]}
+    for k in ("predicted_class", "confidence"):
+        refs[f"output:{k}"] = baseline["outputs"][k]["proportions"]
+    out: dict[str, list[float | None]] = {}
+    for k, ref in refs.items():
+        out[k] = [
+            round(psi(ref, bucket[k]), 4) if k in bucket and bucket[k].sum() and len(bucket[k]) == len(ref) else None
+            for bucket in acc
+        ]
+    return out
+
+
+def mount_dashboard(app: FastAPI, server: FleetServer) -> None:
+    templates = Jinja2Templates(directory=str(Path(__file__).parent / "templates"))
+
+    def authed(request: Request) -> bool:
+        tok = request.cookies.get(COOKIE)
+        return bool(tok) and server.check_token(f"Bearer {tok}")
+
+    def page(request: Request, name: str, **ctx: Any) -> Response:
+        if not authed(request):
+            return RedirectResponse(f"/login?next={request.url.path}", status_code=303)
+        return templates.TemplateResponse(request, name, ctx)
+
+    @app.get("/login", response_class=HTMLResponse, include_in_schema=False)
+    def login_form(request: Request, next: str = "/") -> Response:
+        return templates.TemplateResponse(request, "login.html", {"error": None, "next": next})
+
+    @app.post("/login", include_in_schema=False)
+    def login(request: Request, token: str = Form(...)) -> Response:
+        if not server.check_token(f"Bearer {token.strip()}"):
+            return templates.TemplateResponse(
+                request, "login.html", {"error": "That token is not valid."}, status_code=401
+            )
+        resp = RedirectResponse("/", status_code=303)
+        resp.set_cookie(COOKIE, token.strip(), httponly=True, samesite="strict")
+        return resp
+
+    def _bundles() -> list[str]:
+        return [f"{n}:{v}" for n, v in server.db.query("SELECT name, version FROM bundles ORDER BY name, created")]
+
+    def _alerts() -> list[dict[str, Any]]:
+        alerts = []
+        for n, v in server.db.query("SELECT DISTINCT bundle_name, bundle_version FROM windows"):
+            try:
+                rep = drift_report(server.db, n, v)
+            except InputError:
+                continue
+            for f in rep["drifted"]:
+                alerts.append({"bundle": f"{n}:{v}", "feature": f, "psi": rep["features"][f]["psi"]})
+        return alerts
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    def overview(request: Request) -> Response:
+        devs = server.devices()
+        versions: dict[str, int] = {}
+        for d in devs:
+            key = f"{d['bundle_name']}:{d['bundle_version']}" if d["bundle_version"] else "(none)"
+            versions[key] = versions.get(key, 0) + 1
+        running = server.db.query("SELECT COUNT(*) FROM rollouts WHERE state = 'running'")[0][0]
+        return page(
+            request,
+            "overview.html",
+            devices=devs,
+            online=sum(d["online"] for d in devs),
+            versions=sorted(versions.items()),
+            alerts=_alerts() if authed(request) else [],
+            rollouts_running=running,
+        )
+
+    @app.get("/devices", response_class=HTMLResponse, include_in_schema=False)
+    def devices(request: Request) -> Response:
+        devs = server.devices()
+        for d in devs:
+            d["last_seen_text"] = time.strftime("%H:%M:%S", time.gmtime(d["last_seen"])) if d["last_seen"] else "-"
+        return page(request, "devices.html", devices=devs)
+
+    @app.get("/devices/{device_id}", response_class=HTMLResponse, include_in_schema=False)
+    def device(request: Request, device_id: str) -> Response:
+        d = next((x for x in server.devices() if x["id"] == device_id), None)
+        if d is None:
+            return HTMLResponse(f"no device {html.escape(device_id)}", status_code=404)
+        evs = server.db.query(
+            "SELECT ts, type, body FROM events WHERE device_id = ? ORDER BY ts DESC LIMIT 50", (device_id,)
+        )
+        events = []
+        for ts, typ, body in evs:
+            b = json.loads(body)
+            detail = b.get("reason") or (
+                f"{b.get('from_state')} → {b.get('to_state')}" if typ == "update_state" else ""
+            )
+            events.append({"time": time.strftime("%H:%M:%S", time.gmtime(ts)), "type": typ, "detail": detail})
+        return page(request, "device.html", d=d, events=events)
+
+    @app.get("/rollouts", response_class=HTMLResponse, include_in_schema=False)
+    def rollouts(request: Request, error: str | None = None) -> Response:
+        return page(request, "rollouts.html", rollouts=server.rollouts.list(), bundles=_bundles(), error=error)
+
+    @app.post("/rollouts", include_in_schema=False)
+    def create(
+        request: Request,
+        bundle: str = Form(...),
+        selector: str = Form(...),
+        stages: str = Form(...),
+        min_stage_s: float = Form(10.0),
+    ) -> Response:
+        if not authed(request):
+            return RedirectResponse("/login", status_code=303)
+        try:
+            rid = server.rollouts.create(
+                bundle, selector.strip(), [float(s) for s in stages.split(",")], {"min_stage_s": min_stage_s}
+            )
+        except (InputError, ValueError) as exc:
+            return page(request, "rollouts.html", rollouts=server.rollouts.list(), bundles=_bundles(), error=str(exc))
+        return RedirectResponse(f"/rollouts/{rid}", status_code=303)
+
+    @app.get("/rollouts/{rid}", response_class=HTMLResponse, include_in_schema=False)
+    def rollout(request: Request, rid: str) -> Response:
+        try:
+            r = server.rollouts.get(rid)
+        except InputError:
+            return HTMLResponse(f"no rollout {html.escape(rid)}", status_code=404)
+        for h in r["history"]:
+            h["time"] = time.strftime("%H:%M:%S", time.gmtime(h["ts"]))
+        actions = [
+            ("pause", r["state"] == "running"),
+            ("resume", r["state"] in ("paused", "halted")),
+            ("abort", r["state"] in ("running", "paused", "halted")),
+        ]
+        return page(request, "rollout.html", r=r, actions=actions, refresh=2 if r["state"] == "running" else None)
+
+    @app.post("/rollouts/{rid}/{action}", include_in_schema=False)
+    def act(request: Request, rid: str, action: str) -> Response:
+        if not authed(request):
+            return RedirectResponse("/login", status_code=303)
+        if action in ("pause", "resume", "abort"):
+            try:
+                server.rollouts.set_state(rid, action)
+            except InputError:
+                pass
+        return RedirectResponse(f"/rollouts/{rid}", status_code=303)
+
+    @app.get("/drift", response_class=HTMLResponse, include_in_schema=False)
+    def drift(request: Request, bundle: str | None = None, tag: str | None = None) -> Response:
+        bundles = _bundles()
+        bundle = bundle or (bundles[-1] if bundles else None)
+        report = hist = series = None
+        if bundle:
+            name, _, version = bundle.partition(":")
+            devices = [d["id"] for d in server.devices() if tag in d["tags"]] if tag else None
+            try:
+                report = drift_report(server.db, name, version, devices=devices)
+            except InputError:
+                report = None
+            if report is not None:
+                rows = server.db.query("SELECT manifest FROM bundles WHERE name = ? AND version = ?", (name, version))
+                baseline = Manifest.from_bytes(rows[0][0].encode()).drift_baseline
+                refs = {f["name"]: f["proportions"] for f in baseline["inputs"]}
+                refs.update(
+                    {f"output:{k}": baseline["outputs"][k]["proportions"] for k in ("predicted_class", "confidence")}
+                )
+                from ._drift import merge_windows
+
+                where = "SELECT device_id, body FROM windows WHERE bundle_name = ? AND bundle_version = ?"
+                bodies = [
+                    json.loads(b) for d, b in server.db.query(where, (name, version)) if devices is None or d in devices
+                ]
+                merged = merge_windows(bodies)
+                live = {**merged["inputs"], **{f"output:{k}": v for k, v in merged["outputs"].items()}}
+                hist = {k: _svg_bars(ref, live.get(k)) for k, ref in refs.items()}
+                th = report["thresholds"]["psi"]
+                series = {k: _svg_line(v, th) for k, v in _series(server, name, version, devices, baseline).items()}
+                for k in refs:
+                    series.setdefault(k, '<span class="muted">-</span>')
+        return page(
+            request, "drift.html", bundles=bundles, bundle=bundle, tag=tag, report=report, hist=hist, series=series
+        )

@@ -1,0 +1,145 @@
+"""The dashboard in a real headless Chromium (Debian's chromium driven by Playwright): sign in, create a
+rollout by clicking, watch it progress to completion, look at devices and drift. Screenshots are kept
+in test-artifacts/dashboard/."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from .conftest import ROOT, run_cli
+from .test_fleet_server import Server, _wait
+
+pytestmark = [pytest.mark.slow, pytest.mark.browser]
+
+ARTIFACTS = ROOT / "test-artifacts" / "dashboard"
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+
+@pytest.fixture()
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    exe = shutil.which("chromium") or "/usr/bin/chromium"
+    assert Path(exe).exists(), "chromium is not installed: make test installs the Debian package 'chromium'"
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=exe, headless=True, args=CHROMIUM_ARGS)
+        yield b
+        b.close()
+
+
+def test_create_a_rollout_by_clicking_and_watch_it_complete(
+    tmp_path: Path, publisher, mlp_bundles: dict, browser
+) -> None:
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    server = Server(tmp_path / "fleet", publisher)
+    agents = []
+    try:
+        for v in ("1.0.0", "2.0.0"):
+            assert server.cli("publish", str(mlp_bundles[v])).returncode == 0
+        for i in range(4):
+            dev = f"ui-{i}"
+            cfg = tmp_path / dev / "device.toml"
+            assert (
+                run_cli(
+                    "fleet",
+                    "provision",
+                    dev,
+                    "--tags",
+                    "ui",
+                    "--data-dir",
+                    str(server.data),
+                    "--out",
+                    str(cfg),
+                    "--mqtt-port",
+                    str(server.mqtt),
+                ).returncode
+                == 0
+            )
+            shutil.copy(mlp_bundles["1.0.0"], cfg.parent / "v1.efb")
+            cfg.write_text(
+                cfg.read_text().replace(
+                    "[mqtt]",
+                    'initial_bundle = "v1.efb"\nself_test_hz = 30\nwindow_s = 0.5\n\n'
+                    "[health]\nwindow_s = 1.0\nmin_calls = 5\nprobe_interval_s = 0.05\n\n[mqtt]",
+                )
+            )
+            agents.append(
+                subprocess.Popen(
+                    [str(Path(sys.executable).parent / "edgefleet"), "agent", "--config", str(cfg)],
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
+            )
+
+        def versions() -> set:
+            return {d["bundle_version"] for d in json.loads(server.cli("devices", "--json").stdout)}
+
+        _wait(lambda: versions() == {"1.0.0"}, 60, "devices on v1")
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        page.goto(server.url + "/rollouts")
+        assert "/login" in page.url  # signed out: sent to the sign-in page
+        page.fill("input[name=token]", "eft_wrong")
+        page.click("button[type=submit]")
+        assert "not valid" in page.content()
+        page.fill("input[name=token]", server.token)
+        page.click("button[type=submit]")
+        page.wait_for_selector("#online")
+        _wait(lambda: page.reload() or page.inner_text("#online") == "4", 30, "overview shows four online")
+        page.screenshot(path=str(ARTIFACTS / "overview.png"), full_page=True)
+
+        page.goto(server.url + "/rollouts")
+        page.select_option("#bundle", "mlp:2.0.0")
+        page.fill("#selector", "ui")
+        page.fill("#stages", "50,100")
+        page.fill("#min_stage_s", "2")
+        page.screenshot(path=str(ARTIFACTS / "rollout-form.png"), full_page=True)
+        page.click("#start")
+        page.wait_for_selector("#state")
+        assert "/rollouts/r-" in page.url
+        seen = set()
+
+        def progressed() -> bool:
+            page.reload()
+            state = page.inner_text("#state")
+            seen.add(state)
+            return state == "completed"
+
+        _wait(progressed, 120, "rollout completed on the page")
+        assert "running" in seen or page.inner_text("#stages").count("passed") == 2
+        assert page.inner_text("#stages").count("passed") == 2
+        page.screenshot(path=str(ARTIFACTS / "rollout-completed.png"), full_page=True)
+        assert versions() == {"2.0.0"}
+
+        page.goto(server.url + "/devices")
+        assert page.locator("#devices tr").count() == 5 and "mlp 2.0.0" in page.inner_text("#devices")
+        page.screenshot(path=str(ARTIFACTS / "devices.png"), full_page=True)
+        page.goto(server.url + "/drift?bundle=mlp:2.0.0")
+        page.wait_for_selector("#features")
+        assert "brightness" in page.inner_text("#features") and page.locator("#features svg").count() >= 4
+        page.screenshot(path=str(ARTIFACTS / "drift.png"), full_page=True)
+        # a bad form is refused on the page, not with a stack trace
+        page.goto(server.url + "/rollouts")
+        page.fill("#selector", "nobody")
+        page.click("#start")
+        assert "matches no device" in page.inner_text("#error")
+    finally:
+        for a in agents:
+            a.send_signal(signal.SIGTERM)
+        for a in agents:
+            a.wait(20)
+        server.stop()
