@@ -1,0 +1,253 @@
+"""Fleet ingest throughput: telemetry windows per second stored by one fleet server process (one and
+two ingest workers), against Mosquitto's own delivery rate to `mosquitto_sub` for the same load, in
+one run on this machine.
+
+The load: K device connections publishing N telemetry windows (QoS 1, real device credentials through
+the embedded broker's ACL). A run ends when the database holds all N windows (ingest) or when
+`mosquitto_sub` has received N messages (the broker's own rate, on a plain broker).
+
+    .venv/bin/python benchmarks/fleet_ingest.py [--windows 20000] [--devices 20]
+
+Writes benchmarks/results/fleet_ingest.json and benchmarks/results/fleet_ingest.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import paho.mqtt.client as mqtt  # noqa: E402
+from paho.mqtt.enums import CallbackAPIVersion  # noqa: E402
+
+from edgefleet import generate_keypair  # noqa: E402
+from edgefleet._telemetry import LATENCY_EDGES_MS, WINDOW_SCHEMA  # noqa: E402
+from edgefleet._topics import topic  # noqa: E402
+from edgefleet.fleet._db import Database  # noqa: E402
+from tests._servers import Mosquitto, free_port  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results"
+EXE = str(Path(sys.executable).parent / "edgefleet")
+TARGETS = {"one": ">= 5,000 windows/s", "two": ">= 1.7x one worker"}
+
+
+def window(device: str, i: int) -> bytes:
+    counts = [0] * (len(LATENCY_EDGES_MS) + 1)
+    counts[25] = 60
+    return json.dumps(
+        {
+            "schema": WINDOW_SCHEMA,
+            "key": f"{device}:{i}:{os.urandom(4).hex()}",
+            "device_id": device,
+            "bundle": {"name": "digits", "version": "1.0.0", "model_id": "onnx-int8"},
+            "backend": "onnxruntime",
+            "accelerator": "CPUExecutionProvider",
+            "fallbacks": [],
+            "start": 1.8e9 + i * 60,
+            "end": 1.8e9 + i * 60 + 60,
+            "calls": 60,
+            "samples": 60,
+            "summarised": 60,
+            "errors": {},
+            "nan_outputs": 0,
+            "latency_ms": {"counts": counts, "sum": 12.0, "max": 0.5},
+            "inputs": {"channel_0_intensity": [400] * 10, "brightness": [6] * 10, "contrast": [6] * 10},
+            "outputs": {"predicted_class": [6] * 10, "confidence": [6] * 11},
+        },
+        separators=(",", ":"),
+    ).encode()
+
+
+def publish(port: int, creds: dict[str, str], total: int) -> float:
+    """Publish TOTAL windows spread over the devices; returns the time the first one left."""
+    per = total // len(creds)
+    clients = []
+    for dev, pw in creds.items():
+        c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"bench-{dev}", protocol=mqtt.MQTTv5)
+        if pw:
+            c.username_pw_set(dev, pw)
+        c.max_inflight_messages_set(200)
+        c.max_queued_messages_set(0)
+        c.connect("127.0.0.1", port)
+        c.loop_start()
+        clients.append((dev, c, [window(dev, i) for i in range(per)]))
+    time.sleep(1.0)
+    t0 = time.perf_counter()
+
+    def run(dev: str, c: Any, payloads: list[bytes]) -> None:
+        infos = [c.publish(topic(dev, "telemetry"), p, qos=1) for p in payloads]
+        for info in infos:
+            info.wait_for_publish(120)
+
+    threads = [threading.Thread(target=run, args=x) for x in clients]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for _, c, _ in clients:
+        c.loop_stop()
+        c.disconnect()
+    return t0
+
+
+def mosquitto_rate(tmp: Path, total: int, devices: int) -> float:
+    broker = Mosquitto(tmp / "plain")
+    try:
+        sub = subprocess.Popen(
+            [
+                "mosquitto_sub",
+                "-p",
+                str(broker.port),
+                "-q",
+                "1",
+                "-t",
+                "edgefleet/v1/devices/+/+",
+                "-C",
+                str(total),
+                "-V",
+                "mqttv5",
+            ],
+            stdout=subprocess.DEVNULL,
+        )
+        time.sleep(1.0)
+        t0 = publish(broker.port, {f"plain-{i}": "" for i in range(devices)}, total)
+        sub.wait(300)
+        return total / (time.perf_counter() - t0)
+    finally:
+        broker.stop()
+
+
+def ingest_rate(tmp: Path, total: int, devices: int, workers: int) -> dict[str, Any]:
+    data = tmp / f"fleet-{workers}"
+    data.mkdir(parents=True)
+    key = generate_keypair(tmp / f"key-{workers}")
+    del key
+    http, mq = free_port(), free_port()
+    log = open(tmp / f"server-{workers}.log", "wb")
+    server = subprocess.Popen(
+        [
+            EXE,
+            "fleet",
+            "serve",
+            "--data-dir",
+            str(data),
+            "--http-port",
+            str(http),
+            "--mqtt-port",
+            str(mq),
+            "--trusted-key",
+            str(tmp / f"key-{workers}.pub"),
+        ],
+        stdout=log,
+        stderr=log,
+    )
+    extra = []
+    try:
+        import urllib.request
+
+        for _ in range(300):
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{http}/healthz", timeout=1)
+                break
+            except OSError:
+                time.sleep(0.1)
+        creds = {}
+        for i in range(devices):
+            dev = f"bench-{i:03d}"
+            out = tmp / f"{dev}-{workers}.toml"
+            subprocess.run(
+                [EXE, "fleet", "provision", dev, "--data-dir", str(data), "--out", str(out), "--mqtt-port", str(mq)],
+                check=True,
+                capture_output=True,
+            )
+            pw = next(ln for ln in out.read_text().splitlines() if ln.startswith("password"))
+            creds[dev] = json.loads(pw.split("=", 1)[1])
+        for w in range(workers - 1):
+            extra.append(
+                subprocess.Popen(
+                    [EXE, "fleet", "ingest", "--data-dir", str(data), "--mqtt-port", str(mq), "--name", f"extra-{w}"],
+                    stdout=log,
+                    stderr=log,
+                )
+            )
+        time.sleep(2.0)
+        db = Database(f"sqlite:///{data / 'fleet.db'}")
+        t0 = publish(mq, creds, total)
+        while db.counters().get("ingest_stored", 0) < (total // devices) * devices:
+            time.sleep(0.02)
+        elapsed = time.perf_counter() - t0
+        c = db.counters()
+        return {
+            "workers": workers,
+            "windows": c["ingest_stored"],
+            "seconds": round(elapsed, 3),
+            "windows_per_s": round(c["ingest_stored"] / elapsed, 1),
+            "per_worker": {k: v for k, v in c.items() if k.startswith("ingest_worker_")},
+        }
+    finally:
+        for p in extra:
+            p.send_signal(signal.SIGTERM)
+            p.wait(30)
+        server.send_signal(signal.SIGTERM)
+        server.wait(30)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--windows", type=int, default=20000)
+    ap.add_argument("--devices", type=int, default=20)
+    args = ap.parse_args(argv)
+    with tempfile.TemporaryDirectory() as d:
+        tmp = Path(d)
+        broker = mosquitto_rate(tmp, args.windows, args.devices)
+        one = ingest_rate(tmp, args.windows, args.devices, 1)
+        two = ingest_rate(tmp, args.windows, args.devices, 2)
+    result = {
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores; publishers, broker and server on the same machine",
+        "windows": args.windows,
+        "devices": args.devices,
+        "mosquitto_sub_msgs_per_s": round(broker, 1),
+        "one_worker": one,
+        "two_workers": two,
+        "ratio_one_to_mosquitto": round(one["windows_per_s"] / broker, 3),
+        "speedup_two_workers": round(two["windows_per_s"] / one["windows_per_s"], 3),
+        "targets": TARGETS,
+        "met": {"one": one["windows_per_s"] >= 5000, "two": two["windows_per_s"] >= 1.7 * one["windows_per_s"]},
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "fleet_ingest.json").write_text(json.dumps(result, indent=1) + "\n")
+    md = [
+        "# Fleet ingest",
+        "",
+        f"Machine: {result['machine']}. {args.windows} telemetry windows from {args.devices} device "
+        "connections, QoS 1.",
+        "",
+        "| receiver | windows/s | vs mosquitto_sub | target | met |",
+        "|---|---:|---:|---|---|",
+        f"| mosquitto_sub on a plain Mosquitto (the broker's own rate) | {broker:,.0f} | 1.00 | | |",
+        f"| fleet server, 1 ingest worker (SQLite) | {one['windows_per_s']:,.0f} | "
+        f"{result['ratio_one_to_mosquitto']:.2f} "
+        f"| {TARGETS['one']} | {'yes' if result['met']['one'] else 'NO'} |",
+        f"| fleet server, 2 ingest workers (SQLite) | {two['windows_per_s']:,.0f} | "
+        f"{two['windows_per_s'] / broker:.2f} | {TARGETS['two']} ({result['speedup_two_workers']:.2f}x) | "
+        f"{'yes' if result['met']['two'] else 'NO'} |",
+    ]
+    (RESULTS / "fleet_ingest.md").write_text("\n".join(md) + "\n")
+    print("\n".join(md))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
