@@ -60,6 +60,7 @@ _MAX_INFLIGHT = 32
 _DOWNLOAD_RETRIES = 8
 _WARMUP_PROBES = 3
 _MIN_LATENCY_PROBES = 10
+_RELIABLE_P95_PROBES = 100
 
 
 class UpdateState(StrEnum):
@@ -732,6 +733,8 @@ class Agent:
             calls, errors, nan = h.calls, h.errors, h.nan
             probe_p95, live_p95 = _p95(h.probe_ms), _p95(h.live_ms)
             control_p95 = _p95(h.control_ms)
+            probe_med = float(np.median(h.probe_ms)) if h.probe_ms else None
+            control_med = float(np.median(h.control_ms)) if h.control_ms else None
             n_probes = min(len(h.probe_ms), len(h.control_ms)) if self._control is not None else len(h.probe_ms)
         err_rate = errors / calls if calls else 0.0
         nan_rate = nan / calls if calls else 0.0
@@ -745,7 +748,12 @@ class Agent:
         enough = old is None or n_probes >= _MIN_LATENCY_PROBES
         if at_end and enough and old is not None and probe_p95 is not None:
             limit = max(old * hp.max_p95_ratio, old + hp.p95_slack_ms)
-            if probe_p95 > limit:
+            slow = probe_p95 > limit
+            if slow and n_probes < _RELIABLE_P95_PROBES and control_med is not None and probe_med is not None:
+                # A p95 from a few dozen probes is one or two samples: a scheduling hiccup can make it. Below
+                # that sample size the median has to be slower too, which hiccups do not move.
+                slow = probe_med > max(control_med * hp.max_p95_ratio, control_med + hp.p95_slack_ms / 2)
+            if slow:
                 bad.append(f"p95 latency {probe_p95:.2f} ms > {limit:.2f} ms (previous bundle {old:.2f} ms)")
         summary = {
             "calls": calls,

@@ -31,23 +31,30 @@ class Server:
         self.data = data
         self.http, self.mqtt = free_port(), free_port()
         self.url = f"http://127.0.0.1:{self.http}"
-        exe = Path(sys.executable).parent / "edgefleet"
         data.parent.mkdir(parents=True, exist_ok=True)
         self.log = open(data.parent / "server.log", "ab")
+        self.publisher = publisher
+        self.start()
+        r = run_cli("fleet", "token", "create", "--data-dir", str(data), *(["--db", db_url] if db_url else []))
+        assert r.returncode == 0, r.stderr
+        self.token = r.stdout.strip()
+
+    def start(self) -> None:
+        exe = Path(sys.executable).parent / "edgefleet"
         self.proc = subprocess.Popen(
             [
                 str(exe),
                 "fleet",
                 "serve",
                 "--data-dir",
-                str(data),
+                str(self.data),
                 "--http-port",
                 str(self.http),
                 "--mqtt-port",
                 str(self.mqtt),
                 "--trusted-key",
-                str(publisher[2]),
-                *(["--db", db_url] if db_url else []),
+                str(self.publisher[2]),
+                *(["--db", self.db_url] if self.db_url else []),
             ],
             stdout=self.log,
             stderr=self.log,
@@ -57,14 +64,10 @@ class Server:
             try:
                 with urllib.request.urlopen(self.url + "/healthz", timeout=1) as r:
                     if r.status == 200:
-                        break
+                        return
             except (urllib.error.URLError, OSError):
                 time.sleep(0.2)
-        else:
-            raise AssertionError((data.parent / "server.log").read_text()[-3000:])
-        r = run_cli("fleet", "token", "create", "--data-dir", str(data), *(["--db", db_url] if db_url else []))
-        assert r.returncode == 0, r.stderr
-        self.token = r.stdout.strip()
+        raise AssertionError((self.data.parent / "server.log").read_text()[-3000:])
 
     def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
         return run_cli("fleet", *args, "--server", self.url, "--token", self.token)
@@ -529,3 +532,79 @@ def test_simulated_fleet_drift_and_rollout(tmp_path: Path, server: Server, mlp_b
     finally:
         sim.send_signal(signal.SIGINT)
         sim.wait(60)
+
+
+def test_a_restarted_server_carries_on_with_its_rollout(tmp_path: Path, server: Server, mlp_bundles: dict) -> None:
+    for v in ("1.0.0", "2.0.0"):
+        assert server.cli("publish", str(mlp_bundles[v])).returncode == 0
+    agents = []
+    for i in range(4):
+        dev = f"rs-{i}"
+        cfg = tmp_path / dev / "device.toml"
+        assert (
+            run_cli(
+                "fleet",
+                "provision",
+                dev,
+                "--tags",
+                "rs",
+                "--data-dir",
+                str(server.data),
+                "--out",
+                str(cfg),
+                "--mqtt-port",
+                str(server.mqtt),
+            ).returncode
+            == 0
+        )
+        __import__("shutil").copy(mlp_bundles["1.0.0"], cfg.parent / "v1.efb")
+        cfg.write_text(
+            cfg.read_text().replace(
+                "[mqtt]",
+                'initial_bundle = "v1.efb"\nself_test_hz = 30\nwindow_s = 0.5\n\n'
+                "[health]\nwindow_s = 1.0\nmin_calls = 5\nprobe_interval_s = 0.05\n\n[mqtt]",
+            )
+        )
+        agents.append(
+            subprocess.Popen(
+                [str(Path(sys.executable).parent / "edgefleet"), "agent", "--config", str(cfg)],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+        )
+    try:
+
+        def versions() -> set:
+            return {d["bundle_version"] for d in json.loads(server.cli("devices", "--json").stdout)}
+
+        def status(rid: str) -> dict:
+            return json.loads(server.cli("rollout", "status", rid, "--json").stdout)
+
+        _wait(lambda: versions() == {"1.0.0"}, 60, "all on v1")
+        r = server.cli(
+            "rollout",
+            "create",
+            "--bundle",
+            "mlp:2.0.0",
+            "--selector",
+            "rs",
+            "--stages",
+            "25,50,100",
+            "--gate",
+            "min_stage_s=3",
+            "--json",
+        )
+        rid = json.loads(r.stdout)["id"]
+        _wait(lambda: status(rid)["stage"] >= 1, 60, "first stage passed")
+        server.stop()  # mid-rollout
+        time.sleep(1.0)
+        server.start()
+        _wait(lambda: status(rid)["state"] == "completed", 120, "rollout completed after the restart")
+        st = status(rid)
+        assert [s["assigned"] for s in st["stages"]] == [1, 1, 2]  # no stage redone, nobody assigned twice
+        assert versions() == {"2.0.0"}
+    finally:
+        for a in agents:
+            a.send_signal(signal.SIGTERM)
+        for a in agents:
+            a.wait(20)
