@@ -21,16 +21,12 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-
-import paho.mqtt.client as mqtt  # noqa: E402
-from paho.mqtt.enums import CallbackAPIVersion  # noqa: E402
 
 from edgefleet import generate_keypair  # noqa: E402
 from edgefleet._telemetry import LATENCY_EDGES_MS, WINDOW_SCHEMA  # noqa: E402
@@ -70,35 +66,44 @@ def window(device: str, i: int) -> bytes:
     ).encode()
 
 
-def publish(port: int, creds: dict[str, str], total: int) -> float:
-    """Publish TOTAL windows spread over the devices; returns the time the first one left."""
+def publish(port: int, creds: dict[str, str], total: int, tmp: Path) -> float:
+    """Publish TOTAL windows spread over the devices with mosquitto_pub (C, one process per device, so
+    the load generator is not the bottleneck); returns the time the first one left."""
     per = total // len(creds)
-    clients = []
-    for dev, pw in creds.items():
-        c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"bench-{dev}", protocol=mqtt.MQTTv5)
-        if pw:
-            c.username_pw_set(dev, pw)
-        c.max_inflight_messages_set(200)
-        c.max_queued_messages_set(0)
-        c.connect("127.0.0.1", port)
-        c.loop_start()
-        clients.append((dev, c, [window(dev, i) for i in range(per)]))
-    time.sleep(1.0)
+    files = {}
+    for dev in creds:
+        f = tmp / f"load-{dev}.jsonl"
+        f.write_bytes(b"\n".join(window(dev, i) for i in range(per)) + b"\n")
+        files[dev] = f
     t0 = time.perf_counter()
-
-    def run(dev: str, c: Any, payloads: list[bytes]) -> None:
-        infos = [c.publish(topic(dev, "telemetry"), p, qos=1) for p in payloads]
-        for info in infos:
-            info.wait_for_publish(120)
-
-    threads = [threading.Thread(target=run, args=x) for x in clients]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    for _, c, _ in clients:
-        c.loop_stop()
-        c.disconnect()
+    procs = []
+    for dev, pw in creds.items():
+        auth = ["-u", dev, "-P", pw] if pw else []
+        with open(files[dev], "rb") as stdin:
+            procs.append(
+                subprocess.Popen(
+                    [
+                        "mosquitto_pub",
+                        "-h",
+                        "127.0.0.1",
+                        "-p",
+                        str(port),
+                        "-i",
+                        f"load-{dev}",
+                        *auth,
+                        "-q",
+                        "1",
+                        "-l",
+                        "-V",
+                        "mqttv5",
+                        "-t",
+                        topic(dev, "telemetry"),
+                    ],
+                    stdin=stdin,
+                )
+            )
+    for p in procs:
+        p.wait(600)
     return t0
 
 
@@ -122,7 +127,7 @@ def mosquitto_rate(tmp: Path, total: int, devices: int) -> float:
             stdout=subprocess.DEVNULL,
         )
         time.sleep(1.0)
-        t0 = publish(broker.port, {f"plain-{i}": "" for i in range(devices)}, total)
+        t0 = publish(broker.port, {f"plain-{i}": "" for i in range(devices)}, total, tmp)
         sub.wait(300)
         return total / (time.perf_counter() - t0)
     finally:
@@ -184,7 +189,7 @@ def ingest_rate(tmp: Path, total: int, devices: int, workers: int) -> dict[str, 
             )
         time.sleep(2.0)
         db = Database(f"sqlite:///{data / 'fleet.db'}")
-        t0 = publish(mq, creds, total)
+        t0 = publish(mq, creds, total, tmp)
         while db.counters().get("ingest_stored", 0) < (total // devices) * devices:
             time.sleep(0.02)
         elapsed = time.perf_counter() - t0
