@@ -39,8 +39,9 @@ $(STAMP): pyproject.toml Makefile
 	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
 
-demo: $(STAMP)
-	$(PY) -m examples.digits.build --out build/digits
+# The end-to-end demo (examples/demo.py); DEMO_ARGS=--keep-running leaves the fleet up for browsing.
+demo: $(STAMP) $(SYSTEM_STAMP)
+	$(PY) -m examples.demo $(DEMO_ARGS)
 
 lint: $(STAMP)
 	$(PY) -m ruff check .
@@ -51,9 +52,8 @@ test: $(STAMP) $(SYSTEM_STAMP) lint
 	PYTHON=$(PY) bash tools/aarch64-env.sh
 	$(PY) -m pytest -q -ra $(PYTEST_ARGS)
 
-bench: $(STAMP)
-	$(PY) benchmarks/compression.py
-	$(PY) benchmarks/runtime_overhead.py
+bench: $(STAMP) $(SYSTEM_STAMP)
+	PYTHON=$(PY) benchmarks/run_all
 
 clean:
 	rm -rf build test-artifacts .pytest_cache .mypy_cache .ruff_cache

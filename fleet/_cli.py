@@ -32,6 +32,8 @@ def _serve(args: argparse.Namespace) -> int:
         broker_url=args.broker,
         public_host=args.public_host,
         trusted_keys=[Path(k) for k in args.trusted_key or []],
+        drift_interval_s=args.drift_interval,
+        drift_window_s=args.drift_window,
     )
     server = FleetServer(cfg)
     server.start()
@@ -168,20 +170,51 @@ def _desire(args: argparse.Namespace) -> int:
 def _drift(args: argparse.Namespace) -> int:
     from urllib.parse import quote
 
-    q = f"/api/drift?bundle={quote(args.bundle)}" + (f"&tag={quote(args.tag)}" if args.tag else "")
+    q = f"/api/drift?bundle={quote(args.bundle)}"
+    for k in ("tag", "against", "since"):
+        if getattr(args, k) is not None:
+            q += f"&{k}={quote(str(getattr(args, k)))}"
     rep = _client(args, "GET", q)
     if args.json:
-        print(json.dumps(rep["features"], indent=1))
+        print(json.dumps({**rep["features"], **({"cohorts": rep["cohorts"]} if "cohorts" in rep else {})}, indent=1))
         return 0
-    print(f"drift of {rep['bundle']}: {rep['windows']} windows, {rep['samples']} samples")
+    print(
+        f"drift of {rep['bundle']}{' on ' + args.tag if args.tag else ''} against its baseline: "
+        f"{rep['windows']} windows, {rep['samples']} samples"
+    )
+    _drift_table(rep["features"])
+    if "cohorts" in rep:
+        c = rep["cohorts"]
+        print(f"\ncohort {c['a']} against cohort {c['b']} ({c['samples'][0]} and {c['samples'][1]} samples)")
+        _drift_table(c["features"])
+    return 0
+
+
+def _drift_table(features: dict[str, Any]) -> None:
     print(f"{'feature':<28} {'psi':>8} {'js':>7} {'ks':>7} {'chi2 p':>9}  drifted")
-    for k, v in rep["features"].items():
+    for k, v in features.items():
         if v["psi"] is None:
             print(f"{k:<28} {'-':>8}")
             continue
         print(
             f"{k:<28} {v['psi']:>8.4f} {v['js']:>7.4f} {v['ks']:>7.4f} {v['p_value']:>9.2g}  "
             f"{'YES' if v['drifted'] else 'no'}"
+        )
+
+
+def _alerts(args: argparse.Namespace) -> int:
+    rows = _client(args, "GET", f"/api/alerts?state={args.state}")
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    import time
+
+    print(f"{'opened (UTC)':<20} {'state':<7} {'bundle':<16} {'cohort':<14} {'feature':<28} {'psi':>7}")
+    for a in rows:
+        opened = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(a["opened"]))
+        print(
+            f"{opened:<20} {a['state']:<7} {a['bundle']:<16} {a['cohort']:<14} {a['feature']:<28} "
+            f"{a['psi'] if a['psi'] is not None else float('nan'):>7.3f}"
         )
     return 0
 
@@ -251,6 +284,7 @@ def _simulate(args: argparse.Namespace) -> int:
         prefix=args.prefix,
         workdir=Path(args.workdir) if args.workdir else None,
         inputs=Path(args.inputs) if args.inputs else None,
+        standin=args.standin,
     )
     run(sim, args.duration)
     return 0
@@ -276,6 +310,8 @@ def register(sub: Any) -> None:
     p.add_argument("--db", help="sqlite:///PATH (default: DATA_DIR/fleet.db) or postgresql://...")
     p.add_argument("--broker", default="embedded")
     p.add_argument("--trusted-key", action="append", help="public key bundles must be signed with (repeatable)")
+    p.add_argument("--drift-interval", type=float, default=30.0, help="seconds between drift alert checks")
+    p.add_argument("--drift-window", type=float, default=900.0, help="seconds of telemetry a drift check covers")
     p.set_defaults(func=_serve)
 
     p = fs.add_parser("ingest", help="run an extra ingest worker (scale-out over a shared subscription)")
@@ -334,6 +370,9 @@ def register(sub: Any) -> None:
     p.add_argument("--prefix", default="sim")
     p.add_argument("--inputs", help=".npz with inputs 'x' the devices see (default: the bundle's golden inputs)")
     p.add_argument("--duration", type=float, help="seconds (default: until Ctrl-C)")
+    p.add_argument(
+        "--standin", action="store_true", help="a fast stand-in predictor instead of the real runtime (large N)"
+    )
     p.add_argument("--workdir")
     p.add_argument("--server")
     p.add_argument("--token")
@@ -342,8 +381,15 @@ def register(sub: Any) -> None:
     p = fs.add_parser("drift", help="fleet drift of a bundle version against its baseline")
     p.add_argument("--bundle", required=True, help="NAME:VERSION")
     p.add_argument("--tag", help="only devices with this tag")
+    p.add_argument("--against", help="also compare cohort --tag with the devices of this tag")
+    p.add_argument("--since", type=float, help="only windows that started after this Unix time")
     _client_args(p)
     p.set_defaults(func=_drift)
+
+    p = fs.add_parser("alerts", help="drift alerts the server has raised")
+    p.add_argument("--state", default="open", choices=["open", "closed", "all"])
+    _client_args(p)
+    p.set_defaults(func=_alerts)
 
     p = fs.add_parser("desire", help="order one device onto a published bundle")
     p.add_argument("device_id")

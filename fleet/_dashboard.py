@@ -21,7 +21,7 @@ from fastapi.templating import Jinja2Templates
 from edgefleet import InputError, Manifest
 from edgefleet._drift import psi
 
-from ._drift import drift_report
+from ._drift import drift_report, list_alerts
 from ._server import FleetServer
 
 __all__ = ["mount_dashboard"]
@@ -123,15 +123,10 @@ def mount_dashboard(app: FastAPI, server: FleetServer) -> None:
     def _bundles() -> list[str]:
         return [f"{n}:{v}" for n, v in server.db.query("SELECT name, version FROM bundles ORDER BY name, created")]
 
-    def _alerts() -> list[dict[str, Any]]:
-        alerts = []
-        for n, v in server.db.query("SELECT DISTINCT bundle_name, bundle_version FROM windows"):
-            try:
-                rep = drift_report(server.db, n, v)
-            except InputError:
-                continue
-            for f in rep["drifted"]:
-                alerts.append({"bundle": f"{n}:{v}", "feature": f, "psi": rep["features"][f]["psi"]})
+    def _open_alerts() -> list[dict[str, Any]]:
+        alerts = list_alerts(server.db, "open")
+        for a in alerts:
+            a["opened_text"] = time.strftime("%H:%M:%S", time.gmtime(a["opened"]))
         return alerts
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
@@ -148,7 +143,7 @@ def mount_dashboard(app: FastAPI, server: FleetServer) -> None:
             devices=devs,
             online=sum(d["online"] for d in devs),
             versions=sorted(versions.items()),
-            alerts=_alerts() if authed(request) else [],
+            alerts=_open_alerts() if authed(request) else [],
             rollouts_running=running,
         )
 

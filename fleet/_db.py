@@ -35,6 +35,11 @@ SCHEMA = [
     """CREATE TABLE IF NOT EXISTS events (
         key TEXT PRIMARY KEY, device_id TEXT NOT NULL, type TEXT NOT NULL, ts REAL NOT NULL, body TEXT NOT NULL)""",
     "CREATE INDEX IF NOT EXISTS events_device ON events (device_id, ts)",
+    """CREATE TABLE IF NOT EXISTS alerts (
+        id TEXT PRIMARY KEY, bundle_name TEXT NOT NULL, bundle_version TEXT NOT NULL, cohort TEXT NOT NULL,
+        feature TEXT NOT NULL, state TEXT NOT NULL, opened REAL NOT NULL, closed REAL, updated REAL NOT NULL,
+        psi REAL, p_value REAL, samples INTEGER NOT NULL, detail TEXT NOT NULL)""",
+    "CREATE INDEX IF NOT EXISTS alerts_state ON alerts (state, opened)",
     """CREATE TABLE IF NOT EXISTS tokens (sha256 TEXT PRIMARY KEY, name TEXT NOT NULL, created REAL NOT NULL)""",
     """CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL)""",
 ]

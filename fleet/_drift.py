@@ -4,16 +4,22 @@ the bundle's baseline (and cohorts with each other) using the statistics in `edg
 from __future__ import annotations
 
 import json
+import logging
+import threading
+import time
+import uuid
 from typing import Any
 
 import numpy as np
 
 from edgefleet import InputError, Manifest
-from edgefleet._drift import chi2_goodness, chi2_two_sample, js_distance, ks_binned, psi
+from edgefleet._drift import chi2_two_sample, js_distance, ks_binned, psi
 
 from ._db import Database
 
-__all__ = ["DEFAULT_THRESHOLDS", "drift_report", "merge_windows"]
+log = logging.getLogger("edgefleet.fleet.drift")
+
+__all__ = ["DEFAULT_THRESHOLDS", "DriftMonitor", "cohort_report", "drift_report", "list_alerts", "merge_windows"]
 
 # A feature drifts when its PSI passes this (0.1: watch, 0.25: act, the usual reading) or the chi-square
 # p-value falls below P_VALUE with enough samples to mean something.
@@ -36,22 +42,55 @@ def merge_windows(bodies: list[dict[str, Any]]) -> dict[str, Any]:
     return {"calls": calls, "samples": samples, "summarised": summarised, "inputs": inputs, "outputs": outputs}
 
 
-def _feature(ref: list[float], cur: np.ndarray, thresholds: dict[str, float]) -> dict[str, Any]:
+def _feature(
+    ref: list[float], cur: np.ndarray, thresholds: dict[str, float], ref_n: float, per_sample: float
+) -> dict[str, Any]:
     n = int(cur.sum())
     if n == 0:
         return {"psi": None, "js": None, "ks": None, "chi2": None, "p_value": None, "samples": 0, "drifted": False}
     p = psi(ref, cur)
-    stat, pv = chi2_goodness(ref, cur)
-    drifted = p > thresholds["psi"] or (n >= thresholds["min_samples"] and pv < thresholds["p_value"])
+    # The baseline is itself a sample (a few hundred evaluation inputs), so the test is two-sample
+    # homogeneity, not goodness of fit against exact proportions. Pixel-level features count many
+    # correlated pixels per input: both sides are scaled to input-equivalents so the p-value is not
+    # inflated by pixel counts.
+    stat, pv = chi2_two_sample(np.asarray(ref, np.float64) * ref_n, cur / per_sample)
+    samples = round(n / per_sample)
+    drifted = p > thresholds["psi"] or (samples >= thresholds["min_samples"] and pv < thresholds["p_value"])
     return {
         "psi": round(p, 6),
         "js": round(js_distance(ref, cur), 6),
         "ks": round(ks_binned(ref, cur), 6),
         "chi2": round(stat, 4),
         "p_value": pv,
-        "samples": n,
+        "samples": samples,
         "drifted": bool(drifted),
     }
+
+
+def baseline_of(db: Database, name: str, version: str) -> dict[str, Any]:
+    rows = db.query("SELECT manifest FROM bundles WHERE name = ? AND version = ?", (name, version))
+    if not rows:
+        raise InputError(f"bundle {name}:{version} is not published")
+    baseline = Manifest.from_bytes(rows[0][0].encode()).drift_baseline
+    if not baseline:
+        raise InputError(f"bundle {name}:{version} carries no drift baseline")
+    return dict(baseline)
+
+
+def feature_stats(baseline: dict[str, Any], merged: dict[str, Any], th: dict[str, float]) -> dict[str, Any]:
+    """PSI, JS, KS, chi-square and the verdict per input feature and per output feature."""
+    features: dict[str, Any] = {}
+    ref_n = float(baseline.get("n_samples") or 1)
+    units = max(1, merged["summarised"])
+    for f in baseline["inputs"]:
+        cur = merged["inputs"].get(f["name"], np.zeros(len(f["proportions"]), np.int64))
+        per = max(1.0, cur.sum() / units) if f.get("level") == "pixel" else 1.0
+        features[f["name"]] = _feature(f["proportions"], cur, th, ref_n, per)
+    out = baseline["outputs"]
+    for key in ("predicted_class", "confidence"):
+        cur = merged["outputs"].get(key, np.zeros(len(out[key]["proportions"]), np.int64))
+        features[f"output:{key}"] = _feature(out[key]["proportions"], cur, th, ref_n, 1.0)
+    return features
 
 
 def drift_report(
@@ -65,27 +104,10 @@ def drift_report(
 ) -> dict[str, Any]:
     """Per input feature and for the predicted-class distribution: PSI, JS, KS, chi-square against the baseline."""
     th = {**DEFAULT_THRESHOLDS, **(thresholds or {})}
-    rows = db.query("SELECT manifest FROM bundles WHERE name = ? AND version = ?", (name, version))
-    if not rows:
-        raise InputError(f"bundle {name}:{version} is not published")
-    baseline = Manifest.from_bytes(rows[0][0].encode()).drift_baseline
-    if not baseline:
-        raise InputError(f"bundle {name}:{version} carries no drift baseline")
-    sql = "SELECT device_id, body FROM windows WHERE bundle_name = ? AND bundle_version = ?"
-    params: list[Any] = [name, version]
-    if since is not None:
-        sql += " AND start >= ?"
-        params.append(since)
-    bodies = [json.loads(b) for d, b in db.query(sql, params) if devices is None or d in devices]
+    baseline = baseline_of(db, name, version)
+    bodies = _bodies(db, name, version, devices, since)
     merged = merge_windows(bodies)
-    features: dict[str, Any] = {}
-    for f in baseline["inputs"]:
-        cur = merged["inputs"].get(f["name"], np.zeros(len(f["proportions"]), np.int64))
-        features[f["name"]] = _feature(f["proportions"], cur, th)
-    out = baseline["outputs"]
-    for key in ("predicted_class", "confidence"):
-        cur = merged["outputs"].get(key, np.zeros(len(out[key]["proportions"]), np.int64))
-        features[f"output:{key}"] = _feature(out[key]["proportions"], cur, th)
+    features = feature_stats(baseline, merged, th)
     return {
         "bundle": f"{name}:{version}",
         "windows": len(bodies),
@@ -97,14 +119,174 @@ def drift_report(
     }
 
 
-def compare_cohorts(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
-    """Chi-square homogeneity and PSI between two merged cohorts, per feature present in both."""
+def _bodies(
+    db: Database, name: str, version: str, devices: list[str] | None, since: float | None
+) -> list[dict[str, Any]]:
+    sql = "SELECT device_id, body FROM windows WHERE bundle_name = ? AND bundle_version = ?"
+    params: list[Any] = [name, version]
+    if since is not None:
+        sql += " AND start >= ?"
+        params.append(since)
+    wanted = None if devices is None else set(devices)
+    return [json.loads(b) for d, b in db.query(sql, params) if wanted is None or d in wanted]
+
+
+def cohort_report(
+    db: Database, name: str, version: str, a: list[str], b: list[str], since: float | None = None
+) -> dict[str, Any]:
+    """Cohort A against cohort B (device lists) on the same bundle version, per feature."""
+    ma, mb = (merge_windows(_bodies(db, name, version, devs, since)) for devs in (a, b))
+    return {"samples": [ma["samples"], mb["samples"]], "features": compare_cohorts(ma, mb)}
+
+
+def compare_cohorts(a: dict[str, Any], b: dict[str, Any], thresholds: dict[str, float] | None = None) -> dict[str, Any]:
+    """Cohort A against cohort B (merged windows), per feature present in both: PSI, JS, KS and a
+    chi-square test of homogeneity (pixel-level counts scaled to input-equivalents)."""
+    th = {**DEFAULT_THRESHOLDS, **(thresholds or {})}
     out = {}
-    for group in ("inputs", "outputs"):
-        for k in set(a[group]) & set(b[group]):
-            ca, cb = a[group][k], b[group][k]
+    for group, prefix in (("inputs", ""), ("outputs", "output:")):
+        for k in sorted(set(a[group]) & set(b[group])):
+            ca, cb = (np.asarray(m[group][k], np.float64) for m in (a, b))
             if ca.shape != cb.shape or not ca.sum() or not cb.sum():
                 continue
-            stat, pv = chi2_two_sample(ca, cb)
-            out[k] = {"psi": round(psi(ca, cb), 6), "js": round(js_distance(ca, cb), 6), "chi2": stat, "p_value": pv}
+            ua, ub = (
+                (max(1.0, c.sum() / max(1, m["summarised"])) if group == "inputs" else 1.0)
+                for c, m in ((ca, a), (cb, b))
+            )
+            stat, pv = chi2_two_sample(ca / ua, cb / ub)
+            p = psi(ca, cb)
+            n = min(ca.sum() / ua, cb.sum() / ub)
+            out[prefix + k] = {
+                "psi": round(p, 6),
+                "js": round(js_distance(ca, cb), 6),
+                "ks": round(ks_binned(ca, cb), 6),
+                "chi2": round(stat, 4),
+                "p_value": pv,
+                "samples": [round(ca.sum() / ua), round(cb.sum() / ub)],
+                "drifted": bool(p > th["psi"] or (n >= th["min_samples"] and pv < th["p_value"])),
+            }
+    return out
+
+
+class DriftMonitor:
+    """Turns drift into alerts: every `interval_s` it checks each bundle version's windows of the last
+    `window_s`, for the whole fleet and for every device tag (cohort), against the bundle's baseline.
+
+    A feature that drifts with at least `min_samples` inputs opens an alert (a row in `alerts`); the
+    alert is updated while it lasts and closed at the first check that no longer sees it drift (or sees
+    no data). `last` keeps the latest PSI per (bundle, cohort, feature) for /metrics.
+    """
+
+    def __init__(
+        self,
+        db: Database,
+        interval_s: float = 30.0,
+        window_s: float = 900.0,
+        thresholds: dict[str, float] | None = None,
+    ) -> None:
+        self.db = db
+        self.interval_s = interval_s
+        self.window_s = window_s
+        self.th = {**DEFAULT_THRESHOLDS, **(thresholds or {})}
+        self.last: dict[tuple[str, str, str], float] = {}
+        self._baselines: dict[tuple[str, str], dict[str, Any] | None] = {}
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="edgefleet-drift", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(30)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                self.check()
+            except Exception:
+                log.exception("drift check failed")
+
+    def _baseline(self, name: str, version: str) -> dict[str, Any] | None:
+        if (name, version) not in self._baselines:
+            try:
+                self._baselines[(name, version)] = baseline_of(self.db, name, version)
+            except InputError:
+                self._baselines[(name, version)] = None
+        return self._baselines[(name, version)]
+
+    def check(self, now: float | None = None) -> list[dict[str, Any]]:
+        """One pass; returns the alerts open afterwards."""
+        now = time.time() if now is None else now
+        tags = {d: json.loads(t) for d, t in self.db.query("SELECT id, tags FROM devices")}
+        per_bundle: dict[tuple[str, str], dict[str, list[dict[str, Any]]]] = {}
+        rows = self.db.query(
+            "SELECT device_id, bundle_name, bundle_version, body FROM windows WHERE start >= ?", (now - self.window_s,)
+        )
+        for dev, name, version, body in rows:
+            cohorts = per_bundle.setdefault((name, version), {})
+            w = json.loads(body)
+            for c in ("*", *tags.get(dev, [])):
+                cohorts.setdefault(c, []).append(w)
+        seen: dict[tuple[str, str, str, str], dict[str, Any]] = {}
+        last: dict[tuple[str, str, str], float] = {}
+        for (name, version), cohorts in per_bundle.items():
+            baseline = self._baseline(name, version)
+            if baseline is None:
+                continue
+            for cohort, bodies in cohorts.items():
+                stats = feature_stats(baseline, merge_windows(bodies), self.th)
+                for feature, st in stats.items():
+                    if st["psi"] is not None:
+                        last[(f"{name}:{version}", cohort, feature)] = st["psi"]
+                    if st["drifted"] and st["samples"] >= self.th["min_samples"]:
+                        seen[(name, version, cohort, feature)] = st
+        self.last = last
+        with self.db.transaction() as cur:
+            cur.execute("SELECT id, bundle_name, bundle_version, cohort, feature FROM alerts WHERE state = 'open'")
+            open_now = {(r[1], r[2], r[3], r[4]): r[0] for r in cur.fetchall()}
+            for key, st in seen.items():
+                vals = (st["psi"], st["p_value"], st["samples"], json.dumps(st), now)
+                if key in open_now:
+                    cur.execute(
+                        "UPDATE alerts SET psi = ?, p_value = ?, samples = ?, detail = ?, updated = ? WHERE id = ?",
+                        (*vals, open_now[key]),
+                    )
+                else:
+                    cur.execute(
+                        "INSERT INTO alerts (id, bundle_name, bundle_version, cohort, feature, state, opened, "
+                        "psi, p_value, samples, detail, updated) VALUES (?, ?, ?, ?, ?, 'open', ?, ?, ?, ?, ?, ?)",
+                        ("a-" + uuid.uuid4().hex[:12], *key, now, *vals),
+                    )
+                    log.warning("drift alert: %s:%s cohort %s feature %s psi %.3f", *key, st["psi"])
+            for key, aid in open_now.items():
+                if key not in seen:
+                    cur.execute(
+                        "UPDATE alerts SET state = 'closed', closed = ?, updated = ? WHERE id = ?", (now, now, aid)
+                    )
+        return list_alerts(self.db, "open")
+
+
+ALERT_FIELDS = ("id", "bundle", "cohort", "feature", "state", "opened", "closed", "psi", "p_value", "samples")
+
+
+def list_alerts(db: Database, state: str = "open", limit: int = 500) -> list[dict[str, Any]]:
+    """Drift alerts, newest first; STATE is open, closed or all."""
+    if state not in ("open", "closed", "all"):
+        raise InputError(f"alert state {state!r}: use open, closed or all")
+    sql = (
+        "SELECT id, bundle_name, bundle_version, cohort, feature, state, opened, closed, psi, p_value, samples "
+        "FROM alerts"
+    )
+    params: list[Any] = []
+    if state != "all":
+        sql += " WHERE state = ?"
+        params.append(state)
+    sql += " ORDER BY opened DESC, feature LIMIT ?"
+    params.append(limit)
+    out = []
+    for r in db.query(sql, params):
+        out.append(dict(zip(ALERT_FIELDS, (r[0], f"{r[1]}:{r[2]}", *r[3:]), strict=True)))
     return out

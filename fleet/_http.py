@@ -103,15 +103,43 @@ def create_app(server: FleetServer) -> Any:
         return server.rollouts.set_state(rid, action)
 
     @app.get("/api/drift", dependencies=[Depends(operator)])
-    def drift(bundle: str, since: float | None = None, tag: str | None = None) -> dict[str, Any]:
-        """Fleet drift for BUNDLE (NAME:VERSION) against its baseline: per feature psi, js, ks, chi2, drifted."""
-        from ._drift import drift_report
+    def drift(
+        bundle: str, since: float | None = None, tag: str | None = None, against: str | None = None
+    ) -> dict[str, Any]:
+        """Fleet drift for BUNDLE (NAME:VERSION) against its baseline: per feature psi, js, ks, chi2, drifted.
+
+        `tag` limits it to one cohort; `against` adds that cohort compared with another (`cohorts`)."""
+        from ._drift import cohort_report, drift_report
 
         name, _, version = bundle.partition(":")
-        devices = None
-        if tag:
-            devices = [d["id"] for d in server.devices() if tag in d["tags"]]
-        return drift_report(server.db, name, version, devices=devices, since=since)
+
+        def members(t: str) -> list[str]:
+            return [d["id"] for d in server.devices() if t in d["tags"]]
+
+        rep = drift_report(server.db, name, version, devices=members(tag) if tag else None, since=since)
+        if against:
+            if not tag:
+                raise InputError("'against' compares two cohorts: give 'tag' as well")
+            rep["cohorts"] = {
+                "a": tag,
+                "b": against,
+                **cohort_report(server.db, name, version, members(tag), members(against), since),
+            }
+        return rep
+
+    @app.get("/api/alerts", dependencies=[Depends(operator)])
+    def alerts(state: str = "open") -> list[dict[str, Any]]:
+        """Drift alerts (state open, closed or all), newest first."""
+        from ._drift import list_alerts
+
+        return list_alerts(server.db, state)
+
+    @app.get("/api/devices/{device_id}/events", dependencies=[Depends(operator)])
+    def device_events(device_id: str, limit: int = 100) -> list[dict[str, Any]]:
+        """A device's reported events (update transitions, rollbacks, errors), newest first."""
+        if not server.db.query("SELECT 1 FROM devices WHERE id = ?", (device_id,)):
+            raise HTTPException(404, f"no device {device_id}")
+        return server.events(device_id, min(max(limit, 1), 1000))
 
     @app.get("/bundles/{name}/{version}.efb")
     def download(name: str, version: str, request: Request) -> Response:

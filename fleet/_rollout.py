@@ -9,7 +9,9 @@ control cohort (selected devices still on another version):
 - update failure rate (devices that failed or rolled back by themselves) <= `max_update_failure`,
 - post-update error rate <= control + `max_error_increase`,
 - p95 latency <= max(control x `max_p95_ratio`, control + `p95_slack_ms`),
-- prediction drift: PSI of the predicted-class distribution against the control <= `max_prediction_psi`.
+- prediction drift: PSI of the predicted-class distribution against the control <= `max_prediction_psi`,
+  judged once both sides have `min_prediction_samples` predictions and only when the difference is
+  also significant (chi-square p < `prediction_p_value`).
 
 All pass: next stage, or `completed`. A gate fails: `rolled_back` (devices already updated are ordered
 back to the version they ran). Devices that do not report within `stage_timeout_s`: `halted`, for an
@@ -28,7 +30,7 @@ import uuid
 from typing import Any
 
 from edgefleet import InputError
-from edgefleet._drift import psi
+from edgefleet._drift import chi2_two_sample, psi
 from edgefleet._telemetry import latency_quantile
 
 from ._db import Database
@@ -47,6 +49,10 @@ DEFAULT_GATES: dict[str, float] = {
     # Sub-millisecond models jitter by more than 50% between devices; below this the ratio is not judged.
     "p95_slack_ms": 1.0,
     "max_prediction_psi": 0.25,
+    # PSI on a few dozen predictions is noise (an empty class bin alone adds ~0.7): the prediction gate
+    # needs this many predictions on each side and a significant chi-square difference as well.
+    "min_prediction_samples": 100,
+    "prediction_p_value": 0.001,
     "min_stage_s": 10.0,
     "stage_timeout_s": 300.0,
 }
@@ -269,6 +275,8 @@ class RolloutEngine:
         if pending:
             result["ok"] = False
             result["halt"] = f"{len(pending)} device(s) did not report within {gates['stage_timeout_s']} s"
+        if result["ok"] and result["wait_for_predictions"] and now - started < gates["stage_timeout_s"]:
+            return  # too few predictions yet to judge prediction drift: watch longer
         if result["ok"]:
             if stage + 1 < len(r["stages"]):
                 self._update(
@@ -335,6 +343,7 @@ class RolloutEngine:
             "p95_ms": None if new["latency"] is None else round(new["latency"], 4),
             "control_p95_ms": None if ctl["latency"] is None else round(ctl["latency"], 4),
             "prediction_psi": None,
+            "prediction_samples": 0,
         }
         failed_gates = []
         if values["update_failure_rate"] > gates["max_update_failure"]:
@@ -353,7 +362,25 @@ class RolloutEngine:
             if values["p95_ms"] > limit:
                 failed_gates.append(f"p95 {values['p95_ms']:.3f} ms > {limit:.3f} ms (control {ctl_p95:.3f} ms)")
         if new["classes"] is not None and ctl["classes"] is not None and new["classes"].sum() and ctl["classes"].sum():
+            n = int(min(new["classes"].sum(), ctl["classes"].sum()))
             values["prediction_psi"] = round(psi(ctl["classes"], new["classes"]), 4)
-            if values["prediction_psi"] > gates["max_prediction_psi"]:
-                failed_gates.append(f"prediction PSI {values['prediction_psi']} > {gates['max_prediction_psi']}")
-        return {"ok": not failed_gates, "failed_gates": failed_gates, "values": values, "ts": time.time()}
+            values["prediction_p_value"] = chi2_two_sample(ctl["classes"], new["classes"])[1]
+            values["prediction_samples"] = n
+            if (
+                values["prediction_psi"] > gates["max_prediction_psi"]
+                and n >= gates["min_prediction_samples"]
+                and values["prediction_p_value"] < gates["prediction_p_value"]
+            ):
+                failed_gates.append(
+                    f"prediction PSI {values['prediction_psi']} > {gates['max_prediction_psi']} "
+                    f"(chi-square p {values['prediction_p_value']:.2g}, {n} predictions)"
+                )
+        # With a control cohort to compare against, too few predictions means: watch the stage longer.
+        wait = bool(control_ids) and values["prediction_samples"] < gates["min_prediction_samples"]
+        return {
+            "ok": not failed_gates,
+            "failed_gates": failed_gates,
+            "values": values,
+            "wait_for_predictions": wait,
+            "ts": time.time(),
+        }

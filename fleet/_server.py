@@ -23,6 +23,7 @@ from edgefleet._topics import DESIRED_SCHEMA, check_device_id, topic
 
 from ._broker import SERVER_USER, Broker
 from ._db import Database
+from ._drift import DriftMonitor
 from ._ingest import IngestWorker
 from ._rollout import RolloutEngine
 
@@ -41,6 +42,9 @@ class ServerConfig:
     broker_url: str = "embedded"
     public_host: str = "127.0.0.1"
     trusted_keys: list[Path] = field(default_factory=list)
+    # Drift alerts: how often they are checked and over how much recent telemetry.
+    drift_interval_s: float = 30.0
+    drift_window_s: float = 900.0
 
     @property
     def db(self) -> str:
@@ -144,6 +148,7 @@ class FleetServer:
         self.ready = False
         self._pub: Any = None
         self.rollouts = RolloutEngine(self.db, self.set_desired)
+        self.drift = DriftMonitor(self.db, config.drift_interval_s, config.drift_window_s)
 
     @property
     def trusted(self) -> list[str]:
@@ -172,11 +177,13 @@ class FleetServer:
         if not self.ingest.connected.wait(15):
             raise EdgefleetError("the ingest worker could not connect to the embedded broker")
         self.rollouts.start()
+        self.drift.start()
         self.ready = True
 
     def stop(self) -> None:
         self.ready = False
         self.rollouts.stop()
+        self.drift.stop()
         if self.ingest is not None:
             self.ingest.stop()
         if self._pub is not None:
@@ -276,6 +283,12 @@ class FleetServer:
             out.append(d)
         return out
 
+    def events(self, device_id: str, limit: int = 100) -> list[dict[str, Any]]:
+        rows = self.db.query(
+            "SELECT ts, type, body FROM events WHERE device_id = ? ORDER BY ts DESC LIMIT ?", (device_id, limit)
+        )
+        return [{"device_id": device_id, "ts": ts, "type": t, "body": json.loads(b)} for ts, t, b in rows]
+
     def metrics(self) -> str:
         c = self.db.counters()
         lines = [
@@ -290,12 +303,34 @@ class FleetServer:
         ]
         for k in ("received", "stored", "duplicates", "rejected", "unknown_device"):
             lines.append(f'edgefleet_ingest_messages_total{{outcome="{k}"}} {c.get("ingest_" + k, 0)}')
+        alerts = self.db.query(
+            "SELECT bundle_name, bundle_version, cohort, feature FROM alerts WHERE state = 'open' ORDER BY 1, 2, 3, 4"
+        )
+        lines += [
+            "# HELP edgefleet_drift_alerts_open Open drift alerts.",
+            "# TYPE edgefleet_drift_alerts_open gauge",
+            f"edgefleet_drift_alerts_open {len(alerts)}",
+            "# HELP edgefleet_drift_alert One per open drift alert (bundle, cohort, feature).",
+            "# TYPE edgefleet_drift_alert gauge",
+        ]
+        for n, v, c, f in alerts:
+            lines.append(f'edgefleet_drift_alert{{bundle="{n}:{v}",cohort="{_label(c)}",feature="{_label(f)}"}} 1')
+        lines += [
+            "# HELP edgefleet_drift_psi PSI against the bundle's baseline at the last drift check.",
+            "# TYPE edgefleet_drift_psi gauge",
+        ]
+        for (b, c, f), value in sorted(self.drift.last.items()):
+            lines.append(f'edgefleet_drift_psi{{bundle="{b}",cohort="{_label(c)}",feature="{_label(f)}"}} {value}')
         if self.broker is not None:
             lines += [
                 "# TYPE edgefleet_broker_restarts_total counter",
                 f"edgefleet_broker_restarts_total {self.broker.restarts}",
             ]
         return "\n".join(lines) + "\n"
+
+
+def _label(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
 def store_upload(body_chunks: Any, limit: int = MAX_BUNDLE_BYTES) -> Path:

@@ -48,7 +48,7 @@ from edgefleet._topics import (
 from ._config import AgentConfig
 from ._download import DownloadError, download
 from ._failpoints import failpoint
-from ._model import Model, load
+from ._model import Model, SessionFactory, load
 from ._slots import SlotInfo, SlotStore
 from ._telemetry import TelemetryBuffer
 
@@ -205,8 +205,10 @@ class _Shadow:
 class Agent:
     """Runs the device side: `start()` it, call `predict()` from the app, `stop()` at the end."""
 
-    def __init__(self, config: AgentConfig) -> None:
+    def __init__(self, config: AgentConfig, *, session_factory: SessionFactory | None = None) -> None:
+        """SESSION_FACTORY: a stand-in inference backend (see `load`); the rest of the agent is unchanged."""
         self.config = config
+        self._session_factory = session_factory
         self.device_id = config.device_id
         root = Path(config.data_dir)
         root.mkdir(parents=True, exist_ok=True)
@@ -229,6 +231,10 @@ class Agent:
         self._early: OrderedDict[int, bool] = OrderedDict()
         self._link_gen = 0
         self._cursor = 0
+        # (records added, link generation, cursor) when the buffer was last drained dry: nothing to query.
+        self._drained: tuple[int, int, int] | None = None
+        # Set by MQTT callbacks and stop(): the loop wakes at once instead of polling fast when idle.
+        self._wake = threading.Event()
         self._tokens = 0.0
         self._tokens_at = time.monotonic()
         self._health = _Health()
@@ -321,6 +327,7 @@ class Agent:
     def stop(self, timeout: float = 10.0) -> None:
         """Flush telemetry to the buffer, say offline, disconnect."""
         self._stop.set()
+        self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout)
         with self._model_lock:
@@ -353,6 +360,7 @@ class Agent:
             self.config.backend,
             self.config.accelerators,
             threads=self.config.threads,
+            session_factory=self._session_factory,
         )
 
     def _activate(self, info: SlotInfo | None) -> None:
@@ -853,6 +861,7 @@ class Agent:
         client.publish(topic(self.device_id, "status"), self._status(True), qos=1, retain=True)
         self._connected.set()
         self._state_dirty = True
+        self._wake.set()
 
     def _on_disconnect(self, client: Any, userdata: Any, flags: Any, reason_code: Any, properties: Any) -> None:
         self._connected.clear()
@@ -868,6 +877,7 @@ class Agent:
                 return  # a cleared retained message
             obj = json.loads(msg.payload)
             self._inbox.put(("desired", parse_desired(obj)) if kind == "desired" else ("command", parse_command(obj)))
+            self._wake.set()
         except (ValueError, InputError) as exc:
             log.warning("ignoring malformed %s message: %s", kind, exc)
             self._event("bad_message", topic=kind, reason=str(exc)[:300])
@@ -883,6 +893,7 @@ class Agent:
                     self._early.popitem(last=False)
         if key is not None and ok:
             self.buffer.ack(key)
+        self._wake.set()  # room in flight again
 
     def _drain(self) -> None:
         """Publish buffered windows and events oldest first, within the bandwidth cap and in-flight limit."""
@@ -897,16 +908,24 @@ class Agent:
             cursor, gen = self._cursor, self._link_gen
         if room <= 0:
             return
+        added = self.buffer.added
+        if self._drained == (added, gen, cursor):
+            return
+        rows = self.buffer.pending(limit=room, after_seq=cursor)
+        dry = len(rows) < room
         # paho's own locks are taken inside publish(); never call it while holding ours (lock order).
-        for seq, kind, key, body in self.buffer.pending(limit=room, after_seq=cursor):
+        for seq, kind, key, body in rows:
             if self._tokens < len(body) and self._tokens < rate:
+                dry = False
                 break
             info = self._client.publish(topic(self.device_id, kind), body, qos=1)
             if info.rc != 0:
+                dry = False
                 break
             with self._pub_lock:
                 early = self._early.pop(info.mid, None)
                 if gen != self._link_gen:
+                    dry = False
                     break  # the link dropped meanwhile: everything unacknowledged is sent again
                 if early is None:
                     self._inflight[info.mid] = key
@@ -914,6 +933,9 @@ class Agent:
             if early:
                 self.buffer.ack(key)
             self._tokens -= len(body)
+        if dry:
+            with self._pub_lock:
+                self._drained = (added, self._link_gen, self._cursor)
 
     def _publish_state(self) -> None:
         if self._client is None or not self._connected.is_set() or not self._state_dirty:
@@ -921,6 +943,16 @@ class Agent:
         self._state_dirty = False
         body = json.dumps(self.state_doc(), default=str).encode()
         self._client.publish(topic(self.device_id, "state"), body, qos=1, retain=True)
+
+    def _tick_s(self) -> float:
+        """How long the loop may sleep: short during an update, else until the next self-test call or
+        telemetry window edge, at most 0.5 s (MQTT callbacks wake it earlier)."""
+        if self.persisted.state != UpdateState.IDLE:
+            return 0.02
+        tick = 0.5
+        if self.config.self_test_hz > 0:
+            tick = min(tick, max(0.0, self._next_self_test - time.monotonic()))
+        return tick
 
     def _self_test(self) -> None:
         hz = self.config.self_test_hz
@@ -969,4 +1001,5 @@ class Agent:
                 self._publish_state()
             except EdgefleetError as exc:
                 log.error("agent step failed: %s", exc)
-            self._stop.wait(0.02 if self.persisted.state != UpdateState.IDLE else 0.05)
+            self._wake.wait(self._tick_s())
+            self._wake.clear()

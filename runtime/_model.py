@@ -6,7 +6,7 @@ import importlib.util
 import os
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeAlias
@@ -20,11 +20,13 @@ from edgefleet._quant import dequantize, quantize
 from ._backends import BACKENDS, Session, SessionOptions, open_session
 from ._telemetry import TelemetryBuffer, WindowAggregator
 
-__all__ = ["GoldenResult", "Model", "ModelInfo", "load"]
+__all__ = ["GoldenResult", "Model", "ModelInfo", "SessionFactory", "load"]
 
 _BACKEND_MODULE = {"onnx": "onnxruntime", "tflite": "ai_edge_litert"}
 _BACKEND_EXTRA = "runtime"
 Key: TypeAlias = PublicKey | str | os.PathLike[str] | bytes
+# Makes the inference session for one model of a verified bundle, instead of the installed backend.
+SessionFactory: TypeAlias = Callable[[Bundle, ModelEntry, SessionOptions], Session]
 
 
 @dataclass(frozen=True)
@@ -244,8 +246,12 @@ def _open_checked(
     sha: str,
     skipped: list[str],
     verify: bool,
+    factory: SessionFactory | None = None,
 ) -> Model:
     wanted = list(accelerators) if accelerators is not None else None
+    if factory is not None:
+        session = factory(bundle, entry, SessionOptions(wanted, threads))
+        return Model(bundle, entry, session, sha, skipped)
     session = open_session(entry, bundle.read(entry.path), SessionOptions(wanted, threads))
     model = Model(bundle, entry, session, sha, skipped)
     if not verify or bundle.golden_inputs() is None or not entry.golden_outputs:
@@ -296,6 +302,7 @@ def load(
     device_id: str = "local",
     window_s: float = 60.0,
     verify: bool = True,
+    session_factory: SessionFactory | None = None,
 ) -> Model:
     """Verify the bundle at PATH and load one of its models.
 
@@ -306,6 +313,8 @@ def load(
     failing one falls back to CPU, as `model.info.fallbacks` says. With VERIFY (the default) the
     bundle's golden sample is run once on the chosen accelerator: one that computes wrong results
     is dropped for the plain CPU kernels, and a model that fails on those is refused.
+    SESSION_FACTORY replaces the inference backend (simulators use a stand-in predictor to run
+    thousands of devices in one process); verification of the bundle stays the same.
     """
     if trusted_keys is None and not allow_unsigned:
         raise InputError(
@@ -316,11 +325,13 @@ def load(
     reasons: list[str] = []
     for entry in _candidates(bundle, backend, model_id):
         mod = _BACKEND_MODULE[entry.format]
-        if importlib.util.find_spec(mod) is None:
+        if session_factory is None and importlib.util.find_spec(mod) is None:
             reasons.append(f"{entry.id}: {mod} is not installed (pip install 'edgefleet[{_BACKEND_EXTRA}]')")
             continue
         try:
-            model = _open_checked(bundle, entry, accelerators, threads, sha256_file(Path(path)), reasons, verify)
+            model = _open_checked(
+                bundle, entry, accelerators, threads, sha256_file(Path(path)), reasons, verify, session_factory
+            )
         except BundleError as exc:
             if model_id is not None or backend != "auto":
                 raise

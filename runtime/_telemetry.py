@@ -95,6 +95,8 @@ class TelemetryBuffer:
         self.max_bytes = max_bytes
         self.sample_max_bytes = sample_max_bytes
         self.reset_reason: str | None = None
+        # Records stored by this process: lets a reader skip querying when nothing new arrived.
+        self.added = 0
         self._lock = threading.RLock()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
@@ -183,6 +185,7 @@ class TelemetryBuffer:
                     )
                     self._db.execute("COMMIT")
                     self._bytes += len(body)
+                    self.added += 1
                     return
                 except sqlite3.OperationalError as exc:
                     self._rollback()

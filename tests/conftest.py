@@ -12,6 +12,9 @@ from ._mqtt_driver import Observer
 from ._servers import FileServer, Mosquitto
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from examples.digits.mlp import make_mlp_onnx  # noqa: E402
 
 
 def run_cli(*args: str, cwd: Path | None = None, timeout: int = 900) -> subprocess.CompletedProcess[str]:
@@ -26,54 +29,6 @@ def digits() -> dict[str, tuple[np.ndarray, np.ndarray]]:
     from examples.digits.data import load_splits
 
     return load_splits()
-
-
-def make_mlp_onnx(path: Path, digits: dict, seed: int = 0, hidden: int = 64, slow_layers: int = 0) -> Path:
-    """A real classifier: scikit-learn MLP trained on digits, as an ONNX graph (N, 1, 8, 8) -> (N, 10).
-
-    SLOW_LAYERS > 0 adds a heavy branch (that many 512x512 MatMul + Tanh) whose result is multiplied by
-    zero: same predictions, much slower, the kind of bundle a device's health window must catch.
-    """
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
-    from sklearn.neural_network import MLPClassifier
-
-    x, y = digits["train"]
-    clf = MLPClassifier(hidden_layer_sizes=(hidden,), max_iter=300, random_state=seed).fit(x.reshape(len(x), -1), y)
-    w1, w2 = (c.astype(np.float32) for c in clf.coefs_)
-    b1, b2 = (b.astype(np.float32) for b in clf.intercepts_)
-    inits = [numpy_helper.from_array(a, n) for a, n in ((w1, "w1"), (b1, "b1"), (w2, "w2"), (b2, "b2"))]
-    out = "logits"
-    nodes = [
-        helper.make_node("Flatten", ["input"], ["flat"], name="flatten"),
-        helper.make_node("Gemm", ["flat", "w1", "b1"], ["h"], name="fc1"),
-        helper.make_node("Relu", ["h"], ["hr"], name="relu"),
-        helper.make_node("Gemm", ["hr", "w2", "b2"], ["logits0" if slow_layers else "logits"], name="fc2"),
-    ]
-    if slow_layers:
-        rng = np.random.default_rng(seed)
-        inits.append(numpy_helper.from_array((rng.standard_normal((64, 512)) * 0.1).astype(np.float32), "s0"))
-        inits.append(numpy_helper.from_array((rng.standard_normal((512, 512)) * 0.04).astype(np.float32), "sw"))
-        inits.append(numpy_helper.from_array(np.zeros((1,), np.float32), "zero"))
-        nodes.append(helper.make_node("MatMul", ["flat", "s0"], ["t0"], name="slow0"))
-        for i in range(slow_layers):
-            nodes.append(helper.make_node("MatMul", [f"t{i}", "sw"], [f"m{i}"], name=f"slow_mm{i}"))
-            nodes.append(helper.make_node("Tanh", [f"m{i}"], [f"t{i + 1}"], name=f"slow_tanh{i}"))
-        nodes.append(helper.make_node("ReduceMean", [f"t{slow_layers}"], ["r"], keepdims=1, name="slow_mean"))
-        nodes.append(helper.make_node("Mul", ["r", "zero"], ["rz"], name="slow_zero"))
-        nodes.append(helper.make_node("Add", ["logits0", "rz"], [out], name="slow_add"))
-    graph = helper.make_graph(
-        nodes,
-        "digits_mlp",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 1, 8, 8])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])],
-        inits,
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 9
-    onnx.checker.check_model(model)
-    onnx.save(model, str(path))
-    return path
 
 
 @pytest.fixture(scope="session")

@@ -9,17 +9,31 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-from edgefleet.converters import BuildConfig, Dataset, Distill, PruneMagnitude, PruneStructured, Quantize, build
+from edgefleet import SigningKey
+from edgefleet.converters import (
+    BuildConfig,
+    BuildResult,
+    Dataset,
+    Distill,
+    PruneMagnitude,
+    PruneStructured,
+    Quantize,
+    build,
+)
 
 from .._common import run, signing_key
 from .data import load_splits, save_npz
-from .models import Student, Teacher
+from .models import DebugBranch, Student, Teacher
+
+LABELS = [str(i) for i in range(10)]
+PREPROCESSING = {"scale": 1 / 16, "mean": [0.0], "std": [1.0], "input_range": [0.0, 1.0]}
 
 
 def train_teacher(x: np.ndarray, y: np.ndarray, epochs: int = 15, seed: int = 0) -> nn.Module:
@@ -40,6 +54,84 @@ def train_teacher(x: np.ndarray, y: np.ndarray, epochs: int = 15, seed: int = 0)
     return model.eval()
 
 
+def build_digits(
+    out: Path,
+    key: SigningKey,
+    version: str = "1.0.0",
+    train_fraction: float = 0.6,
+    epochs: int = 15,
+    formats: tuple[str, ...] = ("onnx", "tflite"),
+    echo_table: bool = True,
+    progress: Callable[[str], None] | None = None,
+) -> tuple[BuildResult, nn.Module, dict[str, Path]]:
+    """Teacher -> distilled student -> pruned (channels, then magnitude) -> int8, signed.
+
+    Returns the build result, the trained teacher and the data splits written as .npz files."""
+    splits = load_splits(train_fraction=train_fraction)
+    paths = save_npz(splits, out / "data")
+    teacher = train_teacher(*splits["train"], epochs=epochs)
+    # The teacher is also written as a torch.export program, the file a build pipeline would pass on.
+    torch.export.save(torch.export.export(teacher, (torch.from_numpy(splits["eval"][0][:1]),)), out / "teacher.pt2")
+    torch.manual_seed(1)
+    cfg = BuildConfig(
+        name="digits",
+        version=version,
+        formats=list(formats),
+        layout="NCHW",
+        labels=LABELS,
+        preprocessing=PREPROCESSING,
+        steps=[
+            Distill(student=Student(), temperature=4.0, alpha=0.7, epochs=epochs, learning_rate=2e-3),
+            PruneStructured(ratio=0.25, epochs=4),
+            PruneMagnitude(sparsity=0.5, epochs=4, steps=4),
+        ],
+        quantize=Quantize(mode="int8", calibration="minmax", max_accuracy_drop=0.01),
+    )
+    extra = {} if progress is None else {"progress": progress}
+    result = build(
+        teacher,
+        out / f"digits-{version}.efb",
+        cfg,
+        calibration=Dataset(*splits["calib"], name="calib.npz"),
+        evaluation=Dataset(*splits["eval"], name="eval.npz"),
+        train=Dataset(*splits["train"], name="train.npz"),
+        signing_key=key,
+        report_path=out / f"digits-{version}.report.json",
+        echo_table=echo_table,
+        **extra,
+    )
+    return result, teacher, paths
+
+
+def build_regressed(
+    out: Path,
+    key: SigningKey,
+    teacher: nn.Module,
+    data: dict[str, Path],
+    version: str = "3.0.0",
+    layers: int = 150,
+    progress: Callable[[str], None] | None = None,
+) -> BuildResult:
+    """A deliberately bad release: the teacher exported with a leftover debugging branch (see
+    `DebugBranch`). Its predictions are right and it passes every build-time check and the device's
+    smoke test; only its latency on the device gives it away."""
+    calib, ev = (np.load(data[k]) for k in ("calib", "eval"))
+    cfg = BuildConfig(
+        name="digits", version=version, formats=["onnx"], layout="NCHW", labels=LABELS, preprocessing=PREPROCESSING
+    )
+    extra = {} if progress is None else {"progress": progress}
+    return build(
+        DebugBranch(teacher, layers=layers).eval(),
+        out / f"digits-{version}.efb",
+        cfg,
+        calibration=Dataset(calib["x"], calib["y"], name="calib.npz"),
+        evaluation=Dataset(ev["x"], ev["y"], name="eval.npz"),
+        signing_key=key,
+        report_path=out / f"digits-{version}.report.json",
+        **extra,
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="build/digits", type=Path)
@@ -49,39 +141,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--epochs", type=int, default=15)
     ap.add_argument("--formats", default="onnx,tflite")
     args = ap.parse_args(argv)
-    out: Path = args.out
-    splits = load_splits(train_fraction=args.train_fraction)
-    paths = save_npz(splits, out / "data")
-    teacher = train_teacher(*splits["train"], epochs=args.epochs)
-    # The teacher is also written as a torch.export program, the file a build pipeline would pass on.
-    torch.export.save(torch.export.export(teacher, (torch.from_numpy(splits["eval"][0][:1]),)), out / "teacher.pt2")
-    key_path = args.key or out / "signing.key"
-    key = signing_key(key_path)
-    torch.manual_seed(1)
-    cfg = BuildConfig(
-        name="digits",
-        version=args.version,
-        formats=args.formats.split(","),
-        layout="NCHW",
-        labels=[str(i) for i in range(10)],
-        preprocessing={"scale": 1 / 16, "mean": [0.0], "std": [1.0], "input_range": [0.0, 1.0]},
-        steps=[
-            Distill(student=Student(), temperature=4.0, alpha=0.7, epochs=args.epochs, learning_rate=2e-3),
-            PruneStructured(ratio=0.25, epochs=4),
-            PruneMagnitude(sparsity=0.5, epochs=4, steps=4),
-        ],
-        quantize=Quantize(mode="int8", calibration="minmax", max_accuracy_drop=0.01),
-    )
-    result = build(
-        teacher,
-        out / f"digits-{args.version}.efb",
-        cfg,
-        calibration=Dataset(*splits["calib"], name="calib.npz"),
-        evaluation=Dataset(*splits["eval"], name="eval.npz"),
-        train=Dataset(*splits["train"], name="train.npz"),
-        signing_key=key,
-        report_path=out / f"digits-{args.version}.report.json",
-        echo_table=True,
+    key = signing_key(args.key or args.out / "signing.key")
+    result, _, paths = build_digits(
+        args.out, key, args.version, args.train_fraction, args.epochs, tuple(args.formats.split(","))
     )
     print(json.dumps({"bundle": str(result.path), "data": {k: str(v) for k, v in paths.items()}}))
     return 0

@@ -42,3 +42,23 @@ class Student(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
+
+
+class DebugBranch(nn.Module):
+    """MODEL plus a leftover debugging branch: LAYERS rounds of a 512x512 matmul whose result is
+    multiplied by zero. Same predictions, tens of times the compute: a regression no build-time
+    accuracy check sees and a device's health window must catch."""
+
+    def __init__(self, model: nn.Module, layers: int = 150, width: int = 512) -> None:
+        super().__init__()
+        self.model = model
+        self.layers = layers
+        self.proj = nn.Linear(64, width)
+        self.mix = nn.Linear(width, width)
+        self.gate = nn.Parameter(torch.zeros(1), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.proj(x.flatten(1))
+        for _ in range(self.layers):
+            h = torch.tanh(self.mix(h))
+        return self.model(x) + self.gate * h.mean(dim=1, keepdim=True)
