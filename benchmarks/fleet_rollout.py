@@ -1,10 +1,11 @@
 """Rollout time at fleet scale: N simulated devices (default 1,000) go through a three-stage canary
 rollout (10% -> 50% -> 100%) from a real fleet server process with its embedded Mosquitto and SQLite.
 
-Every device is a real agent in one process (MQTT 5 connection with its own credentials, update state
-machine, Range download of the bundle, signature and hash checks, A/B slots, smoke test, health window,
-telemetry buffer); only the predictor is a stand-in (`--standin` of `edgefleet fleet simulate`), so
-a thousand of them fit on two cores. Measured: from `rollout create` to `completed`, and per stage.
+Every device is a real agent: MQTT 5 connection with its own credentials, update state machine,
+Range download of the bundle, signature and hash checks, A/B slots, smoke test, health window,
+telemetry buffer. Only the predictor is a stand-in (`edgefleet fleet simulate --standin`, which also
+runs 100 devices per process), so a thousand fit on two cores. Measured: from `rollout create` to
+`completed`, and per stage.
 
     .venv/bin/python benchmarks/fleet_rollout.py [--devices 1000] [--min-stage-s 5]
 
@@ -17,6 +18,8 @@ import argparse
 import json
 import logging
 import platform
+import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -28,7 +31,6 @@ sys.path.insert(0, str(ROOT))
 
 from edgefleet import generate_keypair  # noqa: E402
 from edgefleet.converters import BuildConfig, Dataset, Quantize, build  # noqa: E402
-from edgefleet.fleet._simulate import Simulation  # noqa: E402
 from examples.demo import Api, FleetProcess, _free_port, _wait  # noqa: E402
 from examples.digits.data import load_splits  # noqa: E402
 from examples.digits.mlp import make_mlp_onnx  # noqa: E402
@@ -65,19 +67,17 @@ def run(devices: int, min_stage_s: float, tmp: Path) -> dict[str, Any]:
     try:
         for p in paths.values():
             api("PUT", "/api/bundles", raw=p.read_bytes())
-        sim = Simulation(
-            server=server.url,
-            token=server.token,
-            devices=devices,
-            bundle="mlp:1.0.0",
-            tags=["bench"],
-            rate_hz=0.5,
-            prefix="dev",
-            workdir=tmp / "devices",
-            standin=True,
+        # `edgefleet fleet simulate` as a user runs it: above 100 devices it splits the fleet over processes.
+        sim = subprocess.Popen(
+            [
+                *(sys.executable, "-m", "edgefleet", "fleet", "simulate", "--devices", str(devices), "--standin"),
+                *("--bundle", "mlp:1.0.0", "--tags", "bench", "--rate", "0.5", "--prefix", "dev"),
+                *("--workdir", str(tmp / "devices"), "--server", server.url, "--token", server.token),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=open(tmp / "simulate.log", "wb"),
         )
         t0 = time.monotonic()
-        sim.start()
 
         def on(version: str) -> int:
             return sum(1 for d in api("GET", "/api/devices") if d["online"] and d["bundle_version"] == version)
@@ -85,7 +85,9 @@ def run(devices: int, min_stage_s: float, tmp: Path) -> dict[str, Any]:
         _wait(f"{devices} devices online", lambda: on("1.0.0") == devices, 600, 2.0, lambda: on("1.0.0"))
         startup = time.monotonic() - t0
         print(f"{devices} devices online on 1.0.0 after {startup:.1f} s", flush=True)
-        gates = {"min_stage_s": min_stage_s}
+        # A stand-in predictor takes no time: what devices measure is scheduling noise among 100 agents
+        # per process, so the latency gate gets 50 ms of slack; every other gate applies as configured.
+        gates = {"min_stage_s": min_stage_s, "p95_slack_ms": 50.0}
         r = api(
             "POST",
             "/api/rollouts",
@@ -99,24 +101,37 @@ def run(devices: int, min_stage_s: float, tmp: Path) -> dict[str, Any]:
             0.5,
         )
         total = time.monotonic() - t1
+        reasons: dict[str, int] = {}
+        for d in api("GET", "/api/devices"):
+            for e in api("GET", f"/api/devices/{d['id']}/events?limit=20"):
+                if e["type"] in ("rolled_back", "update_failed") and e["body"].get("rollout") == r["id"]:
+                    why = str(e["body"].get("reason", "?"))
+                    key = why.split(":")[0][:80]
+                    reasons[key] = reasons.get(key, 0) + 1
         created = st["created"]
         marks = [h["ts"] - created for h in st["history"]]
         return {
             "devices": devices,
             "stages_percent": [10, 50, 100],
             "gates": gates,
-            "health_window_s": 3.0,
+            "health_window_s": 5.0,
             "state": st["state"],
             "rollout_s": round(total, 1),
             "stage_end_s": [round(m, 1) for m in marks],
             "assigned": [s["assigned"] for s in st["stages"]],
             "updated": [s["updated"] for s in st["stages"]],
             "devices_on_new_version": on("2.0.0"),
+            "history": [h["note"] for h in st["history"]],
+            "device_failures": reasons,
             "startup_s": round(startup, 1),
         }
     finally:
         if sim is not None:
-            sim.stop()
+            sim.send_signal(signal.SIGINT)
+            try:
+                sim.wait(120)
+            except subprocess.TimeoutExpired:
+                sim.kill()
         server.stop()
 
 
@@ -147,9 +162,10 @@ def main(argv: list[str] | None = None) -> int:
         "# Fleet rollout benchmark",
         "",
         f"Measured {result['measured']} on {m['machine']}, {m['cpus']} CPUs, {m['platform']}.",
-        f"{res['devices']} simulated devices (real agents and MQTT, stand-in predictor) in one process, the fleet "
+        f"{res['devices']} simulated devices (real agents and MQTT, stand-in predictor) in processes of 100, the fleet "
         f"server with embedded Mosquitto and SQLite in another; stages 10% -> 50% -> 100%, "
-        f"`min_stage_s` {args.min_stage_s:g}, device health window {res['health_window_s']:g} s.",
+        f"`min_stage_s` {args.min_stage_s:g}, `p95_slack_ms` 50 (the stand-in's latency is scheduling noise), "
+        f"other gates at their defaults; device health window {res['health_window_s']:g} s.",
         "",
         "| figure | value |",
         "|---|---:|",
@@ -160,6 +176,8 @@ def main(argv: list[str] | None = None) -> int:
         f"| devices per stage | {', '.join(str(x) for x in res['assigned'])} |",
         f"| devices on the new version | {res['devices_on_new_version']} |",
         f"| final state | {res['state']} |",
+        f"| engine notes | {'; '.join(res['history'])} |",
+        f"| device-side failures | {'; '.join(f'{k}: {v}' for k, v in res['device_failures'].items()) or 'none'} |",
         "",
         f"Target: {result['target']}: **{'met' if result['met'] else 'NOT met'}**.",
     ]

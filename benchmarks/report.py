@@ -1,6 +1,6 @@
 """Collect benchmarks/results/*.json into benchmarks/RESULTS.md with one plot (PNG) per benchmark.
 
-    .venv/bin/python benchmarks/report.py       (benchmarks/run_all runs every benchmark, then this)
+.venv/bin/python benchmarks/report.py       (benchmarks/run_all runs every benchmark, then this)
 """
 
 from __future__ import annotations

@@ -18,12 +18,13 @@ import time
 from pathlib import Path
 
 from edgefleet import EdgefleetError
-from edgefleet._fs import atomic_write
+from edgefleet._fs import atomic_write, fsync_dir
 from edgefleet._topics import ROOT, check_device_id
 
 __all__ = ["SERVER_USER", "Broker"]
 
 SERVER_USER = "edgefleet-server"
+_PASSWD_LOCK = threading.Lock()
 
 
 def _mosquitto() -> str:
@@ -43,6 +44,10 @@ class Broker:
         self.acl = self.dir / "acl"
         self.conf = self.dir / "mosquitto.conf"
         self.pidfile = self.dir / "mosquitto.pid"
+        self._reload_lock = threading.Lock()
+        self._reload_at = 0.0
+        self._reloader: threading.Thread | None = None
+        self._reload_done = threading.Event()
         secret = self.dir / "server.secret"
         if not secret.exists():
             atomic_write(secret, secrets.token_urlsafe(24).encode(), mode=0o600)
@@ -87,15 +92,59 @@ class Broker:
         )
         atomic_write(self.conf, text.encode())
 
-    def set_password(self, user: str, password: str) -> None:
-        if user != SERVER_USER:
-            check_device_id(user)
-        subprocess.run(["mosquitto_passwd", "-b", str(self.passwd), user, password], check=True, capture_output=True)
-        self.reload()
+    def set_password(self, user: str, password: str) -> threading.Event:
+        """Give USER this password; the returned event is set once the broker has been told to reload."""
+        return self.set_passwords({user: password})
 
-    def remove_user(self, user: str) -> None:
-        subprocess.run(["mosquitto_passwd", "-D", str(self.passwd), user], check=False, capture_output=True)
+    def set_passwords(self, users: dict[str, str]) -> threading.Event:
+        for user in users:
+            if user != SERVER_USER:
+                check_device_id(user)
+        return self._edit_passwd([["-b", u, pw] for u, pw in users.items()])
+
+    def remove_user(self, user: str) -> threading.Event:
+        return self._edit_passwd([["-D", user]], check=False)
+
+    def _edit_passwd(self, edits: list[list[str]], check: bool = True) -> threading.Event:
+        # mosquitto_passwd rewrites the file in place; a reload (SIGHUP) that reads it half-written drops,
+        # and disconnects, every device past that point. Edit a copy and rename it over the file instead.
+        with _PASSWD_LOCK:
+            tmp = self.passwd.with_name(self.passwd.name + ".tmp")
+            shutil.copyfile(self.passwd, tmp)
+            os.chmod(tmp, 0o600)
+            for args in edits:
+                subprocess.run(["mosquitto_passwd", args[0], str(tmp), *args[1:]], check=check, capture_output=True)
+            os.replace(tmp, self.passwd)
+            fsync_dir(self.dir)
+        return self.reload_soon()
+
+    def reload_soon(self, delay: float = 0.2) -> threading.Event:
+        """Reload once, DELAY after the last of a burst of changes; the event is set after that reload.
+
+        Mosquitto 2.0 stopped accepting new connections after hundreds of SIGHUPs in quick succession
+        while refused clients retried (registering 300 devices one by one), so bursts are coalesced."""
+        with self._reload_lock:
+            self._reload_at = time.monotonic() + delay
+            done = self._reload_done
+            if self._reloader is None or not self._reloader.is_alive():
+                self._reloader = threading.Thread(
+                    target=self._reload_later, name="edgefleet-broker-reload", daemon=True
+                )
+                self._reloader.start()
+        return done
+
+    def _reload_later(self) -> None:
+        while True:
+            with self._reload_lock:
+                wait = self._reload_at - time.monotonic()
+                if wait <= 0:
+                    done, self._reload_done = self._reload_done, threading.Event()
+                    self._reloader = None
+                    break
+            time.sleep(wait)
         self.reload()
+        time.sleep(0.1)  # SIGHUP is handled asynchronously; give the broker a moment to re-read
+        done.set()
 
     def reload(self) -> None:
         """Make a running broker re-read passwords and ACLs (SIGHUP)."""

@@ -266,12 +266,16 @@ def _rollout(args: argparse.Namespace) -> int:
 def _simulate(args: argparse.Namespace) -> int:
     from edgefleet import InputError
 
-    from ._simulate import Simulation, parse_drift, run
+    from ._simulate import PER_PROCESS, Simulation, parse_drift, run, run_sharded
 
     server = args.server or os.environ.get("EDGEFLEET_SERVER")
     token = args.token or os.environ.get("EDGEFLEET_TOKEN")
     if not server or not token:
         raise InputError("give --server URL and --token T (or EDGEFLEET_SERVER / EDGEFLEET_TOKEN)")
+    if args.devices < 1:
+        raise InputError("--devices must be at least 1")
+    if args.devices > PER_PROCESS:
+        return run_sharded(sys.argv[1:], args.devices, args.prefix, args.workdir)
     sim = Simulation(
         server=server,
         token=token,

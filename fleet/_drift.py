@@ -26,20 +26,29 @@ __all__ = ["DEFAULT_THRESHOLDS", "DriftMonitor", "cohort_report", "drift_report"
 DEFAULT_THRESHOLDS = {"psi": 0.25, "p_value": 1e-4, "min_samples": 200}
 
 
+def empty_merge() -> dict[str, Any]:
+    return {"calls": 0, "samples": 0, "summarised": 0, "inputs": {}, "outputs": {}}
+
+
+def accumulate(acc: dict[str, Any], w: dict[str, Any]) -> dict[str, Any]:
+    """Add window (or merged windows) W's counts into ACC, in place; returns ACC."""
+    acc["calls"] += int(w["calls"])
+    acc["samples"] += int(w["samples"])
+    acc["summarised"] += int(w.get("summarised", w["samples"]))
+    for group in ("inputs", "outputs"):
+        dst = acc[group]
+        for k, v in w[group].items():
+            a = np.asarray(v, dtype=np.int64)
+            dst[k] = dst[k] + a if k in dst and dst[k].shape == a.shape else a
+    return acc
+
+
 def merge_windows(bodies: list[dict[str, Any]]) -> dict[str, Any]:
     """Sum the counts of telemetry windows (same bundle, so the same bins)."""
-    inputs: dict[str, np.ndarray] = {}
-    outputs: dict[str, np.ndarray] = {}
-    calls = samples = summarised = 0
+    acc = empty_merge()
     for w in bodies:
-        calls += int(w["calls"])
-        samples += int(w["samples"])
-        summarised += int(w.get("summarised", w["samples"]))
-        for group, acc in ((w["inputs"], inputs), (w["outputs"], outputs)):
-            for k, v in group.items():
-                a = np.asarray(v, dtype=np.int64)
-                acc[k] = acc[k] + a if k in acc and acc[k].shape == a.shape else a
-    return {"calls": calls, "samples": samples, "summarised": summarised, "inputs": inputs, "outputs": outputs}
+        accumulate(acc, w)
+    return acc
 
 
 def _feature(
@@ -190,6 +199,9 @@ class DriftMonitor:
         self.th = {**DEFAULT_THRESHOLDS, **(thresholds or {})}
         self.last: dict[tuple[str, str, str], float] = {}
         self._baselines: dict[tuple[str, str], dict[str, Any] | None] = {}
+        self._buckets: dict[tuple[str, str, str], dict[int, dict[str, Any]]] = {}
+        self._seen: dict[str, float] = {}
+        self._since = 0.0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -217,32 +229,55 @@ class DriftMonitor:
                 self._baselines[(name, version)] = None
         return self._baselines[(name, version)]
 
+    def _ingest_new(self, now: float) -> None:
+        # Only windows received since the last check are read and added to per-interval buckets per
+        # (bundle, cohort): a check costs what arrived meanwhile, not the whole look-back window.
+        rows = self.db.query(
+            "SELECT key, device_id, bundle_name, bundle_version, start, body, received FROM windows "
+            "WHERE received >= ? AND start >= ?",
+            (self._since - 5.0, now - self.window_s),
+        )
+        tags = {d: json.loads(t) for d, t in self.db.query("SELECT id, tags FROM devices")}
+        newest = self._since
+        for key, dev, name, version, start, body, received in rows:
+            if key in self._seen:
+                continue
+            self._seen[key] = received
+            newest = max(newest, received)
+            w = json.loads(body)
+            slot = int(start // self.interval_s)
+            for cohort in ("*", *tags.get(dev, [])):
+                per = self._buckets.setdefault((name, version, cohort), {})
+                accumulate(per.setdefault(slot, empty_merge()), w)
+        self._since = newest
+        self._seen = {k: r for k, r in self._seen.items() if r >= self._since - 10.0}
+        oldest = int((now - self.window_s) // self.interval_s)
+        for key in list(self._buckets):
+            per = self._buckets[key]
+            for slot in [s for s in per if s < oldest]:
+                del per[slot]
+            if not per:
+                del self._buckets[key]
+
     def check(self, now: float | None = None) -> list[dict[str, Any]]:
         """One pass; returns the alerts open afterwards."""
         now = time.time() if now is None else now
-        tags = {d: json.loads(t) for d, t in self.db.query("SELECT id, tags FROM devices")}
-        per_bundle: dict[tuple[str, str], dict[str, list[dict[str, Any]]]] = {}
-        rows = self.db.query(
-            "SELECT device_id, bundle_name, bundle_version, body FROM windows WHERE start >= ?", (now - self.window_s,)
-        )
-        for dev, name, version, body in rows:
-            cohorts = per_bundle.setdefault((name, version), {})
-            w = json.loads(body)
-            for c in ("*", *tags.get(dev, [])):
-                cohorts.setdefault(c, []).append(w)
+        self._ingest_new(now)
         seen: dict[tuple[str, str, str, str], dict[str, Any]] = {}
         last: dict[tuple[str, str, str], float] = {}
-        for (name, version), cohorts in per_bundle.items():
+        for (name, version, cohort), per in self._buckets.items():
             baseline = self._baseline(name, version)
             if baseline is None:
                 continue
-            for cohort, bodies in cohorts.items():
-                stats = feature_stats(baseline, merge_windows(bodies), self.th)
-                for feature, st in stats.items():
-                    if st["psi"] is not None:
-                        last[(f"{name}:{version}", cohort, feature)] = st["psi"]
-                    if st["drifted"] and st["samples"] >= self.th["min_samples"]:
-                        seen[(name, version, cohort, feature)] = st
+            merged = empty_merge()
+            for part in per.values():
+                accumulate(merged, part)
+            stats = feature_stats(baseline, merged, self.th)
+            for feature, st in stats.items():
+                if st["psi"] is not None:
+                    last[(f"{name}:{version}", cohort, feature)] = st["psi"]
+                if st["drifted"] and st["samples"] >= self.th["min_samples"]:
+                    seen[(name, version, cohort, feature)] = st
         self.last = last
         with self.db.transaction() as cur:
             cur.execute("SELECT id, bundle_name, bundle_version, cohort, feature FROM alerts WHERE state = 'open'")

@@ -48,12 +48,24 @@ def create_app(server: FleetServer) -> Any:
         return [{**d, "bundle_version": d["bundle_version"]} for d in server.devices()]
 
     @app.post("/api/devices", dependencies=[Depends(operator)])
-    def register(body: dict[str, Any]) -> dict[str, Any]:
-        """Provision a device (`{"id": ..., "tags": [...]}`): returns its broker credentials and the trusted keys."""
-        tags = body.get("tags", [])
-        if not isinstance(tags, list):
-            raise InputError("tags must be a list of strings")
-        return server.register(str(body.get("id", "")), [str(t) for t in tags])
+    def register(body: dict[str, Any]) -> Any:
+        """Provision a device (`{"id": ..., "tags": [...]}`): returns its broker credentials and the trusted keys.
+
+        `{"devices": [{"id": ..., "tags": [...]}, ...]}` provisions many at once and returns a list."""
+
+        def one(item: Any) -> tuple[str, list[str]]:
+            if not isinstance(item, dict):
+                raise InputError('each device must be an object {"id": ..., "tags": [...]}')
+            tags = item.get("tags", [])
+            if not isinstance(tags, list):
+                raise InputError("tags must be a list of strings")
+            return str(item.get("id", "")), [str(t) for t in tags]
+
+        if "devices" in body:
+            if not isinstance(body["devices"], list) or not body["devices"]:
+                raise InputError('"devices" must be a non-empty list')
+            return server.register_many([one(x) for x in body["devices"]])
+        return server.register(*one(body))
 
     @app.put("/api/bundles", dependencies=[Depends(operator)])
     async def publish(request: Request) -> dict[str, Any]:

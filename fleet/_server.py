@@ -78,17 +78,26 @@ def check_tags(tags: list[str]) -> list[str]:
     return sorted(set(tags))
 
 
+def register_devices(db: Database, broker: Broker, devices: list[tuple[str, list[str]]]) -> dict[str, str]:
+    """Create or re-key devices (id, tags): fresh broker passwords (returned) and tags in the registry.
+
+    Returns once the broker has reloaded its password file, so the credentials work right away."""
+    checked = [(check_device_id(d), check_tags(tags)) for d, tags in devices]
+    passwords = {d: secrets.token_urlsafe(24) for d, _ in checked}
+    reloaded = broker.set_passwords(passwords)
+    with db.transaction() as cur:
+        for d, tags in checked:
+            cur.execute(
+                "INSERT INTO devices (id, tags, created) VALUES (?, ?, ?) ON CONFLICT (id) DO UPDATE SET tags = ?",
+                (d, json.dumps(tags), time.time(), json.dumps(tags)),
+            )
+    reloaded.wait(10)
+    return passwords
+
+
 def register_device(db: Database, broker: Broker, device_id: str, tags: list[str]) -> str:
-    """Create or re-key DEVICE_ID: a fresh broker password (returned) and its tags in the registry."""
-    check_device_id(device_id)
-    tags = check_tags(tags)
-    password = secrets.token_urlsafe(24)
-    broker.set_password(device_id, password)
-    db.execute(
-        "INSERT INTO devices (id, tags, created) VALUES (?, ?, ?) ON CONFLICT (id) DO UPDATE SET tags = ?",
-        (device_id, json.dumps(tags), time.time(), json.dumps(tags)),
-    )
-    return password
+    """Create or re-key DEVICE_ID (see `register_devices`); returns its broker password."""
+    return register_devices(db, broker, [(device_id, tags)])[device_id]
 
 
 def device_toml(device_id: str, password: str, tags: list[str], key_names: list[str], host: str, port: int) -> str:
@@ -244,19 +253,27 @@ class FleetServer:
 
     def register(self, device_id: str, tags: list[str]) -> dict[str, Any]:
         """Provision through the API: credentials and everything a device.toml needs."""
+        return self.register_many([(device_id, tags)])[0]
+
+    def register_many(self, devices: list[tuple[str, list[str]]]) -> list[dict[str, Any]]:
+        """`register` for many devices at once (one broker reload)."""
         assert self.broker is not None
-        password = register_device(self.db, self.broker, device_id, tags)
-        return {
-            "device_id": device_id,
-            "tags": check_tags(tags),
-            "mqtt": {
-                "host": self.config.public_host,
-                "port": self.config.mqtt_port,
-                "username": device_id,
-                "password": password,
-            },
-            "trusted_keys": {Path(k).name: Path(k).read_text() for k in self.trusted},
-        }
+        passwords = register_devices(self.db, self.broker, devices)
+        keys = {Path(k).name: Path(k).read_text() for k in self.trusted}
+        return [
+            {
+                "device_id": d,
+                "tags": check_tags(tags),
+                "mqtt": {
+                    "host": self.config.public_host,
+                    "port": self.config.mqtt_port,
+                    "username": d,
+                    "password": passwords[d],
+                },
+                "trusted_keys": keys,
+            }
+            for d, tags in devices
+        ]
 
     def devices(self) -> list[dict[str, Any]]:
         rows = self.db.query(

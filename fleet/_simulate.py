@@ -19,7 +19,7 @@ import numpy as np
 
 from edgefleet import InputError
 
-__all__ = ["Simulation", "StandinSession", "parse_drift", "standin_factory"]
+__all__ = ["PER_PROCESS", "Simulation", "StandinSession", "parse_drift", "run_sharded", "standin_factory"]
 
 log = logging.getLogger("edgefleet.fleet.simulate")
 
@@ -38,8 +38,9 @@ def parse_drift(specs: list[str]) -> dict[str, float]:
 
 class StandinSession:
     """A fast stand-in predictor for large simulated fleets: answers with the bundle's own golden
-    outputs (all of them for the golden batch, so the smoke test passes; one row chosen by the input's
-    bytes otherwise) after LATENCY_MS. The bundle around it is verified and handled for real."""
+    outputs (a golden input gets its own expected output, so the smoke test passes and two versions
+    answer the same traffic as their real models would; any other input gets a row chosen by its
+    bytes) after LATENCY_MS. The bundle around it is verified and handled for real."""
 
     backend = "standin"
     backend_version = "1"
@@ -54,6 +55,11 @@ class StandinSession:
         expected = bundle.load_array(entry.golden_outputs).astype(np.float32)
         spec = entry.outputs[0]
         self._rows = quantize(expected, spec) if spec.scale is not None else expected.astype(spec.dtype)
+        # The golden inputs as the session receives them: those are answered with their own outputs.
+        gx = bundle.golden_inputs().astype(np.float32)
+        sin = entry.inputs[0]
+        gq = quantize(gx, sin) if sin.scale is not None else gx.astype(sin.dtype)
+        self._index = {gq[i].tobytes(): i for i in range(len(gq))}
 
     def run(self, inputs: list[np.ndarray]) -> list[np.ndarray]:
         if self.latency_s:
@@ -61,7 +67,7 @@ class StandinSession:
         x = inputs[0]
         if len(x) == len(self._rows):
             return [self._rows.copy()]
-        idx = [hash(row.tobytes()) % len(self._rows) for row in x]
+        idx = [self._index.get(row.tobytes(), hash(row.tobytes()) % len(self._rows)) for row in x]
         return [self._rows[idx]]
 
     def close(self) -> None:
@@ -107,6 +113,11 @@ class Simulation:
 
         if not 0 <= self.fail_rate < 1:
             raise InputError("--fail-rate must be in [0, 1)")
+        if self.devices > PER_PROCESS:
+            raise InputError(
+                f"{self.devices} devices in one process is more than {PER_PROCESS}: "
+                "use 'edgefleet fleet simulate', which splits larger fleets over processes"
+            )
         self.dir = Path(self.workdir or tempfile.mkdtemp(prefix="edgefleet-sim-"))
         self.dir.mkdir(parents=True, exist_ok=True)
         initial = None
@@ -117,10 +128,26 @@ class Simulation:
                 urllib.request.urlretrieve(f"{self.server.rstrip('/')}/bundles/{name}/{version}.efb", initial)
         self.agents: list[Any] = []
         self.cohort_of: dict[str, str] = {}
-        for i in range(self.devices):
-            dev = f"{self.prefix}-{i:04d}"
+        wanted = [
+            {"id": f"{self.prefix}-{i:04d}", "tags": [*self.tags, f"cohort-{i % self.cohorts}"]}
+            for i in range(self.devices)
+        ]
+        # One call per 200 devices: each is one broker reload, and the credentials work when it returns.
+        regs = [
+            r
+            for k in range(0, len(wanted), 200)
+            for r in self._api("POST", "/api/devices", {"devices": wanted[k : k + 200]})
+        ]
+        health: dict[str, Any] = {"window_s": 3.0, "min_calls": 10, "probe_interval_s": 0.1}
+        if self.standin:
+            # The stand-in takes no time: latency differences are scheduling noise among the devices
+            # sharing this process, so only a gross slowdown counts (every other health check applies).
+            health["p95_slack_ms"] = 50.0
+            # Hundreds of devices update at once on a few cores: probe less often over a longer window.
+            health.update(window_s=5.0, probe_interval_s=0.2)
+        for i, reg in enumerate(regs):
+            dev = reg["device_id"]
             cohort = f"cohort-{i % self.cohorts}"
-            reg = self._api("POST", "/api/devices", {"id": dev, "tags": [*self.tags, cohort]})
             keys = []
             for kname, pem in reg["trusted_keys"].items():
                 p = self.dir / kname
@@ -132,8 +159,8 @@ class Simulation:
                 data_dir=self.dir / dev,
                 trusted_keys=keys,
                 mqtt=MqttConfig(host=m["host"], port=int(m["port"]), username=m["username"], password=m["password"]),
-                health=HealthPolicy(**{"window_s": 3.0, "min_calls": 10, "probe_interval_s": 0.1, **self.health}),
-                window_s=2.0,
+                health=HealthPolicy(**{**health, **self.health}),
+                window_s=5.0 if self.standin else 2.0,
                 # One thread per session: dozens of devices share this process's cores.
                 threads=1,
                 initial_bundle=initial,
@@ -199,3 +226,56 @@ def run(sim: Simulation, duration: float | None) -> None:
         pass
     finally:
         sim.stop()
+
+
+# paho waits on its sockets with select(), which cannot watch descriptors above 1024; each agent holds
+# about six (MQTT socket and wake-up pair, SQLite database, WAL and shared memory), so one process
+# runs at most this many devices and larger fleets are split over processes.
+PER_PROCESS = 100
+
+
+def run_sharded(argv: list[str], devices: int, prefix: str, workdir: str | None) -> int:
+    """Run `edgefleet fleet simulate` ARGV as several processes of at most PER_PROCESS devices each
+    (device ids PREFIX<k>-NNNN); Ctrl-C or SIGTERM stops them all."""
+    import signal
+    import subprocess
+    import sys
+
+    shards = -(-devices // PER_PROCESS)
+    base = Path(workdir or tempfile.mkdtemp(prefix="edgefleet-sim-"))
+    rest = _without(argv, ("--devices", "--prefix", "--workdir"))
+    procs = []
+    for k in range(shards):
+        n = devices // shards + (1 if k < devices % shards else 0)
+        cmd = [sys.executable, "-m", "edgefleet", *rest, "--devices", str(n), "--prefix", f"{prefix}{k}"]
+        cmd += ["--workdir", str(base / f"shard-{k}")]
+        procs.append(subprocess.Popen(cmd))
+    print(f"simulating {devices} devices in {shards} processes under {base}; Ctrl-C stops", flush=True)
+
+    def stop(*_: Any) -> None:
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGINT)
+
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        codes = [p.wait() for p in procs]
+    except KeyboardInterrupt:
+        stop()
+        codes = [p.wait() for p in procs]
+    return max(codes)
+
+
+def _without(argv: list[str], options: tuple[str, ...]) -> list[str]:
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        if a in options:
+            skip = True
+            continue
+        if a.split("=", 1)[0] in options:
+            continue
+        out.append(a)
+    return out
