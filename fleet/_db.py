@@ -1,7 +1,8 @@
 """Storage for the fleet server: SQLite by default, PostgreSQL for scale-out, one SQL dialect.
 
 Statements are written with `?` placeholders and the portable subset both engines share
-(`INSERT ... ON CONFLICT DO NOTHING`, `REAL`, `INTEGER`, `TEXT`).
+(`INSERT ... ON CONFLICT DO NOTHING`, `FLOAT8`, `INTEGER`, `TEXT`). Floats are `FLOAT8`: PostgreSQL's
+`REAL` is 4 bytes, which rounds Unix times to minutes and p-values below 1e-38 to an error.
 """
 
 from __future__ import annotations
@@ -20,27 +21,27 @@ __all__ = ["Database", "open_database"]
 
 SCHEMA = [
     """CREATE TABLE IF NOT EXISTS devices (
-        id TEXT PRIMARY KEY, tags TEXT NOT NULL DEFAULT '[]', created REAL NOT NULL,
-        last_seen REAL, online INTEGER NOT NULL DEFAULT 0, state TEXT,
+        id TEXT PRIMARY KEY, tags TEXT NOT NULL DEFAULT '[]', created FLOAT8 NOT NULL,
+        last_seen FLOAT8, online INTEGER NOT NULL DEFAULT 0, state TEXT,
         bundle_name TEXT, bundle_version TEXT, staged_version TEXT, accelerator TEXT, agent_version TEXT,
         update_state TEXT)""",
     """CREATE TABLE IF NOT EXISTS bundles (
         name TEXT NOT NULL, version TEXT NOT NULL, sha256 TEXT NOT NULL, size INTEGER NOT NULL,
-        path TEXT NOT NULL, manifest TEXT NOT NULL, created REAL NOT NULL, PRIMARY KEY (name, version))""",
+        path TEXT NOT NULL, manifest TEXT NOT NULL, created FLOAT8 NOT NULL, PRIMARY KEY (name, version))""",
     """CREATE TABLE IF NOT EXISTS windows (
         key TEXT PRIMARY KEY, device_id TEXT NOT NULL, bundle_name TEXT NOT NULL, bundle_version TEXT NOT NULL,
-        start REAL NOT NULL, calls INTEGER NOT NULL, samples INTEGER NOT NULL, errors INTEGER NOT NULL,
-        nan_outputs INTEGER NOT NULL, body TEXT NOT NULL, received REAL NOT NULL)""",
+        start FLOAT8 NOT NULL, calls INTEGER NOT NULL, samples INTEGER NOT NULL, errors INTEGER NOT NULL,
+        nan_outputs INTEGER NOT NULL, body TEXT NOT NULL, received FLOAT8 NOT NULL)""",
     "CREATE INDEX IF NOT EXISTS windows_bundle ON windows (bundle_name, bundle_version, start)",
     """CREATE TABLE IF NOT EXISTS events (
-        key TEXT PRIMARY KEY, device_id TEXT NOT NULL, type TEXT NOT NULL, ts REAL NOT NULL, body TEXT NOT NULL)""",
+        key TEXT PRIMARY KEY, device_id TEXT NOT NULL, type TEXT NOT NULL, ts FLOAT8 NOT NULL, body TEXT NOT NULL)""",
     "CREATE INDEX IF NOT EXISTS events_device ON events (device_id, ts)",
     """CREATE TABLE IF NOT EXISTS alerts (
         id TEXT PRIMARY KEY, bundle_name TEXT NOT NULL, bundle_version TEXT NOT NULL, cohort TEXT NOT NULL,
-        feature TEXT NOT NULL, state TEXT NOT NULL, opened REAL NOT NULL, closed REAL, updated REAL NOT NULL,
-        psi REAL, p_value REAL, samples INTEGER NOT NULL, detail TEXT NOT NULL)""",
+        feature TEXT NOT NULL, state TEXT NOT NULL, opened FLOAT8 NOT NULL, closed FLOAT8, updated FLOAT8 NOT NULL,
+        psi FLOAT8, p_value FLOAT8, samples INTEGER NOT NULL, detail TEXT NOT NULL)""",
     "CREATE INDEX IF NOT EXISTS alerts_state ON alerts (state, opened)",
-    """CREATE TABLE IF NOT EXISTS tokens (sha256 TEXT PRIMARY KEY, name TEXT NOT NULL, created REAL NOT NULL)""",
+    """CREATE TABLE IF NOT EXISTS tokens (sha256 TEXT PRIMARY KEY, name TEXT NOT NULL, created FLOAT8 NOT NULL)""",
     """CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL)""",
 ]
 

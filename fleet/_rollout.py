@@ -61,9 +61,9 @@ SCHEMA = [
     """CREATE TABLE IF NOT EXISTS rollouts (
         id TEXT PRIMARY KEY, bundle_name TEXT NOT NULL, bundle_version TEXT NOT NULL, selector TEXT NOT NULL,
         stages TEXT NOT NULL, gates TEXT NOT NULL, state TEXT NOT NULL, stage INTEGER NOT NULL,
-        stage_started REAL NOT NULL, created REAL NOT NULL, updated REAL NOT NULL, detail TEXT NOT NULL)""",
+        stage_started FLOAT8 NOT NULL, created FLOAT8 NOT NULL, updated FLOAT8 NOT NULL, detail TEXT NOT NULL)""",
     """CREATE TABLE IF NOT EXISTS rollout_devices (
-        rollout_id TEXT NOT NULL, device_id TEXT NOT NULL, stage INTEGER NOT NULL, assigned REAL NOT NULL,
+        rollout_id TEXT NOT NULL, device_id TEXT NOT NULL, stage INTEGER NOT NULL, assigned FLOAT8 NOT NULL,
         previous_version TEXT, status TEXT NOT NULL, PRIMARY KEY (rollout_id, device_id))""",
 ]
 

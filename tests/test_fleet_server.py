@@ -4,6 +4,7 @@ SQLite, API tokens, bundle publishing and Range downloads, provisioning, per-dev
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -55,6 +56,7 @@ class Server:
                 "--trusted-key",
                 str(self.publisher[2]),
                 *(["--db", self.db_url] if self.db_url else []),
+                *("--drift-interval", "2", "--drift-window", "300"),
             ],
             stdout=self.log,
             stderr=self.log,
@@ -68,6 +70,11 @@ class Server:
             except (urllib.error.URLError, OSError):
                 time.sleep(0.2)
         raise AssertionError((self.data.parent / "server.log").read_text()[-3000:])
+
+    @property
+    def data_args(self) -> list[str]:
+        """What local commands (provision) need to reach this server's storage."""
+        return ["--data-dir", str(self.data), *(["--db", self.db_url] if self.db_url else [])]
 
     def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
         return run_cli("fleet", *args, "--server", self.url, "--token", self.token)
@@ -91,9 +98,21 @@ class Server:
             self.proc.wait()
 
 
-@pytest.fixture()
-def server(tmp_path: Path, publisher):
-    s = Server(tmp_path / "fleet", publisher)
+@pytest.fixture(params=["sqlite", "postgresql"])
+def server(request, tmp_path: Path, publisher):
+    """The server on its default SQLite, and on a real PostgreSQL (a fresh database per test)."""
+    db_url = None
+    if request.param == "postgresql":
+        import uuid
+
+        import psycopg
+
+        base = request.getfixturevalue("postgres_url")
+        name = "f" + uuid.uuid4().hex[:10]
+        with psycopg.connect(base, autocommit=True) as c:
+            c.execute(f"CREATE DATABASE {name}")
+        db_url = base.rsplit("/", 1)[0] + "/" + name
+    s = Server(tmp_path / "fleet", publisher, db_url=db_url)
     yield s
     s.stop()
 
@@ -135,8 +154,7 @@ def test_publish_provision_update_and_registry(tmp_path: Path, server: Server, m
         "dev-1",
         "--tags",
         "eu,cam",
-        "--data-dir",
-        str(server.data),
+        *server.data_args,
         "--out",
         str(cfg),
         "--mqtt-port",
@@ -217,8 +235,7 @@ def test_acl_keeps_devices_in_their_own_prefix_and_ingest_counts_once(
                 "fleet",
                 "provision",
                 dev,
-                "--data-dir",
-                str(server.data),
+                *server.data_args,
                 "--out",
                 str(out),
                 "--mqtt-port",
@@ -261,8 +278,26 @@ def test_acl_keeps_devices_in_their_own_prefix_and_ingest_counts_once(
     _wait(lambda: _metric(server, 'edgefleet_ingest_messages_total{outcome="rejected"}') >= 2, 20, "rejections")
     _wait(lambda: _metric(server, 'edgefleet_ingest_messages_total{outcome="duplicates"}') >= 2, 20, "dedupe")
     assert _metric(server, 'edgefleet_ingest_messages_total{outcome="stored"}') == 1
+    # an oversized window (over the 256 KiB ingest limit) is rejected, counted, and nothing else breaks
+    big = {**own, "key": "dev-a:2:big", "inputs": {"feature_0": [1] * 150_000}}
+    assert len(json.dumps(big)) > 256 * 1024
+    c.publish(topic("dev-a", "telemetry"), json.dumps(big), qos=1).wait_for_publish(5)
+    _wait(lambda: _metric(server, 'edgefleet_ingest_messages_total{outcome="rejected"}') >= 3, 20, "oversize")
     c.loop_stop()
     c.disconnect()
+    # credentials the broker knows but the registry does not (added by hand): flagged, never stored
+    mq = server.data / "mosquitto"
+    subprocess.run(["mosquitto_passwd", "-b", str(mq / "passwd"), "ghost", "pw"], check=True)
+    os.kill(int((mq / "mosquitto.pid").read_text()), signal.SIGHUP)
+    time.sleep(0.5)
+    g, got = _client(server.mqtt, "ghost", "pw")
+    assert not got["connected"].is_failure
+    g.publish(topic("ghost", "telemetry"), json.dumps(_window("ghost", "ghost:1")), qos=1).wait_for_publish(5)
+    _wait(lambda: _metric(server, 'edgefleet_ingest_messages_total{outcome="unknown_device"}') >= 1, 20, "unknown")
+    g.loop_stop()
+    g.disconnect()
+    assert "ghost" not in [d["id"] for d in json.loads(server.cli("devices", "--json").stdout)]
+    assert _metric(server, 'edgefleet_ingest_messages_total{outcome="stored"}') == 1
     assert server.proc.poll() is None
 
 
@@ -304,8 +339,7 @@ def test_fleet_drift_flags_the_shifted_cohort(tmp_path: Path, server: Server, ml
             dev,
             "--tags",
             tag,
-            "--data-dir",
-            str(server.data),
+            *server.data_args,
             "--out",
             str(out),
             "--mqtt-port",
@@ -356,8 +390,7 @@ def test_canary_rollouts_complete_and_roll_back_by_themselves(
             dev,
             "--tags",
             "canary",
-            "--data-dir",
-            str(server.data),
+            *server.data_args,
             "--out",
             str(cfg),
             "--mqtt-port",
@@ -506,6 +539,20 @@ def test_simulated_fleet_drift_and_rollout(tmp_path: Path, server: Server, mlp_b
 
         _wait(lambda: drift("cohort-1")["brightness"]["samples"] >= 100, 60, "telemetry from the shifted cohort")
         assert drift("cohort-1")["brightness"]["drifted"] and not drift("cohort-0")["brightness"]["drifted"]
+        r = server.cli("drift", "--bundle", "mlp:1.0.0", "--tag", "cohort-1", "--against", "cohort-0", "--json")
+        assert r.returncode == 0, r.stderr
+        vs = json.loads(r.stdout)["cohorts"]
+        assert vs["a"] == "cohort-1" and vs["features"]["brightness"]["drifted"]
+        assert vs["features"]["output:predicted_class"]["psi"] is not None
+        # the drift monitor turns it into alerts (stored, listed, exported as metrics)
+        _wait(
+            lambda: any(a["cohort"] == "cohort-1" for a in json.loads(server.cli("alerts", "--json").stdout)),
+            60,
+            "alert",
+        )
+        alerts = json.loads(server.cli("alerts", "--json").stdout)
+        assert not any(a["cohort"] == "cohort-0" and a["feature"] == "brightness" for a in alerts)
+        assert _metric(server, "edgefleet_drift_alerts_open") >= 1
         r = server.cli(
             "rollout",
             "create",
@@ -524,10 +571,12 @@ def test_simulated_fleet_drift_and_rollout(tmp_path: Path, server: Server, mlp_b
         assert r.returncode == 0, r.stderr
         rid = json.loads(r.stdout)["id"]
         _wait(
-            lambda: json.loads(server.cli("rollout", "status", rid, "--json").stdout)["state"] == "completed",
-            120,
-            "rollout over the simulated fleet completed",
+            lambda: json.loads(server.cli("rollout", "status", rid, "--json").stdout)["state"] != "running",
+            180,
+            "rollout over the simulated fleet to end",
         )
+        st = json.loads(server.cli("rollout", "status", rid, "--json").stdout)
+        assert st["state"] == "completed", json.dumps([st["history"], [x["gates"] for x in st["stages"]]])
         assert {d["bundle_version"] for d in devices()} == {"2.0.0"}
     finally:
         sim.send_signal(signal.SIGINT)
@@ -548,8 +597,7 @@ def test_a_restarted_server_carries_on_with_its_rollout(tmp_path: Path, server: 
                 dev,
                 "--tags",
                 "rs",
-                "--data-dir",
-                str(server.data),
+                *server.data_args,
                 "--out",
                 str(cfg),
                 "--mqtt-port",

@@ -1,0 +1,127 @@
+"""Drift alerts as the fleet server keeps them: opened per bundle x cohort x feature when a cohort's
+telemetry drifts from the bundle's baseline, updated while it lasts, closed when it no longer shows,
+stored in the database (SQLite and a real PostgreSQL), and cohort against cohort."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from edgefleet import open_bundle
+from edgefleet._drift import window_counts
+from edgefleet.fleet._db import Database
+from edgefleet.fleet._drift import DriftMonitor, cohort_report, drift_report, list_alerts
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db(request, tmp_path, postgres_url) -> Database:
+    if request.param == "sqlite":
+        return Database(f"sqlite:///{tmp_path / 'fleet.db'}")
+    # a fresh schema per test on the shared server
+    import psycopg
+
+    name = "t" + uuid.uuid4().hex[:10]
+    with psycopg.connect(postgres_url, autocommit=True) as c:
+        c.execute(f"CREATE DATABASE {name}")
+    return Database(postgres_url.rsplit("/", 1)[0] + "/" + name)
+
+
+def _windows(bundle, x: np.ndarray, device: str, start: float, n: int = 4) -> list[dict]:
+    entry = bundle.manifest.models[0]
+    sess = ort.InferenceSession(bundle.read(entry.path))
+    out = []
+    for i, part in enumerate(np.array_split(x, n)):
+        feed = part.astype(np.float32)
+        inp = sess.get_inputs()[0]
+        if "int8" in inp.type:
+            continue
+        y = sess.run(None, {inp.name: feed})[0]
+        c = window_counts(feed, y, bundle.manifest.drift_baseline)
+        out.append(
+            {
+                "key": f"{device}:{start}:{i}",
+                "device_id": device,
+                "start": start + i,
+                "calls": len(part),
+                "samples": len(part),
+                "summarised": len(part),
+                "inputs": c["inputs"],
+                "outputs": {"predicted_class": c["predicted_class"], "confidence": c["confidence"]},
+            }
+        )
+    return out
+
+
+def _store(db: Database, bundle, windows: list[dict]) -> None:
+    m = bundle.manifest
+    with db.transaction() as cur:
+        for w in windows:
+            cur.execute(
+                "INSERT INTO windows (key, device_id, bundle_name, bundle_version, start, calls, samples, errors, "
+                "nan_outputs, body, received) VALUES (?, ?, ?, ?, ?, ?, ?, 0, 0, ?, ?)",
+                (
+                    w["key"],
+                    w["device_id"],
+                    m.name,
+                    m.version,
+                    w["start"],
+                    w["calls"],
+                    w["samples"],
+                    json.dumps(w),
+                    time.time(),
+                ),
+            )
+
+
+def test_alerts_open_for_the_drifting_cohort_and_close_when_it_ends(db: Database, mlp_bundles: dict, digits) -> None:
+    bundle = open_bundle(mlp_bundles["3.0.0"])  # fp32 I/O: windows computed with a real session
+    m = bundle.manifest
+    db.execute(
+        "INSERT INTO bundles (name, version, sha256, size, path, manifest, created) VALUES (?, ?, ?, ?, ?, ?, ?)",
+        (m.name, m.version, "x", 1, "x", m.canonical_bytes().decode(), time.time()),
+    )
+    for dev, tags in (("d0", ["site-a"]), ("d1", ["site-a"]), ("d2", ["site-b"]), ("d3", ["site-b"])):
+        db.execute("INSERT INTO devices (id, tags, created) VALUES (?, ?, ?)", (dev, json.dumps(tags), time.time()))
+    x = digits["eval"][0]
+    now = time.time()
+    windows = []
+    for dev in ("d0", "d1"):
+        windows += _windows(bundle, x, dev, now - 60)  # as the baseline saw it
+    for dev in ("d2", "d3"):
+        windows += _windows(bundle, x + np.float32(0.3), dev, now - 60)  # a brighter camera
+    _store(db, bundle, windows)
+
+    mon = DriftMonitor(db, interval_s=10, window_s=300)
+    mon.check(now)
+    alerts = list_alerts(db, "open")
+    by_cohort = {(a["cohort"], a["feature"]) for a in alerts}
+    assert ("site-b", "brightness") in by_cohort
+    assert not any(c == "site-a" and f == "brightness" for c, f in by_cohort)
+    assert all(a["samples"] >= 200 for a in alerts)
+    first = {a["id"] for a in alerts}
+    # a second check sees the same drift: the same alerts, updated, not new ones
+    mon.check(now + 1)
+    assert {a["id"] for a in list_alerts(db, "open")} == first
+    assert mon.last[(f"{m.name}:{m.version}", "site-b", "brightness")] > 0.25
+    # the report agrees, per cohort and cohort against cohort
+    rep = drift_report(db, m.name, m.version, devices=["d2", "d3"])
+    assert "brightness" in rep["drifted"]
+    vs = cohort_report(db, m.name, m.version, ["d2", "d3"], ["d0", "d1"])
+    assert vs["features"]["brightness"]["drifted"] and vs["features"]["brightness"]["psi"] > 0.25
+    same = cohort_report(db, m.name, m.version, ["d0"], ["d1"])
+    assert not same["features"]["brightness"]["drifted"]
+    # the look-back window passes with nothing new: every alert closes
+    mon.check(now + 400)
+    assert list_alerts(db, "open") == []
+    closed = list_alerts(db, "closed")
+    assert {a["id"] for a in closed} == first and all(a["closed"] for a in closed)
+    # a restarted server's monitor starts from the stored windows and alerts: nothing reopens
+    assert DriftMonitor(db, interval_s=10, window_s=300).check(now + 400) == []
+    assert len(list_alerts(db, "all")) == len(first)
