@@ -448,8 +448,8 @@ def scenario(args: argparse.Namespace) -> int:
         story.say(s, f"dashboard: {server.url}/  token: {server.token}")
         story.say(
             s,
-            f"try: EDGEFLEET_SERVER={server.url} EDGEFLEET_TOKEN={server.token} "
-            "edgefleet fleet devices | edgefleet fleet rollout list | edgefleet fleet drift --bundle digits:1.0.0",
+            f"try (with --keep-running): export EDGEFLEET_SERVER={server.url} EDGEFLEET_TOKEN={server.token}; "
+            "edgefleet fleet devices; edgefleet fleet rollout list; edgefleet fleet alerts --state all",
         )
         if args.keep_running:
             print(f"\neverything stays up for browsing at {server.url}/ - Ctrl-C stops it all", flush=True)
