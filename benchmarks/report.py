@@ -25,6 +25,12 @@ def _plt() -> Any:
     return plt
 
 
+def _save(plt: Any, fig: Any, png: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(png, dpi=90)
+    plt.close(fig)
+
+
 def plot_compression(d: dict[str, Any], png: Path) -> None:
     plt = _plt()
     examples = list(d["examples"].items())
@@ -52,9 +58,7 @@ def plot_compression(d: dict[str, Any], png: Path) -> None:
         lo = min(q for q in qual if q) if any(qual) else 0
         axes[row][2].set_xlim(max(0.0, lo - 0.05), 1.0)
     fig.suptitle(f"Compression (grey: fp32, orange: ONNX Runtime's own quantizer)  -  {d['machine']}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(png, dpi=90)
-    plt.close(fig)
+    _save(plt, fig, png)
 
 
 def plot_runtime(d: dict[str, Any], png: Path) -> None:
@@ -71,9 +75,7 @@ def plot_runtime(d: dict[str, Any], png: Path) -> None:
         for i, v in enumerate(vals):
             ax.text(i, v, f"{v:.1f}", ha="center", va="bottom", fontsize=8)
     fig.suptitle(f"Runtime overhead against the bare backend  -  {d['machine']}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(png, dpi=90)
-    plt.close(fig)
+    _save(plt, fig, png)
 
 
 def plot_ingest(d: dict[str, Any], png: Path) -> None:
@@ -88,9 +90,7 @@ def plot_ingest(d: dict[str, Any], png: Path) -> None:
         ax.text(i, v, f"{v:,.0f}/s", ha="center", va="bottom", fontsize=8)
     ax.set_ylabel("telemetry windows per second")
     ax.set_title(f"Fleet ingest against Mosquitto's own delivery rate\n{d['machine']}", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(png, dpi=90)
-    plt.close(fig)
+    _save(plt, fig, png)
 
 
 def plot_rollout(d: dict[str, Any], png: Path) -> None:
@@ -111,9 +111,7 @@ def plot_rollout(d: dict[str, Any], png: Path) -> None:
         f"{d['machine']['cpus']} CPUs",
         fontsize=8,
     )
-    fig.tight_layout()
-    fig.savefig(png, dpi=90)
-    plt.close(fig)
+    _save(plt, fig, png)
 
 
 PLOTS = {
