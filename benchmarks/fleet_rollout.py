@@ -30,10 +30,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from edgefleet import generate_keypair  # noqa: E402
-from edgefleet.converters import BuildConfig, Dataset, Quantize, build  # noqa: E402
 from examples.demo import Api, FleetProcess, _free_port, _wait  # noqa: E402
 from examples.digits.data import load_splits  # noqa: E402
-from examples.digits.mlp import make_mlp_onnx  # noqa: E402
+from examples.digits.mlp import build_mlp_bundle  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 TARGET_S = 60.0
@@ -42,20 +41,7 @@ TARGET_S = 60.0
 def bundles(tmp: Path) -> tuple[Path, dict[str, Path]]:
     key = generate_keypair(tmp / "release.key")
     digits = load_splits()
-    out = {}
-    for version, seed in (("1.0.0", 0), ("2.0.0", 1)):
-        src = make_mlp_onnx(tmp / f"mlp-{version}.onnx", digits, seed=seed)
-        cfg = BuildConfig(name="mlp", version=version, formats=["onnx"], layout="NCHW", quantize=Quantize("int8"))
-        out[version] = tmp / f"mlp-{version}.efb"
-        build(
-            src,
-            out[version],
-            cfg,
-            calibration=Dataset(*digits["calib"], name="calib"),
-            evaluation=Dataset(*digits["eval"], name="eval"),
-            signing_key=key,
-            progress=lambda msg: None,
-        )
+    out = {v: build_mlp_bundle(tmp / f"mlp-{v}.efb", digits, v, key, seed) for v, seed in (("1.0.0", 0), ("2.0.0", 1))}
     return tmp / "release.key.pub", out
 
 

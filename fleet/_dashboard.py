@@ -159,12 +159,9 @@ def mount_dashboard(app: FastAPI, server: FleetServer) -> None:
         d = next((x for x in server.devices() if x["id"] == device_id), None)
         if d is None:
             return HTMLResponse(f"no device {html.escape(device_id)}", status_code=404)
-        evs = server.db.query(
-            "SELECT ts, type, body FROM events WHERE device_id = ? ORDER BY ts DESC LIMIT 50", (device_id,)
-        )
         events = []
-        for ts, typ, body in evs:
-            b = json.loads(body)
+        for ev in server.events(device_id, 50):
+            ts, typ, b = ev["ts"], ev["type"], ev["body"]
             detail = b.get("reason") or (
                 f"{b.get('from_state')} → {b.get('to_state')}" if typ == "update_state" else ""
             )

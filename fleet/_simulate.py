@@ -145,14 +145,14 @@ class Simulation:
             health["p95_slack_ms"] = 50.0
             # Hundreds of devices update at once on a few cores: probe less often over a longer window.
             health.update(window_s=5.0, probe_interval_s=0.2)
+        # Every registration carries the same trusted keys: written once for all devices.
+        keys = []
+        for kname, pem in regs[0]["trusted_keys"].items():
+            (self.dir / kname).write_text(pem)
+            keys.append(self.dir / kname)
         for i, reg in enumerate(regs):
             dev = reg["device_id"]
             cohort = f"cohort-{i % self.cohorts}"
-            keys = []
-            for kname, pem in reg["trusted_keys"].items():
-                p = self.dir / kname
-                p.write_text(pem)
-                keys.append(p)
             m = reg["mqtt"]
             cfg = AgentConfig(
                 device_id=dev,

@@ -14,7 +14,7 @@ from ._servers import FileServer, Mosquitto
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from examples.digits.mlp import make_mlp_onnx  # noqa: E402
+from examples.digits.mlp import build_mlp_bundle, make_mlp_onnx  # noqa: E402
 
 
 def run_cli(*args: str, cwd: Path | None = None, timeout: int = 900) -> subprocess.CompletedProcess[str]:
@@ -53,8 +53,6 @@ def mlp_bundles(tmp_path_factory: pytest.TempPathFactory, digits: dict, publishe
     `3.0.0-qemu` is a v3 with a lighter slow branch: under qemu every instruction is emulated (the full v3
     takes 12 s per golden batch there), and eight layers are already 200x slower than v1.
     """
-    from edgefleet.converters import BuildConfig, Dataset, Quantize, build
-
     d = tmp_path_factory.mktemp("mlp_bundles")
     out = {}
     specs = {
@@ -64,25 +62,8 @@ def mlp_bundles(tmp_path_factory: pytest.TempPathFactory, digits: dict, publishe
         "3.0.0-qemu": (2, 64, 8, "none"),
     }
     for label, (seed, hidden, slow, mode) in specs.items():
-        version = label.split("-")[0]
-        src = make_mlp_onnx(d / f"mlp-{label}.onnx", digits, seed=seed, hidden=hidden, slow_layers=slow)
-        cfg = BuildConfig(
-            name="mlp",
-            version=version,
-            formats=["onnx"],
-            layout="NCHW",
-            labels=[str(i) for i in range(10)],
-            quantize=Quantize(mode=mode),
-        )
-        out[label] = d / f"mlp-{label}.efb"
-        build(
-            src,
-            out[label],
-            cfg,
-            calibration=Dataset(*digits["calib"], name="calib"),
-            evaluation=Dataset(*digits["eval"], name="eval"),
-            signing_key=publisher[0],
-            progress=lambda msg: None,
+        out[label] = build_mlp_bundle(
+            d / f"mlp-{label}.efb", digits, label.split("-")[0], publisher[0], seed, hidden, slow, mode
         )
     return out
 

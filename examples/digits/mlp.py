@@ -4,6 +4,7 @@ Tests and the fleet benchmarks use it where the torch pipeline would only cost t
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -54,3 +55,37 @@ def make_mlp_onnx(path: Path, digits: dict, seed: int = 0, hidden: int = 64, slo
     onnx.checker.check_model(model)
     onnx.save(model, str(path))
     return path
+
+
+def build_mlp_bundle(
+    out: Path,
+    digits: dict,
+    version: str,
+    signing_key: Any,
+    seed: int = 0,
+    hidden: int = 64,
+    slow_layers: int = 0,
+    mode: str = "int8",
+) -> Path:
+    """The MLP above as a signed ONNX bundle `mlp` VERSION at OUT (quantized by MODE), via the converters."""
+    from edgefleet.converters import BuildConfig, Dataset, Quantize, build
+
+    src = make_mlp_onnx(out.with_suffix(".onnx"), digits, seed=seed, hidden=hidden, slow_layers=slow_layers)
+    cfg = BuildConfig(
+        name="mlp",
+        version=version,
+        formats=["onnx"],
+        layout="NCHW",
+        labels=[str(i) for i in range(10)],
+        quantize=Quantize(mode=mode),
+    )
+    build(
+        src,
+        out,
+        cfg,
+        calibration=Dataset(*digits["calib"], name="calib"),
+        evaluation=Dataset(*digits["eval"], name="eval"),
+        signing_key=signing_key,
+        progress=lambda msg: None,
+    )
+    return out
