@@ -38,7 +38,7 @@ _BATCH_SAMPLES = 256
 _COPY_LIMIT_BYTES = 64 * 1024
 # Large inputs are summarised only while that costs at most this share of the inference time itself;
 # the histograms then cover a sample of the calls (the window says how many).
-_SUMMARY_BUDGET = 0.02
+_SUMMARY_BUDGET = 0.01
 _RESERVE_BYTES = 256 * 1024
 
 _SCHEMA = """

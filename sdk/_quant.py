@@ -11,7 +11,7 @@ import numpy as np
 from ._errors import BundleError
 from ._manifest import TensorSpec
 
-__all__ = ["dequantize", "quantize"]
+__all__ = ["TensorCodec", "dequantize", "quantize"]
 
 
 def _params(spec: TensorSpec) -> tuple[float, int]:
@@ -23,16 +23,40 @@ def _params(spec: TensorSpec) -> tuple[float, int]:
     return spec.scale[0], spec.zero_point[0]
 
 
+class TensorCodec:
+    """Quantization of one tensor with its parameters read once: what `predict` runs on every call."""
+
+    __slots__ = ("dtype", "hi", "lo", "scale", "zero_point")
+
+    def __init__(self, spec: TensorSpec) -> None:
+        scale, zp = _params(spec)
+        self.dtype = np.dtype(spec.dtype)
+        info = np.iinfo(self.dtype)
+        self.lo, self.hi = np.float32(info.min), np.float32(info.max)
+        self.scale = np.float32(scale)
+        self.zero_point = np.float32(zp)
+
+    def quantize(self, x: np.ndarray) -> np.ndarray:
+        """Float X to the integer dtype (saturating)."""
+        q = np.divide(x, self.scale, dtype=np.float32)
+        np.rint(q, out=q)
+        q += self.zero_point
+        np.clip(q, self.lo, self.hi, out=q)
+        return q.astype(self.dtype)
+
+    def dequantize(self, q: np.ndarray) -> np.ndarray:
+        """Integer Q back to float32."""
+        x = q.astype(np.float32)
+        x -= self.zero_point
+        x *= self.scale
+        return x
+
+
 def quantize(x: np.ndarray, spec: TensorSpec) -> np.ndarray:
     """Float X to the integer dtype of SPEC with its scale and zero point (saturating)."""
-    scale, zp = _params(spec)
-    dt = np.dtype(spec.dtype)
-    info = np.iinfo(dt)
-    q = np.rint(np.asarray(x, dtype=np.float32) / np.float32(scale)) + zp
-    return np.clip(q, info.min, info.max).astype(dt)
+    return TensorCodec(spec).quantize(np.asarray(x))
 
 
 def dequantize(q: np.ndarray, spec: TensorSpec) -> np.ndarray:
     """Integer Q of SPEC back to float32."""
-    scale, zp = _params(spec)
-    return (q.astype(np.float32) - np.float32(zp)) * np.float32(scale)
+    return TensorCodec(spec).dequantize(np.asarray(q))

@@ -130,6 +130,13 @@ def test_bad_inputs_name_the_expected_shape(mlp_bundles: dict, publisher) -> Non
     x[1, 0, 3, 3] = np.nan
     with pytest.raises(InputError, match="NaN"):
         m.predict(x)
+    x[1, 0, 3, 3] = -np.inf
+    with pytest.raises(InputError, match="infinite"):
+        m.predict(x)
+    with pytest.raises(InputError, match="empty batch"):
+        m.predict(np.zeros((0, 1, 8, 8), np.float32))
+    with pytest.raises(InputError, match=r"expected \(N, 1, 8, 8\)"):
+        m.predict(np.float32(1.0))
     # float64 and integer pixel arrays are accepted and converted
     assert m.predict(np.zeros((1, 1, 8, 8), np.float64)).shape == (1, 10)
 

@@ -92,8 +92,7 @@ class LiteRtSession(Session):
         if self._it is None:
             self._it = self._make(interp, data, options, interp.OpResolverType.AUTO, [])
             self.accelerator = XNNPACK
-        self._inputs = self._it.get_input_details()
-        self._outputs = self._it.get_output_details()
+        self._details()
         shape = self._inputs[0]["shape_signature"]
         self.fixed_batch = int(shape[0]) if len(shape) and int(shape[0]) > 0 else None
 
@@ -114,13 +113,20 @@ class LiteRtSession(Session):
 
     def run(self, inputs: list[np.ndarray]) -> list[np.ndarray]:
         it = self._it
-        if self.fixed_batch is None and tuple(inputs[0].shape) != tuple(self._inputs[0]["shape"]):
+        if self.fixed_batch is None and inputs[0].shape != self._shape:
             for d, x in zip(self._inputs, inputs, strict=True):
                 it.resize_tensor_input(d["index"], x.shape)
             it.allocate_tensors()
-            self._inputs = it.get_input_details()
-            self._outputs = it.get_output_details()
-        for d, x in zip(self._inputs, inputs, strict=True):
-            it.set_tensor(d["index"], x)
+            self._details()
+        for i, x in zip(self._in_idx, inputs, strict=True):
+            it.set_tensor(i, x)
         it.invoke()
-        return [it.get_tensor(d["index"]) for d in self._outputs]
+        return [it.get_tensor(i) for i in self._out_idx]
+
+    def _details(self) -> None:
+        self._inputs = self._it.get_input_details()
+        self._outputs = self._it.get_output_details()
+        # Plain tuples and ints: run() compares and indexes these on every call.
+        self._shape = tuple(int(d) for d in self._inputs[0]["shape"])
+        self._in_idx = [int(d["index"]) for d in self._inputs]
+        self._out_idx = [int(d["index"]) for d in self._outputs]

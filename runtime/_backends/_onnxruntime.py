@@ -77,4 +77,6 @@ class OrtSession(Session):
         self.fixed_batch = shape[0] if shape and isinstance(shape[0], int) else None
 
     def run(self, inputs: list[np.ndarray]) -> list[np.ndarray]:
+        if len(self._in) == 1:
+            return self._s.run(None, {self._in[0]: inputs[0]})
         return list(self._s.run(None, dict(zip(self._in, inputs, strict=True))))
