@@ -3,11 +3,15 @@
 Anonymous access is off; every device has its own password, and the ACL lets a device publish and
 subscribe only under `edgefleet/v1/devices/<its id>/`. The server's own user may read and write the
 whole tree (and subscribe through `$share/...` for ingest workers).
+
+With an external broker the same password and ACL files are kept (for a Mosquitto you run yourself
+to read) and a reload command of your choice runs after every change instead of SIGHUP.
 """
 
 from __future__ import annotations
 
 import getpass
+import logging
 import os
 import secrets
 import shutil
@@ -23,6 +27,8 @@ from edgefleet._topics import ROOT, check_device_id
 
 __all__ = ["SERVER_USER", "Broker"]
 
+log = logging.getLogger("edgefleet.fleet")
+
 SERVER_USER = "edgefleet-server"
 _PASSWD_LOCK = threading.Lock()
 
@@ -35,8 +41,9 @@ def _mosquitto() -> str:
 
 
 class Broker:
-    def __init__(self, directory: Path, port: int, host: str = "0.0.0.0") -> None:
+    def __init__(self, directory: Path, port: int, host: str = "0.0.0.0", reload_command: str | None = None) -> None:
         self.dir = directory
+        self.reload_command = reload_command
         self.dir.mkdir(parents=True, exist_ok=True)
         self.port = port
         self.host = host
@@ -147,7 +154,17 @@ class Broker:
         done.set()
 
     def reload(self) -> None:
-        """Make a running broker re-read passwords and ACLs (SIGHUP)."""
+        """Make a running broker re-read passwords and ACLs (SIGHUP, or the external reload command)."""
+        if self.reload_command:
+            try:
+                r = subprocess.run(self.reload_command, shell=True, capture_output=True, text=True, timeout=60)
+            except subprocess.TimeoutExpired:
+                log.error("broker reload command timed out after 60 s: %s", self.reload_command)
+                return
+            if r.returncode != 0:
+                err = (r.stderr or r.stdout).strip().splitlines()
+                log.error("broker reload command failed (exit %d): %s", r.returncode, err[-1] if err else "")
+            return
         if self.pidfile.exists():
             try:
                 os.kill(int(self.pidfile.read_text().strip()), signal.SIGHUP)

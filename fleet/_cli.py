@@ -30,6 +30,10 @@ def _serve(args: argparse.Namespace) -> int:
         mqtt_port=args.mqtt_port,
         db_url=args.db,
         broker_url=args.broker,
+        broker_ca=args.broker_ca,
+        broker_username=args.broker_username,
+        broker_password=args.broker_password,
+        broker_reload=args.broker_reload,
         public_host=args.public_host,
         trusted_keys=[Path(k) for k in args.trusted_key or []],
         drift_interval_s=args.drift_interval,
@@ -66,21 +70,46 @@ def _ingest(args: argparse.Namespace) -> int:
     import signal
     import threading
 
+    from edgefleet import InputError
+
     from ._broker import SERVER_USER
     from ._db import Database
+    from ._endpoint import BrokerEndpoint
     from ._ingest import IngestWorker
+    from ._server import external_broker
 
     data = Path(args.data_dir)
-    password = args.password or (data / "mosquitto" / "server.secret").read_text().strip()
+    url = args.broker or (external_broker(data) or {}).get("url") or f"mqtt://{args.mqtt_host}:{args.mqtt_port}"
+    endpoint = BrokerEndpoint.parse(url, ca=args.broker_ca, username=args.username, password=args.password)
+    if not endpoint.password:
+        secret = data / "mosquitto" / "server.secret"
+        if not secret.exists():
+            raise InputError(f"no broker password given and no {secret}: pass --password or the server's --data-dir")
+        endpoint = BrokerEndpoint(
+            endpoint.host, endpoint.port, endpoint.tls, endpoint.ca, SERVER_USER, secret.read_text().strip()
+        )
     db = Database(args.db or f"sqlite:///{data / 'fleet.db'}")
-    worker = IngestWorker(db, args.mqtt_host, args.mqtt_port, args.username or SERVER_USER, password, args.name)
+    worker = IngestWorker(db, endpoint, args.name)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *a: stop.set())
     signal.signal(signal.SIGINT, lambda *a: stop.set())
     worker.start()
-    print(f"edgefleet ingest worker {args.name} on {args.mqtt_host}:{args.mqtt_port}", file=sys.stderr, flush=True)
+    print(f"edgefleet ingest worker {args.name} on {endpoint.url()}", file=sys.stderr, flush=True)
     stop.wait()
     worker.stop()
+    return 0
+
+
+def _broker_auth(args: argparse.Namespace) -> int:
+    """Create the password and ACL files an external Mosquitto reads, and print the lines for its config."""
+    from ._broker import Broker
+
+    b = Broker(Path(args.data_dir) / "mosquitto", 0)
+    print(
+        "# Add to your mosquitto.conf; the fleet server adds devices to these files, and runs\n"
+        "# 'fleet serve --broker-reload CMD' after each change (e.g. kill -HUP of the broker).\n"
+        f"allow_anonymous false\npassword_file {b.passwd.resolve()}\nacl_file {b.acl.resolve()}"
+    )
     return 0
 
 
@@ -305,14 +334,27 @@ def register(sub: Any) -> None:
     fs = fleet.add_subparsers(dest="fleet_command", metavar="COMMAND")
     fs.required = True
 
-    p = fs.add_parser("serve", help="start the server with its embedded Mosquitto and SQLite")
+    p = fs.add_parser("serve", help="start the server (embedded Mosquitto and SQLite by default)")
     p.add_argument("--data-dir", default="fleet-data")
     p.add_argument("--http-port", type=int, default=8080)
     p.add_argument("--mqtt-port", type=int, default=1883)
     p.add_argument("--host", default="0.0.0.0", help="HTTP listen address")
     p.add_argument("--public-host", default="127.0.0.1", help="host name devices use to reach this server")
     p.add_argument("--db", help="sqlite:///PATH (default: DATA_DIR/fleet.db) or postgresql://...")
-    p.add_argument("--broker", default="embedded")
+    p.add_argument(
+        "--broker", default="embedded", help="embedded (default), or an external broker: mqtt[s]://[USER@]HOST:PORT"
+    )
+    p.add_argument("--broker-ca", help="CA certificate of an mqtts:// broker (default: the system's CAs)")
+    p.add_argument("--broker-username", help="the server's user on an external broker (default: edgefleet-server)")
+    p.add_argument(
+        "--broker-password",
+        help="its password (or EDGEFLEET_BROKER_PASSWORD; default: DATA_DIR/mosquitto/server.secret)",
+    )
+    p.add_argument(
+        "--broker-reload",
+        help="shell command run after device credentials change (external broker reading "
+        "DATA_DIR/mosquitto/passwd and acl), e.g. 'systemctl reload mosquitto'",
+    )
     p.add_argument("--trusted-key", action="append", help="public key bundles must be signed with (repeatable)")
     p.add_argument("--drift-interval", type=float, default=30.0, help="seconds between drift alert checks")
     p.add_argument("--drift-window", type=float, default=900.0, help="seconds of telemetry a drift check covers")
@@ -321,12 +363,20 @@ def register(sub: Any) -> None:
     p = fs.add_parser("ingest", help="run an extra ingest worker (scale-out over a shared subscription)")
     p.add_argument("--data-dir", default="fleet-data")
     p.add_argument("--db", help="database URL (default: DATA_DIR/fleet.db)")
+    p.add_argument(
+        "--broker", help="mqtt[s]://HOST:PORT (default: the server's external broker, else --mqtt-host/port)"
+    )
+    p.add_argument("--broker-ca", help="CA certificate of an mqtts:// broker")
     p.add_argument("--mqtt-host", default="127.0.0.1")
     p.add_argument("--mqtt-port", type=int, default=1883)
     p.add_argument("--username")
-    p.add_argument("--password", help="default: the embedded broker's server secret in DATA_DIR")
+    p.add_argument("--password", help="default: the server secret in DATA_DIR (or EDGEFLEET_BROKER_PASSWORD)")
     p.add_argument("--name", default=f"ingest-{os.getpid()}")
     p.set_defaults(func=_ingest)
+
+    p = fs.add_parser("broker-auth", help="password and ACL files for an external Mosquitto, and its config lines")
+    p.add_argument("--data-dir", default="fleet-data")
+    p.set_defaults(func=_broker_auth)
 
     p = fs.add_parser("token", help="operator API tokens")
     p.add_argument("action", choices=["create"])
@@ -340,8 +390,8 @@ def register(sub: Any) -> None:
     p.add_argument("--tags", help="comma-separated")
     p.add_argument("--data-dir", default="fleet-data")
     p.add_argument("--out", help="where to write the config (default DEVICE_ID.toml)")
-    p.add_argument("--mqtt-host", default="127.0.0.1")
-    p.add_argument("--mqtt-port", type=int, default=1883)
+    p.add_argument("--mqtt-host", help="broker host devices use (default: the server's broker, else 127.0.0.1)")
+    p.add_argument("--mqtt-port", type=int, help="broker port devices use (default: the server's, else 1883)")
     p.add_argument("--db")
     p.set_defaults(func=_provision)
 

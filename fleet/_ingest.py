@@ -21,6 +21,7 @@ from edgefleet._telemetry import check_window
 from edgefleet._topics import ROOT, parse_topic
 
 from ._db import Database
+from ._endpoint import BrokerEndpoint
 
 __all__ = ["SHARE_GROUP", "IngestWorker"]
 
@@ -35,12 +36,9 @@ _BATCH_S = 0.05
 class IngestWorker:
     """One ingest worker: a paho client on the shared subscription and a thread writing batches."""
 
-    def __init__(
-        self, db: Database, host: str, port: int, username: str, password: str, name: str = "ingest-0"
-    ) -> None:
+    def __init__(self, db: Database, broker: BrokerEndpoint, name: str = "ingest-0") -> None:
         self.db = db
-        self.host, self.port = host, port
-        self.username, self.password = username, password
+        self.broker = broker
         self.name = name
         self.q: queue.Queue[tuple[str, bytes]] = queue.Queue(maxsize=100_000)
         self._stop = threading.Event()
@@ -57,12 +55,12 @@ class IngestWorker:
         c = mqtt.Client(
             CallbackAPIVersion.VERSION2, client_id=f"edgefleet-{self.name}-{time.time_ns()}", protocol=mqtt.MQTTv5
         )
-        c.username_pw_set(self.username, self.password)
+        self.broker.configure(c)
         c.on_connect = self._on_connect
         c.on_message = self._on_message
         c.on_disconnect = lambda *a: self.connected.clear()
         c.reconnect_delay_set(0.5, 10)
-        c.connect_async(self.host, self.port, keepalive=30)
+        c.connect_async(self.broker.host, self.broker.port, keepalive=30)
         c.loop_start()
         self._client = c
         self._thread = threading.Thread(target=self._writer, name=f"edgefleet-{self.name}", daemon=True)

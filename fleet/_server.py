@@ -1,8 +1,9 @@
-"""The fleet server process: embedded broker, ingest worker, and one HTTP port for the REST API,
-bundle downloads (with Range) and Prometheus `/metrics`."""
+"""The fleet server process: embedded (or external) broker, ingest worker, and one HTTP port for the
+REST API, bundle downloads (with Range) and Prometheus `/metrics`."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -24,6 +25,7 @@ from edgefleet._topics import DESIRED_SCHEMA, check_device_id, topic
 from ._broker import SERVER_USER, Broker
 from ._db import Database
 from ._drift import DriftMonitor
+from ._endpoint import BrokerEndpoint
 from ._ingest import IngestWorker
 from ._rollout import RolloutEngine
 
@@ -40,6 +42,13 @@ class ServerConfig:
     mqtt_port: int = 1883
     db_url: str | None = None
     broker_url: str = "embedded"
+    # An external broker (broker_url mqtt[s]://...): its CA, the server's own credentials on it (default:
+    # the server user in the password file kept under DATA_DIR/mosquitto), and what to run after device
+    # credentials change there (e.g. "systemctl reload mosquitto").
+    broker_ca: str | None = None
+    broker_username: str | None = None
+    broker_password: str | None = None
+    broker_reload: str | None = None
     public_host: str = "127.0.0.1"
     trusted_keys: list[Path] = field(default_factory=list)
     # Drift alerts: how often they are checked and over how much recent telemetry.
@@ -100,8 +109,17 @@ def register_device(db: Database, broker: Broker, device_id: str, tags: list[str
     return register_devices(db, broker, [(device_id, tags)])[device_id]
 
 
-def device_toml(device_id: str, password: str, tags: list[str], key_names: list[str], host: str, port: int) -> str:
-    return (
+def device_toml(
+    device_id: str,
+    password: str,
+    tags: list[str],
+    key_names: list[str],
+    host: str,
+    port: int,
+    tls: bool = False,
+    ca_name: str | None = None,
+) -> str:
+    text = (
         f'device_id = "{device_id}"\n'
         f'data_dir = "{device_id}-data"\n'
         f"trusted_keys = {json.dumps(key_names)}\n"
@@ -110,6 +128,18 @@ def device_toml(device_id: str, password: str, tags: list[str], key_names: list[
         f'host = "{host}"\nport = {port}\n'
         f'username = "{device_id}"\npassword = "{password}"\n'
     )
+    if tls:
+        text += "tls = true\n" + (f"ca = {json.dumps(ca_name)}\n" if ca_name else "")
+    return text
+
+
+_EXTERNAL = "external.json"
+
+
+def external_broker(data_dir: Path) -> dict[str, Any] | None:
+    """What `fleet serve --broker mqtt[s]://...` recorded for offline provisioning, if it ran that way."""
+    p = Path(data_dir) / "mosquitto" / _EXTERNAL
+    return json.loads(p.read_text()) if p.exists() else None
 
 
 def provision(
@@ -117,24 +147,34 @@ def provision(
     device_id: str,
     tags: list[str],
     out: Path,
-    mqtt_host: str = "127.0.0.1",
-    mqtt_port: int = 1883,
+    mqtt_host: str | None = None,
+    mqtt_port: int | None = None,
     db_url: str | None = None,
 ) -> Path:
-    """Register DEVICE_ID, give it broker credentials, write its device.toml (and the trusted keys) to OUT."""
+    """Register DEVICE_ID, give it broker credentials, write its device.toml (and the trusted keys) to OUT.
+
+    Host and port default to the external broker the server was started with, else 127.0.0.1:1883."""
     data_dir = Path(data_dir)
     keys = sorted(trusted_dir(data_dir).glob("*.pub"))
     if not keys:
         raise InputError(
             f"no trusted keys in {trusted_dir(data_dir)}: start the server with --trusted-key KEY.pub first"
         )
+    ext = external_broker(data_dir) or {}
+    host = mqtt_host or ext.get("host", "127.0.0.1")
+    port = mqtt_port or int(ext.get("port", 1883))
     db = Database(db_url or f"sqlite:///{data_dir / 'fleet.db'}")
-    password = register_device(db, Broker(data_dir / "mosquitto", mqtt_port), device_id, tags)
+    broker = Broker(data_dir / "mosquitto", port, reload_command=ext.get("reload"))
+    password = register_device(db, broker, device_id, tags)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     for k in keys:
         shutil.copy(k, out.parent / k.name)
-    text = device_toml(device_id, password, tags, [k.name for k in keys], mqtt_host, mqtt_port)
+    ca_name = None
+    if ext.get("ca_pem"):
+        ca_name = "broker-ca.pem"
+        atomic_write(out.parent / ca_name, ext["ca_pem"].encode())
+    text = device_toml(device_id, password, tags, [k.name for k in keys], host, port, bool(ext.get("tls")), ca_name)
     atomic_write(out, text.encode(), mode=0o600)
     return out
 
@@ -152,6 +192,11 @@ class FleetServer:
         for k in config.trusted_keys:
             shutil.copy(k, tdir / Path(k).name)
         self.db = Database(config.db)
+        self.external: BrokerEndpoint | None = None
+        if config.broker_url != "embedded":
+            self.external = BrokerEndpoint.parse(
+                config.broker_url, ca=config.broker_ca, username=config.broker_username, password=config.broker_password
+            )
         self.broker: Broker | None = None
         self.ingest: IngestWorker | None = None
         self.ready = False
@@ -167,27 +212,62 @@ class FleetServer:
         import paho.mqtt.client as mqtt
         from paho.mqtt.enums import CallbackAPIVersion
 
-        if self.config.broker_url != "embedded":
-            raise InputError("only --broker embedded is supported by this server version")
-        self.broker = Broker(self.dir / "mosquitto", self.config.mqtt_port)
-        self.broker.start()
-        self.ingest = IngestWorker(
-            self.db, "127.0.0.1", self.config.mqtt_port, SERVER_USER, self.broker.server_password
-        )
+        ext = self.external
+        if ext is None:
+            self.broker = Broker(self.dir / "mosquitto", self.config.mqtt_port)
+            self.broker.start()
+            endpoint = BrokerEndpoint("127.0.0.1", self.config.mqtt_port, False, None, SERVER_USER, "")
+        else:
+            # Device credentials are still kept in Mosquitto's file format, for the broker to read.
+            self.broker = Broker(self.dir / "mosquitto", ext.port, reload_command=self.config.broker_reload)
+            endpoint = ext
+            self._record_external(ext)
+        if endpoint.username in (None, SERVER_USER) and not endpoint.password:
+            endpoint = dataclasses.replace(endpoint, username=SERVER_USER, password=self.broker.server_password)
+        self.endpoint = endpoint
+        self.ingest = IngestWorker(self.db, endpoint)
         self.ingest.start()
         pub = mqtt.Client(
             CallbackAPIVersion.VERSION2, client_id=f"edgefleet-server-{os.getpid()}", protocol=mqtt.MQTTv5
         )
-        pub.username_pw_set(SERVER_USER, self.broker.server_password)
+        endpoint.configure(pub)
         pub.reconnect_delay_set(0.5, 10)
-        pub.connect_async("127.0.0.1", self.config.mqtt_port)
+        pub.connect_async(endpoint.host, endpoint.port)
         pub.loop_start()
         self._pub = pub
         if not self.ingest.connected.wait(15):
-            raise EdgefleetError("the ingest worker could not connect to the embedded broker")
+            self.stop()
+            where = "the embedded broker" if ext is None else f"the broker at {ext.url()}"
+            raise EdgefleetError(
+                f"the ingest worker could not connect to {where}; check its address, TLS and credentials"
+            )
         self.rollouts.start()
         self.drift.start()
         self.ready = True
+
+    def _record_external(self, ext: BrokerEndpoint) -> None:
+        """Remember the external broker, so offline `fleet provision` writes device configs for it."""
+        doc = {
+            "url": ext.url(),
+            "host": ext.host,
+            "port": ext.port,
+            "tls": ext.tls,
+            "ca_pem": Path(ext.ca).read_text() if ext.ca else None,
+            "reload": self.config.broker_reload,
+        }
+        atomic_write(self.dir / "mosquitto" / _EXTERNAL, json.dumps(doc, indent=1).encode())
+
+    def device_mqtt(self) -> dict[str, Any]:
+        """How devices reach the broker: host, port, and with TLS the CA's PEM (None: the system's CAs)."""
+        if self.external is None:
+            return {"host": self.config.public_host, "port": self.config.mqtt_port, "tls": False, "ca_pem": None}
+        ext = self.external
+        return {
+            "host": ext.host,
+            "port": ext.port,
+            "tls": ext.tls,
+            "ca_pem": Path(ext.ca).read_text() if ext.ca else None,
+        }
 
     def stop(self) -> None:
         self.ready = False
@@ -264,12 +344,7 @@ class FleetServer:
             {
                 "device_id": d,
                 "tags": check_tags(tags),
-                "mqtt": {
-                    "host": self.config.public_host,
-                    "port": self.config.mqtt_port,
-                    "username": d,
-                    "password": passwords[d],
-                },
+                "mqtt": {**self.device_mqtt(), "username": d, "password": passwords[d]},
                 "trusted_keys": keys,
             }
             for d, tags in devices

@@ -150,6 +150,10 @@ class Simulation:
         for kname, pem in regs[0]["trusted_keys"].items():
             (self.dir / kname).write_text(pem)
             keys.append(self.dir / kname)
+        ca = None
+        if regs[0]["mqtt"].get("ca_pem"):
+            ca = str(self.dir / "broker-ca.pem")
+            Path(ca).write_text(regs[0]["mqtt"]["ca_pem"])
         for i, reg in enumerate(regs):
             dev = reg["device_id"]
             cohort = f"cohort-{i % self.cohorts}"
@@ -158,7 +162,14 @@ class Simulation:
                 device_id=dev,
                 data_dir=self.dir / dev,
                 trusted_keys=keys,
-                mqtt=MqttConfig(host=m["host"], port=int(m["port"]), username=m["username"], password=m["password"]),
+                mqtt=MqttConfig(
+                    host=m["host"],
+                    port=int(m["port"]),
+                    username=m["username"],
+                    password=m["password"],
+                    tls=bool(m.get("tls")),
+                    ca=ca,
+                ),
                 health=HealthPolicy(**{**health, **self.health}),
                 window_s=5.0 if self.standin else 2.0,
                 # One thread per session: dozens of devices share this process's cores.

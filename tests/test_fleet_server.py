@@ -27,8 +27,9 @@ pytestmark = pytest.mark.slow
 
 
 class Server:
-    def __init__(self, data: Path, publisher, db_url: str | None = None) -> None:
+    def __init__(self, data: Path, publisher, db_url: str | None = None, extra: tuple[str, ...] = ()) -> None:
         self.db_url = db_url
+        self.extra = list(extra)
         self.data = data
         self.http, self.mqtt = free_port(), free_port()
         self.url = f"http://127.0.0.1:{self.http}"
@@ -57,6 +58,7 @@ class Server:
                 str(self.publisher[2]),
                 *(["--db", self.db_url] if self.db_url else []),
                 *("--drift-interval", "2", "--drift-window", "300"),
+                *self.extra,
             ],
             stdout=self.log,
             stderr=self.log,
