@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import platform
 import signal
 import subprocess
@@ -45,8 +46,21 @@ def bundles(tmp: Path) -> tuple[Path, dict[str, Path]]:
     return tmp / "release.key.pub", out
 
 
+def _device_storage() -> tempfile.TemporaryDirectory[str]:
+    """Where the simulated devices keep their slots, state and telemetry buffers.
+
+    A real fleet has a disk per device; here a thousand devices would queue their fsyncs on one
+    virtual disk, which measures that disk, not the rollout. RAM (tmpfs) stands in for the devices'
+    own storage when the machine has it; the server's database stays on disk.
+    """
+    shm = Path("/dev/shm")
+    base = str(shm) if shm.is_dir() and os.access(shm, os.W_OK) else None
+    return tempfile.TemporaryDirectory(prefix="edgefleet-devices-", dir=base, ignore_cleanup_errors=True)
+
+
 def run(devices: int, min_stage_s: float, tmp: Path) -> dict[str, Any]:
     pub, paths = bundles(tmp)
+    storage = _device_storage()
     server = FleetProcess(tmp / "fleet", _free_port(), pub)
     api = Api(server.url, server.token)
     sim = None
@@ -58,7 +72,7 @@ def run(devices: int, min_stage_s: float, tmp: Path) -> dict[str, Any]:
             [
                 *(sys.executable, "-m", "edgefleet", "fleet", "simulate", "--devices", str(devices), "--standin"),
                 *("--bundle", "mlp:1.0.0", "--tags", "bench", "--rate", "0.5", "--prefix", "dev"),
-                *("--workdir", str(tmp / "devices"), "--server", server.url, "--token", server.token),
+                *("--workdir", storage.name, "--server", server.url, "--token", server.token),
             ],
             stdout=subprocess.DEVNULL,
             stderr=open(tmp / "simulate.log", "wb"),
@@ -88,14 +102,27 @@ def run(devices: int, min_stage_s: float, tmp: Path) -> dict[str, Any]:
         )
         total = time.monotonic() - t1
         reasons: dict[str, int] = {}
+        # Per device, when (s after the rollout was created) it started downloading, began its health
+        # window and committed: where a stage's time goes.
+        marks_by_device: dict[str, dict[str, float]] = {}
+        created = st["created"]
         for d in api("GET", "/api/devices"):
-            for e in api("GET", f"/api/devices/{d['id']}/events?limit=20"):
-                if e["type"] in ("rolled_back", "update_failed") and e["body"].get("rollout") == r["id"]:
-                    why = str(e["body"].get("reason", "?"))
+            seen: dict[str, float] = {}
+            for e in api("GET", f"/api/devices/{d['id']}/events?limit=50"):
+                b = e["body"]
+                if b.get("rollout") != r["id"]:
+                    continue
+                if e["type"] in ("rolled_back", "update_failed"):
+                    why = str(b.get("reason", "?"))
                     key = why.split(":")[0][:80]
                     reasons[key] = reasons.get(key, 0) + 1
-        created = st["created"]
+                elif e["type"] == "committed":
+                    seen["committed"] = e["ts"] - created
+                elif e["type"] == "update_state" and b.get("to_state"):
+                    seen[b["to_state"]] = min(seen.get(b["to_state"], 1e9), e["ts"] - created)
+            marks_by_device[d["id"]] = seen
         marks = [h["ts"] - created for h in st["history"]]
+        timeline = _timeline(marks, marks_by_device)
         return {
             "devices": devices,
             "stages_percent": [10, 50, 100],
@@ -110,6 +137,8 @@ def run(devices: int, min_stage_s: float, tmp: Path) -> dict[str, Any]:
             "history": [h["note"] for h in st["history"]],
             "device_failures": reasons,
             "startup_s": round(startup, 1),
+            "timeline": timeline,
+            "device_storage": "RAM (tmpfs)" if storage.name.startswith("/dev/shm") else "the local disk",
         }
     finally:
         if sim is not None:
@@ -119,6 +148,26 @@ def run(devices: int, min_stage_s: float, tmp: Path) -> dict[str, Any]:
             except subprocess.TimeoutExpired:
                 sim.kill()
         server.stop()
+        storage.cleanup()
+
+
+def _timeline(stage_ends: list[float], marks: dict[str, dict[str, float]]) -> list[dict[str, Any]]:
+    """Per stage: median and max seconds from the stage's start to each device's download, health window, commit."""
+    import numpy as np
+
+    starts = [0.0, *stage_ends[:-1]]
+    out = []
+    for i, t0 in enumerate(starts):
+        t1 = stage_ends[i] if i < len(stage_ends) else float("inf")
+        row: dict[str, Any] = {"stage": i, "start_s": round(t0, 1)}
+        for what in ("downloading", "verifying", "staging", "smoke_test", "switching", "health_watch", "committed"):
+            # a device belongs to the stage whose window its download started in
+            v = [
+                m[what] - t0 for m in marks.values() if what in m and "downloading" in m and t0 <= m["downloading"] < t1
+            ]
+            row[what] = {"p50": round(float(np.median(v)), 1), "max": round(float(max(v)), 1)} if v else None
+        out.append(row)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -151,7 +200,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{res['devices']} simulated devices (real agents and MQTT, stand-in predictor) in processes of 100, the fleet "
         f"server with embedded Mosquitto and SQLite in another; stages 10% -> 50% -> 100%, "
         f"`min_stage_s` {args.min_stage_s:g}, `p95_slack_ms` 50 (the stand-in's latency is scheduling noise), "
-        f"other gates at their defaults; device health window {res['health_window_s']:g} s.",
+        f"other gates at their defaults; device health window {res['health_window_s']:g} s; the devices' "
+        f"storage in {res['device_storage']} (a real fleet has a disk per device).",
         "",
         "| figure | value |",
         "|---|---:|",
@@ -164,6 +214,19 @@ def main(argv: list[str] | None = None) -> int:
         f"| final state | {res['state']} |",
         f"| engine notes | {'; '.join(res['history'])} |",
         f"| device-side failures | {'; '.join(f'{k}: {v}' for k, v in res['device_failures'].items()) or 'none'} |",
+        "",
+        "Where each stage's time goes (seconds after the stage started, median / slowest device):",
+        "",
+        "| stage | download starts | health window starts | committed |",
+        "|---:|---:|---:|---:|",
+        *(
+            f"| {t['stage']} | "
+            + " | ".join(
+                f"{t[k]['p50']} / {t[k]['max']}" if t[k] else "-" for k in ("downloading", "health_watch", "committed")
+            )
+            + " |"
+            for t in res["timeline"]
+        ),
         "",
         f"Target: {result['target']}: **{'met' if result['met'] else 'NOT met'}**.",
     ]

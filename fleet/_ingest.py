@@ -116,26 +116,35 @@ class IngestWorker:
     def _write(self, batch: list[tuple[str, bytes]]) -> None:
         counts = dict.fromkeys(self.stats, 0)
         now = time.time()
+        # Parse and check everything before the transaction: SQLite has one writer at a time, and what
+        # happens under its lock is what several workers cannot do side by side.
+        ops: list[tuple[str, str, tuple[Any, ...]]] = []
+        for topic, payload in batch:
+            counts["received"] += 1
+            parsed = parse_topic(topic)
+            if parsed is None:
+                counts["rejected"] += 1
+                continue
+            device, kind = parsed
+            if not self._is_known(device):
+                counts["unknown_device"] += 1
+                continue
+            try:
+                if len(payload) > MAX_PAYLOAD:
+                    raise InputError(f"payload of {len(payload)} bytes is over {MAX_PAYLOAD}")
+                obj = json.loads(payload) if payload else None
+                op = self._prepare(device, kind, obj, payload, now)
+            except (InputError, ValueError, KeyError, TypeError) as exc:
+                log.warning("dropped %s message from %s: %s", kind, device, exc)
+                counts["rejected"] += 1
+                continue
+            if op is None:
+                counts["duplicates"] += 1  # nothing new to store
+                continue
+            ops.append(op)
         with self.db.transaction() as cur:
-            for topic, payload in batch:
-                counts["received"] += 1
-                parsed = parse_topic(topic)
-                if parsed is None:
-                    counts["rejected"] += 1
-                    continue
-                device, kind = parsed
-                if not self._is_known(device):
-                    counts["unknown_device"] += 1
-                    continue
-                try:
-                    if len(payload) > MAX_PAYLOAD:
-                        raise InputError(f"payload of {len(payload)} bytes is over {MAX_PAYLOAD}")
-                    obj = json.loads(payload) if payload else None
-                    stored = self._store(cur, device, kind, obj, now)
-                except (InputError, ValueError, KeyError, TypeError) as exc:
-                    log.warning("dropped %s message from %s: %s", kind, device, exc)
-                    counts["rejected"] += 1
-                    continue
+            for kind, device, params in ops:
+                stored = self._apply(cur, kind, device, params, now)
                 counts["stored" if stored else "duplicates"] += 1
             counts_named = dict(counts)
             counts_named[f"worker_{self.name}_received"] = counts["received"]
@@ -149,59 +158,47 @@ class IngestWorker:
         for k, v in counts.items():
             self.stats[k] += v
 
-    def _store(self, cur: Any, device: str, kind: str, obj: Any, now: float) -> bool:
+    def _prepare(
+        self, device: str, kind: str, obj: Any, payload: bytes, now: float
+    ) -> tuple[str, str, tuple[Any, ...]] | None:
+        """Check one message and turn it into the parameters of its statement (None: nothing to store)."""
         if kind == "telemetry":
             w = check_window(obj)
             if w["device_id"] != device:
                 raise InputError(f"window names device {w['device_id']!r} but came from {device!r}")
-            cur.execute(
-                "INSERT INTO windows (key, device_id, bundle_name, bundle_version, start, calls, samples, errors, "
-                "nan_outputs, body, received) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (key) DO NOTHING",
-                (
-                    w["key"],
-                    device,
-                    w["bundle"]["name"],
-                    w["bundle"]["version"],
-                    float(w["start"]),
-                    w["calls"],
-                    w["samples"],
-                    sum(int(v) for v in w["errors"].values()),
-                    w["nan_outputs"],
-                    json.dumps(w, separators=(",", ":")),
-                    now,
-                ),
+            params: tuple[Any, ...] = (
+                w["key"],
+                device,
+                w["bundle"]["name"],
+                w["bundle"]["version"],
+                float(w["start"]),
+                w["calls"],
+                w["samples"],
+                sum(int(v) for v in w["errors"].values()),
+                w["nan_outputs"],
+                payload.decode(),  # checked JSON already; stored as the device sent it
+                now,
             )
-            if cur.rowcount:
-                cur.execute("UPDATE devices SET last_seen = ? WHERE id = ?", (now, device))
-            return bool(cur.rowcount)
+            return kind, device, params
         if kind == "events":
             if not isinstance(obj, dict) or not isinstance(obj.get("key"), str) or not isinstance(obj.get("type"), str):
                 raise InputError("event needs a string 'key' and 'type'")
-            cur.execute(
-                "INSERT INTO events (key, device_id, type, ts, body) VALUES (?, ?, ?, ?, ?) "
-                "ON CONFLICT (key) DO NOTHING",
-                (obj["key"], device, obj["type"], float(obj.get("ts", now)), json.dumps(obj, separators=(",", ":"))),
-            )
-            return bool(cur.rowcount)
+            return kind, device, (obj["key"], device, obj["type"], float(obj.get("ts", now)), payload.decode())
         if kind == "status":
             if obj is None:
-                return False
-            cur.execute(
-                "UPDATE devices SET online = ?, last_seen = ? WHERE id = ?",
-                (1 if obj.get("online") else 0, now, device),
-            )
-            return True
+                return None  # a cleared retained status
+            return kind, device, (1 if obj.get("online") else 0, now, device)
         if kind == "state":
             if not isinstance(obj, dict):
                 raise InputError("state must be an object")
             active = obj.get("active") or {}
             update = obj.get("update") or {}
             staged = obj.get("staged") or {}
-            cur.execute(
-                "UPDATE devices SET state = ?, bundle_name = ?, bundle_version = ?, staged_version = ?, "
-                "accelerator = ?, agent_version = ?, update_state = ?, last_seen = ? WHERE id = ?",
+            return (
+                kind,
+                device,
                 (
-                    json.dumps(obj, separators=(",", ":")),
+                    payload.decode(),
                     active.get("bundle"),
                     active.get("version"),
                     staged.get("version"),
@@ -212,5 +209,33 @@ class IngestWorker:
                     device,
                 ),
             )
-            return True
         raise InputError(f"unknown message kind {kind!r}")
+
+    @staticmethod
+    def _apply(cur: Any, kind: str, device: str, params: tuple[Any, ...], now: float) -> bool:
+        """Run one prepared statement; False when it was a duplicate."""
+        if kind == "telemetry":
+            cur.execute(
+                "INSERT INTO windows (key, device_id, bundle_name, bundle_version, start, calls, samples, errors, "
+                "nan_outputs, body, received) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (key) DO NOTHING",
+                params,
+            )
+            if cur.rowcount:
+                cur.execute("UPDATE devices SET last_seen = ? WHERE id = ?", (now, device))
+            return bool(cur.rowcount)
+        if kind == "events":
+            cur.execute(
+                "INSERT INTO events (key, device_id, type, ts, body) VALUES (?, ?, ?, ?, ?) "
+                "ON CONFLICT (key) DO NOTHING",
+                params,
+            )
+            return bool(cur.rowcount)
+        if kind == "status":
+            cur.execute("UPDATE devices SET online = ?, last_seen = ? WHERE id = ?", params)
+            return True
+        cur.execute(
+            "UPDATE devices SET state = ?, bundle_name = ?, bundle_version = ?, staged_version = ?, "
+            "accelerator = ?, agent_version = ?, update_state = ?, last_seen = ? WHERE id = ?",
+            params,
+        )
+        return True

@@ -73,6 +73,14 @@ def _order(rollout_id: str, device: str) -> str:
     return hashlib.sha256(f"{rollout_id}/{device}".encode()).hexdigest()
 
 
+def _wait_all(handles: list[Any], timeout: float = 30.0) -> None:
+    """Wait for the broker to take every published order (each handle from `set_desired(..., wait=False)`)."""
+    deadline = time.monotonic() + timeout
+    for h in handles:
+        if h is not None:
+            h.wait_for_publish(max(0.1, deadline - time.monotonic()))
+
+
 class RolloutEngine:
     def __init__(self, db: Database, set_desired: Any, interval: float = 1.0) -> None:
         self.db = db
@@ -247,6 +255,7 @@ class RolloutEngine:
         }
         target = math.ceil(pct / 100 * len(selected))
         now = time.time()
+        sent = []
         for d in selected[:target]:
             if d["id"] in assigned:
                 continue
@@ -254,12 +263,13 @@ class RolloutEngine:
                 status = "updated"
             else:
                 status = "pending"
-                self.set_desired(d["id"], name, version, rid, "update")
+                sent.append(self.set_desired(d["id"], name, version, rid, "update", wait=False))
             self.db.execute(
                 "INSERT INTO rollout_devices (rollout_id, device_id, stage, assigned, previous_version, status) "
                 "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (rollout_id, device_id) DO NOTHING",
                 (rid, d["id"], stage, now, d["version"], status),
             )
+        _wait_all(sent)
         self._record_device_results()
         rows = self.db.query(
             "SELECT device_id, status, previous_version, assigned FROM rollout_devices WHERE rollout_id = ?", (rid,)
@@ -297,9 +307,13 @@ class RolloutEngine:
                 state="rolled_back",
                 gates_result=(stage, result),
             )
-            for dev, status, prev, _ in mine:
-                if status in ("updated", "pending") and prev and prev != version:
-                    self.set_desired(dev, name, prev, rid, "rollback")
+            _wait_all(
+                [
+                    self.set_desired(dev, name, prev, rid, "rollback", wait=False)
+                    for dev, status, prev, _ in mine
+                    if status in ("updated", "pending") and prev and prev != version
+                ]
+            )
 
     def _cohort(self, name: str, devices: list[str], version: str | None, since: float) -> dict[str, Any]:
         if not devices:

@@ -231,6 +231,7 @@ class FleetServer:
             CallbackAPIVersion.VERSION2, client_id=f"edgefleet-server-{os.getpid()}", protocol=mqtt.MQTTv5
         )
         endpoint.configure(pub)
+        pub.max_inflight_messages_set(200)
         pub.reconnect_delay_set(0.5, 10)
         pub.connect_async(endpoint.host, endpoint.port)
         pub.loop_start()
@@ -320,7 +321,11 @@ class FleetServer:
             "url": f"{self.config.base_url}/bundles/{name}/{version}.efb",
         }
 
-    def set_desired(self, device: str, name: str, version: str, rollout: str | None, action: str = "update") -> None:
+    def set_desired(
+        self, device: str, name: str, version: str, rollout: str | None, action: str = "update", wait: bool = True
+    ) -> Any:
+        """Publish DEVICE's desired bundle (retained, QoS 1). Without WAIT the caller waits on the returned
+        handle (`wait_for_publish`), so a stage's hundreds of orders go out pipelined, not one round trip each."""
         doc = {
             "schema": DESIRED_SCHEMA,
             "bundle": self.bundle_ref(name, version),
@@ -329,7 +334,9 @@ class FleetServer:
             "issued_at": time.time(),
         }
         info = self._pub.publish(topic(device, "desired"), json.dumps(doc), qos=1, retain=True)
-        info.wait_for_publish(10)
+        if wait:
+            info.wait_for_publish(10)
+        return info
 
     def register(self, device_id: str, tags: list[str]) -> dict[str, Any]:
         """Provision through the API: credentials and everything a device.toml needs."""

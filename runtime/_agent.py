@@ -140,8 +140,19 @@ class _Health:
                 self.live_ms.append(ms)
 
 
+def _quantile(values: list[float] | deque[float], q: float) -> float | None:
+    """np.percentile's default (linear) rule in plain Python: the watch runs it on short lists, often."""
+    if not values:
+        return None
+    v = sorted(values)
+    pos = q * (len(v) - 1)
+    lo = int(pos)
+    hi = min(lo + 1, len(v) - 1)
+    return float(v[lo] + (v[hi] - v[lo]) * (pos - lo))
+
+
 def _p95(values: list[float] | deque[float]) -> float | None:
-    return float(np.percentile(np.asarray(values), 95)) if len(values) else None
+    return _quantile(values, 0.95)
 
 
 class _Shadow:
@@ -240,7 +251,9 @@ class Agent:
         self._health = _Health()
         self._watch_until = 0.0
         self._next_probe = 0.0
+        self._probe_turn = False
         self._control: Model | None = None
+        self._stats_cache: tuple[float, dict[str, Any]] | None = None
         self._recent_ms: deque[float] = deque(maxlen=500)
         self._desired: Desired | None = None
         self._shadow: _Shadow | None = None
@@ -333,6 +346,7 @@ class Agent:
         with self._model_lock:
             if self._model is not None:
                 self._model.flush_telemetry()
+        self._end_watch()
         if self._client is not None:
             try:
                 if self._connected.is_set():
@@ -377,9 +391,9 @@ class Agent:
         with self._model_lock:
             old, self._model = self._model, new
         self._recent_ms.clear()
+        self._state_dirty = True
         if old is not None:
             old.close()
-        self._state_dirty = True
 
     def _recover(self) -> None:
         """Bring the device to a consistent state after a restart, whatever was interrupted."""
@@ -572,13 +586,11 @@ class Agent:
             assert dl is not None
             failpoint("verify.before")
             try:
-                b = open_bundle(dl, [str(k) for k in self.config.trusted_keys])
-                if (b.manifest.name, b.manifest.version) != (ref.name, ref.version):
-                    raise BundleError(
-                        f"downloaded bundle is {b.manifest.name} {b.manifest.version}, not {ref.name} {ref.version}"
-                    )
-                # Loading it checks the runtime requirements and that every op is known here.
-                self._load(dl).close()
+                # Loading verifies signature and hashes, the runtime requirements and that every op is known here.
+                with self._load(dl) as m:
+                    got = (m.manifest.name, m.manifest.version)
+                if got != (ref.name, ref.version):
+                    raise BundleError(f"downloaded bundle is {got[0]} {got[1]}, not {ref.name} {ref.version}")
             except (BundleError, FileNotFoundError) as exc:
                 self._fail(f"verification failed: {exc}")
                 return
@@ -732,17 +744,20 @@ class Agent:
         model = self._model
         if model is not None and now >= self._next_probe:
             self._next_probe = now + hp.probe_interval_s
-            self._probe(model, control=False)
-            if self._control is not None:
+            # The first run after the loop's sleep pays for caches other work has evicted; taking turns
+            # keeps that cost from always landing on the new bundle.
+            self._probe_turn = not self._probe_turn
+            if self._control is not None and self._probe_turn:
                 self._probe(self._control, control=True)
+                self._probe(model, control=False)
+            else:
+                self._probe(model, control=False)
+                if self._control is not None:
+                    self._probe(self._control, control=True)
         failpoint("watch.tick")
         h = self._health
         with h.lock:
             calls, errors, nan = h.calls, h.errors, h.nan
-            probe_p95, live_p95 = _p95(h.probe_ms), _p95(h.live_ms)
-            control_p95 = _p95(h.control_ms)
-            probe_med = float(np.median(h.probe_ms)) if h.probe_ms else None
-            control_med = float(np.median(h.control_ms)) if h.control_ms else None
             n_probes = min(len(h.probe_ms), len(h.control_ms)) if self._control is not None else len(h.probe_ms)
         err_rate = errors / calls if calls else 0.0
         nan_rate = nan / calls if calls else 0.0
@@ -751,8 +766,16 @@ class Agent:
             bad.append(f"error rate {err_rate:.3f} > {hp.max_error_rate}")
         if calls >= hp.min_calls and nan_rate > hp.max_nan_rate:
             bad.append(f"NaN output rate {nan_rate:.3f} > {hp.max_nan_rate}")
-        old = control_p95 if self._control is not None else self.persisted.old_p95_ms
         at_end = now >= self._watch_until
+        overdue = now >= self._watch_until + 4 * hp.window_s
+        if not (bad or at_end):
+            return  # the latency figures below matter only for a verdict; most ticks have none
+        with h.lock:
+            probe_p95, live_p95 = _p95(h.probe_ms), _p95(h.live_ms)
+            control_p95 = _p95(h.control_ms)
+            probe_med = _quantile(h.probe_ms, 0.5)
+            control_med = _quantile(h.control_ms, 0.5)
+        old = control_p95 if self._control is not None else self.persisted.old_p95_ms
         enough = old is None or n_probes >= _MIN_LATENCY_PROBES
         if at_end and enough and old is not None and probe_p95 is not None:
             limit = max(old * hp.max_p95_ratio, old + hp.p95_slack_ms)
@@ -781,7 +804,7 @@ class Agent:
             failpoint("watch.pass")
             self._end_watch()
             self._persist(UpdateState.COMMITTING, last_result={"health": summary})
-        elif now >= self._watch_until + 4 * hp.window_s:
+        elif overdue:
             reason = f"too little evidence in the health window: {calls} calls, {n_probes} latency probes"
             self._end_watch()
             self._persist(UpdateState.ROLLING_BACK, last_result={"reason": reason, "health": summary}, reason=reason)
@@ -791,6 +814,14 @@ class Agent:
         return json.dumps(
             {"schema": STATUS_SCHEMA, "device_id": self.device_id, "online": online, "ts": time.time()}
         ).encode()
+
+    def _buffer_stats(self) -> dict[str, Any]:
+        # State documents go out on every update transition; the buffer's figures (a few SQL counts)
+        # may be a few seconds old in them.
+        now = time.monotonic()
+        if self._stats_cache is None or now - self._stats_cache[0] > 5.0:
+            self._stats_cache = (now, dict(self.buffer.stats().__dict__))
+        return self._stats_cache[1]
 
     def state_doc(self) -> dict[str, Any]:
         m = self._model
@@ -809,7 +840,7 @@ class Agent:
                 "last_result": st.last_result,
                 "refused": st.refused,
             },
-            "buffer": self.buffer.stats().__dict__,
+            "buffer": self._buffer_stats(),
             "ts": time.time(),
         }
 
@@ -947,7 +978,17 @@ class Agent:
     def _tick_s(self) -> float:
         """How long the loop may sleep: short during an update, else until the next self-test call or
         telemetry window edge, at most 0.5 s (MQTT callbacks wake it earlier)."""
-        if self.persisted.state != UpdateState.IDLE:
+        st = self.persisted.state
+        if st == UpdateState.HEALTH_WATCH:
+            # Probes are due at fixed times; live calls' errors are counted as they happen.
+            now = time.monotonic()
+            due = [0.1, self._next_probe - now]
+            if now < self._watch_until:
+                due.append(self._watch_until - now)
+            if self.config.self_test_hz > 0:
+                due.append(self._next_self_test - now)
+            return max(0.0, min(due))
+        if st != UpdateState.IDLE:
             return 0.02
         tick = 0.5
         if self.config.self_test_hz > 0:
@@ -977,6 +1018,7 @@ class Agent:
             return
         last_state = 0.0
         while not self._stop.is_set():
+            before = self.persisted.state
             try:
                 while True:
                     kind, item = self._inbox.get_nowait()
@@ -1001,5 +1043,7 @@ class Agent:
                 self._publish_state()
             except EdgefleetError as exc:
                 log.error("agent step failed: %s", exc)
+            if self.persisted.state not in (before, UpdateState.IDLE):
+                continue  # an update moved on a state: do the next one's work without sleeping
             self._wake.wait(self._tick_s())
             self._wake.clear()

@@ -51,16 +51,24 @@ class SlotStore:
                 tmp.unlink(missing_ok=True)
         for tmp in self.root.glob(".active.json.*.tmp"):
             tmp.unlink(missing_ok=True)
+        # This store is the pointer's only writer, so what it read or wrote last is what is on disk;
+        # the agent asks many times a second.
+        self._active: SlotInfo | None = None
+        self._known = False
 
     def path(self, slot: str) -> Path:
         return self.root / "slots" / slot / "bundle.efb"
 
     def active(self) -> SlotInfo | None:
         """The active slot, or None before the first install. A pointer that does not parse is an error."""
+        if self._known:
+            return self._active
         if not self.pointer.exists():
             return None
         d = json.loads(self.pointer.read_text())
-        return SlotInfo(str(d["slot"]), str(d["name"]), str(d["version"]), str(d["sha256"]))
+        self._active = SlotInfo(str(d["slot"]), str(d["name"]), str(d["version"]), str(d["sha256"]))
+        self._known = True
+        return self._active
 
     def inactive(self) -> str:
         a = self.active()
@@ -86,6 +94,7 @@ class SlotStore:
 
     def switch(self, info: SlotInfo) -> None:
         """Point at INFO's slot: after this returns (or a crash in it) the pointer is old or new, whole."""
+        self._known = False
         atomic_write(
             self.pointer,
             json.dumps(info.to_dict(), sort_keys=True).encode(),

@@ -14,7 +14,7 @@ import stat
 import tempfile
 import zipfile
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -108,6 +108,7 @@ class Bundle:
     signed_by: str | None
     signature_present: bool
     _members: dict[str, bytes]
+    _golden: np.ndarray | None = field(default=None, init=False, repr=False, compare=False)
 
     def read(self, name: str) -> bytes:
         if name not in self._members:
@@ -126,8 +127,15 @@ class Bundle:
             raise BundleError(f"bundle member '{name}' is not a plain .npy array: {exc}") from exc
 
     def golden_inputs(self) -> np.ndarray | None:
-        p = self.manifest.golden.get("inputs")
-        return None if not p else self.load_array(str(p))
+        """The golden sample's inputs (read-only; parsed once, since devices probe with them often)."""
+        if self._golden is None:
+            p = self.manifest.golden.get("inputs")
+            if not p:
+                return None
+            arr = self.load_array(str(p))
+            arr.flags.writeable = False
+            self._golden = arr
+        return self._golden
 
     def extract(self, directory: str | os.PathLike[str]) -> Path:
         """Write every member under DIRECTORY (created if needed), never outside it."""
