@@ -4,6 +4,7 @@ or stored twice."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -84,7 +85,7 @@ def test_broker_crash_under_telemetry_load_loses_nothing(tmp_path: Path, publish
         assert server.get("/healthz")[0] == 200
         lost = {}
         for dev, starts in _windows(server).items():
-            gaps = [(a, b) for a, b in zip(starts, starts[1:], strict=False) if b - a > WINDOW_S + 1e-6]
+            gaps = [(a, b) for a, b in itertools.pairwise(starts) if b - a > WINDOW_S + 1e-6]
             if gaps:
                 lost[dev] = gaps
         assert not lost, f"windows missing around the crash: {lost}"
