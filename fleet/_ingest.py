@@ -143,9 +143,15 @@ class IngestWorker:
                 continue
             ops.append(op)
         with self.db.transaction() as cur:
+            seen: set[str] = set()
             for kind, device, params in ops:
-                stored = self._apply(cur, kind, device, params, now)
+                stored = self._apply(cur, kind, device, params)
                 counts["stored" if stored else "duplicates"] += 1
+                if stored and kind in ("telemetry", "events"):
+                    seen.add(device)
+            # once per device and batch, not per window
+            for device in sorted(seen):
+                cur.execute("UPDATE devices SET last_seen = ? WHERE id = ?", (now, device))
             counts_named = dict(counts)
             counts_named[f"worker_{self.name}_received"] = counts["received"]
             for k, v in counts_named.items():
@@ -212,7 +218,7 @@ class IngestWorker:
         raise InputError(f"unknown message kind {kind!r}")
 
     @staticmethod
-    def _apply(cur: Any, kind: str, device: str, params: tuple[Any, ...], now: float) -> bool:
+    def _apply(cur: Any, kind: str, device: str, params: tuple[Any, ...]) -> bool:
         """Run one prepared statement; False when it was a duplicate."""
         if kind == "telemetry":
             cur.execute(
@@ -220,8 +226,6 @@ class IngestWorker:
                 "nan_outputs, body, received) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (key) DO NOTHING",
                 params,
             )
-            if cur.rowcount:
-                cur.execute("UPDATE devices SET last_seen = ? WHERE id = ?", (now, device))
             return bool(cur.rowcount)
         if kind == "events":
             cur.execute(
