@@ -200,3 +200,19 @@ def test_manifest_golden_agrees_with_runtime_info(digits_bundle: Path, publisher
     m = rt.load(digits_bundle, [publisher[2]], backend="tflite")
     info = m.info.as_dict()
     assert info["bundle"] == d["name"] and info["version"] == d["version"]
+
+
+def test_onnx_cpu_calls_the_session_directly_with_the_same_results(digits_bundle: Path, publisher) -> None:
+    m = rt.load(digits_bundle, [publisher[2]], backend="onnx")
+    session = m._session
+    assert session._raw is not None  # CPU provider: InferenceSession.run's Python layer is skipped
+    x = m.bundle.golden_inputs()[:4].astype(np.float32)
+    public = session._s.run(None, {session._s.get_inputs()[0].name: x})[0]
+    assert np.array_equal(m.predict(x), public)
+
+    class Changed:  # an onnxruntime whose private session object takes other arguments
+        def run(self, *args: object) -> None:
+            raise TypeError("run() takes 2 positional arguments")
+
+    session._raw = Changed()
+    assert np.array_equal(m.predict(x), public) and session._raw is None
