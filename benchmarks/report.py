@@ -70,7 +70,7 @@ def plot_runtime(d: dict[str, Any], png: Path) -> None:
         vals = [r["us_per_call"][k] for k in keys]
         ax.bar(range(len(keys)), vals, color=["#9ca3af", "#60a5fa", "#2563eb"][: len(keys)])
         ax.set_xticks(range(len(keys)), keys, fontsize=8)
-        ax.set_title(f"{r['model']}\n{r['backend']}", fontsize=8)
+        ax.set_title(f"{r['model']}, {r.get('threads', '?')} thread(s)\n{r['backend']}", fontsize=8)
         ax.set_ylabel("us per call")
         for i, v in enumerate(vals):
             ax.text(i, v, f"{v:.1f}", ha="center", va="bottom", fontsize=8)
