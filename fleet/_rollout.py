@@ -8,7 +8,9 @@ control cohort (selected devices still on another version):
 - enough devices updated and reporting (`min_devices`),
 - update failure rate (devices that failed or rolled back by themselves) <= `max_update_failure`,
 - post-update error rate <= control + `max_error_increase`,
-- p95 latency <= max(control x `max_p95_ratio`, control + `p95_slack_ms`),
+- p95 latency <= max(control x `max_p95_ratio`, control + `p95_slack_ms`); while the canary has made
+  fewer than `reliable_p95_calls` calls its p95 is a handful of calls (a scheduling hiccup can make
+  it), so the median must be slower too: > max(control median x ratio, control median + slack / 2),
 - prediction drift: PSI of the predicted-class distribution against the control <= `max_prediction_psi`,
   judged once both sides have `min_prediction_samples` predictions and only when the difference is
   also significant (chi-square p < `prediction_p_value`).
@@ -48,6 +50,7 @@ DEFAULT_GATES: dict[str, float] = {
     "max_p95_ratio": 1.5,
     # Sub-millisecond models jitter by more than 50% between devices; below this the ratio is not judged.
     "p95_slack_ms": 1.0,
+    "reliable_p95_calls": 1000,
     "max_prediction_psi": 0.25,
     # PSI on a few dozen predictions is noise (an empty class bin alone adds ~0.7): the prediction gate
     # needs this many predictions on each side and a significant chi-square difference as well.
@@ -317,7 +320,7 @@ class RolloutEngine:
 
     def _cohort(self, name: str, devices: list[str], version: str | None, since: float) -> dict[str, Any]:
         if not devices:
-            return {"calls": 0, "errors": 0, "latency": None, "classes": None, "windows": 0}
+            return {"calls": 0, "errors": 0, "latency": None, "median": None, "classes": None, "windows": 0}
         marks = ",".join("?" for _ in devices)
         sql = f"SELECT body FROM windows WHERE bundle_name = ? AND device_id IN ({marks}) AND start >= ?"
         params: list[Any] = [name, *devices, since]
@@ -335,6 +338,7 @@ class RolloutEngine:
             "calls": merged["calls"],
             "errors": errors,
             "latency": latency_quantile(lat, 0.95) if lat else None,
+            "median": latency_quantile(lat, 0.5) if lat else None,
             "classes": merged["outputs"].get("predicted_class"),
             "windows": len(bodies),
         }
@@ -373,7 +377,12 @@ class RolloutEngine:
         if values["p95_ms"] is not None and values["control_p95_ms"] is not None:
             ctl_p95 = values["control_p95_ms"]
             limit = max(ctl_p95 * gates["max_p95_ratio"], ctl_p95 + gates["p95_slack_ms"])
-            if values["p95_ms"] > limit:
+            slow = values["p95_ms"] > limit
+            if slow and new["calls"] < gates.get("reliable_p95_calls", 0) and ctl["median"] is not None:
+                mid_limit = max(ctl["median"] * gates["max_p95_ratio"], ctl["median"] + gates["p95_slack_ms"] / 2)
+                values["p50_ms"], values["control_p50_ms"] = round(new["median"], 4), round(ctl["median"], 4)
+                slow = new["median"] > mid_limit
+            if slow:
                 failed_gates.append(f"p95 {values['p95_ms']:.3f} ms > {limit:.3f} ms (control {ctl_p95:.3f} ms)")
         if new["classes"] is not None and ctl["classes"] is not None and new["classes"].sum() and ctl["classes"].sum():
             n = int(min(new["classes"].sum(), ctl["classes"].sum()))
