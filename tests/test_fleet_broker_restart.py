@@ -10,7 +10,6 @@ import os
 import signal
 import sqlite3
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -41,27 +40,8 @@ def test_broker_crash_under_telemetry_load_loses_nothing(tmp_path: Path, publish
     sim = None
     try:
         assert server.cli("publish", str(mlp_bundles["1.0.0"])).returncode == 0
-        sim = subprocess.Popen(
-            [
-                str(Path(sys.executable).parent / "edgefleet"),
-                "fleet",
-                "simulate",
-                "--devices",
-                str(DEVICES),
-                "--standin",
-                "--rate",
-                "20",
-                "--bundle",
-                "mlp:1.0.0",
-                "--server",
-                server.url,
-                "--token",
-                server.token,
-                "--workdir",
-                str(tmp_path / "sim"),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=open(tmp_path / "sim.log", "wb"),
+        sim = server.simulate(
+            tmp_path / "sim", "--devices", str(DEVICES), "--standin", "--rate", "20", "--bundle", "mlp:1.0.0"
         )
 
         def online() -> int:

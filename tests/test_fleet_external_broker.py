@@ -100,29 +100,9 @@ def test_server_devices_and_rollouts_over_an_external_tls_broker(
         _wait(lambda: _metric(server, 'edgefleet_ingest_messages_total{outcome="stored"}') > 3, 30, "windows stored")
 
         # Devices registered through the API (the simulator) get TLS settings and the CA from the server.
-        sim = subprocess.Popen(
-            [
-                str(Path(sys.executable).parent / "edgefleet"),
-                "fleet",
-                "simulate",
-                "--devices",
-                "4",
-                "--standin",
-                "--bundle",
-                "mlp:1.0.0",
-                "--tags",
-                "sim",
-                "--server",
-                server.url,
-                "--token",
-                server.token,
-                "--workdir",
-                str(tmp_path / "sim"),
-                "--duration",
-                "60",
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=open(tmp_path / "sim.log", "wb"),
+        sim = server.simulate(
+            tmp_path / "sim",
+            *("--devices", "4", "--standin", "--bundle", "mlp:1.0.0", "--tags", "sim", "--duration", "60"),
         )
         try:
             _wait(lambda: sum(d["online"] for d in devices().values()) == 5, 60, "4 simulated devices online")

@@ -78,6 +78,17 @@ class Server:
         """What local commands (provision) need to reach this server's storage."""
         return ["--data-dir", str(self.data), *(["--db", self.db_url] if self.db_url else [])]
 
+    def simulate(self, workdir: Path, *args: str) -> subprocess.Popen[bytes]:
+        """`edgefleet fleet simulate ARGS` against this server; its log goes beside WORKDIR."""
+        return subprocess.Popen(
+            [
+                *(str(Path(sys.executable).parent / "edgefleet"), "fleet", "simulate", *args),
+                *("--server", self.url, "--token", self.token, "--workdir", str(workdir)),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=open(workdir.parent / f"{workdir.name}.log", "wb"),
+        )
+
     def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
         return run_cli("fleet", *args, "--server", self.url, "--token", self.token)
 
@@ -496,32 +507,10 @@ def test_canary_rollouts_complete_and_roll_back_by_themselves(
 def test_simulated_fleet_drift_and_rollout(tmp_path: Path, server: Server, mlp_bundles: dict, digits_npz) -> None:
     for v in ("1.0.0", "2.0.0"):
         assert server.cli("publish", str(mlp_bundles[v])).returncode == 0
-    sim = subprocess.Popen(
-        [
-            str(Path(sys.executable).parent / "edgefleet"),
-            "fleet",
-            "simulate",
-            "--devices",
-            "6",
-            "--server",
-            server.url,
-            "--token",
-            server.token,
-            "--bundle",
-            "mlp:1.0.0",
-            "--tags",
-            "sim",
-            "--drift",
-            "cohort-1:0.4",
-            "--rate",
-            "10",
-            "--workdir",
-            str(tmp_path / "sim"),
-            "--inputs",
-            str(digits_npz["eval"]),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=open(tmp_path / "sim.log", "wb"),
+    sim = server.simulate(
+        tmp_path / "sim",
+        *("--devices", "6", "--bundle", "mlp:1.0.0", "--tags", "sim", "--drift", "cohort-1:0.4", "--rate", "10"),
+        *("--inputs", str(digits_npz["eval"])),
     )
     try:
 
