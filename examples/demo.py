@@ -271,6 +271,17 @@ def _versions(api: Api) -> dict[str, int]:
     return counts
 
 
+def _laggards(api: Api, version: str) -> str:
+    """Why devices are not on VERSION: each one's newest update event, for the error message."""
+    out = []
+    for d in api("GET", "/api/devices"):
+        if d["bundle_version"] != version:
+            evs = [e for e in api("GET", f"/api/devices/{d['id']}/events") ][:1]
+            last = f"{evs[0]['type']} {evs[0]['body'].get('reason', '')}".strip() if evs else "no events"
+            out.append(f"{d['id']} on {d['bundle_version']} ({last})")
+    return "; ".join(out)
+
+
 def _rollout(api: Api, story: Story, s: dict[str, Any], bundle: str, gates: dict[str, float], timeout: float) -> Any:
     r = api("POST", "/api/rollouts", {"bundle": bundle, "selector": SELECTOR, "stages": [10, 50, 100], "gates": gates})
     rid = r["id"]
@@ -402,6 +413,11 @@ def scenario(args: argparse.Namespace) -> int:
         gates = {"min_stage_s": args.stage_s}
         s = story.step("Roll out v2 in canary stages")
         st = _rollout(api, story, s, "digits:2.0.0", gates, 600)
+        # The registry follows the devices' state messages, which may trail the events the rollout counts.
+        try:
+            _wait("every device on v2", lambda: _versions(api).get("2.0.0") == args.devices, 20)
+        except DemoFailed:
+            pass
         counts = _versions(api)
         story.say(
             s,
@@ -411,7 +427,9 @@ def scenario(args: argparse.Namespace) -> int:
             v2_gates=[x.get("gates") for x in st["stages"]],
         )
         if st["state"] != "completed" or counts.get("2.0.0") != args.devices:
-            raise DemoFailed(f"the v2 rollout ended {st['state']} with devices {counts}")
+            raise DemoFailed(
+                f"the v2 rollout ended {st['state']} with devices {counts}: {_laggards(api, '2.0.0')}"
+            )
 
         s = story.step("Roll out the bad v3: its first stage breaks the gates")
         st = _rollout(api, story, s, "digits:3.0.0", gates, 600)

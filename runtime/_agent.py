@@ -1037,10 +1037,12 @@ class Agent:
                 m = self._model
                 if m is not None:
                     m.flush_telemetry(force=False)
-                self._drain()
                 if time.monotonic() - last_state > 30:
                     self._state_dirty, last_state = True, time.monotonic()
+                # State before events: the server marks a device updated on its 'committed' event, and its
+                # registry (active version) should not lag behind that.
                 self._publish_state()
+                self._drain()
             except EdgefleetError as exc:
                 log.error("agent step failed: %s", exc)
             if self.persisted.state not in (before, UpdateState.IDLE):
