@@ -18,6 +18,7 @@ import json
 import logging
 import queue
 import random
+import sqlite3
 import threading
 import time
 import uuid
@@ -94,7 +95,8 @@ class _Persisted:
     def to_json(self) -> bytes:
         d = dict(self.__dict__)
         d["state"] = self.state.value
-        return json.dumps(d, sort_keys=True, indent=1).encode()
+        # No indent: json's C encoder does not do indentation, and this is written on every transition.
+        return json.dumps(d, sort_keys=True).encode()
 
     @classmethod
     def from_json(cls, data: bytes) -> _Persisted:
@@ -240,6 +242,7 @@ class Agent:
         self._pub_lock = threading.Lock()
         self._inflight: dict[int, str] = {}
         self._early: OrderedDict[int, bool] = OrderedDict()
+        self._acked: list[str] = []  # acknowledged by the broker, still to delete from the buffer
         self._link_gen = 0
         self._cursor = 0
         # (records added, link generation, cursor) when the buffer was last drained dry: nothing to query.
@@ -253,6 +256,10 @@ class Agent:
         self._next_probe = 0.0
         self._probe_turn = False
         self._control: Model | None = None
+        # The slot the active model was loaded from, and a smoke-tested candidate (slot, sha256, model) kept
+        # open for the switch: each load verifies the whole bundle again, and an update needed four.
+        self._active_info: SlotInfo | None = None
+        self._staged: tuple[str, str, Model] | None = None
         self._stats_cache: tuple[float, dict[str, Any]] | None = None
         self._recent_ms: deque[float] = deque(maxlen=500)
         self._desired: Desired | None = None
@@ -347,6 +354,7 @@ class Agent:
             if self._model is not None:
                 self._model.flush_telemetry()
         self._end_watch()
+        self._drop_staged()
         if self._client is not None:
             try:
                 if self._connected.is_set():
@@ -356,6 +364,7 @@ class Agent:
             except (RuntimeError, ValueError, OSError):
                 pass
             self._client.loop_stop()
+        self._apply_acks()
         self.buffer.close()
 
     def run_forever(self) -> None:
@@ -377,11 +386,14 @@ class Agent:
             session_factory=self._session_factory,
         )
 
-    def _activate(self, info: SlotInfo | None) -> None:
-        """Make the model in INFO's slot the one `predict` uses (None: no model)."""
+    def _activate(
+        self, info: SlotInfo | None, model: Model | None = None, keep: SlotInfo | None = None
+    ) -> Model | None:
+        """Make the model in INFO's slot the one `predict` uses (None: no model). MODEL: that slot's bundle,
+        already loaded and checked. The model it replaces is closed, or returned when it is KEEP's."""
         new = None
         if info is not None:
-            new = self._load(self.slots.path(info.slot))
+            new = model if model is not None else self._load(self.slots.path(info.slot))
             new.attach_telemetry(
                 self.buffer,
                 device_id=self.device_id,
@@ -390,10 +402,29 @@ class Agent:
             )
         with self._model_lock:
             old, self._model = self._model, new
+            old_info, self._active_info = self._active_info, info
         self._recent_ms.clear()
         self._state_dirty = True
-        if old is not None:
-            old.close()
+        if old is None:
+            return None
+        if keep is not None and old_info is not None and (old_info.slot, old_info.sha256) == (keep.slot, keep.sha256):
+            old.detach_telemetry()
+            return old
+        old.close()
+        return None
+
+    def _take_staged(self, slot: str, sha256: str) -> Model | None:
+        st, self._staged = self._staged, None
+        if st is not None and (st[0], st[1]) == (slot, sha256):
+            return st[2]
+        if st is not None:
+            st[2].close()
+        return None
+
+    def _drop_staged(self) -> None:
+        if self._staged is not None:
+            self._staged[2].close()
+            self._staged = None
 
     def _recover(self) -> None:
         """Bring the device to a consistent state after a restart, whatever was interrupted."""
@@ -554,6 +585,9 @@ class Agent:
         st = self.persisted
         if st.state == UpdateState.IDLE or time.monotonic() < self._backoff_until:
             return
+        if st.state == UpdateState.HEALTH_WATCH:
+            self._watch()  # every tick of the window: nothing below is needed for it
+            return
         target = Desired(
             BundleRef.parse(st.target["bundle"], "target") if st.target else None,
             (st.target or {}).get("action", "update"),
@@ -609,17 +643,24 @@ class Agent:
         elif st.state == UpdateState.SMOKE_TEST:
             failpoint("smoke.before")
             slot = st.target_slot or ""
+            self._drop_staged()
             try:
                 cand = self._load(self.slots.path(slot))
-                res = cand.check_golden()
-                new_ms = self._golden_p95(cand)
-                cand.close()
             except (BundleError, OSError) as exc:
                 self._fail(f"smoke test failed: {exc}")
                 return
+            try:
+                res = cand.check_golden()
+                new_ms = self._golden_p95(cand)
+            except (BundleError, OSError) as exc:
+                cand.close()
+                self._fail(f"smoke test failed: {exc}")
+                return
             if not res.ok:
+                cand.close()
                 self._fail(f"smoke test failed: golden outputs differ by {res.max_abs_diff:.4g} (atol {res.atol:.4g})")
                 return
+            self._staged = (slot, ref.sha256, cand)
             old_ms = self._golden_p95(self._model) if self._model is not None else None
             failpoint("smoke.after")
             self._persist(UpdateState.SWITCHING, old_p95_ms=old_ms, last_result={"smoke_p95_ms": new_ms})
@@ -632,15 +673,15 @@ class Agent:
                 failpoint("switch.before")
                 self.slots.switch(SlotInfo(slot, ref.name, ref.version, ref.sha256))
             failpoint("switch.after")
-            self._activate(self.slots.active())
+            prev = SlotInfo(**st.previous) if st.previous else None
+            # The previous bundle, still loaded, becomes the health window's latency control.
+            old = self._activate(self.slots.active(), self._take_staged(slot, ref.sha256), keep=prev)
             if st.previous is None:
                 # First install through the fleet: nothing to roll back to, so nothing to watch against.
                 self._persist(UpdateState.COMMITTING)
             else:
                 self._persist(UpdateState.HEALTH_WATCH)
-                self._begin_watch()
-        elif st.state == UpdateState.HEALTH_WATCH:
-            self._watch()
+                self._begin_watch(old)
         elif st.state == UpdateState.COMMITTING:
             failpoint("commit.before")
             active = self.slots.active()
@@ -702,13 +743,15 @@ class Agent:
             times.append((time.perf_counter() - t0) * 1000)
         return _p95(times)
 
-    def _begin_watch(self) -> None:
+    def _begin_watch(self, control: Model | None = None) -> None:
         self._health.reset()
         self._watch_until = time.monotonic() + self.config.health.window_s
         self._next_probe = 0.0
         self._end_watch()
         prev = self.persisted.previous
-        if prev is not None:
+        if control is not None:
+            self._control = control
+        elif prev is not None:
             # The previous bundle is probed alongside the new one, so both latencies are measured under the
             # same load at the same time: a busy device does not fail a good bundle.
             try:
@@ -922,12 +965,26 @@ class Agent:
                 self._early[mid] = ok
                 while len(self._early) > 1024:
                     self._early.popitem(last=False)
-        if key is not None and ok:
-            self.buffer.ack(key)
+            if key is not None and ok:
+                # Deleted by the loop thread, many in one transaction: this is paho's network thread.
+                self._acked.append(key)
         self._wake.set()  # room in flight again
+
+    def _apply_acks(self) -> None:
+        with self._pub_lock:
+            keys, self._acked = self._acked, []
+        if not keys:
+            return
+        try:
+            self.buffer.ack(*keys)
+        except sqlite3.Error as exc:
+            log.warning("cannot remove %d acknowledged records from the buffer yet: %s", len(keys), exc)
+            with self._pub_lock:
+                self._acked[:0] = keys
 
     def _drain(self) -> None:
         """Publish buffered windows and events oldest first, within the bandwidth cap and in-flight limit."""
+        self._apply_acks()
         if self._client is None or not self._connected.is_set():
             return
         rate = self.config.drain_bytes_per_s
@@ -980,9 +1037,10 @@ class Agent:
         telemetry window edge, at most 0.5 s (MQTT callbacks wake it earlier)."""
         st = self.persisted.state
         if st == UpdateState.HEALTH_WATCH:
-            # Probes are due at fixed times; live calls' errors are counted as they happen.
+            # Probes are due at fixed times; live calls' errors are counted as they happen and judged at the
+            # next probe (a device watching hundreds of windows at once pays for every wake-up).
             now = time.monotonic()
-            due = [0.1, self._next_probe - now]
+            due = [0.5, self._next_probe - now]
             if now < self._watch_until:
                 due.append(self._watch_until - now)
             if self.config.self_test_hz > 0:

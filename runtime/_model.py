@@ -133,6 +133,11 @@ class Model:
         self._telemetry = agg
         return agg
 
+    def detach_telemetry(self) -> None:
+        """Hand the last window to the buffer and stop recording."""
+        self.flush_telemetry()
+        self._telemetry = None
+
     def flush_telemetry(self, force: bool = True) -> None:
         if self._telemetry is not None:
             self._telemetry.flush(force=force)

@@ -288,14 +288,22 @@ class TelemetryBuffer:
             ).fetchall()
         return [(int(s), str(t), str(k), bytes(b)) for s, t, k, b in rows]
 
-    def ack(self, key: str) -> None:
-        """The server has the window KEY: it may leave the buffer."""
+    def ack(self, *keys: str) -> None:
+        """The server has the windows KEYS: they may leave the buffer (one transaction for all)."""
+        if not keys:
+            return
         with self._lock:
-            row = self._db.execute("SELECT size FROM windows WHERE key = ?", (key,)).fetchone()
-            if row is None:
-                return
-            self._db.execute("DELETE FROM windows WHERE key = ?", (key,))
-            self._bytes -= int(row[0])
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                freed = 0
+                for key in keys:
+                    rows = self._db.execute("DELETE FROM windows WHERE key = ? RETURNING size", (key,)).fetchall()
+                    freed += sum(int(r[0]) for r in rows)
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._rollback()
+                raise
+            self._bytes -= freed
 
     def windows(self, kind: str = "telemetry") -> Iterator[dict[str, Any]]:
         """The stored, unacknowledged records of KIND, oldest first."""

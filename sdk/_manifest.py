@@ -5,9 +5,10 @@ The authoritative description is docs/bundle-format.md; keep the two in step.
 
 from __future__ import annotations
 
+import copy
 import json
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 from ._errors import BundleError
@@ -209,10 +210,20 @@ class ModelEntry:
         )
 
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["inputs"] = [t.to_dict() for t in self.inputs]
-        d["outputs"] = [t.to_dict() for t in self.outputs]
-        return d
+        # Spelled out, not dataclasses.asdict: every bundle load serialises the manifest to check its form.
+        return {
+            "id": self.id,
+            "format": self.format,
+            "path": self.path,
+            "precision": self.precision,
+            "inputs": [t.to_dict() for t in self.inputs],
+            "outputs": [t.to_dict() for t in self.outputs],
+            "requirements": copy.deepcopy(self.requirements),
+            "accelerators": list(self.accelerators),
+            "metrics": copy.deepcopy(self.metrics),
+            "golden_outputs": self.golden_outputs,
+            "golden_tolerance": dict(self.golden_tolerance),
+        }
 
 
 @dataclass
@@ -255,7 +266,10 @@ class Manifest:
             "created_by": dict(self.created_by),
             "source": self.source,
             "models": [m.to_dict() for m in self.models],
-            "files": [asdict(fe) for fe in sorted(self.files, key=lambda e: e.path)],
+            "files": [
+                {"path": fe.path, "sha256": fe.sha256, "size": fe.size}
+                for fe in sorted(self.files, key=lambda e: e.path)
+            ],
             "preprocessing": self.preprocessing,
             "labels": list(self.labels),
             "steps": self.steps,
