@@ -61,6 +61,7 @@ _MAX_INFLIGHT = 32
 _DOWNLOAD_RETRIES = 8
 _WARMUP_PROBES = 3
 _MIN_LATENCY_PROBES = 10
+_IDLE_TICK_S = 2.0  # the longest an idle agent sleeps with nothing due
 _RELIABLE_P95_PROBES = 100
 
 
@@ -249,8 +250,11 @@ class Agent:
         self._drained: tuple[int, int, int] | None = None
         # Set by MQTT callbacks and stop(): the loop wakes at once instead of polling fast when idle.
         self._wake = threading.Event()
+        self.buffer.on_add = self._wake.set  # a closed window or an event: send it without waiting for a tick
         self._tokens = 0.0
         self._tokens_at = time.monotonic()
+        self._passes = 0  # loop passes, for tests that check an idle agent sleeps
+        self._drain_retry_at = 0.0  # when a send held back by the bandwidth cap or a refused publish is due
         self._health = _Health()
         self._watch_until = 0.0
         self._next_probe = 0.0
@@ -1005,10 +1009,12 @@ class Agent:
         for seq, kind, key, body in rows:
             if self._tokens < len(body) and self._tokens < rate:
                 dry = False
+                self._drain_retry_at = now + (min(len(body), rate) - self._tokens) / rate
                 break
             info = self._client.publish(topic(self.device_id, kind), body, qos=1)
             if info.rc != 0:
                 dry = False
+                self._drain_retry_at = now + 0.5
                 break
             with self._pub_lock:
                 early = self._early.pop(info.mid, None)
@@ -1048,10 +1054,22 @@ class Agent:
             return max(0.0, min(due))
         if st != UpdateState.IDLE:
             return 0.02
-        tick = 0.5
+        # Idle: messages, PUBACKs and new buffer records wake the loop; otherwise it sleeps until a window
+        # closes, a self-test call or a bandwidth-capped send is due (a thousand idle agents share a host
+        # in the simulator, and a device's CPU is better spent on its app).
+        now = time.monotonic()
+        due = [_IDLE_TICK_S]
+        if self._drain_retry_at > now:  # one in the past was tried in this very loop pass
+            due.append(self._drain_retry_at - now)
         if self.config.self_test_hz > 0:
-            tick = min(tick, max(0.0, self._next_self_test - time.monotonic()))
-        return tick
+            due.append(self._next_self_test - now)
+        m = self._model
+        left = m.telemetry_due_s() if m is not None else None
+        if left is not None:
+            due.append(left + 0.01)
+        if self._shadow is not None:
+            due.append(self._shadow.deadline - now)
+        return max(0.0, min(due))
 
     def _self_test(self) -> None:
         hz = self.config.self_test_hz
@@ -1076,6 +1094,7 @@ class Agent:
             return
         last_state = 0.0
         while not self._stop.is_set():
+            self._passes += 1
             before = self.persisted.state
             try:
                 while True:

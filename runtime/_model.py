@@ -138,6 +138,11 @@ class Model:
         self.flush_telemetry()
         self._telemetry = None
 
+    def telemetry_due_s(self) -> float | None:
+        """Seconds until the telemetry window closes (None without telemetry)."""
+        tel = self._telemetry
+        return None if tel is None else tel.seconds_left()
+
     def flush_telemetry(self, force: bool = True) -> None:
         if self._telemetry is not None:
             self._telemetry.flush(force=force)

@@ -97,6 +97,8 @@ class TelemetryBuffer:
         self.reset_reason: str | None = None
         # Records stored by this process: lets a reader skip querying when nothing new arrived.
         self.added = 0
+        # Called (outside the lock) after each stored record: lets a sender sleep until there is work.
+        self.on_add: Callable[[], None] | None = None
         self._lock = threading.RLock()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
@@ -186,15 +188,19 @@ class TelemetryBuffer:
                     self._db.execute("COMMIT")
                     self._bytes += len(body)
                     self.added += 1
-                    return
+                    break
                 except sqlite3.OperationalError as exc:
                     self._rollback()
                     self._bytes = int(self._db.execute("SELECT COALESCE(SUM(size), 0) FROM windows").fetchone()[0])
                     if not _is_full(exc):
                         raise
                     self._on_full(attempt)
-            # Still full after freeing space: this window is the one lost, and counted.
-            self._count_quietly("dropped_windows")
+            else:
+                # Still full after freeing space: this window is the one lost, and counted.
+                self._count_quietly("dropped_windows")
+                return
+        if self.on_add is not None:
+            self.on_add()
 
     def _rollback(self) -> None:
         try:
@@ -506,6 +512,10 @@ class WindowAggregator:
             "inputs": counts["inputs"],
             "outputs": {"predicted_class": counts["predicted_class"], "confidence": counts["confidence"]},
         }
+
+    def seconds_left(self) -> float:
+        """Time until the current window is due to close."""
+        return max(0.0, self._end - self._clock())
 
     def flush(self, force: bool = False) -> None:
         """Close the current window if its time is up (or now, with FORCE) and hand it to the sink."""

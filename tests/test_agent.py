@@ -317,6 +317,29 @@ def test_shadow_mode_in_process(tmp_path: Path, broker: Mosquitto, files: FileSe
         agent.stop()
 
 
+def test_an_idle_agent_sleeps_until_something_is_due(
+    tmp_path: Path, broker: Mosquitto, observer, mlp_bundles, publisher
+):
+    from edgefleet.runtime import Agent, load_config
+
+    dev = Device(tmp_path / "d", "dev-i", broker, publisher, mlp_bundles["1.0.0"], self_test_hz=0, window_s=2.0)
+    agent = Agent(load_config(dev.config))
+    agent.start()
+    try:
+        observer.wait(lambda: _idle_on(observer, "dev-i", "1.0.0"), 30, "v1 installed")
+        x = open_bundle(mlp_bundles["1.0.0"]).golden_inputs()[:1]
+        time.sleep(1.0)
+        passes, n_windows = agent._passes, len(observer.windows("dev-i"))
+        for _ in range(60):  # the app's calls do not wake the agent's loop
+            agent.predict(x)
+            time.sleep(0.1)
+        # Woken for each 2 s window (closing it, sending it, its PUBACK), not on a short fixed tick or a spin.
+        assert agent._passes - passes <= 20, agent._passes - passes
+        observer.wait(lambda: len(observer.windows("dev-i")) >= n_windows + 2, 10, "windows still sent on time")
+    finally:
+        agent.stop()
+
+
 def test_corrupt_buffer_is_replaced_and_reported(tmp_path, broker, observer, mlp_bundles, publisher) -> None:
     dev = Device(tmp_path / "d", "dev-c", broker, publisher, mlp_bundles["1.0.0"])
     dev.data.mkdir(parents=True)
