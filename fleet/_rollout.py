@@ -5,7 +5,9 @@ restarted server carries on where it was. Per stage the engine orders its share 
 new bundle, waits `min_stage_s` (and for the devices to report), then checks the gates against the
 control cohort (selected devices still on another version):
 
-- enough devices updated and reporting (`min_devices`),
+- enough devices updated (`min_devices`), and as many of them (at most all) sending telemetry on the
+  new version: until they do, the error, latency and drift gates would pass on no evidence, so the
+  stage waits, and halts at `stage_timeout_s`,
 - update failure rate (devices that failed or rolled back by themselves) <= `max_update_failure`,
 - post-update error rate <= control + `max_error_increase`,
 - p95 latency <= max(control x `max_p95_ratio`, control + `p95_slack_ms`); while the canary has made
@@ -288,8 +290,16 @@ class RolloutEngine:
         if pending:
             result["ok"] = False
             result["halt"] = f"{len(pending)} device(s) did not report within {gates['stage_timeout_s']} s"
-        if result["ok"] and result["wait_for_predictions"] and now - started < gates["stage_timeout_s"]:
-            return  # too few predictions yet to judge prediction drift: watch longer
+        waiting = result["wait_for_predictions"] or result["wait_for_telemetry"]
+        if result["ok"] and waiting and now - started < gates["stage_timeout_s"]:
+            return  # too few predictions yet to judge prediction drift, or no telemetry at all: watch longer
+        if result["ok"] and result["wait_for_telemetry"]:
+            v = result["values"]
+            result["ok"] = False
+            result["halt"] = (
+                f"only {v['devices_reporting']} of {v['devices_updated']} updated device(s) sent telemetry on "
+                f"{version} within {gates['stage_timeout_s']} s"
+            )
         if result["ok"]:
             if stage + 1 < len(r["stages"]):
                 self._update(
@@ -320,14 +330,24 @@ class RolloutEngine:
 
     def _cohort(self, name: str, devices: list[str], version: str | None, since: float) -> dict[str, Any]:
         if not devices:
-            return {"calls": 0, "errors": 0, "latency": None, "median": None, "classes": None, "windows": 0}
+            return {
+                "calls": 0,
+                "errors": 0,
+                "latency": None,
+                "median": None,
+                "classes": None,
+                "windows": 0,
+                "reporting": 0,
+            }
         marks = ",".join("?" for _ in devices)
-        sql = f"SELECT body FROM windows WHERE bundle_name = ? AND device_id IN ({marks}) AND start >= ?"
+        sql = f"SELECT device_id, body FROM windows WHERE bundle_name = ? AND device_id IN ({marks}) AND start >= ?"
         params: list[Any] = [name, *devices, since]
         if version is not None:
             sql += " AND bundle_version = ?"
             params.append(version)
-        bodies = [json.loads(b) for (b,) in self.db.query(sql, params)]
+        rows = self.db.query(sql, params)
+        bodies = [json.loads(b) for _, b in rows]
+        reporting = len({d for (d, _), w in zip(rows, bodies, strict=True) if w.get("calls")})
         merged = merge_windows(bodies)
         lat: list[int] = []
         for w in bodies:
@@ -341,6 +361,7 @@ class RolloutEngine:
             "median": latency_quantile(lat, 0.5) if lat else None,
             "classes": merged["outputs"].get("predicted_class"),
             "windows": len(bodies),
+            "reporting": reporting,
         }
 
     def _gates(
@@ -355,6 +376,7 @@ class RolloutEngine:
         ctl = self._cohort(name, control_ids, None, since)
         values: dict[str, Any] = {
             "devices_updated": len(updated),
+            "devices_reporting": new["reporting"],
             "update_failure_rate": round(len(failed) / len(assigned), 4) if assigned else 0.0,
             "error_rate": round(new["errors"] / new["calls"], 4) if new["calls"] else None,
             "control_error_rate": round(ctl["errors"] / ctl["calls"], 4) if ctl["calls"] else None,
@@ -400,10 +422,12 @@ class RolloutEngine:
                 )
         # With a control cohort to compare against, too few predictions means: watch the stage longer.
         wait = bool(control_ids) and values["prediction_samples"] < gates["min_prediction_samples"]
+        silent = bool(updated) and new["reporting"] < min(int(gates["min_devices"]), len(updated))
         return {
             "ok": not failed_gates,
             "failed_gates": failed_gates,
             "values": values,
             "wait_for_predictions": wait,
+            "wait_for_telemetry": silent,
             "ts": time.time(),
         }

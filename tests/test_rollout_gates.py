@@ -43,7 +43,7 @@ def db(tmp_path: Path) -> Database:
     return Database(f"sqlite:///{tmp_path / 'fleet.db'}")
 
 
-def _gates(db: Database, canary: dict[float, int]) -> dict:
+def _gates(db: Database, canary: dict[float, int], canary_windows: bool = True) -> dict:
     now = time.time()
     with db.transaction() as cur:
         for i in range(6):
@@ -53,6 +53,8 @@ def _gates(db: Database, canary: dict[float, int]) -> dict:
                 (dev, json.dumps(["g"]), now, version),
             )
             w = _window(dev, version, canary if i < 2 else {0.4: 195, 0.5: 5}, now)
+            if i < 2 and not canary_windows:
+                continue
             cur.execute(
                 "INSERT INTO windows (key, device_id, bundle_name, bundle_version, start, calls, samples, errors, "
                 "nan_outputs, body, received) VALUES (?, ?, 'm', ?, ?, ?, ?, 0, 0, ?, ?)",
@@ -76,3 +78,11 @@ def test_a_slow_canary_fails_the_latency_gate(db: Database) -> None:
 def test_with_enough_calls_the_p95_alone_decides(db: Database) -> None:
     res = _gates(db, {0.4: 900, 2.5: 100})  # 1,000 calls per device: a reliable p95
     assert not res["ok"] and any(g.startswith("p95") for g in res["failed_gates"]), res
+
+
+def test_updated_devices_without_telemetry_hold_the_stage(db: Database) -> None:
+    # Committed, but nothing reported on the new version yet: every telemetry gate would pass on nothing.
+    res = _gates(db, {0.4: 100}, canary_windows=False)
+    assert res["wait_for_telemetry"] and res["values"]["devices_reporting"] == 0, res
+    res = _gates(Database(db.url.replace("fleet.db", "fleet2.db")), {0.4: 100})
+    assert not res["wait_for_telemetry"] and res["values"]["devices_reporting"] == 2 and res["ok"], res
