@@ -302,13 +302,16 @@ class RolloutEngine:
             )
         if result["ok"]:
             if stage + 1 < len(r["stages"]):
+                # The next stage starts when its orders go out, at once: judging the gates can take seconds
+                # on a large fleet, and that is no part of the next stage's time.
                 self._update(
                     rid,
                     note=f"stage {stage} passed its gates",
                     stage=stage + 1,
-                    stage_started=now,
+                    stage_started=time.time(),
                     gates_result=(stage, result),
                 )
+                self._advance(rid)
             else:
                 self._update(rid, note="last stage passed: completed", state="completed", gates_result=(stage, result))
         elif result.get("halt") and not result["failed_gates"]:
