@@ -55,18 +55,24 @@ def quantize_tflite(path: Path, mode: str, calib: Dataset | None, io: str) -> st
 
 
 def _calibrate(path: Path, calib: Dataset) -> Any:
-    aeq = require("ai_edge_quantizer", "convert", "TFLite quantization of PyTorch models")
+    require("ai_edge_quantizer", "convert", "TFLite quantization of PyTorch models")
     from ai_edge_litert.interpreter import Interpreter
-    from ai_edge_quantizer import recipe
+    from ai_edge_quantizer import calibrator, recipe, recipe_manager
+    from ai_edge_quantizer.utils import qsv_utils
 
     sig = "serving_default"
     name = Interpreter(model_path=str(path)).get_signature_list()[sig]["inputs"][0]
     data = {sig: [{name: np.ascontiguousarray(calib.x[i : i + 1], dtype=np.float32)} for i in range(len(calib))]}
-    qt = aeq.Quantizer(str(path))
-    qt.load_quantization_recipe(recipe.static_wi8_ai8())
+    rm = recipe_manager.RecipeManager()
+    rm.load_quantization_recipe(recipe.static_wi8_ai8())
+    # Plain min/max over the whole calibration set. `Quantizer.calibrate` keeps a moving average (0.95) of
+    # each sample's min/max, which with one sample per step narrows the ranges to the last few samples:
+    # measured on EfficientNet-Lite0, top-1 agreement with fp32 0.41 that way, 0.865 with min/max.
+    cal = calibrator.Calibrator(path.read_bytes(), num_threads=2, qsv_update_func=qsv_utils.min_max_update)
     # AI Edge Quantizer draws a progress bar per tensor on stderr; the build reports its own progress.
     with contextlib.redirect_stdout(StringIO()), contextlib.redirect_stderr(StringIO()):
-        return qt.calibrate(data)
+        cal.calibrate(data, rm)
+    return cal.get_model_qsvs()
 
 
 def _static(path: Path, calibration: Any, keep_float: list[str], only: str | None = None) -> bytes:

@@ -226,3 +226,27 @@ def test_accuracy_gate_fixes_an_outlier_channel(tmp_path: Path, teacher, digits:
     assert art["precision"] == "mixed" and info["kept_in_float"], info
     assert src - art["accuracy"] <= 0.01
     assert open_bundle(tmp_path / "g.efb").manifest.models[0].precision == "mixed"
+
+
+def test_tflite_calibration_keeps_the_range_of_every_sample(tmp_path: Path) -> None:
+    # One sample with a wide range among many narrow ones: the activation range must cover it (a moving
+    # average of per-sample ranges, AI Edge Quantizer's default, all but forgets it and clips).
+    import contextlib
+    import io
+
+    import litert_torch
+
+    from edgefleet.converters._tflite_quant import _calibrate
+
+    net = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU()).eval()
+    with torch.no_grad():
+        net[0].weight.copy_(torch.eye(8))
+        net[0].bias.zero_()
+    path = tmp_path / "m.tflite"
+    with contextlib.redirect_stdout(io.StringIO()):
+        litert_torch.convert(net, (torch.zeros(1, 8),)).export(str(path))
+    x = np.full((40, 8), 0.5, np.float32)
+    x[0] = 20.0
+    qsvs = _calibrate(path, Dataset(x))
+    highest = max(float(np.max(q["max"])) for q in qsvs.values() if q and "max" in q)
+    assert highest >= 19.9, qsvs
