@@ -276,7 +276,7 @@ def _laggards(api: Api, version: str) -> str:
     out = []
     for d in api("GET", "/api/devices"):
         if d["bundle_version"] != version:
-            evs = [e for e in api("GET", f"/api/devices/{d['id']}/events") ][:1]
+            evs = api("GET", f"/api/devices/{d['id']}/events")[:1]
             last = f"{evs[0]['type']} {evs[0]['body'].get('reason', '')}".strip() if evs else "no events"
             out.append(f"{d['id']} on {d['bundle_version']} ({last})")
     return "; ".join(out)
@@ -427,9 +427,7 @@ def scenario(args: argparse.Namespace) -> int:
             v2_gates=[x.get("gates") for x in st["stages"]],
         )
         if st["state"] != "completed" or counts.get("2.0.0") != args.devices:
-            raise DemoFailed(
-                f"the v2 rollout ended {st['state']} with devices {counts}: {_laggards(api, '2.0.0')}"
-            )
+            raise DemoFailed(f"the v2 rollout ended {st['state']} with devices {counts}: {_laggards(api, '2.0.0')}")
 
         s = story.step("Roll out the bad v3: its first stage breaks the gates")
         st = _rollout(api, story, s, "digits:3.0.0", gates, 600)

@@ -418,11 +418,11 @@ class Agent:
         return None
 
     def _take_staged(self, slot: str, sha256: str) -> Model | None:
-        st, self._staged = self._staged, None
+        st = self._staged
         if st is not None and (st[0], st[1]) == (slot, sha256):
+            self._staged = None
             return st[2]
-        if st is not None:
-            st[2].close()
+        self._drop_staged()
         return None
 
     def _drop_staged(self) -> None:
@@ -1039,8 +1039,8 @@ class Agent:
         self._client.publish(topic(self.device_id, "state"), body, qos=1, retain=True)
 
     def _tick_s(self) -> float:
-        """How long the loop may sleep: short during an update, else until the next self-test call or
-        telemetry window edge, at most 0.5 s (MQTT callbacks wake it earlier)."""
+        """How long the loop may sleep: short during an update, to the next probe in the health window, else
+        until something is due, at most `_IDLE_TICK_S` (MQTT callbacks and new buffer records wake it earlier)."""
         st = self.persisted.state
         if st == UpdateState.HEALTH_WATCH:
             # Probes are due at fixed times; live calls' errors are counted as they happen and judged at the
