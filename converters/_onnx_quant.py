@@ -160,7 +160,11 @@ def _bias_correct(src: Path, dst: Path, x: np.ndarray, skip: frozenset[str] = fr
     targets = [
         n
         for n in model.graph.node
-        if n.op_type in ("Conv", "Gemm") and len(n.input) > 2 and n.input[1] in weights and n.input[2] in weights
+        if n.op_type in ("Conv", "Gemm")
+        and n.name not in skip
+        and len(n.input) > 2
+        and n.input[1] in weights
+        and n.input[2] in weights
     ]
     probe = onnx.ModelProto()
     probe.CopyFrom(model)

@@ -7,8 +7,10 @@ import json
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
+from onnx import numpy_helper
 
 from edgefleet import InputError, open_bundle
 from edgefleet.converters import BuildConfig, Dataset, Quantize, build
@@ -137,6 +139,16 @@ def test_accuracy_gate_keeps_sensitive_nodes_in_float(tmp_path: Path, mlp_onnx: 
     assert src_acc - art["accuracy"] <= 0.01
     assert len(q["tried"]) >= 2  # the plain attempt and at least one with nodes kept in float
     assert gated.manifest.model("onnx-mixed").precision == "mixed"
+    # A node kept in float keeps its float weights *and* bias: bias correction is for rounded weights only.
+    bundle = open_bundle(tmp_path / "g.efb")
+    mixed = onnx.load_from_string(bundle.read(gated.manifest.model("onnx-mixed").path))
+    source = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(mlp_onnx)).graph.initializer}
+    inits = {t.name: numpy_helper.to_array(t) for t in mixed.graph.initializer}
+    kept = [n for n in mixed.graph.node if n.name in q["kept_in_float"]]
+    assert kept and all(n.op_type in ("Gemm", "MatMul", "Conv") for n in kept)
+    for n in kept:
+        for name in n.input[1:]:
+            np.testing.assert_array_equal(inits[name], source[name], err_msg=f"{n.name} input {name}")
 
 
 def test_bad_inputs_leave_nothing_behind(tmp_path: Path, mlp_onnx: Path, digits_npz: dict) -> None:
