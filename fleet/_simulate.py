@@ -109,7 +109,10 @@ class Simulation:
             return json.loads(r.read())
 
     def start(self) -> None:
-        from edgefleet.runtime import Agent, AgentConfig, HealthPolicy, MqttConfig
+        from edgefleet.runtime import Agent, AgentConfig, HealthPolicy, MqttConfig, NetworkLoop
+
+        # All devices of this process share one MQTT network thread (a device runs its own).
+        self._network = NetworkLoop("edgefleet-sim-mqtt")
 
         if not 0 <= self.fail_rate < 1:
             raise InputError("--fail-rate must be in [0, 1)")
@@ -177,7 +180,7 @@ class Simulation:
                 initial_bundle=initial,
                 tags=[*self.tags, cohort],
             )
-            agent = Agent(cfg, session_factory=standin_factory() if self.standin else None)
+            agent = Agent(cfg, session_factory=standin_factory() if self.standin else None, network=self._network)
             agent.start()
             self.agents.append(agent)
             self.cohort_of[dev] = cohort
@@ -221,6 +224,7 @@ class Simulation:
         self._thread.join(10)
         for a in self.agents:
             a.stop()
+        self._network.close()
 
     def versions(self) -> dict[str, str | None]:
         return {a.device_id: (a.model.info.version if a.model else None) for a in self.agents}
@@ -239,9 +243,8 @@ def run(sim: Simulation, duration: float | None) -> None:
         sim.stop()
 
 
-# paho waits on its sockets with select(), which cannot watch descriptors above 1024; each agent holds
-# about six (MQTT socket and wake-up pair, SQLite database, WAL and shared memory), so one process
-# runs at most this many devices and larger fleets are split over processes.
+# Devices per process: the agents' own threads (one each; their MQTT traffic shares one NetworkLoop)
+# hold one GIL, so larger fleets are split over processes to use every core.
 PER_PROCESS = 100
 
 

@@ -14,6 +14,7 @@ from edgefleet import BundleError, InputError
 from ._agent import Agent, UpdateState
 from ._config import AgentConfig, HealthPolicy, MqttConfig, load_config
 from ._model import GoldenResult, Model, ModelInfo, load
+from ._netloop import NetworkLoop
 from ._telemetry import BufferStats, TelemetryBuffer, WindowAggregator
 
 __all__ = [
@@ -27,6 +28,7 @@ __all__ = [
     "Model",
     "ModelInfo",
     "MqttConfig",
+    "NetworkLoop",
     "TelemetryBuffer",
     "UpdateState",
     "WindowAggregator",

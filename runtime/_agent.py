@@ -50,6 +50,7 @@ from ._config import AgentConfig
 from ._download import DownloadError, download
 from ._failpoints import failpoint
 from ._model import Model, SessionFactory, load
+from ._netloop import NetworkLoop
 from ._slots import SlotInfo, SlotStore
 from ._telemetry import TelemetryBuffer
 
@@ -219,8 +220,15 @@ class _Shadow:
 class Agent:
     """Runs the device side: `start()` it, call `predict()` from the app, `stop()` at the end."""
 
-    def __init__(self, config: AgentConfig, *, session_factory: SessionFactory | None = None) -> None:
-        """SESSION_FACTORY: a stand-in inference backend (see `load`); the rest of the agent is unchanged."""
+    def __init__(
+        self,
+        config: AgentConfig,
+        *,
+        session_factory: SessionFactory | None = None,
+        network: NetworkLoop | None = None,
+    ) -> None:
+        """SESSION_FACTORY: a stand-in inference backend (see `load`); the rest of the agent is unchanged.
+        NETWORK: a `NetworkLoop` shared by many agents in this process (default: paho's own thread)."""
         self.config = config
         self._session_factory = session_factory
         self.device_id = config.device_id
@@ -239,6 +247,7 @@ class Agent:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._client: Any = None
+        self._network = network
         self._connected = threading.Event()
         self._pub_lock = threading.Lock()
         self._inflight: dict[int, str] = {}
@@ -367,7 +376,10 @@ class Agent:
                 self._client.disconnect()
             except (RuntimeError, ValueError, OSError):
                 pass
-            self._client.loop_stop()
+            if self._network is not None:
+                self._network.remove(self._client)
+            else:
+                self._client.loop_stop()
         self._apply_acks()
         self.buffer.close()
 
@@ -924,8 +936,11 @@ class Agent:
         props = Properties(PacketTypes.CONNECT)
         props.SessionExpiryInterval = 0
         client.connect_async(c.host, c.port, keepalive=c.keepalive, clean_start=True, properties=props)
-        client.loop_start()
         self._client = client
+        if self._network is not None:
+            self._network.add(client)
+        else:
+            client.loop_start()
 
     def _on_connect(self, client: Any, userdata: Any, flags: Any, reason_code: Any, properties: Any) -> None:
         if reason_code.is_failure:

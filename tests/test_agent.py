@@ -485,3 +485,49 @@ def test_repeated_crashes_in_the_health_window_roll_back(
         observer.wait(lambda: _idle_on(observer, "dev-crashy", "1.0.0"), 20, "back on v1")
     finally:
         dev.stop()
+
+
+def test_agents_sharing_one_network_loop(tmp_path: Path, files: FileServer, mlp_bundles: dict, publisher) -> None:
+    """Many agents in one process on one `NetworkLoop`: no paho thread each, updates and telemetry flow,
+    they reconnect after the broker restarts, and a stopped agent disconnects for good."""
+    import threading
+
+    from edgefleet.runtime import Agent, NetworkLoop, load_config
+
+    broker = Mosquitto(tmp_path / "broker")
+    observer = Observer(broker.port)
+    net = NetworkLoop("test-net")
+    paho_threads = {t.name for t in threading.enumerate() if t.name.startswith("paho")}
+    ids = [f"dev-n{i}" for i in range(6)]
+    agents = []
+    for dev_id in ids:
+        dev = Device(tmp_path / dev_id, dev_id, broker, publisher, mlp_bundles["1.0.0"], self_test_hz=20)
+        agents.append(Agent(load_config(dev.config), network=net))
+    try:
+        for a in agents:
+            a.start()
+        observer.wait(lambda: all(_idle_on(observer, d, "1.0.0") for d in ids), 30, "all online on v1")
+        assert {t.name for t in threading.enumerate() if t.name.startswith("paho")} == paho_threads
+        observer.wait(lambda: all(observer.windows(d) for d in ids), 20, "telemetry from every device")
+        observer.desire(ids[0], bundle_ref(mlp_bundles["2.0.0"], files.url), "r1")
+        observer.wait(lambda: _idle_on(observer, ids[0], "2.0.0"), 60, "update over the shared loop")
+        assert observer.events(ids[0], "committed")
+
+        broker.stop()
+        time.sleep(2)
+        seen = {d: len(observer.windows(d)) for d in ids}
+        broker.start()
+        observer.wait(lambda: all(len(observer.windows(d)) > seen[d] for d in ids), 40, "reconnected, windows again")
+
+        agents[1].stop()
+        observer.wait(lambda: observer.status(ids[1]).get("online") is False, 10, "stopped agent says offline")
+        time.sleep(3)  # a stopped agent is not reconnected by the loop
+        assert observer.status(ids[1]).get("online") is False
+        assert id(agents[1]._client) not in net._entries
+    finally:
+        for a in agents:
+            a.stop()
+        net.close()
+        observer.close()
+        broker.stop()
+    assert not net._thread.is_alive()
