@@ -197,8 +197,9 @@ def main(argv: list[str] | None = None) -> int:
         "# Fleet rollout benchmark",
         "",
         f"Measured {result['measured']} on {m['machine']}, {m['cpus']} CPUs, {m['platform']}.",
-        f"{res['devices']} simulated devices (real agents and MQTT, stand-in predictor) in processes of 100 (the agents of a "
-        f"process share one MQTT network thread), the fleet server with embedded Mosquitto and SQLite in another; stages 10% -> 50% -> 100%, "
+        f"{res['devices']} simulated devices (real agents and MQTT, stand-in predictor) in processes of 100 "
+        "(the agents of a process share one MQTT network thread), the fleet server with embedded Mosquitto "
+        "and SQLite in another; stages 10% -> 50% -> 100%, "
         f"`min_stage_s` {args.min_stage_s:g}, `p95_slack_ms` 50 (the stand-in's latency is scheduling noise), "
         f"other gates at their defaults; device health window {res['health_window_s']:g} s; the devices' "
         f"storage in {res['device_storage']} (a real fleet has a disk per device).",
