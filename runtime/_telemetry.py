@@ -8,6 +8,7 @@ in memory (at most `window_s`, 60 s by default) is lost on a kill; `flush()` clo
 
 from __future__ import annotations
 
+import collections
 import io
 import json
 import logging
@@ -35,6 +36,8 @@ _LAT_EDGES_S = np.asarray(LATENCY_EDGES_MS, dtype=np.float64) / 1000.0
 # Small inputs are copied and summarised in batches (cheap per call); large ones are summarised at once,
 # which costs little beside their inference and avoids holding many copies.
 _BATCH_SAMPLES = 256
+# Fast-path calls queued before they are filed into windows (at most this many per filing).
+_BATCH_CALLS = 256
 _COPY_LIMIT_BYTES = 64 * 1024
 # Large inputs are summarised only while that costs at most this share of the inference time itself;
 # the histograms then cover a sample of the calls (the window says how many).
@@ -395,6 +398,9 @@ class WindowAggregator:
         self._capture = _RateLimit(capture_per_hour, clock) if capture_per_hour > 0 and capture_sink else None
         self._capture_sink = capture_sink
         self._lock = threading.Lock()
+        self._q: collections.deque[tuple[float, float, np.ndarray, np.ndarray]] = collections.deque()
+        # Raw-sample capture decides per call, so it takes the filed path.
+        self._fast = self._capture is None
         self._start = self._window_start(clock())
         self._end = self._start + self.window_s
         self._reset()
@@ -417,8 +423,19 @@ class WindowAggregator:
 
     def record(self, x: np.ndarray | None, y: np.ndarray | None, latency_s: float, error: str | None = None) -> None:
         """One predict call: its float input and output batches, or the kind of error it raised."""
+        if self._fast and error is None and x is not None and y is not None and x.nbytes <= _COPY_LIMIT_BYTES:
+            # The common call: one append, no lock (deque appends are atomic); it is sorted into its
+            # window with the others of its batch. Measured between two ORT runs of a tiny model, this
+            # costs ~2 us where taking the lock and filing each call costs ~7 us.
+            q = self._q
+            q.append((self._clock(), latency_s, x.copy(), y.copy()))
+            if len(q) >= _BATCH_CALLS:
+                with self._lock:
+                    self._absorb()
+            return
         now = self._clock()
         with self._lock:
+            self._absorb()
             if now >= self._end:
                 self._roll(now)
             self._lat.append(latency_s)
@@ -441,6 +458,31 @@ class WindowAggregator:
                     self._summarise()
             if self._capture is not None and self._capture.allow() and self._capture_sink is not None:
                 self._capture_sink(now, x[:1].copy(), y[:1].copy())
+
+    def _absorb(self) -> None:
+        """File the queued fast-path calls into their windows (closing a window a call is past)."""
+        q = self._q
+        n = len(q)
+        if not n:
+            return
+        items = [q.popleft() for _ in range(n)]
+        i = 0
+        while i < n:
+            end = self._end
+            j = i
+            while j < n and items[j][0] < end:
+                j += 1
+            if j > i:
+                for _, lat, x, y in items[i:j]:
+                    self._lat.append(lat)
+                    self._xs.append(x)
+                    self._ys.append(y)
+                    self._pending += len(x)
+            if j < n:
+                self._roll(items[j][0])
+            i = j
+        if self._pending >= _BATCH_SAMPLES:
+            self._summarise()
 
     def _summarise(self) -> None:
         if self._xs:
@@ -521,5 +563,6 @@ class WindowAggregator:
         """Close the current window if its time is up (or now, with FORCE) and hand it to the sink."""
         now = self._clock()
         with self._lock:
+            self._absorb()
             if force or now >= self._end:
                 self._roll(now, forced=now < self._end)

@@ -204,3 +204,69 @@ def test_large_inputs_are_summarised_within_a_budget(tmp_path: Path) -> None:
     assert w["samples"] == 200 and 0 < w["summarised"] < 200
     assert sum(w["outputs"]["predicted_class"]) == w["summarised"]
     assert sum(w["inputs"]["brightness"]) == w["summarised"]
+
+
+def test_queued_calls_land_in_their_own_windows_and_none_are_lost(tmp_path: Path) -> None:
+    """Small calls are queued without a lock and filed in batches: each still counts in the window
+    its time falls in, and calls from many threads racing with flushes are each counted once."""
+    import threading
+    import time
+
+    from edgefleet import compute_baseline
+
+    rng = np.random.default_rng(1)
+    ref = rng.random((64, 4), dtype=np.float32)
+    logits = rng.standard_normal((64, 3)).astype(np.float32)
+    out: list[dict] = []
+    t = [960.0]
+    agg = rt.WindowAggregator(
+        out.append,
+        device_id="d",
+        bundle={"name": "b", "version": "1.0.0"},
+        baseline=compute_baseline(ref, logits, "NC"),
+        backend="onnxruntime",
+        accelerator="cpu",
+        fallbacks=[],
+        window_s=60,
+        clock=lambda: t[0],
+    )
+    # 100 calls in the window [960, 1020), then 30 after it ended (at 1030): not yet filed when they arrive
+    for i in range(100):
+        agg.record(ref[i % 64 : i % 64 + 1], logits[i % 64 : i % 64 + 1], latency_s=0.001)
+        t[0] += 0.5
+    t[0] = 1030.0
+    for _ in range(30):
+        agg.record(ref[:1], logits[:1], latency_s=0.002)
+    assert not out  # filed in batches: nothing closed yet
+    agg.flush()  # the first window closes with its own calls; the second stays open
+    (first,) = out
+    assert first["calls"] == 100 and first["samples"] == 100 == sum(first["outputs"]["predicted_class"])
+    assert first["start"] == 960.0 and first["end"] == 1020.0
+    agg.flush(force=True)
+    assert out[1]["calls"] == 30 and out[1]["start"] == 1020.0
+
+    # Many threads, flushes in between: every call counted exactly once.
+    out.clear()
+    agg._clock = time.time  # real time from here
+    stop = threading.Event()
+
+    def flusher() -> None:
+        while not stop.is_set():
+            agg.flush(force=True)
+
+    def caller() -> None:
+        for i in range(3000):
+            agg.record(ref[i % 64 : i % 64 + 1], logits[i % 64 : i % 64 + 1], latency_s=0.001)
+
+    f = threading.Thread(target=flusher)
+    f.start()
+    callers = [threading.Thread(target=caller) for _ in range(4)]
+    for c in callers:
+        c.start()
+    for c in callers:
+        c.join()
+    stop.set()
+    f.join()
+    agg.flush(force=True)
+    assert sum(w["calls"] for w in out) == 4 * 3000
+    assert sum(w["samples"] for w in out) == 4 * 3000 == sum(sum(w["outputs"]["predicted_class"]) for w in out)
