@@ -42,6 +42,10 @@ SCHEMA = [
         psi FLOAT8, p_value FLOAT8, samples INTEGER NOT NULL, detail TEXT NOT NULL)""",
     "CREATE INDEX IF NOT EXISTS alerts_state ON alerts (state, opened)",
     """CREATE TABLE IF NOT EXISTS tokens (sha256 TEXT PRIMARY KEY, name TEXT NOT NULL, created FLOAT8 NOT NULL)""",
+    # A device's bundle-download token (its hash): lets it fetch bundles, nothing else of the API.
+    """CREATE TABLE IF NOT EXISTS device_tokens (
+        device_id TEXT PRIMARY KEY, sha256 TEXT NOT NULL, created FLOAT8 NOT NULL)""",
+    "CREATE INDEX IF NOT EXISTS device_tokens_sha256 ON device_tokens (sha256)",
     """CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL)""",
 ]
 

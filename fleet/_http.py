@@ -155,6 +155,13 @@ def create_app(server: FleetServer) -> Any:
 
     @app.get("/bundles/{name}/{version}.efb")
     def download(name: str, version: str, request: Request) -> Response:
+        """A published bundle (Range supported), for a device's download token or an operator's API token."""
+        if not server.check_download(request.headers.get("authorization")):
+            raise HTTPException(
+                401,
+                "bundle downloads need a device's token (http_token in its device.toml, from 'edgefleet fleet "
+                "provision') or an operator's API token as 'Authorization: Bearer TOKEN'",
+            )
         rows = server.db.query("SELECT path, size FROM bundles WHERE name = ? AND version = ?", (name, version))
         if not rows:
             raise HTTPException(404, f"bundle {name}:{version} is not published")

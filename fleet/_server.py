@@ -87,31 +87,47 @@ def check_tags(tags: list[str]) -> list[str]:
     return sorted(set(tags))
 
 
-def register_devices(db: Database, broker: Broker, devices: list[tuple[str, list[str]]]) -> dict[str, str]:
-    """Create or re-key devices (id, tags): fresh broker passwords (returned) and tags in the registry.
+@dataclass(frozen=True)
+class Credentials:
+    """What a newly registered (or re-keyed) device is given: its broker password and its token for
+    bundle downloads. Only hashes stay on the server side (the broker's password file, the database)."""
+
+    password: str
+    http_token: str
+
+
+def register_devices(db: Database, broker: Broker, devices: list[tuple[str, list[str]]]) -> dict[str, Credentials]:
+    """Create or re-key devices (id, tags): fresh broker passwords and download tokens (returned), tags
+    in the registry.
 
     Returns once the broker has reloaded its password file, so the credentials work right away."""
     checked = [(check_device_id(d), check_tags(tags)) for d, tags in devices]
-    passwords = {d: secrets.token_urlsafe(24) for d, _ in checked}
-    reloaded = broker.set_passwords(passwords)
+    creds = {d: Credentials(secrets.token_urlsafe(24), "efd_" + secrets.token_urlsafe(32)) for d, _ in checked}
+    reloaded = broker.set_passwords({d: c.password for d, c in creds.items()})
+    now = time.time()
     with db.transaction() as cur:
         for d, tags in checked:
             cur.execute(
                 "INSERT INTO devices (id, tags, created) VALUES (?, ?, ?) ON CONFLICT (id) DO UPDATE SET tags = ?",
-                (d, json.dumps(tags), time.time(), json.dumps(tags)),
+                (d, json.dumps(tags), now, json.dumps(tags)),
+            )
+            cur.execute(
+                "INSERT INTO device_tokens (device_id, sha256, created) VALUES (?, ?, ?) "
+                "ON CONFLICT (device_id) DO UPDATE SET sha256 = ?, created = ?",
+                (d, _hash_token(creds[d].http_token), now, _hash_token(creds[d].http_token), now),
             )
     reloaded.wait(10)
-    return passwords
+    return creds
 
 
-def register_device(db: Database, broker: Broker, device_id: str, tags: list[str]) -> str:
-    """Create or re-key DEVICE_ID (see `register_devices`); returns its broker password."""
+def register_device(db: Database, broker: Broker, device_id: str, tags: list[str]) -> Credentials:
+    """Create or re-key DEVICE_ID (see `register_devices`)."""
     return register_devices(db, broker, [(device_id, tags)])[device_id]
 
 
 def device_toml(
     device_id: str,
-    password: str,
+    creds: Credentials,
     tags: list[str],
     key_names: list[str],
     host: str,
@@ -123,10 +139,11 @@ def device_toml(
         f'device_id = "{device_id}"\n'
         f'data_dir = "{device_id}-data"\n'
         f"trusted_keys = {json.dumps(key_names)}\n"
-        f"tags = {json.dumps(sorted(set(tags)))}\n\n"
+        f"tags = {json.dumps(sorted(set(tags)))}\n"
+        f'http_token = "{creds.http_token}"\n\n'
         "[mqtt]\n"
         f'host = "{host}"\nport = {port}\n'
-        f'username = "{device_id}"\npassword = "{password}"\n'
+        f'username = "{device_id}"\npassword = "{creds.password}"\n'
     )
     if tls:
         text += "tls = true\n" + (f"ca = {json.dumps(ca_name)}\n" if ca_name else "")
@@ -165,7 +182,7 @@ def provision(
     port = mqtt_port or int(ext.get("port", 1883))
     db = Database(db_url or f"sqlite:///{data_dir / 'fleet.db'}")
     broker = Broker(data_dir / "mosquitto", port, reload_command=ext.get("reload"))
-    password = register_device(db, broker, device_id, tags)
+    creds = register_device(db, broker, device_id, tags)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     for k in keys:
@@ -174,7 +191,7 @@ def provision(
     if ext.get("ca_pem"):
         ca_name = "broker-ca.pem"
         atomic_write(out.parent / ca_name, ext["ca_pem"].encode())
-    text = device_toml(device_id, password, tags, [k.name for k in keys], host, port, bool(ext.get("tls")), ca_name)
+    text = device_toml(device_id, creds, tags, [k.name for k in keys], host, port, bool(ext.get("tls")), ca_name)
     atomic_write(out, text.encode(), mode=0o600)
     return out
 
@@ -284,9 +301,19 @@ class FleetServer:
 
     # -- operations the API and the CLI share ------------------------------------------------------
     def check_token(self, header: str | None) -> bool:
+        """An operator's API token."""
         if not header or not header.startswith("Bearer "):
             return False
         return bool(self.db.query("SELECT 1 FROM tokens WHERE sha256 = ?", (_hash_token(header[7:].strip()),)))
+
+    def check_download(self, header: str | None) -> bool:
+        """A token that may download bundles: a device's (written into its device.toml) or an operator's."""
+        if self.check_token(header):
+            return True
+        if not header or not header.startswith("Bearer "):
+            return False
+        h = _hash_token(header[7:].strip())
+        return bool(self.db.query("SELECT 1 FROM device_tokens WHERE sha256 = ?", (h,)))
 
     def publish_bundle(self, data_path: Path) -> dict[str, Any]:
         """Verify an uploaded bundle against the trusted keys and store it; refuse anything invalid."""
@@ -345,13 +372,14 @@ class FleetServer:
     def register_many(self, devices: list[tuple[str, list[str]]]) -> list[dict[str, Any]]:
         """`register` for many devices at once (one broker reload)."""
         assert self.broker is not None
-        passwords = register_devices(self.db, self.broker, devices)
+        creds = register_devices(self.db, self.broker, devices)
         keys = {Path(k).name: Path(k).read_text() for k in self.trusted}
         return [
             {
                 "device_id": d,
                 "tags": check_tags(tags),
-                "mqtt": {**self.device_mqtt(), "username": d, "password": passwords[d]},
+                "mqtt": {**self.device_mqtt(), "username": d, "password": creds[d].password},
+                "http_token": creds[d].http_token,
                 "trusted_keys": keys,
             }
             for d, tags in devices

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from edgefleet import InputError
+from edgefleet._fs import atomic_write
 
 __all__ = ["PER_PROCESS", "Simulation", "StandinSession", "parse_drift", "run_sharded", "standin_factory"]
 
@@ -128,7 +129,12 @@ class Simulation:
             name, _, version = self.bundle.partition(":")
             initial = self.dir / f"{name}-{version}.efb"
             if not initial.exists():
-                urllib.request.urlretrieve(f"{self.server.rstrip('/')}/bundles/{name}/{version}.efb", initial)
+                req = urllib.request.Request(
+                    f"{self.server.rstrip('/')}/bundles/{name}/{version}.efb",
+                    headers={"Authorization": f"Bearer {self.token}"},
+                )
+                with urllib.request.urlopen(req, timeout=60) as r:
+                    atomic_write(initial, r.read())
         self.agents: list[Any] = []
         self.cohort_of: dict[str, str] = {}
         wanted = [
@@ -179,6 +185,7 @@ class Simulation:
                 threads=1,
                 initial_bundle=initial,
                 tags=[*self.tags, cohort],
+                http_token=reg.get("http_token"),
             )
             agent = Agent(cfg, session_factory=standin_factory() if self.standin else None, network=self._network)
             agent.start()

@@ -150,14 +150,17 @@ def test_publish_provision_update_and_registry(tmp_path: Path, server: Server, m
     (tmp_path / "junk.efb").write_bytes(b"not a bundle")
     r = server.cli("publish", str(tmp_path / "junk.efb"))
     assert r.returncode == 1 and "not a readable bundle" in r.stderr
-    # downloads honour Range
-    status, whole, _ = server.get("/bundles/mlp/1.0.0.efb")
+    # downloads need a token and honour Range
+    status, body, _ = server.get("/bundles/mlp/1.0.0.efb")
+    assert status == 401 and b"http_token" in body
+    assert server.get("/bundles/mlp/1.0.0.efb", token="efd_guessed")[0] == 401
+    status, whole, _ = server.get("/bundles/mlp/1.0.0.efb", token=server.token)
     assert status == 200 and whole == mlp_bundles["1.0.0"].read_bytes()
-    status, part, headers = server.get("/bundles/mlp/1.0.0.efb", headers={"Range": "bytes=100-"})
+    status, part, headers = server.get("/bundles/mlp/1.0.0.efb", token=server.token, headers={"Range": "bytes=100-"})
     assert (
         status == 206 and part == whole[100:] and headers["content-range"] == f"bytes 100-{len(whole) - 1}/{len(whole)}"
     )
-    assert server.get("/bundles/mlp/9.9.9.efb")[0] == 404
+    assert server.get("/bundles/mlp/9.9.9.efb", token=server.token)[0] == 404
 
     # provision a device; its agent connects with its own credentials and gets v1 from the server
     cfg = tmp_path / "dev" / "dev-1.toml"
@@ -174,6 +177,10 @@ def test_publish_provision_update_and_registry(tmp_path: Path, server: Server, m
         str(server.mqtt),
     )
     assert r.returncode == 0, r.stderr
+    # the device's own token fetches bundles (its agent does below) and nothing else
+    dev_token = next(ln for ln in cfg.read_text().splitlines() if ln.startswith("http_token")).split('"')[1]
+    assert server.get("/bundles/mlp/1.0.0.efb", token=dev_token)[0] == 200
+    assert server.get("/api/devices", token=dev_token)[0] == 401
     text = cfg.read_text().replace(
         "[mqtt]",
         "self_test_hz = 20\nwindow_s = 0.5\n\n"
