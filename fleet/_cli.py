@@ -89,7 +89,7 @@ def _ingest(args: argparse.Namespace) -> int:
             endpoint.host, endpoint.port, endpoint.tls, endpoint.ca, SERVER_USER, secret.read_text().strip()
         )
     db = Database(args.db or f"sqlite:///{data / 'fleet.db'}")
-    worker = IngestWorker(db, endpoint, args.name)
+    worker = IngestWorker(db, endpoint, args.name, durable=args.durable)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *a: stop.set())
     signal.signal(signal.SIGINT, lambda *a: stop.set())
@@ -372,6 +372,12 @@ def register(sub: Any) -> None:
     p.add_argument("--username")
     p.add_argument("--password", help="default: the server secret in DATA_DIR (or EDGEFLEET_BROKER_PASSWORD)")
     p.add_argument("--name", default=f"ingest-{os.getpid()}")
+    p.add_argument(
+        "--durable",
+        action="store_true",
+        help="persistent MQTT session named after --name (unique per broker): while this worker is down "
+        "the broker queues its share for it; for a worker that is restarted, not one retired",
+    )
     p.set_defaults(func=_ingest)
 
     p = fs.add_parser("broker-auth", help="password and ACL files for an external Mosquitto, and its config lines")

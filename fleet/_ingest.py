@@ -36,10 +36,26 @@ _BATCH_S = 0.05
 class IngestWorker:
     """One ingest worker: a paho client on the shared subscription and a thread writing batches."""
 
-    def __init__(self, db: Database, broker: BrokerEndpoint, name: str = "ingest-0") -> None:
+    def __init__(
+        self,
+        db: Database,
+        broker: BrokerEndpoint,
+        name: str = "ingest-0",
+        *,
+        durable: bool = False,
+        session_expiry_s: int = 3600,
+    ) -> None:
+        """DURABLE: a persistent MQTT session under a client id made from NAME (which must then be unique
+        on the broker), kept SESSION_EXPIRY_S after a disconnect: what devices send while the worker is
+        down is queued by the broker and stored when it is back, instead of being dropped. The cost:
+        Mosquitto keeps dealing a stopped durable worker its share of the shared subscription until it
+        returns or the session expires (measured with 2.0.11), so only a worker that comes back should
+        be durable."""
         self.db = db
         self.broker = broker
         self.name = name
+        self.durable = durable
+        self.session_expiry_s = session_expiry_s
         self.q: queue.Queue[tuple[str, bytes]] = queue.Queue(maxsize=100_000)
         self._stop = threading.Event()
         self._known: set[str] = set()
@@ -51,16 +67,23 @@ class IngestWorker:
     def start(self) -> None:
         import paho.mqtt.client as mqtt
         from paho.mqtt.enums import CallbackAPIVersion
+        from paho.mqtt.packettypes import PacketTypes
+        from paho.mqtt.properties import Properties
 
-        c = mqtt.Client(
-            CallbackAPIVersion.VERSION2, client_id=f"edgefleet-{self.name}-{time.time_ns()}", protocol=mqtt.MQTTv5
-        )
+        client_id = f"edgefleet-{self.name}" if self.durable else f"edgefleet-{self.name}-{time.time_ns()}"
+        c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
         self.broker.configure(c)
         c.on_connect = self._on_connect
         c.on_message = self._on_message
         c.on_disconnect = lambda *a: self.connected.clear()
         c.reconnect_delay_set(0.5, 10)
-        c.connect_async(self.broker.host, self.broker.port, keepalive=30)
+        props = None
+        if self.durable:
+            props = Properties(PacketTypes.CONNECT)
+            props.SessionExpiryInterval = self.session_expiry_s
+        c.connect_async(
+            self.broker.host, self.broker.port, keepalive=30, clean_start=not self.durable, properties=props
+        )
         c.loop_start()
         self._client = c
         self._thread = threading.Thread(target=self._writer, name=f"edgefleet-{self.name}", daemon=True)
@@ -79,9 +102,10 @@ class IngestWorker:
         self.q.put((msg.topic, bytes(msg.payload)))
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Stop receiving, write what is queued, disconnect."""
+        """Stop receiving, write what is queued, disconnect (a durable worker keeps its subscription)."""
         if self._client is not None:
-            self._client.unsubscribe(f"$share/{SHARE_GROUP}/{ROOT}/devices/+/+")
+            if not self.durable:
+                self._client.unsubscribe(f"$share/{SHARE_GROUP}/{ROOT}/devices/+/+")
             self._client.disconnect()
             self._client.loop_stop()
         self._stop.set()

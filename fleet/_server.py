@@ -242,7 +242,9 @@ class FleetServer:
         if endpoint.username in (None, SERVER_USER) and not endpoint.password:
             endpoint = dataclasses.replace(endpoint, username=SERVER_USER, password=self.broker.server_password)
         self.endpoint = endpoint
-        self.ingest = IngestWorker(self.db, endpoint)
+        # The server's own worker is durable (it comes back with the server): on a broker that outlives
+        # the server, telemetry sent during a restart is queued for it, not dropped.
+        self.ingest = IngestWorker(self.db, endpoint, f"server-{self._instance_id()}", durable=True)
         self.ingest.start()
         pub = mqtt.Client(
             CallbackAPIVersion.VERSION2, client_id=f"edgefleet-server-{os.getpid()}", protocol=mqtt.MQTTv5
@@ -298,6 +300,13 @@ class FleetServer:
             self._pub.loop_stop()
         if self.broker is not None:
             self.broker.stop()
+
+    def _instance_id(self) -> str:
+        """A random id made once per data directory: the server's MQTT identity across restarts."""
+        p = self.dir / "instance-id"
+        if not p.exists():
+            atomic_write(p, secrets.token_hex(6).encode())
+        return p.read_text().strip()
 
     # -- operations the API and the CLI share ------------------------------------------------------
     def check_token(self, header: str | None) -> bool:

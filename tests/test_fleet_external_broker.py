@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from edgefleet.fleet._db import Database
+
 from ._servers import free_port, wait_port
 from ._tls import CA
 from .conftest import run_cli
@@ -134,6 +136,23 @@ def test_server_devices_and_rollouts_over_an_external_tls_broker(
             sim.send_signal(signal.SIGINT)
             sim.wait(30)
         assert "ext-1:" in (data / "mosquitto" / "passwd").read_text()
+
+        # The broker outlives a server restart: what ext-1 sends meanwhile is queued for the server's
+        # durable ingest session and stored when it is back, not dropped after the broker's PUBACK.
+        db = Database(f"sqlite:///{data / 'fleet.db'}")
+        server.stop()
+        down_from = time.time()
+        time.sleep(3.0)
+        down_to = time.time()
+        server.start()
+
+        def stored_while_down() -> int:
+            return db.query(
+                "SELECT COUNT(*) FROM windows WHERE device_id = 'ext-1' AND start >= ? AND start < ?",
+                (down_from, down_to - 0.5),
+            )[0][0]
+
+        _wait(lambda: stored_while_down() >= 3, 30, "windows sent while the server was down stored")
     finally:
         if agent is not None:
             agent.send_signal(signal.SIGTERM)
