@@ -39,9 +39,11 @@ _BATCH_SAMPLES = 256
 # Fast-path calls queued before they are filed into windows (at most this many per filing).
 _BATCH_CALLS = 256
 _COPY_LIMIT_BYTES = 64 * 1024
-# Large inputs are summarised only while that costs at most this share of the inference time itself;
-# the histograms then cover a sample of the calls (the window says how many).
-_SUMMARY_BUDGET = 0.01
+# Input histograms are computed only while that costs at most this share of the inference time itself
+# (the window's `summarised` says how many rows they hold); every call's output class and confidence
+# are always counted. Measured between inference calls of a tiny model, summarising an 8x8 input costs
+# ~2 us, a tenth of the call itself: all of them would double telemetry's cost per call.
+SUMMARY_BUDGET = 0.01
 _RESERVE_BYTES = 256 * 1024
 
 _SCHEMA = """
@@ -368,7 +370,8 @@ class WindowAggregator:
     """Aggregates `predict` calls of one model into telemetry windows handed to a sink.
 
     Per call it appends a few numbers (and a copy of small inputs); histograms are computed in
-    batches, so telemetry stays a few microseconds per call.
+    batches, so telemetry stays a few microseconds per call. SUMMARY_BUDGET: the largest share of
+    inference time spent on input histograms (None: every input, whatever it costs).
     """
 
     def __init__(
@@ -385,6 +388,7 @@ class WindowAggregator:
         capture_per_hour: float = 0.0,
         capture_sink: Callable[[float, np.ndarray, np.ndarray], None] | None = None,
         clock: Callable[[], float] = time.time,
+        summary_budget: float | None = SUMMARY_BUDGET,
     ) -> None:
         self._sink = sink
         self.device_id = device_id
@@ -397,6 +401,7 @@ class WindowAggregator:
         self._clock = clock
         self._capture = _RateLimit(capture_per_hour, clock) if capture_per_hour > 0 and capture_sink else None
         self._capture_sink = capture_sink
+        self._budget = summary_budget
         self._lock = threading.Lock()
         self._q: collections.deque[tuple[float, float, np.ndarray, np.ndarray]] = collections.deque()
         # Raw-sample capture decides per call, so it takes the filed path.
@@ -413,6 +418,7 @@ class WindowAggregator:
         self._errors: dict[str, int] = {}
         self._xs: list[np.ndarray] = []
         self._ys: list[np.ndarray] = []
+        self._ys_only: list[np.ndarray] = []  # outputs of large calls whose inputs are not summarised
         self._pending = 0
         self._samples = 0
         self._summarised = 0
@@ -444,13 +450,15 @@ class WindowAggregator:
                 return
             if x.nbytes > _COPY_LIMIT_BYTES:
                 self._infer_s += latency_s
-                if self._summary_s <= _SUMMARY_BUDGET * self._infer_s:
-                    t0 = time.perf_counter()
+                if self._within_budget():
                     self._add_counts(x, y)
-                    self._summary_s += time.perf_counter() - t0
-                else:
-                    self._count_only(y)
+                else:  # outputs only, counted in batches
+                    self._ys_only.append(y.copy())
+                    self._pending += len(y)
+                    if self._pending >= _BATCH_SAMPLES:
+                        self._summarise()
             else:
+                self._infer_s += latency_s
                 self._xs.append(x.copy())
                 self._ys.append(y.copy())
                 self._pending += len(x)
@@ -475,6 +483,7 @@ class WindowAggregator:
             if j > i:
                 for _, lat, x, y in items[i:j]:
                     self._lat.append(lat)
+                    self._infer_s += lat
                     self._xs.append(x)
                     self._ys.append(y)
                     self._pending += len(x)
@@ -484,36 +493,45 @@ class WindowAggregator:
         if self._pending >= _BATCH_SAMPLES:
             self._summarise()
 
+    def _within_budget(self) -> bool:
+        """Whether summarising inputs now keeps their cost within the budget share of inference time."""
+        return self._budget is None or self._summary_s <= self._budget * self._infer_s
+
     def _summarise(self) -> None:
         if self._xs:
-            self._add_counts(np.concatenate(self._xs), np.concatenate(self._ys))
-            self._xs, self._ys, self._pending = [], [], 0
+            ys = np.concatenate(self._ys)
+            self._add_counts(np.concatenate(self._xs) if self._within_budget() else None, ys)
+            self._xs, self._ys = [], []
+        if self._ys_only:
+            self._add_counts(None, np.concatenate(self._ys_only))
+            self._ys_only = []
+        self._pending = 0
 
-    def _count_only(self, y: np.ndarray) -> None:
+    def _add_counts(self, x: np.ndarray | None, y: np.ndarray) -> None:
+        """Count a batch: outputs always (every call's class and confidence), inputs when X is given."""
+        t0 = time.perf_counter()
         ok = np.isfinite(y.reshape(len(y), -1)).all(axis=1)
-        self._nan += int(len(ok) - ok.sum())
-        self._samples += int(ok.sum())
-
-    def _add_counts(self, x: np.ndarray, y: np.ndarray) -> None:
-        yy = y.reshape(len(y), -1)
-        ok = np.isfinite(yy).all(axis=1)
         n_bad = int(len(ok) - ok.sum())
         if n_bad:
             self._nan += n_bad
-            x, y = x[ok], y[ok]
-        self._samples += len(x)
-        if not len(x) or not self.baseline:
-            return
-        self._summarised += len(x)
-        c = window_counts(x, y, self.baseline)
-        if self._counts is None:
-            self._counts = c
-            return
-        acc = self._counts
-        for k, v in c["inputs"].items():
-            acc["inputs"][k] = [a + b for a, b in zip(acc["inputs"][k], v, strict=True)]
-        for k in ("predicted_class", "confidence"):
-            acc[k] = [a + b for a, b in zip(acc[k], c[k], strict=True)]
+            y = y[ok]
+            x = None if x is None else x[ok]
+        self._samples += len(y)
+        if len(y) and self.baseline:
+            if x is not None:
+                self._summarised += len(x)
+            c = window_counts(x, y, self.baseline)
+            if self._counts is None:
+                self._counts = c
+            else:
+                acc = self._counts
+                for k, v in c["inputs"].items():
+                    old = acc["inputs"].get(k)
+                    acc["inputs"][k] = v if old is None else [a + b for a, b in zip(old, v, strict=True)]
+                for k in ("predicted_class", "confidence"):
+                    acc[k] = [a + b for a, b in zip(acc[k], c[k], strict=True)]
+        if x is not None:
+            self._summary_s += time.perf_counter() - t0
 
     def _roll(self, now: float, forced: bool = False) -> None:
         window = self._close()

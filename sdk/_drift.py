@@ -152,17 +152,21 @@ def compute_baseline(x: np.ndarray, y: np.ndarray, layout: str, bins: int = DEFA
 
 
 def window_counts(
-    x: np.ndarray, y: np.ndarray, baseline: dict[str, Any], max_pixels: int | None = MAX_PIXELS
+    x: np.ndarray | None, y: np.ndarray, baseline: dict[str, Any], max_pixels: int | None = MAX_PIXELS
 ) -> dict[str, Any]:
     """Counts of a batch on BASELINE's bins: what a device adds to its telemetry window.
 
     Returns `{"inputs": {feature: counts}, "predicted_class": counts, "confidence": counts}`,
-    plain int lists that merge across devices and windows by addition.
+    plain int lists that merge across devices and windows by addition. With X None, outputs only.
     """
-    feats = input_features(x, str(baseline.get("layout", "NC")), max_pixels)
-    inputs = {
-        f["name"]: bin_counts(feats[f["name"]], f["edges"]).tolist() for f in baseline["inputs"] if f["name"] in feats
-    }
+    inputs = {}
+    if x is not None:
+        feats = input_features(x, str(baseline.get("layout", "NC")), max_pixels)
+        inputs = {
+            f["name"]: bin_counts(feats[f["name"]], f["edges"]).tolist()
+            for f in baseline["inputs"]
+            if f["name"] in feats
+        }
     out = baseline["outputs"]
     cls, conf = output_features(y, bool(out["apply_softmax"]))
     k = len(out["predicted_class"]["proportions"])

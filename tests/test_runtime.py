@@ -216,3 +216,26 @@ def test_onnx_cpu_calls_the_session_directly_with_the_same_results(digits_bundle
 
     session._raw = Changed()
     assert np.array_equal(m.predict(x), public) and session._raw is None
+
+
+def test_finite_check_of_inputs_small_and_large() -> None:
+    """`predict`'s NaN / infinity check: a Python sum for small arrays, numpy for the rest, same answers."""
+    from edgefleet.runtime._model import _all_finite
+
+    rng = np.random.default_rng(0)
+    for shape in [(1, 64), (1, 1, 8, 8), (4, 3, 32, 32)]:
+        for dtype in (np.float32, np.float64):
+            x = rng.standard_normal(shape).astype(dtype)
+            assert _all_finite(x)
+            for bad in (np.nan, np.inf, -np.inf):
+                for pos in (0, x.size // 2, x.size - 1):
+                    y = x.copy()
+                    y.reshape(-1)[pos] = bad
+                    assert not _all_finite(y), (shape, dtype, bad, pos)
+    # huge but finite float64 values overflow a plain sum: still finite
+    assert _all_finite(np.full((1, 8), 1e308))
+    # a non-contiguous view is checked too
+    z = np.zeros((2, 64), np.float32)
+    z[1, 5] = np.nan
+    assert not _all_finite(z[:, 1::2])
+    assert _all_finite(z[:, ::2])

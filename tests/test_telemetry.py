@@ -21,10 +21,10 @@ from edgefleet._telemetry import check_window, latency_quantile
 from .conftest import run_cli
 
 
-def _model(mlp_bundles: dict, publisher, tmp_path: Path, **kw):
+def _model(mlp_bundles: dict, publisher, tmp_path: Path, summary_budget: float | None = None, **kw):
     buf = rt.TelemetryBuffer(tmp_path / "telemetry.db", **kw)
     m = rt.load(mlp_bundles["1.0.0"], [publisher[2]])
-    agg = m.attach_telemetry(buf, device_id="dev-1", window_s=3600)
+    agg = m.attach_telemetry(buf, device_id="dev-1", window_s=3600, summary_budget=summary_budget)
     return m, buf, agg
 
 
@@ -202,8 +202,29 @@ def test_large_inputs_are_summarised_within_a_budget(tmp_path: Path) -> None:
     (w,) = out
     check_window(w)
     assert w["samples"] == 200 and 0 < w["summarised"] < 200
-    assert sum(w["outputs"]["predicted_class"]) == w["summarised"]
+    assert sum(w["outputs"]["predicted_class"]) == w["samples"]  # every call's output is counted
     assert sum(w["inputs"]["brightness"]) == w["summarised"]
+
+
+def test_input_histograms_keep_to_their_budget_outputs_count_every_call(
+    mlp_bundles: dict, publisher, tmp_path: Path, digits: dict
+) -> None:
+    x = digits["eval"][0]
+    for budget, everything in ((None, True), (1e-4, False)):
+        m, buf, _ = _model(mlp_bundles, publisher, tmp_path / str(budget), summary_budget=budget)
+        for _ in range(4):
+            for i in range(len(x)):
+                m.predict(x[i : i + 1])
+        m.flush_telemetry()
+        (w,) = list(buf.windows())
+        check_window(w)
+        n = 4 * len(x)
+        assert w["calls"] == w["samples"] == n == sum(w["outputs"]["predicted_class"])
+        assert sum(w["inputs"]["brightness"]) == w["summarised"]
+        if everything:
+            assert w["summarised"] == n
+        else:  # a tiny budget: the first batch of the window, and little more
+            assert 0 < w["summarised"] < n / 2, w["summarised"]
 
 
 def test_queued_calls_land_in_their_own_windows_and_none_are_lost(tmp_path: Path) -> None:
