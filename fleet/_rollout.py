@@ -78,6 +78,27 @@ def _order(rollout_id: str, device: str) -> str:
     return hashlib.sha256(f"{rollout_id}/{device}".encode()).hexdigest()
 
 
+def stratified_order(rollout_id: str, devices: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """DEVICES in the order stages take them: every group of devices with the same tags is represented
+    in proportion in any first k (stratified systematic sampling), pseudo-random and stable within a group.
+
+    The gates compare the canary with the control cohort (the devices not yet updated); a canary drawn
+    unevenly from differently used groups (sites, hardware, customers) would differ from its control
+    before any update, and its drift and latency gates would judge the groups instead of the bundle.
+    """
+    groups: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+    for d in devices:
+        groups.setdefault(tuple(sorted(d.get("tags") or [])), []).append(d)
+    ranked = []
+    for members in groups.values():
+        members.sort(key=lambda d: _order(rollout_id, d["id"]))
+        n = len(members)
+        # Each group's devices spread evenly over (0, 1); ties broken by the stable hash.
+        ranked += [((i + 0.5) / n, _order(rollout_id, d["id"]), d) for i, d in enumerate(members)]
+    ranked.sort(key=lambda t: (t[0], t[1]))
+    return [d for _, _, d in ranked]
+
+
 def _wait_all(handles: list[Any], timeout: float = 30.0) -> None:
     """Wait for the broker to take every published order (each handle from `set_desired(..., wait=False)`)."""
     deadline = time.monotonic() + timeout
@@ -200,7 +221,12 @@ class RolloutEngine:
 
     def _selected(self, selector: str) -> list[dict[str, Any]]:
         rows = self.db.query("SELECT id, tags, bundle_version, update_state FROM devices")
-        return [{"id": r[0], "version": r[2], "update_state": r[3]} for r in rows if selector in json.loads(r[1])]
+        out = []
+        for r in rows:
+            tags = json.loads(r[1])
+            if selector in tags:
+                out.append({"id": r[0], "version": r[2], "update_state": r[3], "tags": tags})
+        return out
 
     def _update(self, rid: str, note: str | None = None, **fields: Any) -> None:
         detail = json.loads(self.db.query("SELECT detail FROM rollouts WHERE id = ?", (rid,))[0][0])
@@ -251,7 +277,7 @@ class RolloutEngine:
         stage = r["stage"]
         pct = r["stages"][stage]["percent"]
         gates = r["gates"]
-        selected = sorted(self._selected(r["selector"]), key=lambda d: _order(rid, d["id"]))
+        selected = stratified_order(rid, self._selected(r["selector"]))
         assigned = {
             d[0]: d
             for d in self.db.query(

@@ -86,3 +86,21 @@ def test_updated_devices_without_telemetry_hold_the_stage(db: Database) -> None:
     assert res["wait_for_telemetry"] and res["values"]["devices_reporting"] == 0, res
     res = _gates(Database(db.url.replace("fleet.db", "fleet2.db")), {0.4: 100})
     assert not res["wait_for_telemetry"] and res["values"]["devices_reporting"] == 2 and res["ok"], res
+
+
+def test_stages_take_every_group_of_devices_in_proportion() -> None:
+    """Canary and control drawn evenly from differently tagged groups, in a stable order."""
+    from edgefleet.fleet._rollout import stratified_order
+
+    devices = [{"id": f"a-{i:02d}", "tags": ["fleet", "site-a"]} for i in range(10)]
+    devices += [{"id": f"b-{i:02d}", "tags": ["fleet", "site-b"]} for i in range(90)]
+    devices += [{"id": f"c-{i:02d}", "tags": ["fleet", "site-c", "new-hw"]} for i in range(20)]
+    order = stratified_order("r1", list(reversed(devices)))
+    assert sorted(d["id"] for d in order) == sorted(d["id"] for d in devices)
+    for k in (12, 30, 60, 120):
+        first = order[:k]
+        for prefix, size in (("a-", 10), ("b-", 90), ("c-", 20)):
+            share = sum(d["id"].startswith(prefix) for d in first)
+            assert abs(share - k * size / 120) <= 1, (k, prefix, share)
+    assert [d["id"] for d in stratified_order("r1", devices)] == [d["id"] for d in order]  # stable
+    assert [d["id"] for d in stratified_order("r2", devices)] != [d["id"] for d in order]  # per rollout
