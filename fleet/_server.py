@@ -317,12 +317,13 @@ class FleetServer:
 
     def check_download(self, header: str | None) -> bool:
         """A token that may download bundles: a device's (written into its device.toml) or an operator's."""
-        if self.check_token(header):
-            return True
         if not header or not header.startswith("Bearer "):
             return False
         h = _hash_token(header[7:].strip())
-        return bool(self.db.query("SELECT 1 FROM device_tokens WHERE sha256 = ?", (h,)))
+        return bool(
+            self.db.query("SELECT 1 FROM tokens WHERE sha256 = ?", (h,))
+            or self.db.query("SELECT 1 FROM device_tokens WHERE sha256 = ?", (h,))
+        )
 
     def publish_bundle(self, data_path: Path) -> dict[str, Any]:
         """Verify an uploaded bundle against the trusted keys and store it; refuse anything invalid."""

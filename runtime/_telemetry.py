@@ -448,8 +448,8 @@ class WindowAggregator:
             if error is not None or x is None or y is None:
                 self._errors[error or "runtime"] = self._errors.get(error or "runtime", 0) + 1
                 return
+            self._infer_s += latency_s
             if x.nbytes > _COPY_LIMIT_BYTES:
-                self._infer_s += latency_s
                 if self._within_budget():
                     self._add_counts(x, y)
                 else:  # outputs only, counted in batches
@@ -458,7 +458,6 @@ class WindowAggregator:
                     if self._pending >= _BATCH_SAMPLES:
                         self._summarise()
             else:
-                self._infer_s += latency_s
                 self._xs.append(x.copy())
                 self._ys.append(y.copy())
                 self._pending += len(x)
