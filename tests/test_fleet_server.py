@@ -575,7 +575,16 @@ def test_simulated_fleet_drift_and_rollout(tmp_path: Path, server: Server, mlp_b
         )
         st = json.loads(server.cli("rollout", "status", rid, "--json").stdout)
         assert st["state"] == "completed", json.dumps([st["history"], [x["gates"] for x in st["stages"]]])
-        assert {d["bundle_version"] for d in devices()} == {"2.0.0"}
+        # A device may roll back by itself when its health window judges the new bundle slower: timing on
+        # a loaded shared-core machine. The rollout tolerates that (max_update_failure) and records it; any
+        # other reason for a device left behind, or none recorded, is a failure.
+        for d in [d["id"] for d in devices() if d["bundle_version"] != "2.0.0"]:
+            evs = json.loads(server.get(f"/api/devices/{d}/events", token=server.token)[1])
+            own = [e["body"] for e in evs if e["type"] == "rolled_back" and e["body"].get("rollout") == rid]
+            why = json.dumps([e for e in evs if e["type"] != "update_state"], default=str)[-4000:]
+            assert own and own[0]["reason"].startswith(("p95 latency", "too little evidence")), why
+            print(f"{d} rolled back by itself: {own[0]['reason']}", file=sys.stderr)
+        assert st["stages"][-1]["gates"]["values"]["update_failure_rate"] <= 0.2
     finally:
         sim.send_signal(signal.SIGINT)
         sim.wait(60)
