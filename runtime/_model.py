@@ -218,7 +218,7 @@ class Model:
         feed = self._codec_in.quantize(x) if self._codec_in is not None else x
         fb = self._session.fixed_batch
         if fb is None or len(feed) == fb:
-            outs = self._session.run([np.ascontiguousarray(feed)])
+            outs = self._session.run([feed if feed.flags.c_contiguous else np.ascontiguousarray(feed)])
         else:
             parts: list[list[np.ndarray]] = []
             n = len(feed)

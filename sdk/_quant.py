@@ -26,7 +26,7 @@ def _params(spec: TensorSpec) -> tuple[float, int]:
 class TensorCodec:
     """Quantization of one tensor with its parameters read once: what `predict` runs on every call."""
 
-    __slots__ = ("dtype", "hi", "lo", "scale", "zero_point")
+    __slots__ = ("_table", "dtype", "hi", "lo", "scale", "zero_point")
 
     def __init__(self, spec: TensorSpec) -> None:
         scale, zp = _params(spec)
@@ -35,6 +35,12 @@ class TensorCodec:
         self.lo, self.hi = np.float32(info.min), np.float32(info.max)
         self.scale = np.float32(scale)
         self.zero_point = np.float32(zp)
+        self._table: np.ndarray | None = None
+        if self.dtype.itemsize == 1:
+            # Every 8-bit value's float, by the same float32 arithmetic as below, indexed by the value's
+            # bits: one numpy call per output instead of three, which counts on a tiny model's call.
+            codes = np.arange(256, dtype=np.uint8).view(self.dtype).astype(np.float32)
+            self._table = (codes - self.zero_point) * self.scale
 
     def quantize(self, x: np.ndarray) -> np.ndarray:
         """Float X to the integer dtype (saturating)."""
@@ -46,6 +52,8 @@ class TensorCodec:
 
     def dequantize(self, q: np.ndarray) -> np.ndarray:
         """Integer Q back to float32."""
+        if self._table is not None and q.dtype == self.dtype:
+            return self._table.take(q.view(np.uint8))
         x = q.astype(np.float32)
         x -= self.zero_point
         x *= self.scale

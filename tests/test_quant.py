@@ -27,3 +27,17 @@ def test_quantize_rounds_half_to_even_and_saturates(dtype: str, scale: float, zp
     assert np.allclose(back, (expected.astype(np.float32) - zp) * np.float32(scale))
     inside = (expected > info.min) & (expected < info.max)
     assert np.all(np.abs(back - x)[inside] <= scale / 2 + 1e-6)
+
+
+@pytest.mark.parametrize(("dtype", "scale", "zp"), [("int8", 0.0729, -7), ("uint8", 0.0039, 128), ("int16", 1e-4, 0)])
+def test_dequantize_gives_the_float32_arithmetic_bit_for_bit(dtype: str, scale: float, zp: int) -> None:
+    spec = TensorSpec(name="y", dtype=dtype, shape=[None, 10], scale=[scale], zero_point=[zp])
+    info = np.iinfo(dtype)
+    q = np.random.default_rng(1).integers(info.min, info.max + 1, (300, 10)).astype(dtype)
+    q[0, :2] = [info.min, info.max]
+    expected = (q.astype(np.float32) - np.float32(zp)) * np.float32(scale)
+    codec = TensorCodec(spec)
+    # contiguous, strided, transposed
+    for arr, exp in ((q, expected), (q[:, ::3], expected[:, ::3]), (q.T, expected.T)):
+        got = codec.dequantize(arr)
+        assert got.dtype == np.float32 and got.shape == arr.shape and np.array_equal(got, exp)

@@ -118,6 +118,10 @@ class LiteRtSession(Session):
                 it.resize_tensor_input(d["index"], x.shape)
             it.allocate_tensors()
             self._details()
+        if self._single:
+            it.set_tensor(self._in_idx[0], inputs[0])
+            it.invoke()
+            return [it.get_tensor(self._out_idx[0])]
         for i, x in zip(self._in_idx, inputs, strict=True):
             it.set_tensor(i, x)
         it.invoke()
@@ -130,3 +134,4 @@ class LiteRtSession(Session):
         self._shape = tuple(int(d) for d in self._inputs[0]["shape"])
         self._in_idx = [int(d["index"]) for d in self._inputs]
         self._out_idx = [int(d["index"]) for d in self._outputs]
+        self._single = len(self._in_idx) == 1 and len(self._out_idx) == 1
