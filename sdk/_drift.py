@@ -97,17 +97,20 @@ def input_features(x: np.ndarray, layout: str, max_pixels: int | None = None) ->
     return feats
 
 
-def _softmax(z: np.ndarray) -> np.ndarray:
-    z = z - z.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
-
-
 def output_features(y: np.ndarray, logits: bool) -> tuple[np.ndarray, np.ndarray]:
     """(predicted class, confidence) per sample of a classifier's output batch."""
-    y = np.asarray(y, dtype=np.float64).reshape(len(y), -1)
-    probs = _softmax(y) if logits else y
-    return probs.argmax(axis=1), probs.max(axis=1)
+    y = np.asarray(y).reshape(len(y), -1)
+    if y.dtype not in (np.float32, np.float64):
+        y = y.astype(np.float64)
+    cls = y.argmax(axis=1)
+    top = np.take_along_axis(y, cls[:, None], axis=1)
+    if not logits:
+        return cls, top[:, 0].astype(np.float64)
+    # The largest softmax probability is 1 / sum(exp(z - max z)): no full probability matrix, and in the
+    # outputs' own precision. A device counts every call's outputs, right after inference, so this matters.
+    e = np.subtract(y, top)
+    np.exp(e, out=e)
+    return cls, 1.0 / e.sum(axis=1, dtype=np.float64)
 
 
 def looks_like_logits(y: np.ndarray) -> bool:

@@ -83,3 +83,21 @@ def test_bad_input() -> None:
         psi([0.5, 0.5], [1, 2, 3])
     with pytest.raises(InputError, match="non-negative"):
         js_distance([0.5, -0.5], [1, 1])
+
+
+def test_output_features_match_the_full_softmax() -> None:
+    """Class and confidence come from the logits without a probability matrix: same as softmax, then max."""
+    from edgefleet._drift import output_features
+
+    rng = np.random.default_rng(3)
+    for dtype in (np.float32, np.float64):
+        for scale in (0.1, 3.0, 40.0):
+            y = (rng.standard_normal((300, 1000)) * scale).astype(dtype)
+            z = y.astype(np.float64) - y.max(axis=1, keepdims=True)
+            p = np.exp(z) / np.exp(z).sum(axis=1, keepdims=True)
+            cls, conf = output_features(y, logits=True)
+            assert np.array_equal(cls, p.argmax(axis=1)) and conf.dtype == np.float64
+            assert np.allclose(conf, p.max(axis=1), rtol=1e-6, atol=0)
+    probs = rng.dirichlet(np.ones(10), 50)
+    cls, conf = output_features(probs, logits=False)
+    assert np.array_equal(cls, probs.argmax(axis=1)) and np.array_equal(conf, probs.max(axis=1))

@@ -232,8 +232,16 @@ def test_finite_check_of_inputs_small_and_large() -> None:
                     y = x.copy()
                     y.reshape(-1)[pos] = bad
                     assert not _all_finite(y), (shape, dtype, bad, pos)
-    # huge but finite float64 values overflow a plain sum: still finite
+    # huge but finite values overflow a plain sum, small and large arrays: still finite
     assert _all_finite(np.full((1, 8), 1e308))
+    assert _all_finite(np.full((1, 3, 64, 64), 3e38, np.float32))
+    big = np.full((1, 3, 64, 64), 3e38, np.float32)
+    big[0, 1, 5, 5] = np.inf
+    assert not _all_finite(big)
+    # +inf and -inf together sum to NaN: still caught
+    mixed = np.zeros((1, 3, 64, 64), np.float32)
+    mixed[0, 0, 0, 0], mixed[0, 2, 9, 9] = np.inf, -np.inf
+    assert not _all_finite(mixed)
     # a non-contiguous view is checked too
     z = np.zeros((2, 64), np.float32)
     z[1, 5] = np.nan
