@@ -5,7 +5,6 @@ from __future__ import annotations
 import importlib.util
 import math
 import os
-import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -113,7 +112,6 @@ class Model:
         self._plain_out = all(
             c is None and o.dtype != "float16" for c, o in zip(self._codecs_out, self._out, strict=True)
         )
-        self._lock = threading.Lock()
         self._telemetry: WindowAggregator | None = None
         self.info = ModelInfo(
             bundle=self.manifest.name,

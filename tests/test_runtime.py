@@ -247,3 +247,37 @@ def test_finite_check_of_inputs_small_and_large() -> None:
     z[1, 5] = np.nan
     assert not _all_finite(z[:, 1::2])
     assert _all_finite(z[:, ::2])
+
+
+@pytest.mark.parametrize("backend", ["onnx", "tflite"])
+def test_predict_from_several_threads_at_once(digits_bundle: Path, publisher, backend: str) -> None:
+    """An app's threads and the device agent's health probes call one model at the same time. A LiteRT
+    interpreter must not be used during another call's invoke: unserialised, this raised RuntimeError
+    ("reference to internal data") or returned another call's outputs."""
+    import threading
+
+    m = rt.load(digits_bundle, [publisher[2]], backend=backend)
+    g = m.bundle.golden_inputs().astype(np.float32)
+    rng = np.random.default_rng(0)
+    # batches of different sizes: the digits LiteRT file takes one sample per invoke, so each is many invokes
+    xs = [
+        (np.concatenate([g] * 40)[: 60 + k] + rng.normal(0, 0.3, (60 + k, *g.shape[1:]))).astype(np.float32)
+        for k in range(4)
+    ]
+    ref = [m.predict(x) for x in xs]
+    failures: list[str] = []
+
+    def work(k: int) -> None:
+        for _ in range(40):
+            try:
+                if not np.array_equal(m.predict(xs[k]), ref[k]):
+                    failures.append(f"thread {k}: other outputs")
+            except Exception as exc:  # every failure is the finding
+                failures.append(f"thread {k}: {exc!r}"[:200])
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not failures, failures[:5]

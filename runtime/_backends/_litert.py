@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 from importlib.metadata import version
 from typing import Any
 
@@ -61,6 +62,7 @@ class LiteRtSession(Session):
             )
         requested = list(options.accelerators if options.accelerators is not None else entry.accelerators) or [XNNPACK]
         self.fallbacks = []
+        self._run_lock = threading.Lock()
         self._it: Any = None
         for spec in requested:
             try:
@@ -112,20 +114,24 @@ class LiteRtSession(Session):
         return it
 
     def run(self, inputs: list[np.ndarray]) -> list[np.ndarray]:
-        it = self._it
-        if self.fixed_batch is None and inputs[0].shape != self._shape:
-            for d, x in zip(self._inputs, inputs, strict=True):
-                it.resize_tensor_input(d["index"], x.shape)
-            it.allocate_tensors()
-            self._details()
-        if self._single:
-            it.set_tensor(self._in_idx[0], inputs[0])
+        # One call at a time: a LiteRT interpreter must not be used while its invoke (which releases the GIL)
+        # runs. The device agent probes the active model from its own thread while the app calls it; without
+        # this, concurrent calls raised RuntimeError or returned another call's outputs (measured).
+        with self._run_lock:
+            it = self._it
+            if self.fixed_batch is None and inputs[0].shape != self._shape:
+                for d, x in zip(self._inputs, inputs, strict=True):
+                    it.resize_tensor_input(d["index"], x.shape)
+                it.allocate_tensors()
+                self._details()
+            if self._single:
+                it.set_tensor(self._in_idx[0], inputs[0])
+                it.invoke()
+                return [it.get_tensor(self._out_idx[0])]
+            for i, x in zip(self._in_idx, inputs, strict=True):
+                it.set_tensor(i, x)
             it.invoke()
-            return [it.get_tensor(self._out_idx[0])]
-        for i, x in zip(self._in_idx, inputs, strict=True):
-            it.set_tensor(i, x)
-        it.invoke()
-        return [it.get_tensor(i) for i in self._out_idx]
+            return [it.get_tensor(i) for i in self._out_idx]
 
     def _details(self) -> None:
         self._inputs = self._it.get_input_details()
