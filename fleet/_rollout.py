@@ -31,14 +31,15 @@ import math
 import threading
 import time
 import uuid
-from typing import Any
+from typing import Any, NamedTuple
+
+import numpy as np
 
 from edgefleet import InputError
 from edgefleet._drift import chi2_two_sample, psi
 from edgefleet._telemetry import latency_quantile
 
 from ._db import Database
-from ._drift import merge_windows
 
 __all__ = ["DEFAULT_GATES", "STATES", "RolloutEngine"]
 
@@ -107,6 +108,51 @@ def _wait_all(handles: list[Any], timeout: float = 30.0) -> None:
             h.wait_for_publish(max(0.1, deadline - time.monotonic()))
 
 
+class _WindowSummary(NamedTuple):
+    """What the gates read from one stored telemetry window."""
+
+    device: str
+    calls: int
+    errors: int
+    latency: np.ndarray
+    classes: np.ndarray | None
+
+
+class _WindowSummaries:
+    """Parsed windows by key, bounded by the counts they hold (a 1,000-class model's window holds 1,000)."""
+
+    MAX_VALUES = 16_000_000  # about 128 MB of counts; past it the cache starts over
+
+    def __init__(self) -> None:
+        self._by_key: dict[str, _WindowSummary] = {}
+        self._values = 0
+
+    def fetch(self, db: Database, keys: list[str]) -> list[_WindowSummary]:
+        """The summaries of the windows KEYS (in that order), parsing only those not seen before."""
+        if self._values > self.MAX_VALUES:
+            self._by_key.clear()
+            self._values = 0
+        missing = [k for k in keys if k not in self._by_key]
+        for i in range(0, len(missing), 500):
+            chunk = missing[i : i + 500]
+            marks = ",".join("?" for _ in chunk)
+            for key, device, body in db.query(
+                f"SELECT key, device_id, body FROM windows WHERE key IN ({marks})", chunk
+            ):
+                w = json.loads(body)
+                cls = (w.get("outputs") or {}).get("predicted_class")
+                s = _WindowSummary(
+                    device,
+                    int(w["calls"]),
+                    sum(int(v) for v in w["errors"].values()) + int(w["nan_outputs"]),
+                    np.asarray(w["latency_ms"]["counts"], dtype=np.int64),
+                    None if cls is None else np.asarray(cls, dtype=np.int64),
+                )
+                self._by_key[key] = s
+                self._values += s.latency.size + (0 if s.classes is None else s.classes.size)
+        return [w for w in map(self._by_key.get, keys) if w is not None]
+
+
 class RolloutEngine:
     def __init__(self, db: Database, set_desired: Any, interval: float = 1.0) -> None:
         self.db = db
@@ -118,6 +164,7 @@ class RolloutEngine:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
+        self._summaries = _WindowSummaries()
 
     # -- operator actions --------------------------------------------------------------------------
     def create(self, bundle: str, selector: str, stages: list[float], gates: dict[str, float] | None = None) -> str:
@@ -369,28 +416,28 @@ class RolloutEngine:
                 "reporting": 0,
             }
         marks = ",".join("?" for _ in devices)
-        sql = f"SELECT device_id, body FROM windows WHERE bundle_name = ? AND device_id IN ({marks}) AND start >= ?"
+        sql = f"SELECT key FROM windows WHERE bundle_name = ? AND device_id IN ({marks}) AND start >= ?"
         params: list[Any] = [name, *devices, since]
         if version is not None:
             sql += " AND bundle_version = ?"
             params.append(version)
-        rows = self.db.query(sql, params)
-        bodies = [json.loads(b) for _, b in rows]
-        reporting = len({d for (d, _), w in zip(rows, bodies, strict=True) if w.get("calls")})
-        merged = merge_windows(bodies)
-        lat: list[int] = []
-        for w in bodies:
-            c = w["latency_ms"]["counts"]
-            lat = [a + b for a, b in zip(lat, c, strict=True)] if lat else list(c)
-        errors = sum(sum(int(v) for v in w["errors"].values()) + int(w["nan_outputs"]) for w in bodies)
+        keys = [k for (k,) in self.db.query(sql, params)]
+        # Windows never change once stored: each is parsed once, not on every tick of a long stage.
+        found = self._summaries.fetch(self.db, keys)
+        lat = np.sum([w.latency for w in found], axis=0) if found else None
+        classes: np.ndarray | None = None
+        for w in found:  # as merge_windows sums them
+            if w.classes is not None:
+                same = classes is not None and classes.shape == w.classes.shape
+                classes = classes + w.classes if same and classes is not None else w.classes
         return {
-            "calls": merged["calls"],
-            "errors": errors,
-            "latency": latency_quantile(lat, 0.95) if lat else None,
-            "median": latency_quantile(lat, 0.5) if lat else None,
-            "classes": merged["outputs"].get("predicted_class"),
-            "windows": len(bodies),
-            "reporting": reporting,
+            "calls": sum(w.calls for w in found),
+            "errors": sum(w.errors for w in found),
+            "latency": latency_quantile(lat.tolist(), 0.95) if lat is not None else None,
+            "median": latency_quantile(lat.tolist(), 0.5) if lat is not None else None,
+            "classes": classes,
+            "windows": len(found),
+            "reporting": len({w.device for w in found if w.calls}),
         }
 
     def _gates(

@@ -104,3 +104,64 @@ def test_stages_take_every_group_of_devices_in_proportion() -> None:
             assert abs(share - k * size / 120) <= 1, (k, prefix, share)
     assert [d["id"] for d in stratified_order("r1", devices)] == [d["id"] for d in order]  # stable
     assert [d["id"] for d in stratified_order("r2", devices)] != [d["id"] for d in order]  # per rollout
+
+
+def test_cohort_figures_from_parsed_windows_match_merging_every_body(db: Database) -> None:
+    """The gates parse each stored window once; their figures equal merging every window body on every tick,
+    as windows keep arriving."""
+    import numpy as np
+
+    from edgefleet._telemetry import latency_quantile
+    from edgefleet.fleet._drift import merge_windows
+
+    rng = np.random.default_rng(5)
+    engine = RolloutEngine(db, lambda *a, **k: None)
+    devices = [f"d{i}" for i in range(12)]
+    t0 = time.time() - 100
+
+    def add(n: int) -> None:
+        with db.transaction() as cur:
+            for _ in range(n):
+                dev = str(rng.choice(devices))
+                version = str(rng.choice(["1.0.0", "2.0.0"]))
+                start = t0 + float(rng.uniform(-20, 90))
+                w = _window(dev, version, {0.4: int(rng.integers(0, 50)), 3.0: int(rng.integers(0, 5))}, start)
+                w["key"] += f":{rng.integers(1 << 40)}"
+                w["errors"] = {"input": int(rng.integers(0, 3))}
+                w["nan_outputs"] = int(rng.integers(0, 2))
+                if rng.random() < 0.8:
+                    w["outputs"] = {"predicted_class": rng.integers(0, 9, 10).tolist()}
+                cur.execute(
+                    "INSERT INTO windows (key, device_id, bundle_name, bundle_version, start, calls, samples, "
+                    "errors, nan_outputs, body, received) VALUES (?, ?, 'm', ?, ?, ?, ?, 0, 0, ?, ?)",
+                    (w["key"], dev, version, start, w["calls"], w["samples"], json.dumps(w), start),
+                )
+
+    def reference(devs: list[str], version: str | None) -> dict:
+        marks = ",".join("?" * len(devs))
+        sql = f"SELECT device_id, body FROM windows WHERE bundle_name = 'm' AND device_id IN ({marks}) AND start >= ?"
+        params: list = [*devs, t0]
+        if version:
+            sql, params = sql + " AND bundle_version = ?", [*params, version]
+        rows = db.query(sql, params)
+        bodies = [json.loads(b) for _, b in rows]
+        lat = np.sum([w["latency_ms"]["counts"] for w in bodies], axis=0).tolist() if bodies else None
+        merged = merge_windows(bodies)
+        return {
+            "calls": merged["calls"],
+            "errors": sum(sum(w["errors"].values()) + w["nan_outputs"] for w in bodies),
+            "latency": latency_quantile(lat, 0.95) if lat else None,
+            "median": latency_quantile(lat, 0.5) if lat else None,
+            "classes": merged["outputs"].get("predicted_class"),
+            "windows": len(bodies),
+            "reporting": len({d for (d, _), w in zip(rows, bodies, strict=True) if w["calls"]}),
+        }
+
+    for n in (0, 40, 1, 200):
+        add(n)
+        for devs, version in ((devices[:5], "2.0.0"), (devices[5:], None), (devices, "1.0.0")):
+            got, want = engine._cohort("m", devs, version, t0), reference(devs, version)
+            classes = (got.pop("classes"), want.pop("classes"))
+            assert got == want, (n, devs, version)
+            assert (classes[0] is None and classes[1] is None) or np.array_equal(*classes)
+    assert engine._summaries._values > 0
