@@ -74,6 +74,10 @@ SCHEMA = [
 ]
 
 
+def _marks(values: list[Any]) -> str:
+    return ",".join("?" for _ in values)
+
+
 def _order(rollout_id: str, device: str) -> str:
     # A stable pseudo-random order: the same devices form the first stage however often the engine runs.
     return hashlib.sha256(f"{rollout_id}/{device}".encode()).hexdigest()
@@ -296,27 +300,40 @@ class RolloutEngine:
             self._record_device_results()
 
     def _record_device_results(self) -> None:
-        for rid, dev in self.db.query("SELECT rollout_id, device_id FROM rollout_devices WHERE status = 'pending'"):
-            r = self.db.query("SELECT bundle_version FROM rollouts WHERE id = ?", (rid,))[0]
-            evs = self.db.query(
-                "SELECT type, body FROM events WHERE device_id = ? AND type IN ('rolled_back', 'update_failed', "
-                "'committed')",
-                (dev,),
-            )
-            status = None
-            for typ, body in evs:
-                b = json.loads(body)
-                if b.get("rollout") != rid:
-                    continue
-                status = "updated" if typ == "committed" else "failed"
-            if status is None:
-                cur = self.db.query("SELECT bundle_version, update_state FROM devices WHERE id = ?", (dev,))
-                if cur and cur[0][0] == r[0] and cur[0][1] == "idle":
-                    status = "updated"
+        pending = self.db.query("SELECT rollout_id, device_id FROM rollout_devices WHERE status = 'pending'")
+        if not pending:
+            return
+        # A few queries per tick for all pending devices, not two per device (a stage of 500 devices).
+        rids = sorted({rid for rid, _ in pending})
+        target = dict(self.db.query(f"SELECT id, bundle_version FROM rollouts WHERE id IN ({_marks(rids)})", rids))
+        results: dict[tuple[str, str], str] = {}
+        registry: dict[str, tuple[Any, Any]] = {}
+        devices = sorted({dev for _, dev in pending})
+        for i in range(0, len(devices), 500):
+            chunk = devices[i : i + 500]
+            for dev, typ, body in self.db.query(
+                f"SELECT device_id, type, body FROM events WHERE device_id IN ({_marks(chunk)}) "
+                "AND type IN ('rolled_back', 'update_failed', 'committed') ORDER BY ts",
+                chunk,
+            ):
+                rid = json.loads(body).get("rollout")
+                if rid in target:  # the latest outcome reported for that rollout counts
+                    results[(rid, dev)] = "updated" if typ == "committed" else "failed"
+            for dev, version, state in self.db.query(
+                f"SELECT id, bundle_version, update_state FROM devices WHERE id IN ({_marks(chunk)})", chunk
+            ):
+                registry[dev] = (version, state)
+        changes = []
+        for rid, dev in pending:
+            status = results.get((rid, dev))
+            if status is None and rid in target and registry.get(dev) == (target[rid], "idle"):
+                status = "updated"  # on the version already, by whatever route, with no update under way
             if status is not None:
-                self.db.execute(
-                    "UPDATE rollout_devices SET status = ? WHERE rollout_id = ? AND device_id = ?", (status, rid, dev)
-                )
+                changes.append((status, rid, dev))
+        if changes:
+            with self.db.transaction() as cur:
+                for change in changes:
+                    cur.execute("UPDATE rollout_devices SET status = ? WHERE rollout_id = ? AND device_id = ?", change)
 
     def _advance(self, rid: str) -> None:
         r = self.get(rid)
