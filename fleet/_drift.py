@@ -19,7 +19,15 @@ from ._db import Database
 
 log = logging.getLogger("edgefleet.fleet.drift")
 
-__all__ = ["DEFAULT_THRESHOLDS", "DriftMonitor", "cohort_report", "drift_report", "list_alerts", "merge_windows"]
+__all__ = [
+    "DEFAULT_THRESHOLDS",
+    "DriftMonitor",
+    "add_counts",
+    "cohort_report",
+    "drift_report",
+    "list_alerts",
+    "merge_windows",
+]
 
 # A feature drifts when its PSI passes this (0.1: watch, 0.25: act, the usual reading) or the chi-square
 # p-value falls below P_VALUE with enough samples to mean something.
@@ -30,6 +38,11 @@ def empty_merge() -> dict[str, Any]:
     return {"calls": 0, "samples": 0, "summarised": 0, "inputs": {}, "outputs": {}}
 
 
+def add_counts(total: np.ndarray | None, counts: np.ndarray) -> np.ndarray:
+    """TOTAL + COUNTS on the same bins; COUNTS alone when the bins differ (or there is no total yet)."""
+    return total + counts if total is not None and total.shape == counts.shape else counts
+
+
 def accumulate(acc: dict[str, Any], w: dict[str, Any]) -> dict[str, Any]:
     """Add window (or merged windows) W's counts into ACC, in place; returns ACC."""
     acc["calls"] += int(w["calls"])
@@ -38,8 +51,7 @@ def accumulate(acc: dict[str, Any], w: dict[str, Any]) -> dict[str, Any]:
     for group in ("inputs", "outputs"):
         dst = acc[group]
         for k, v in w[group].items():
-            a = np.asarray(v, dtype=np.int64)
-            dst[k] = dst[k] + a if k in dst and dst[k].shape == a.shape else a
+            dst[k] = add_counts(dst.get(k), np.asarray(v, dtype=np.int64))
     return acc
 
 

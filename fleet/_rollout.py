@@ -40,6 +40,7 @@ from edgefleet._drift import chi2_two_sample, psi
 from edgefleet._telemetry import latency_quantile
 
 from ._db import Database
+from ._drift import add_counts
 
 __all__ = ["DEFAULT_GATES", "STATES", "RolloutEngine"]
 
@@ -139,9 +140,8 @@ class _WindowSummaries:
         missing = [k for k in keys if k not in self._by_key]
         for i in range(0, len(missing), 500):
             chunk = missing[i : i + 500]
-            marks = ",".join("?" for _ in chunk)
             for key, device, body in db.query(
-                f"SELECT key, device_id, body FROM windows WHERE key IN ({marks})", chunk
+                f"SELECT key, device_id, body FROM windows WHERE key IN ({_marks(chunk)})", chunk
             ):
                 w = json.loads(body)
                 cls = (w.get("outputs") or {}).get("predicted_class")
@@ -432,8 +432,7 @@ class RolloutEngine:
                 "windows": 0,
                 "reporting": 0,
             }
-        marks = ",".join("?" for _ in devices)
-        sql = f"SELECT key FROM windows WHERE bundle_name = ? AND device_id IN ({marks}) AND start >= ?"
+        sql = f"SELECT key FROM windows WHERE bundle_name = ? AND device_id IN ({_marks(devices)}) AND start >= ?"
         params: list[Any] = [name, *devices, since]
         if version is not None:
             sql += " AND bundle_version = ?"
@@ -441,17 +440,16 @@ class RolloutEngine:
         keys = [k for (k,) in self.db.query(sql, params)]
         # Windows never change once stored: each is parsed once, not on every tick of a long stage.
         found = self._summaries.fetch(self.db, keys)
-        lat = np.sum([w.latency for w in found], axis=0) if found else None
+        lat = np.sum([w.latency for w in found], axis=0).tolist() if found else None
         classes: np.ndarray | None = None
-        for w in found:  # as merge_windows sums them
+        for w in found:
             if w.classes is not None:
-                same = classes is not None and classes.shape == w.classes.shape
-                classes = classes + w.classes if same and classes is not None else w.classes
+                classes = add_counts(classes, w.classes)
         return {
             "calls": sum(w.calls for w in found),
             "errors": sum(w.errors for w in found),
-            "latency": latency_quantile(lat.tolist(), 0.95) if lat is not None else None,
-            "median": latency_quantile(lat.tolist(), 0.5) if lat is not None else None,
+            "latency": latency_quantile(lat, 0.95) if lat is not None else None,
+            "median": latency_quantile(lat, 0.5) if lat is not None else None,
             "classes": classes,
             "windows": len(found),
             "reporting": len({w.device for w in found if w.calls}),
