@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import fcntl
 import sqlite3
+import sys
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -69,6 +70,8 @@ class Database:
 
     def _conn(self) -> Any:
         c = getattr(self._local, "conn", None)
+        if c is not None and self.kind == "postgresql" and (c.closed or c.broken):
+            c = None  # the server restarted or the network dropped: connect again
         if c is None:
             if self.kind == "sqlite":
                 c = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
@@ -90,6 +93,14 @@ class Database:
             # One open file per thread: flock() excludes per open file, not per process.
             f = self._local.lockfile = open(f"{self.path}-writer.lock", "a+b")
         return f
+
+    def unavailable(self, exc: BaseException) -> bool:
+        """True when EXC means the database cannot be reached or written just now (worth trying again),
+        as opposed to refusing the statement itself."""
+        if self.kind == "sqlite":
+            return isinstance(exc, sqlite3.OperationalError)
+        psycopg = sys.modules.get("psycopg")
+        return psycopg is not None and isinstance(exc, (psycopg.OperationalError, psycopg.InterfaceError))
 
     def _sql(self, sql: str) -> str:
         return sql.replace("?", "%s") if self.kind == "postgresql" else sql

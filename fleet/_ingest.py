@@ -30,6 +30,11 @@ SHARE_GROUP = "edgefleet-ingest"
 MAX_PAYLOAD = 256 * 1024
 _BATCH = 500
 _BATCH_S = 0.05
+_QUIET_S = 0.005
+# Unacknowledged messages the broker may have in flight to a worker (MQTT 5 Receive Maximum): room for one
+# batch being written while the next one arrives.
+_RECEIVE_MAX = 2 * _BATCH
+_RETRY_S = (0.5, 10.0)
 
 
 class IngestWorker:
@@ -55,13 +60,19 @@ class IngestWorker:
         self.name = name
         self.durable = durable
         self.session_expiry_s = session_expiry_s
-        self._pending: list[tuple[str, bytes]] = []
+        # topic, payload, mid and QoS of each message received and not yet stored (nor acknowledged)
+        self._pending: list[tuple[str, bytes, int, int]] = []
         self._pending_since = 0.0
+        self._last_arrival = 0.0
+        self._retry_at = 0.0
+        self._retry_delay = 0.0
         self._pending_lock = threading.Lock()
         self._write_lock = threading.Lock()
+        self._wake = threading.Event()
         self._stop = threading.Event()
         self._known: set[str] = set()
         self.stats = {"received": 0, "stored": 0, "duplicates": 0, "rejected": 0, "unknown_device": 0}
+        self.write_retries = 0
         self._client: Any = None
         self._thread: threading.Thread | None = None
         self.connected = threading.Event()
@@ -73,15 +84,17 @@ class IngestWorker:
         from paho.mqtt.properties import Properties
 
         client_id = f"edgefleet-{self.name}" if self.durable else f"edgefleet-{self.name}-{time.time_ns()}"
-        c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
+        # manual_ack: a message is acknowledged to the broker only once it is in the database, so a worker
+        # that dies, or a database that is down, loses nothing the broker has handed over.
+        c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5, manual_ack=True)
         self.broker.configure(c)
         c.on_connect = self._on_connect
         c.on_message = self._on_message
         c.on_disconnect = lambda *a: self.connected.clear()
         c.reconnect_delay_set(0.5, 10)
-        props = None
+        props = Properties(PacketTypes.CONNECT)
+        props.ReceiveMaximum = _RECEIVE_MAX
         if self.durable:
-            props = Properties(PacketTypes.CONNECT)
             props.SessionExpiryInterval = self.session_expiry_s
         c.connect_async(
             self.broker.host, self.broker.port, keepalive=30, clean_start=not self.durable, properties=props
@@ -100,12 +113,16 @@ class IngestWorker:
 
     def _on_message(self, client: Any, userdata: Any, msg: Any) -> None:
         if msg.topic.endswith(("/desired", "/commands")):
+            client.ack(msg.mid, msg.qos)
             return  # the server's own messages to devices
+        now = time.monotonic()
         with self._pending_lock:
             if not self._pending:
-                self._pending_since = time.monotonic()
-            self._pending.append((msg.topic, bytes(msg.payload)))
-            full = len(self._pending) >= _BATCH
+                self._pending_since = now
+                self._wake.set()
+            self._pending.append((msg.topic, bytes(msg.payload), msg.mid, msg.qos))
+            self._last_arrival = now
+            full = len(self._pending) >= _BATCH and now >= self._retry_at
         if full:
             # Written here, in paho's network thread: handing every message to another thread made the
             # two threads trade the GIL across cores per message (115 us of CPU per window against 75 us
@@ -113,15 +130,18 @@ class IngestWorker:
             self._flush()
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Stop receiving, write what is queued, disconnect (a durable worker keeps its subscription)."""
-        if self._client is not None:
-            if not self.durable:
-                self._client.unsubscribe(f"$share/{SHARE_GROUP}/{ROOT}/devices/+/+")
-            self._client.disconnect()
-            self._client.loop_stop()
+        """Stop receiving, write and acknowledge what is pending, disconnect (a durable worker keeps its
+        subscription, and the broker redelivers whatever could not be written)."""
+        if self._client is not None and not self.durable:
+            self._client.unsubscribe(f"$share/{SHARE_GROUP}/{ROOT}/devices/+/+")
         self._stop.set()
+        self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout)
+        if self._client is not None:
+            self._client.disconnect()
+            self._client.loop_stop()
+        self._flush(final=True)  # what arrived meanwhile: stored, its acknowledgement no longer matters
 
     def _is_known(self, device: str) -> bool:
         if device in self._known:
@@ -132,26 +152,76 @@ class IngestWorker:
             return True
         return False
 
-    def _flush(self, older_than: float | None = None) -> None:
-        """Write what is pending (only if it has waited OLDER_THAN seconds, when given)."""
-        with self._write_lock:
+    def _flush(self, due_only: bool = False, final: bool = False) -> None:
+        """Write what is pending and acknowledge it. DUE_ONLY (the timer): only once no message has come
+        for _QUIET_S or the oldest has waited _BATCH_S (a broker may allow fewer messages in flight than
+        a batch holds). While the database is unavailable the messages stay pending, unacknowledged, and
+        are tried again after a growing delay; the broker sends no more than _RECEIVE_MAX meanwhile."""
+        if not self._write_lock.acquire(blocking=not due_only):
+            return  # the network thread is writing a full batch
+        try:
+            now = time.monotonic()
             with self._pending_lock:
-                if not self._pending or (
-                    older_than is not None and time.monotonic() - self._pending_since < older_than
-                ):
+                if not self._pending or (not final and now < self._retry_at):
+                    return
+                if due_only and now - self._last_arrival < _QUIET_S and now - self._pending_since < _BATCH_S:
                     return
                 batch, self._pending = self._pending, []
+            done = self._store(batch)
+            if done < len(batch):
+                with self._pending_lock:
+                    self._pending[:0] = batch[done:]
+                    self._retry_delay = min(_RETRY_S[1], max(_RETRY_S[0], 2 * self._retry_delay))
+                    self._retry_at = time.monotonic() + self._retry_delay
+                self.write_retries += 1
+            else:
+                self._retry_delay = 0.0
+            if self._client is not None:
+                for _, _, mid, qos in batch[:done]:
+                    self._client.ack(mid, qos)
+        finally:
+            self._write_lock.release()
+
+    def _store(self, batch: list[tuple[str, bytes, int, int]]) -> int:
+        """Write BATCH; returns how many of its messages are done with (stored, or refused for good)."""
+        try:
+            self._write([(t, p) for t, p, _, _ in batch])
+            return len(batch)
+        except Exception as exc:
+            if self.db.unavailable(exc):
+                log.warning("ingest worker %s: database unavailable, %d messages wait: %s", self.name, len(batch), exc)
+                return 0
+            log.exception(
+                "ingest worker %s: the database refused a batch of %d; writing one at a time", self.name, len(batch)
+            )
+        # One message the database refuses must not hold back the others.
+        for i, (topic, payload, _, _) in enumerate(batch):
             try:
-                self._write(batch)
-            except Exception:
-                log.exception("ingest worker %s: a batch of %d failed", self.name, len(batch))
-                self.db.bump("ingest_batch_failures")
+                self._write([(topic, payload)])
+            except Exception as exc:
+                if self.db.unavailable(exc):
+                    return i
+                log.error("ingest worker %s: dropped a %s message the database refused: %s", self.name, topic, exc)
+                self.stats["rejected"] += 1
+                try:
+                    self.db.bump("ingest_rejected")
+                except Exception as bump_exc:
+                    if self.db.unavailable(bump_exc):
+                        return i
+        return len(batch)
 
     def _flusher(self) -> None:
-        """Write partial batches once they have waited _BATCH_S (full ones are written as they fill)."""
-        while not self._stop.wait(_BATCH_S / 2):
-            self._flush(older_than=_BATCH_S)
-        self._flush()
+        """Write partial batches once traffic pauses (full ones are written as they fill)."""
+        while not self._stop.is_set():
+            self._wake.wait()
+            self._wake.clear()
+            while not self._stop.is_set():
+                with self._pending_lock:
+                    if not self._pending:
+                        break
+                self._stop.wait(max(_QUIET_S, self._retry_at - time.monotonic()))
+                self._flush(due_only=True)
+        self._flush(final=True)
 
     def _write(self, batch: list[tuple[str, bytes]]) -> None:
         counts = dict.fromkeys(self.stats, 0)

@@ -123,47 +123,59 @@ def observer(broker: Mosquitto):
     o.close()
 
 
+class Postgres:
+    """A real PostgreSQL server (Debian's postgresql) on a loopback port; `restart()` is an outage."""
+
+    def __init__(self) -> None:
+        import glob
+        import os
+        import tempfile
+
+        from ._servers import free_port
+
+        bins = sorted(glob.glob("/usr/lib/postgresql/*/bin/pg_ctl"))
+        assert bins, "PostgreSQL is not installed: make test installs the Debian package 'postgresql'"
+        self.bindir = Path(bins[-1]).parent
+        self.root = Path(tempfile.mkdtemp(prefix="edgefleet-pg-"))
+        self.as_user: list[str] = []
+        if os.geteuid() == 0:
+            # PostgreSQL refuses to run as root: run it as the package's own user.
+            shutil.chown(self.root, "postgres", "postgres")
+            self.as_user = ["runuser", "-u", "postgres", "--"]
+        self.port = free_port()
+        self.data = self.root / "data"
+        subprocess.run(
+            [*self.as_user, str(self.bindir / "initdb"), "-D", str(self.data), "-A", "trust", "-U", "edgefleet"],
+            check=True,
+            capture_output=True,
+        )
+        self.url = f"postgresql://edgefleet@127.0.0.1:{self.port}/postgres"
+        self.start()
+
+    def _ctl(self, *args: str, check: bool = True) -> None:
+        cmd = [*self.as_user, str(self.bindir / "pg_ctl"), "-D", str(self.data), *args]
+        subprocess.run(cmd, check=check, capture_output=True)
+
+    def start(self) -> None:
+        opts = f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 -c fsync=off"
+        self._ctl("-l", str(self.root / "log"), "-w", "-o", opts, "start")
+
+    def stop(self) -> None:
+        self._ctl("-m", "fast", "-w", "stop")
+
+    def close(self) -> None:
+        self._ctl("-m", "fast", "stop", check=False)
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
-def postgres_url():
-    """A real PostgreSQL server (Debian's postgresql), started on a loopback port for the session."""
-    import glob
-    import os
-    import tempfile
+def postgres():
+    pg = Postgres()
+    yield pg
+    pg.close()
 
-    from ._servers import free_port
 
-    bins = sorted(glob.glob("/usr/lib/postgresql/*/bin/pg_ctl"))
-    assert bins, "PostgreSQL is not installed: make test installs the Debian package 'postgresql'"
-    bindir = Path(bins[-1]).parent
-    root = Path(tempfile.mkdtemp(prefix="edgefleet-pg-"))
-    as_user: list[str] = []
-    if os.geteuid() == 0:
-        # PostgreSQL refuses to run as root: run it as the package's own user.
-        shutil.chown(root, "postgres", "postgres")
-        as_user = ["runuser", "-u", "postgres", "--"]
-    port = free_port()
-    data = root / "data"
-    subprocess.run(
-        [*as_user, str(bindir / "initdb"), "-D", str(data), "-A", "trust", "-U", "edgefleet"],
-        check=True,
-        capture_output=True,
-    )
-    subprocess.run(
-        [
-            *as_user,
-            str(bindir / "pg_ctl"),
-            "-D",
-            str(data),
-            "-l",
-            str(root / "log"),
-            "-w",
-            "-o",
-            f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off",
-            "start",
-        ],
-        check=True,
-        capture_output=True,
-    )
-    yield f"postgresql://edgefleet@127.0.0.1:{port}/postgres"
-    subprocess.run([*as_user, str(bindir / "pg_ctl"), "-D", str(data), "-m", "fast", "stop"], capture_output=True)
-    shutil.rmtree(root, ignore_errors=True)
+@pytest.fixture(scope="session")
+def postgres_url(postgres: Postgres) -> str:
+    """The URL of the session's PostgreSQL server."""
+    return postgres.url

@@ -663,3 +663,126 @@ def test_a_restarted_server_carries_on_with_its_rollout(tmp_path: Path, server: 
             a.send_signal(signal.SIGTERM)
         for a in agents:
             a.wait(20)
+
+
+def _provision(server: Server, tmp_path: Path, dev: str) -> str:
+    out = tmp_path / f"{dev}.toml"
+    r = run_cli("fleet", "provision", dev, *server.data_args, "--out", str(out), "--mqtt-port", str(server.mqtt))
+    assert r.returncode == 0, r.stderr
+    pw = next(line for line in out.read_text().splitlines() if line.startswith("password"))
+    return str(json.loads(pw.split("=", 1)[1].strip()))
+
+
+def test_worker_killed_with_windows_not_yet_written_loses_none(tmp_path: Path, publisher) -> None:
+    """A worker acknowledges a message to the broker only once it is in the database: one killed (-9)
+    while it holds windows it could not write yet gets them again from the broker when it is back."""
+    import fcntl
+    import sqlite3
+
+    server = Server(tmp_path / "fleet", publisher)
+    log = open(tmp_path / "worker.log", "ab")
+
+    def worker() -> subprocess.Popen[bytes]:
+        return subprocess.Popen(
+            [
+                *(str(Path(sys.executable).parent / "edgefleet"), "fleet", "ingest"),
+                *("--data-dir", str(server.data), "--mqtt-port", str(server.mqtt), "--name", "w2", "--durable"),
+            ],
+            stdout=log,
+            stderr=log,
+        )
+
+    def stored() -> dict[str, int]:
+        db = sqlite3.connect(server.data / "fleet.db")
+        try:
+            keys = {k for (k,) in db.execute("SELECT key FROM windows")}
+            counters = dict(db.execute("SELECT name, value FROM counters").fetchall())
+        finally:
+            db.close()
+        return {"windows": len(keys), "w2": counters.get("ingest_worker_w2_received", 0), **dict.fromkeys(keys, 1)}
+
+    w2 = worker()
+    c = None
+    try:
+        c, _ = _client(server.mqtt, "dev-a", _provision(server, tmp_path, "dev-a"))
+        sent = []
+
+        def send(n: int) -> None:
+            for _ in range(n):
+                key = f"dev-a:{len(sent)}:k"
+                c.publish(topic("dev-a", "telemetry"), json.dumps(_window("dev-a", key)), qos=1).wait_for_publish(5)
+                sent.append(key)
+
+        # both workers are on the shared subscription once each has stored some of the first windows
+        deadline = time.monotonic() + 30
+        while stored()["w2"] == 0 and time.monotonic() < deadline:
+            send(2)
+            time.sleep(0.3)
+        _wait(lambda: stored()["windows"] == len(sent), 20, "the first windows stored")
+        assert stored()["w2"] > 0, (tmp_path / "worker.log").read_text()[-2000:]
+        before = stored()["w2"]
+        with open(server.data / "fleet.db-writer.lock", "a+b") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # no worker can write now
+            send(20)
+            time.sleep(1.5)  # dealt to both workers, which hold them unwritten
+            w2.kill()
+            w2.wait(10)
+        w2 = worker()
+        _wait(lambda: stored()["windows"] == len(sent), 30, "every window stored after the restart")
+        got = stored()
+        assert all(k in got for k in sent)
+        assert got["w2"] > before, "the restarted worker was given its share again"
+    finally:
+        if c is not None:
+            c.loop_stop()
+            c.disconnect()
+        w2.kill()
+        w2.wait(10)
+        server.stop()
+
+
+def test_database_outage_under_telemetry_loses_nothing(tmp_path: Path, publisher, postgres) -> None:
+    """PostgreSQL stops while a device sends windows: the worker keeps them unacknowledged and tries again,
+    its connections reconnect when the database is back, and every window is stored once."""
+    import uuid
+
+    import psycopg
+
+    name = "f" + uuid.uuid4().hex[:10]
+    with psycopg.connect(postgres.url, autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name}")
+    url = postgres.url.rsplit("/", 1)[0] + "/" + name
+    server = Server(tmp_path / "fleet", publisher, db_url=url)
+    c = None
+
+    def stored() -> set[str]:
+        with psycopg.connect(url, autocommit=True) as conn:
+            return {k for (k,) in conn.execute("SELECT key FROM windows")}
+
+    try:
+        c, _ = _client(server.mqtt, "dev-a", _provision(server, tmp_path, "dev-a"))
+        sent: list[str] = []
+
+        def send(n: int) -> None:
+            for _ in range(n):
+                key = f"dev-a:{len(sent)}:k"
+                c.publish(topic("dev-a", "telemetry"), json.dumps(_window("dev-a", key)), qos=1).wait_for_publish(5)
+                sent.append(key)
+
+        send(5)
+        _wait(lambda: stored() == set(sent), 20, "windows stored before the outage")
+        postgres.stop()
+        try:
+            send(15)
+            time.sleep(2.0)  # the worker tries, fails, and waits to try again
+        finally:
+            postgres.start()
+        _wait(lambda: stored() == set(sent), 40, "every window stored after the outage")
+        assert server.proc.poll() is None
+        _wait(lambda: server.get("/healthz")[0] == 200, 20, "the server healthy again")
+        assert _metric(server, 'edgefleet_ingest_messages_total{outcome="stored"}') == len(sent)
+    finally:
+        if c is not None:
+            c.loop_stop()
+            c.disconnect()
+        server.stop()
