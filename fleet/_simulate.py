@@ -238,12 +238,19 @@ class Simulation:
 
 
 def run(sim: Simulation, duration: float | None) -> None:
+    """Run SIM for DURATION seconds, or until Ctrl-C or SIGTERM (either stops the devices cleanly)."""
+    import signal
+
+    # SIGTERM as well as Ctrl-C: a shell without job control starts background jobs with SIGINT
+    # ignored, and Python keeps it ignored, so SIGINT alone could not stop a simulator started that way.
+    term = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: term.set())
     sim.start()
     print(f"simulating {sim.devices} devices in {sim.dir}; Ctrl-C stops", flush=True)
     try:
         deadline = None if duration is None else time.monotonic() + duration
-        while deadline is None or time.monotonic() < deadline:
-            time.sleep(1)
+        while not term.is_set() and (deadline is None or time.monotonic() < deadline):
+            term.wait(1)
     except KeyboardInterrupt:
         pass
     finally:
@@ -276,7 +283,7 @@ def run_sharded(argv: list[str], devices: int, prefix: str, workdir: str | None)
     def stop(*_: Any) -> None:
         for p in procs:
             if p.poll() is None:
-                p.send_signal(signal.SIGINT)
+                p.send_signal(signal.SIGTERM)  # SIGINT may be ignored in them (see run)
 
     signal.signal(signal.SIGTERM, stop)
     try:

@@ -32,6 +32,8 @@ def test_a_large_simulated_fleet_splits_over_processes_and_updates(tmp_path: Pat
             stdout=subprocess.PIPE,
             stderr=open(tmp_path / "sim.log", "wb"),
             text=True,
+            # as a shell without job control starts a background job: SIGINT ignored, SIGTERM stops it
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
         )
 
         def devices() -> list[dict]:
@@ -57,6 +59,11 @@ def test_a_large_simulated_fleet_splits_over_processes_and_updates(tmp_path: Pat
         assert next(d for d in devices() if d["id"] == one)["bundle_version"] == "2.0.0"
     finally:
         if sim is not None:
-            sim.send_signal(signal.SIGINT)
-            assert sim.wait(120) == 0
+            sim.send_signal(signal.SIGTERM)
+            try:
+                assert sim.wait(120) == 0
+            finally:
+                if sim.poll() is None:
+                    subprocess.run(["pkill", "-KILL", "-f", "--", f"--workdir {tmp_path / 'sim'}"], check=False)
+                    sim.kill()
         server.stop()
