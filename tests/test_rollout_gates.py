@@ -1,5 +1,6 @@
 """The rollout engine's latency gate on recorded telemetry: a few slow calls in a small canary are a
-scheduling hiccup, a canary that is slow throughout is a slow bundle (on a real SQLite database)."""
+scheduling hiccup, a canary that is slow throughout is a slow bundle; operators pause, resume and abort (on
+a real SQLite database)."""
 
 from __future__ import annotations
 
@@ -165,3 +166,73 @@ def test_cohort_figures_from_parsed_windows_match_merging_every_body(db: Databas
             assert got == want, (n, devs, version)
             assert (classes[0] is None and classes[1] is None) or np.array_equal(*classes)
     assert engine._summaries._values > 0
+
+
+def test_operator_pause_resume_and_abort(db: Database) -> None:
+    """Paused: no new orders and no judgement; resumed: the stage is judged and the next one ordered;
+    aborted: nothing more is ordered, and an ended rollout cannot be resumed."""
+    from edgefleet import InputError
+
+    now = time.time()
+    with db.transaction() as cur:
+        for i in range(4):
+            cur.execute(
+                "INSERT INTO devices (id, tags, created, bundle_version, update_state) "
+                "VALUES (?, ?, ?, '1.0.0', 'idle')",
+                (f"d{i}", json.dumps(["g"]), now),
+            )
+        cur.execute(
+            "INSERT INTO bundles (name, version, sha256, size, path, manifest, created) "
+            "VALUES ('m', '2.0.0', '00', 1, 'm.efb', '{}', ?)",
+            (now,),
+        )
+    orders: list[tuple[str, str, str]] = []
+    engine = RolloutEngine(
+        db, lambda dev, name, version, rid, action, wait=False: orders.append((dev, version, action))
+    )
+    rid = engine.create("m:2.0.0", "g", [50, 100], {"min_stage_s": 0})
+    engine.tick()
+    first = [dev for dev, _, _ in orders]
+    assert len(first) == 2 and engine.get(rid)["state"] == "running"
+
+    assert engine.set_state(rid, "pause")["state"] == "paused"
+    # the stage's devices update and report, on the same predictions as the control
+    with db.transaction() as cur:
+        for i in range(4):
+            dev = f"d{i}"
+            version = "2.0.0" if dev in first else "1.0.0"
+            if dev in first:
+                cur.execute(
+                    "INSERT INTO events (key, device_id, type, ts, body) VALUES (?, ?, 'committed', ?, ?)",
+                    (f"{dev}:c", dev, time.time(), json.dumps({"rollout": rid, "version": version})),
+                )
+                cur.execute("UPDATE devices SET bundle_version = ? WHERE id = ?", (version, dev))
+            w = _window(dev, version, {0.4: 200}, time.time())
+            w["outputs"] = {"predicted_class": [120, 80]}
+            cur.execute(
+                "INSERT INTO windows (key, device_id, bundle_name, bundle_version, start, calls, samples, errors, "
+                "nan_outputs, body, received) VALUES (?, ?, 'm', ?, ?, ?, ?, 0, 0, ?, ?)",
+                (w["key"], dev, version, w["start"], w["calls"], w["samples"], json.dumps(w), now),
+            )
+    for _ in range(3):
+        engine.tick()
+    r = engine.get(rid)
+    assert r["state"] == "paused" and r["stage"] == 0 and len(orders) == 2  # nothing judged, nothing ordered
+    assert r["stages"][0]["updated"] == 2  # devices' own results are still recorded
+    with pytest.raises(InputError, match="cannot be paused"):
+        engine.set_state(rid, "pause")
+
+    assert engine.set_state(rid, "resume")["state"] == "running"
+    engine.tick()
+    r = engine.get(rid)
+    assert r["stage"] == 1 and r["stages"][0]["gates"]["ok"], r["stages"][0]["gates"]
+    assert sorted(dev for dev, _, _ in orders[2:]) == sorted({"d0", "d1", "d2", "d3"} - set(first))
+
+    assert engine.set_state(rid, "abort")["state"] == "aborted"
+    engine.tick()
+    assert len(orders) == 4 and engine.get(rid)["state"] == "aborted"
+    for action in ("resume", "pause", "abort"):
+        with pytest.raises(InputError, match="aborted"):
+            engine.set_state(rid, action)
+    notes = [h["note"] for h in engine.get(rid)["history"]]
+    assert notes[-3:] == ["operator: resume", "stage 0 passed its gates", "operator: abort"], notes
