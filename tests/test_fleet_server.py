@@ -136,6 +136,14 @@ def test_publish_provision_update_and_registry(tmp_path: Path, server: Server, m
     assert server.get("/api/devices", token="eft_wrong")[0] == 401
     r = run_cli("fleet", "devices", "--server", server.url, "--token", "eft_wrong")
     assert r.returncode == 1 and "401" in r.stderr
+    # the API describes itself: every operator route, behind the bearer token
+    code, body, _ = server.get("/openapi.json")
+    assert code == 200
+    doc = json.loads(body)
+    assert doc["openapi"].startswith("3.")
+    for path in ("/api/devices", "/api/bundles", "/api/rollouts", "/api/rollouts/{rid}/{action}", "/api/drift"):
+        assert path in doc["paths"], path
+    assert doc["paths"]["/api/rollouts"]["post"]["security"] == [{"HTTPBearer": []}]
     # publishing verifies against the trusted key
     r = server.cli("publish", str(mlp_bundles["1.0.0"]), "--json")
     assert r.returncode == 0, r.stderr
