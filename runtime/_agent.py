@@ -752,12 +752,7 @@ class Agent:
         xs = model.bundle.golden_inputs()
         if xs is None:
             return None
-        times = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            model._run(model._prepare(xs))
-            times.append((time.perf_counter() - t0) * 1000)
-        return _p95(times)
+        return _p95([model._timed_run(xs)[1] * 1000 for _ in range(reps)])
 
     def _begin_watch(self, control: Model | None = None) -> None:
         self._health.reset()
@@ -784,14 +779,13 @@ class Agent:
         xs = model.bundle.golden_inputs()
         if xs is None:
             return
-        t0 = time.perf_counter()
         try:
-            y = model._run(model._prepare(xs))[0]
+            outs, seconds = model._timed_run(xs)
         except Exception:  # an erroring model is exactly what the watch looks for
             if not control:
                 self._health.add(None, True, False, True)
             return
-        ms = (time.perf_counter() - t0) * 1000
+        y, ms = outs[0], seconds * 1000
         if control:
             self._health.add_control(ms)
         else:

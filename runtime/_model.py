@@ -268,6 +268,15 @@ class Model:
             tel.record(arr, outs[0], time.perf_counter() - t0)
         return outs
 
+    def _timed_run(self, x: Any) -> tuple[list[np.ndarray], float]:
+        """Run X without telemetry: the outputs and the seconds taken, less any wait for another thread's
+        call on this model (the agent's latency probes run beside the app's calls)."""
+        session = self._session
+        session.take_wait_s()
+        t0 = time.perf_counter()
+        outs = self._run(self._prepare(x))
+        return outs, time.perf_counter() - t0 - session.take_wait_s()
+
     def check_golden(self) -> GoldenResult:
         """Run the bundle's golden sample (without telemetry) and compare with its expected outputs."""
         xs = self.bundle.golden_inputs()

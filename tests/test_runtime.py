@@ -281,3 +281,27 @@ def test_predict_from_several_threads_at_once(digits_bundle: Path, publisher, ba
     for t in threads:
         t.join()
     assert not failures, failures[:5]
+
+
+def test_a_latency_probe_is_not_charged_for_the_wait_on_another_call(digits_bundle: Path, publisher) -> None:
+    """The agent's health probes time the model beside the app's calls. With LiteRT a call waits for the
+    one under way; counted as the probe's latency, that wait made a new bundle look slower than the
+    previous one (which the app does not call) and could roll it back."""
+    import threading
+    import time
+
+    m = rt.load(digits_bundle, [publisher[2]], backend="tflite")
+    xs = m.bundle.golden_inputs()
+    expected = m._run(m._prepare(xs))[0]
+    got: dict = {}
+    m._session._run_lock.acquire()  # another thread's call under way
+    t = threading.Thread(target=lambda: got.update(r=m._timed_run(xs)))
+    t.start()
+    time.sleep(0.3)
+    m._session._run_lock.release()
+    t.join(10)
+    outs, seconds = got["r"]
+    np.testing.assert_array_equal(outs[0], expected)
+    assert 0 < seconds < 0.15, f"{seconds:.3f} s: the 0.3 s wait for the other call was counted"
+    # and an uncontended call is not charged a stale wait
+    assert m._timed_run(xs)[1] > 0

@@ -39,6 +39,11 @@ class Session(ABC):
     def close(self) -> None:  # noqa: B027 - optional hook
         pass
 
+    def take_wait_s(self) -> float:
+        """Seconds this thread's calls to `run` waited for other threads' calls since the last take (0 for
+        a backend that runs calls side by side)."""
+        return 0.0
+
 
 def open_session(entry: ModelEntry, data: bytes, options: SessionOptions) -> Session:
     """A session for ENTRY's file bytes DATA, or a BundleError / MissingDependencyError saying why not."""

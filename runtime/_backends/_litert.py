@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from importlib.metadata import version
 from typing import Any
 
@@ -63,6 +64,7 @@ class LiteRtSession(Session):
         requested = list(options.accelerators if options.accelerators is not None else entry.accelerators) or [XNNPACK]
         self.fallbacks = []
         self._run_lock = threading.Lock()
+        self._waits = threading.local()
         self._it: Any = None
         for spec in requested:
             try:
@@ -117,7 +119,13 @@ class LiteRtSession(Session):
         # One call at a time: a LiteRT interpreter must not be used while its invoke (which releases the GIL)
         # runs. The device agent probes the active model from its own thread while the app calls it; without
         # this, concurrent calls raised RuntimeError or returned another call's outputs (measured).
-        with self._run_lock:
+        lock = self._run_lock
+        if not lock.acquire(blocking=False):
+            # Timed only when taken: the agent's latency probes must not count the app's calls as theirs.
+            t = time.perf_counter()
+            lock.acquire()
+            self._waits.s = getattr(self._waits, "s", 0.0) + time.perf_counter() - t
+        try:
             it = self._it
             if self.fixed_batch is None and inputs[0].shape != self._shape:
                 for d, x in zip(self._inputs, inputs, strict=True):
@@ -132,6 +140,13 @@ class LiteRtSession(Session):
                 it.set_tensor(i, x)
             it.invoke()
             return [it.get_tensor(i) for i in self._out_idx]
+        finally:
+            lock.release()
+
+    def take_wait_s(self) -> float:
+        s = float(getattr(self._waits, "s", 0.0))
+        self._waits.s = 0.0
+        return s
 
     def _details(self) -> None:
         self._inputs = self._it.get_input_details()
