@@ -19,6 +19,7 @@ import numpy as np
 
 from edgefleet import InputError
 from edgefleet._fs import atomic_write
+from edgefleet.runtime import Session
 
 __all__ = ["PER_PROCESS", "Simulation", "StandinSession", "parse_drift", "run_sharded", "standin_factory"]
 
@@ -37,7 +38,7 @@ def parse_drift(specs: list[str]) -> dict[str, float]:
     return out
 
 
-class StandinSession:
+class StandinSession(Session):
     """A fast stand-in predictor for large simulated fleets: answers with the bundle's own golden
     outputs (a golden input gets its own expected output, so the smoke test passes and two versions
     answer the same traffic as their real models would; any other input gets a row chosen by its

@@ -12,8 +12,9 @@ from __future__ import annotations
 from edgefleet import BundleError, InputError
 
 from ._agent import Agent, UpdateState
+from ._backends import Session, SessionOptions
 from ._config import AgentConfig, HealthPolicy, MqttConfig, load_config
-from ._model import GoldenResult, Model, ModelInfo, load
+from ._model import GoldenResult, Model, ModelInfo, SessionFactory, load
 from ._netloop import NetworkLoop
 from ._telemetry import BufferStats, TelemetryBuffer, WindowAggregator
 
@@ -29,6 +30,9 @@ __all__ = [
     "ModelInfo",
     "MqttConfig",
     "NetworkLoop",
+    "Session",
+    "SessionFactory",
+    "SessionOptions",
     "TelemetryBuffer",
     "UpdateState",
     "WindowAggregator",
