@@ -72,7 +72,6 @@ class IngestWorker:
         self._stop = threading.Event()
         self._known: set[str] = set()
         self.stats = {"received": 0, "stored": 0, "duplicates": 0, "rejected": 0, "unknown_device": 0}
-        self.write_retries = 0
         self._client: Any = None
         self._thread: threading.Thread | None = None
         self.connected = threading.Event()
@@ -173,7 +172,6 @@ class IngestWorker:
                     self._pending[:0] = batch[done:]
                     self._retry_delay = min(_RETRY_S[1], max(_RETRY_S[0], 2 * self._retry_delay))
                     self._retry_at = time.monotonic() + self._retry_delay
-                self.write_retries += 1
             else:
                 self._retry_delay = 0.0
             if self._client is not None:

@@ -124,7 +124,7 @@ def observer(broker: Mosquitto):
 
 
 class Postgres:
-    """A real PostgreSQL server (Debian's postgresql) on a loopback port; `restart()` is an outage."""
+    """A real PostgreSQL server (Debian's postgresql) on a loopback port; `stop()` then `start()` is an outage."""
 
     def __init__(self) -> None:
         import glob
@@ -152,6 +152,17 @@ class Postgres:
         self.url = f"postgresql://edgefleet@127.0.0.1:{self.port}/postgres"
         self.start()
 
+    def fresh_database(self) -> str:
+        """The URL of a new, empty database on this server (one per test keeps tests apart)."""
+        import uuid
+
+        import psycopg
+
+        name = "t" + uuid.uuid4().hex[:10]
+        with psycopg.connect(self.url, autocommit=True) as c:
+            c.execute(f"CREATE DATABASE {name}")
+        return self.url.rsplit("/", 1)[0] + "/" + name
+
     def _ctl(self, *args: str, check: bool = True) -> None:
         cmd = [*self.as_user, str(self.bindir / "pg_ctl"), "-D", str(self.data), *args]
         subprocess.run(cmd, check=check, capture_output=True)
@@ -173,9 +184,3 @@ def postgres():
     pg = Postgres()
     yield pg
     pg.close()
-
-
-@pytest.fixture(scope="session")
-def postgres_url(postgres: Postgres) -> str:
-    """The URL of the session's PostgreSQL server."""
-    return postgres.url

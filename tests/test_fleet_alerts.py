@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import time
-import uuid
 
 import numpy as np
 import onnxruntime as ort
@@ -21,16 +20,10 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
-def db(request, tmp_path, postgres_url) -> Database:
+def db(request, tmp_path) -> Database:
     if request.param == "sqlite":
         return Database(f"sqlite:///{tmp_path / 'fleet.db'}")
-    # a fresh schema per test on the shared server
-    import psycopg
-
-    name = "t" + uuid.uuid4().hex[:10]
-    with psycopg.connect(postgres_url, autocommit=True) as c:
-        c.execute(f"CREATE DATABASE {name}")
-    return Database(postgres_url.rsplit("/", 1)[0] + "/" + name)
+    return Database(request.getfixturevalue("postgres").fresh_database())
 
 
 def _windows(bundle, x: np.ndarray, device: str, start: float, n: int = 4) -> list[dict]:

@@ -24,14 +24,7 @@ pytestmark = pytest.mark.slow
 def test_two_workers_lose_nothing_and_count_nothing_twice(tmp_path: Path, publisher, db_kind: str, request) -> None:
     db_url = None
     if db_kind == "postgresql":
-        base = request.getfixturevalue("postgres_url")
-        # a database of its own per test
-        import psycopg
-
-        name = f"t{int(time.time() * 1000)}"
-        with psycopg.connect(base, autocommit=True) as c:
-            c.execute(f"CREATE DATABASE {name}")
-        db_url = base.rsplit("/", 1)[0] + "/" + name
+        db_url = request.getfixturevalue("postgres").fresh_database()
     server = Server(tmp_path / "fleet", publisher, db_url=db_url)
     worker = subprocess.Popen(
         [

@@ -114,17 +114,7 @@ class Server:
 @pytest.fixture(params=["sqlite", "postgresql"])
 def server(request, tmp_path: Path, publisher):
     """The server on its default SQLite, and on a real PostgreSQL (a fresh database per test)."""
-    db_url = None
-    if request.param == "postgresql":
-        import uuid
-
-        import psycopg
-
-        base = request.getfixturevalue("postgres_url")
-        name = "f" + uuid.uuid4().hex[:10]
-        with psycopg.connect(base, autocommit=True) as c:
-            c.execute(f"CREATE DATABASE {name}")
-        db_url = base.rsplit("/", 1)[0] + "/" + name
+    db_url = request.getfixturevalue("postgres").fresh_database() if request.param == "postgresql" else None
     s = Server(tmp_path / "fleet", publisher, db_url=db_url)
     yield s
     s.stop()
@@ -255,24 +245,7 @@ def _client(port: int, user: str, password: str) -> tuple[mqtt.Client, dict]:
 def test_acl_keeps_devices_in_their_own_prefix_and_ingest_counts_once(
     tmp_path: Path, server: Server, mlp_bundles: dict
 ) -> None:
-    creds = {}
-    for dev in ("dev-a", "dev-b"):
-        out = tmp_path / f"{dev}.toml"
-        assert (
-            run_cli(
-                "fleet",
-                "provision",
-                dev,
-                *server.data_args,
-                "--out",
-                str(out),
-                "--mqtt-port",
-                str(server.mqtt),
-            ).returncode
-            == 0
-        )
-        pw = next(line for line in out.read_text().splitlines() if line.startswith("password"))
-        creds[dev] = json.loads(pw.split("=", 1)[1].strip())
+    creds = {dev: _provision(server, tmp_path, dev) for dev in ("dev-a", "dev-b")}
     # no anonymous access, no wrong passwords
     _, got = _client(server.mqtt, "dev-a", "wrong")
     assert got["connected"].is_failure
@@ -681,6 +654,14 @@ def _provision(server: Server, tmp_path: Path, dev: str) -> str:
     return str(json.loads(pw.split("=", 1)[1].strip()))
 
 
+def _send_windows(c: mqtt.Client, dev: str, sent: list[str], n: int) -> None:
+    """Publish N more telemetry windows from DEV (QoS 1, each acknowledged by the broker); keys go to SENT."""
+    for _ in range(n):
+        key = f"{dev}:{len(sent)}:k"
+        c.publish(topic(dev, "telemetry"), json.dumps(_window(dev, key)), qos=1).wait_for_publish(5)
+        sent.append(key)
+
+
 def test_worker_killed_with_windows_not_yet_written_loses_none(tmp_path: Path, publisher) -> None:
     """A worker acknowledges a message to the broker only once it is in the database: one killed (-9)
     while it holds windows it could not write yet gets them again from the broker when it is back."""
@@ -713,13 +694,10 @@ def test_worker_killed_with_windows_not_yet_written_loses_none(tmp_path: Path, p
     c = None
     try:
         c, _ = _client(server.mqtt, "dev-a", _provision(server, tmp_path, "dev-a"))
-        sent = []
+        sent: list[str] = []
 
         def send(n: int) -> None:
-            for _ in range(n):
-                key = f"dev-a:{len(sent)}:k"
-                c.publish(topic("dev-a", "telemetry"), json.dumps(_window("dev-a", key)), qos=1).wait_for_publish(5)
-                sent.append(key)
+            _send_windows(c, "dev-a", sent, n)
 
         # both workers are on the shared subscription once each has stored some of the first windows
         deadline = time.monotonic() + 30
@@ -752,14 +730,9 @@ def test_worker_killed_with_windows_not_yet_written_loses_none(tmp_path: Path, p
 def test_database_outage_under_telemetry_loses_nothing(tmp_path: Path, publisher, postgres) -> None:
     """PostgreSQL stops while a device sends windows: the worker keeps them unacknowledged and tries again,
     its connections reconnect when the database is back, and every window is stored once."""
-    import uuid
-
     import psycopg
 
-    name = "f" + uuid.uuid4().hex[:10]
-    with psycopg.connect(postgres.url, autocommit=True) as conn:
-        conn.execute(f"CREATE DATABASE {name}")
-    url = postgres.url.rsplit("/", 1)[0] + "/" + name
+    url = postgres.fresh_database()
     server = Server(tmp_path / "fleet", publisher, db_url=url)
     c = None
 
@@ -772,10 +745,7 @@ def test_database_outage_under_telemetry_loses_nothing(tmp_path: Path, publisher
         sent: list[str] = []
 
         def send(n: int) -> None:
-            for _ in range(n):
-                key = f"dev-a:{len(sent)}:k"
-                c.publish(topic("dev-a", "telemetry"), json.dumps(_window("dev-a", key)), qos=1).wait_for_publish(5)
-                sent.append(key)
+            _send_windows(c, "dev-a", sent, n)
 
         send(5)
         _wait(lambda: stored() == set(sent), 20, "windows stored before the outage")
