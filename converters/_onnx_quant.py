@@ -81,6 +81,80 @@ def _static(pre: Path, out: Path, calib: Dataset, p: Any, act: str, exclude: lis
     )
 
 
+def _finish_qdq(path: Path, kept_float: list[str]) -> None:
+    """Two fixes to ORT's QDQ output, so the file runs what the report says.
+
+    - A node kept in float reads its input through a DequantizeLinear with one scale per channel (all
+      equal). ONNX Runtime's `WeightBiasQuantization` optimizer (1.2x) otherwise quantizes the float
+      weights of any Conv/Gemm fed by a per-tensor DequantizeLinear, per tensor and symmetric, at load:
+      measured on EfficientNet-Lite0, that made "kept in float" depthwise convolutions far worse than int8.
+    - The model's outputs stay float: ORT quantizes them to uint8 like any activation, which puts logits
+      on a grid of ~0.1 where close classes tie.
+    """
+    onnx = require("onnx", "convert")
+    from onnx import helper, numpy_helper
+
+    m = onnx.load(str(path))
+    inits = {t.name: t for t in m.graph.initializer}
+    nodes = list(m.graph.node)
+    producer = {o: i for i, n in enumerate(nodes) for o in n.output}
+    users: dict[str, int] = {}
+    for n in m.graph.node:
+        for t in n.input:
+            users[t] = users.get(t, 0) + 1
+    outputs = {o.name for o in m.graph.output}
+    added, dropped = [], set()
+    for n in nodes:
+        if n.name not in kept_float or n.op_type not in ("Conv", "ConvTranspose", "Gemm") or len(n.input) < 2:
+            continue
+        dq_at = producer.get(n.input[0])
+        dq = None if dq_at is None else nodes[dq_at]
+        if dq is None or dq.op_type != "DequantizeLinear" or dq.input[1] not in inits or n.input[1] not in inits:
+            continue
+        scale = numpy_helper.to_array(inits[dq.input[1]])
+        if scale.size != 1:
+            continue
+        w = inits[n.input[1]].dims
+        group = next((a.i for a in n.attribute if a.name == "group"), 1)
+        trans_b = any(a.name == "transB" and a.i == 1 for a in n.attribute)
+        channels = {"Conv": w[1] * group, "ConvTranspose": w[0]}.get(n.op_type, w[1] if trans_b else w[0])
+        zp = numpy_helper.to_array(inits[dq.input[2]]) if len(dq.input) > 2 and dq.input[2] in inits else None
+        names = [f"{n.name}__float_in_{k}" for k in ("scale", "zero_point", "dq")]
+        m.graph.initializer.append(numpy_helper.from_array(np.full(channels, scale.item(), scale.dtype), names[0]))
+        ins = [dq.input[0], names[0]]
+        if zp is not None:
+            m.graph.initializer.append(numpy_helper.from_array(np.full(channels, zp.item(), zp.dtype), names[1]))
+            ins.append(names[1])
+        added.append(helper.make_node("DequantizeLinear", ins, [names[2]], name=names[2], axis=1))
+        users[n.input[0]] -= 1
+        if users[n.input[0]] == 0 and dq.output[0] not in outputs:
+            dropped.add(dq_at)
+        n.input[0] = names[2]
+    for out in outputs:
+        dq_at = producer.get(out)
+        q_at = producer.get(nodes[dq_at].input[0]) if dq_at is not None else None
+        if q_at is None or nodes[dq_at].op_type != "DequantizeLinear" or nodes[q_at].op_type != "QuantizeLinear":
+            continue
+        q = nodes[q_at]
+        src_at = producer.get(q.input[0])
+        if src_at is None or users.get(q.output[0], 0) != 1 or users.get(q.input[0], 0) != 1:
+            continue
+        source = nodes[src_at]
+        source.output[list(source.output).index(q.input[0])] = out
+        dropped.update((q_at, dq_at))
+    if not added and not dropped:
+        return
+    kept = [n for i, n in enumerate(nodes) if i not in dropped] + added
+    del m.graph.node[:]
+    m.graph.node.extend(kept)
+    _topo_sort(m)
+    live = {t for n in m.graph.node for t in n.input}
+    keep = [t for t in m.graph.initializer if t.name in live]
+    del m.graph.initializer[:]
+    m.graph.initializer.extend(keep)
+    onnx.save(m, str(path))
+
+
 def _sensitivity(pre: Path, quant: Path, x: np.ndarray, progress: Progress | None = None) -> list[tuple[str, float]]:
     """Rank quantizable nodes by the error each causes at the model output when it alone is quantized.
 
@@ -276,6 +350,7 @@ def quantize_onnx(
                 bias_layers[len(exclude)] = _bias_correct(pre, src, calib.x[: min(64, len(calib))], frozenset(exclude))
             out_path = work / f"q_{name}.onnx"
             _static(src, out_path, calib, p, act, exclude)
+            _finish_qdq(out_path, exclude)
             return out_path
 
         acts = ["uint8", "int8"] if p.activation_type == "auto" else [p.activation_type]

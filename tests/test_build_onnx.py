@@ -149,6 +149,71 @@ def test_accuracy_gate_keeps_sensitive_nodes_in_float(tmp_path: Path, mlp_onnx: 
     for n in kept:
         for name in n.input[1:]:
             np.testing.assert_array_equal(inits[name], source[name], err_msg=f"{n.name} input {name}")
+    # The model's output is not quantized (logits on a uint8 grid tie).
+    (last,) = [m for m in mixed.graph.node if mixed.graph.output[0].name in m.output]
+    assert last.op_type != "DequantizeLinear", last
+
+
+def _conv_chain(path: Path) -> None:
+    """conv (int8) -> relu -> depthwise conv whose channels' weights differ 1000-fold -> relu -> conv."""
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(0)
+    spread = np.logspace(-3, 0, 16, dtype=np.float32)[:, None, None, None]
+    dw = rng.normal(size=(16, 1, 3, 3)).astype(np.float32) * spread
+    inits = [
+        numpy_helper.from_array(rng.normal(size=(16, 8, 3, 3)).astype(np.float32) * 0.2, "wa"),
+        numpy_helper.from_array(np.zeros(16, np.float32), "ba"),
+        numpy_helper.from_array(dw, "wb"),
+        numpy_helper.from_array(np.full(16, 0.01, np.float32), "bb"),
+        numpy_helper.from_array(rng.normal(size=(4, 16, 1, 1)).astype(np.float32), "wc"),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["x", "wa", "ba"], ["a"], name="conv_a", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["a"], ["ar"], name="relu_a"),
+        helper.make_node("Conv", ["ar", "wb", "bb"], ["b"], name="conv_b", group=16, pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["b"], ["br"], name="relu_b"),
+        helper.make_node("Conv", ["br", "wc"], ["y"], name="conv_c"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "chain",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 8, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 4, 8, 8])],
+        inits,
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+
+
+def test_a_node_kept_in_float_runs_in_float_in_onnxruntime(tmp_path: Path) -> None:
+    """ONNX Runtime's WeightBiasQuantization optimizer quantizes, at load and per tensor, the float weights of a
+    Conv fed by a per-tensor DequantizeLinear: a node the accuracy gate keeps in float must not be caught by it."""
+    from edgefleet.converters._onnx_quant import _finish_qdq, _static
+
+    src, q = tmp_path / "chain.onnx", tmp_path / "q.onnx"
+    _conv_chain(src)
+    x = np.random.default_rng(1).normal(size=(32, 8, 8, 8)).astype(np.float32)
+    _static(src, q, Dataset(x), Quantize(mode="int8"), "uint8", ["conv_b"])
+    _finish_qdq(q, ["conv_b"])
+
+    def run(level: ort.GraphOptimizationLevel) -> np.ndarray:
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = level
+        opts.optimized_model_filepath = str(tmp_path / f"as_run_{int(level)}.onnx")
+        s = ort.InferenceSession(str(q), opts, providers=["CPUExecutionProvider"])
+        return s.run(None, {"x": x})[0]
+
+    # The file's own QDQ arithmetic (nothing fused) against what ORT runs by default.
+    exact = run(ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    served = run(ort.GraphOptimizationLevel.ORT_ENABLE_BASIC)
+    scale = float(np.abs(exact).max())
+    worst = float(np.abs(served - exact).max())
+    assert worst < 0.002 * scale, (worst, scale)
+    as_run = onnx.load(str(tmp_path / f"as_run_{int(ort.GraphOptimizationLevel.ORT_ENABLE_BASIC)}.onnx"))
+    weights = {t.name: numpy_helper.to_array(t) for t in as_run.graph.initializer}
+    (conv_b,) = [n for n in as_run.graph.node if n.name == "conv_b"]
+    dw_float = numpy_helper.to_array(onnx.load(str(src)).graph.initializer[2])
+    np.testing.assert_array_equal(weights[conv_b.input[1]], dw_float)
 
 
 def test_bad_inputs_leave_nothing_behind(tmp_path: Path, mlp_onnx: Path, digits_npz: dict) -> None:
