@@ -45,7 +45,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     info = model.info
     print(
         f"{info.bundle} {info.version}: model {info.model_id} ({info.precision}) on {info.backend} "
-        f"{info.backend_version}, accelerator {info.accelerator}",
+        f"{info.backend_version}, accelerator {info.accelerator}"
+        + (f", {info.threads} thread{'s' if info.threads != 1 else ''}" if info.threads else ""),
         file=sys.stderr,
     )
     for note in info.fallbacks:

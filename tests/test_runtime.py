@@ -38,6 +38,31 @@ def test_predict_matches_golden_and_batches(digits_bundle: Path, publisher, back
     assert m.predict(x[:1]).shape == (1, 10)
 
 
+@pytest.mark.parametrize("backend", ["onnx", "tflite"])
+def test_threads_are_chosen_at_load_and_reported(
+    digits_bundle: Path, publisher, backend: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from edgefleet.runtime import _model
+
+    monkeypatch.setattr(_model, "_cpu_count", lambda: 2)
+    assert rt.load(digits_bundle, [publisher[2]], backend=backend, threads=2).info.threads == 2
+    # The timing is made up; the sessions are real. A small model that runs faster on one thread gets one...
+    monkeypatch.setattr(_model, "_call_s", lambda m, x: 1e-5 * (m._session.threads or 0))
+    one = rt.load(digits_bundle, [publisher[2]], backend=backend)
+    assert one.info.threads == 1
+    # ...one that runs faster on all cores, or is not small, gets all cores.
+    monkeypatch.setattr(_model, "_call_s", lambda m, x: 1e-5 / (m._session.threads or 1))
+    assert rt.load(digits_bundle, [publisher[2]], backend=backend).info.threads == 2
+    monkeypatch.setattr(_model, "_call_s", lambda m, x: 1.0)
+    both = rt.load(digits_bundle, [publisher[2]], backend=backend)
+    assert both.info.threads == 2
+    if backend == "onnx":  # the number is what the backend was given
+        opts = [m._session._s.get_session_options().intra_op_num_threads for m in (one, both)]
+        assert opts == [1, 2]
+    x = one.bundle.golden_inputs()
+    np.testing.assert_array_equal(one.predict(x), both.predict(x))
+
+
 def test_auto_picks_first_runnable_model(digits_bundle: Path, publisher) -> None:
     m = rt.load(digits_bundle, [publisher[2]])
     assert m.info.model_id == open_bundle(digits_bundle).manifest.models[0].id

@@ -32,6 +32,8 @@ class Session(ABC):
     fallbacks: list[str]
     # The file was exported for this batch size (None: any); larger batches are split.
     fixed_batch: int | None
+    # CPU threads the session was opened with (None: the backend's default).
+    threads: int | None = None
 
     @abstractmethod
     def run(self, inputs: list[np.ndarray]) -> list[np.ndarray]: ...

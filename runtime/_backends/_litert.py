@@ -64,6 +64,7 @@ class LiteRtSession(Session):
         requested = list(options.accelerators if options.accelerators is not None else entry.accelerators) or [XNNPACK]
         self.fallbacks = []
         self._run_lock = threading.Lock()
+        self.threads = options.threads
         self._waits = threading.local()
         self._it: Any = None
         for spec in requested:

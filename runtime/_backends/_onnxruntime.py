@@ -43,6 +43,7 @@ class OrtSession(Session):
         so.log_severity_level = 3
         if options.threads:
             so.intra_op_num_threads = options.threads
+        self.threads = options.threads
         available = set(ort.get_available_providers())
         requested = list(options.accelerators if options.accelerators is not None else entry.accelerators) or [CPU]
         self.fallbacks = []
