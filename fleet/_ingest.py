@@ -200,12 +200,13 @@ class IngestWorker:
                 if self.db.unavailable(exc):
                     return i
                 log.error("ingest worker %s: dropped a %s message the database refused: %s", self.name, topic, exc)
-                self.stats["rejected"] += 1
                 try:
                     self.db.bump("ingest_rejected")
                 except Exception as bump_exc:
                     if self.db.unavailable(bump_exc):
-                        return i
+                        return i  # this message comes back, and is counted, once the database does
+                    log.warning("ingest worker %s: could not count the refused message: %s", self.name, bump_exc)
+                self.stats["rejected"] += 1
         return len(batch)
 
     def _flusher(self) -> None:
