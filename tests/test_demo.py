@@ -56,7 +56,7 @@ def test_the_demo_runs_its_whole_story(tmp_path: Path) -> None:
     url = text.split("stays up for browsing at ")[1].split()[0]
     with urllib.request.urlopen(url + "healthz", timeout=10) as resp:
         assert resp.status == 200
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signal.SIGTERM)
     assert proc.wait(120) == 0
     ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
     assert str(out / "fleet") not in ps

@@ -72,7 +72,7 @@ def test_broker_crash_under_telemetry_load_loses_nothing(tmp_path: Path, publish
         assert _metric(server, 'edgefleet_ingest_messages_total{outcome="rejected"}') == 0
     finally:
         if sim is not None:
-            sim.send_signal(signal.SIGINT)
+            sim.send_signal(signal.SIGTERM)
             try:
                 sim.wait(60)
             except subprocess.TimeoutExpired:

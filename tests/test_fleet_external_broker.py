@@ -133,7 +133,7 @@ def test_server_devices_and_rollouts_over_an_external_tls_broker(
             _wait(done, 60, "rollout finished")
             assert status["state"] == "completed", json.dumps(status)
         finally:
-            sim.send_signal(signal.SIGINT)
+            sim.send_signal(signal.SIGTERM)
             sim.wait(30)
         assert "ext-1:" in (data / "mosquitto" / "passwd").read_text()
 

@@ -567,7 +567,7 @@ def test_simulated_fleet_drift_and_rollout(tmp_path: Path, server: Server, mlp_b
             print(f"{d} rolled back by itself: {own[0]['reason']}", file=sys.stderr)
         assert st["stages"][-1]["gates"]["values"]["update_failure_rate"] <= 0.2
     finally:
-        sim.send_signal(signal.SIGINT)
+        sim.send_signal(signal.SIGTERM)
         sim.wait(60)
 
 
