@@ -26,6 +26,10 @@ Progress = Callable[[str], None]
 _QUANTIZABLE = ("Conv", "Gemm", "MatMul", "ConvTranspose")
 
 
+def _int_attr(node: Any, name: str, default: int) -> int:
+    return next((int(a.i) for a in node.attribute if a.name == name), default)
+
+
 def _ort_quant() -> Any:
     return require("onnxruntime.quantization", "convert", "ONNX quantization")
 
@@ -115,8 +119,8 @@ def _finish_qdq(path: Path, kept_float: list[str]) -> None:
         if scale.size != 1:
             continue
         w = inits[n.input[1]].dims
-        group = next((a.i for a in n.attribute if a.name == "group"), 1)
-        trans_b = any(a.name == "transB" and a.i == 1 for a in n.attribute)
+        group = _int_attr(n, "group", 1)
+        trans_b = _int_attr(n, "transB", 0) == 1
         channels = {"Conv": w[1] * group, "ConvTranspose": w[0]}.get(n.op_type, w[1] if trans_b else w[0])
         zp = numpy_helper.to_array(inits[dq.input[2]]) if len(dq.input) > 2 and dq.input[2] in inits else None
         names = [f"{n.name}__float_in_{k}" for k in ("scale", "zero_point", "dq")]
@@ -189,7 +193,7 @@ def _sensitivity(pre: Path, quant: Path, x: np.ndarray, progress: Progress | Non
         m.CopyFrom(base)
         target = m.graph.node[idx]
         w = numpy_helper.to_array(weights[node.input[1]])
-        trans_b = any(a.name == "transB" and a.i == 1 for a in node.attribute)
+        trans_b = _int_attr(node, "transB", 0) == 1
         axis = 0 if node.op_type in ("Conv", "ConvTranspose") or (node.op_type == "Gemm" and trans_b) else w.ndim - 1
         wq_name = f"{node.input[1]}__fq"
         m.graph.initializer.append(numpy_helper.from_array(round_per_channel(w, axis), wq_name))
@@ -265,7 +269,7 @@ def _bias_correct(src: Path, dst: Path, x: np.ndarray, skip: frozenset[str] = fr
         w = numpy_helper.to_array(weights[n.input[1]]).astype(np.float64)
         b = numpy_helper.to_array(weights[n.input[2]]).astype(np.float64)
         if n.op_type == "Conv":
-            group = next((a.i for a in n.attribute if a.name == "group"), 1)
+            group = _int_attr(n, "group", 1)
             dw = round_per_channel(w.astype(np.float32), 0).astype(np.float64) - w
             per_out = dw.sum(axis=(2, 3))  # (C_out, C_in / group)
             cin_g = w.shape[1]
@@ -273,7 +277,7 @@ def _bias_correct(src: Path, dst: Path, x: np.ndarray, skip: frozenset[str] = fr
                 [per_out[c] @ mean_in[(c // (w.shape[0] // group)) * cin_g :][:cin_g] for c in range(w.shape[0])]
             )
         else:
-            trans_b = any(a.name == "transB" and a.i == 1 for a in n.attribute)
+            trans_b = _int_attr(n, "transB", 0) == 1
             wt = w if trans_b else w.T  # (out, in)
             dw = round_per_channel(wt.astype(np.float32), 0).astype(np.float64) - wt
             shift = dw @ mean_in

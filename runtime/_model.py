@@ -325,18 +325,11 @@ def _cpu_count() -> int:
 
 
 def _call_s(model: Model, x: np.ndarray, runs: int = 9) -> float:
-    model._run(x)
-    t0 = time.perf_counter()
-    model._run(x)
-    first = time.perf_counter() - t0
+    model._timed_run(x)  # the first call sets up buffers
+    first = model._timed_run(x)[1]
     if first >= 4 * _SMALL_CALL_S:  # clearly not small: no need for a careful figure
         return first
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        model._run(x)
-        times.append(time.perf_counter() - t0)
-    return sorted(times)[runs // 2]
+    return sorted(model._timed_run(x)[1] for _ in range(runs))[runs // 2]
 
 
 def _sample(bundle: Bundle, entry: ModelEntry) -> np.ndarray | None:
@@ -360,11 +353,11 @@ def _open_fastest(
     x = _sample(bundle, entry)
     if cores == 1 or x is None or model._session.accelerator not in _CPU_KERNELS:
         return model
-    many = _call_s(model, model._prepare(x))
+    many = _call_s(model, x)
     if many >= _SMALL_CALL_S:
         return model
     one = Model(bundle, entry, open_session(entry, data, SessionOptions(wanted, 1)), sha, skipped)
-    if one._session.accelerator != model._session.accelerator or _call_s(one, one._prepare(x)) > many:
+    if one._session.accelerator != model._session.accelerator or _call_s(one, x) > many:
         one.close()
         return model
     model.close()
