@@ -22,13 +22,14 @@ from typing import Any
 
 import numpy as np
 
-from edgefleet import InputError, Manifest, ModelEntry, SigningKey, compute_baseline, write_bundle
+from edgefleet import EdgefleetError, InputError, Manifest, ModelEntry, SigningKey, compute_baseline, write_bundle
 from edgefleet import __version__ as ef_version
 from edgefleet._fs import atomic_write
-from edgefleet._manifest import ORT_FOR_OPSET
+from edgefleet._manifest import _NAME, _SEMVER, ORT_FOR_OPSET
 
 from ._data import Dataset
-from ._evaluate import p50_ms, runner_for
+from ._evaluate import interleaved_p50_ms, p50_ms, runner_for
+from ._gate import Budget
 from ._onnx_quant import quantize_onnx
 from ._passes import Distill, Pass, Quantize, pass_from_dict
 from ._report import format_table
@@ -61,8 +62,16 @@ class BuildConfig:
     labels: list[str] = field(default_factory=list)
     accelerators: dict[str, list[str]] = field(default_factory=lambda: dict(_DEFAULT_ACCEL))
     golden_count: int = 4
+    # What every bundled file may lose against the source model, after all steps; None: no gate. Without
+    # it, the quantize step's own `max_accuracy_drop` (the CLI's --max-accuracy-drop) is the gate.
+    max_accuracy_drop: float | None = None
 
     def __post_init__(self) -> None:
+        # Checked here, before any work, with the rules the manifest enforces when the bundle is written.
+        if not isinstance(self.name, str) or not _NAME.fullmatch(self.name):
+            raise InputError(f"bundle name {self.name!r} is not a simple name (letters, digits, . _ -; up to 128)")
+        if not isinstance(self.version, str) or not _SEMVER.fullmatch(self.version):
+            raise InputError(f"bundle version {self.version!r} is not a semantic version such as 1.2.0")
         bad = [f for f in self.formats if f not in ("onnx", "tflite")]
         if bad or not self.formats:
             raise InputError(f"unknown format(s) {bad or self.formats}: use onnx, tflite or onnx,tflite")
@@ -72,6 +81,14 @@ class BuildConfig:
             json.dumps(self.preprocessing, allow_nan=False)
         except (TypeError, ValueError) as exc:
             raise InputError(f"preprocessing must hold plain JSON values (use .tolist() for arrays): {exc}") from exc
+        drop = self.max_accuracy_drop
+        if drop is not None and (isinstance(drop, bool) or not isinstance(drop, (int, float)) or not 0 <= drop < 1):
+            raise InputError(f"max_accuracy_drop must be a number in [0, 1), got {drop!r}")
+
+    @property
+    def gate(self) -> float | None:
+        """The accuracy budget of the whole build."""
+        return self.max_accuracy_drop if self.max_accuracy_drop is not None else self.quantize.max_accuracy_drop
 
 
 @dataclass
@@ -103,7 +120,18 @@ def load_recipe(path: str | os.PathLike[str]) -> BuildConfig:
         raise InputError(f"recipe {path} does not exist") from exc
     except tomllib.TOMLDecodeError as exc:
         raise InputError(f"recipe {path} is not valid TOML: {exc}") from exc
-    known = {"name", "version", "formats", "layout", "labels", "preprocessing", "steps", "golden_count", "accelerators"}
+    known = {
+        "name",
+        "version",
+        "formats",
+        "layout",
+        "labels",
+        "preprocessing",
+        "steps",
+        "golden_count",
+        "accelerators",
+        "max_accuracy_drop",
+    }
     unknown = set(doc) - known
     if unknown:
         raise InputError(
@@ -120,11 +148,7 @@ def load_recipe(path: str | os.PathLike[str]) -> BuildConfig:
             quant = p
         else:
             steps.append(p)
-    kw = {
-        k: doc[k]
-        for k in ("name", "version", "formats", "layout", "labels", "preprocessing", "golden_count", "accelerators")
-        if k in doc
-    }
+    kw = {k: doc[k] for k in known - {"steps"} if k in doc}
     return BuildConfig(steps=steps, quantize=quant, **kw)
 
 
@@ -204,13 +228,21 @@ def build(
     progress: Progress = _stderr,
     echo_table: bool = False,
 ) -> BuildResult:
-    """Build a bundle from MODEL (a path to .onnx / .pt2 / .keras, a torch.nn.Module or a tf_keras model)."""
+    """Build a bundle from MODEL (a path to .onnx / .pt2 / .keras, a torch.nn.Module or a Keras model).
+
+    Every bundled file is checked against the source model on the evaluation set after all steps; with a
+    gate (`config.gate`) a build that loses more fails, naming the step, and writes nothing.
+    """
     out = Path(out)
     if evaluation is None and calibration is None:
         raise InputError("a build needs evaluation (--eval) or calibration (--calibration) data to check exports")
     check = evaluation if evaluation is not None else calibration
     assert check is not None
+    _check_writable(out, "bundle")
+    if report_path is not None:
+        _check_writable(Path(report_path), "report")
     src_path = Path(model) if isinstance(model, (str, os.PathLike)) else None
+    datasets = [d for d in (calibration, evaluation, train) if d is not None]
     with tempfile.TemporaryDirectory(prefix="edgefleet-build-") as tmp:
         work = Path(tmp)
         if src_path is not None:
@@ -228,17 +260,23 @@ def build(
             return backend.predict(m, x)
 
         in_shape = onnx_src.runner.inputs[0].shape if onnx_src else backend.input_shape(model, check.x)  # type: ignore[union-attr]
-        for ds in (d for d in (calibration, evaluation, train) if d is not None):
+        for ds in datasets:
             ds.check_input(tuple(in_shape))
+            _source_runs(predict, model, ds, src_format)
         src_pred = predict(model, check.x)
+        for ds in datasets:
+            _check_labels(ds, src_pred)
         src_acc, _ = _score(src_pred, check, src_pred)
+        budget = Budget(src_acc if src_acc is not None else 1.0, len(check), config.gate)
         if onnx_src is not None:
             src_size, src_lat = onnx_src.path.stat().st_size, onnx_src.runner.latency_p50_ms(check.x)
         else:
             src_size = src_path.stat().st_size if src_path else backend.param_bytes(model)  # type: ignore[union-attr]
             src_lat = _framework_latency(backend, model, check.x)  # type: ignore[arg-type]
-        progress(f"source {src_format}: {src_size} bytes, accuracy {src_acc}, p50 {src_lat} ms")
+        progress(f"source {src_format}: {src_size} bytes, {_fmt_score(src_acc, 1.0)}, p50 {src_lat:.3f} ms")
         steps: list[dict[str, Any]] = []
+        # What each step cost against the source model, in order; the gate's error names the step.
+        losses: list[tuple[str, float]] = []
 
         # 1. model passes
         current = model
@@ -262,9 +300,13 @@ def build(
             else:
                 raise InputError(f"pass '{p.name}' cannot run as a model step")
             acc, agree = _score(predict(current, check.x), check, src_pred)
-            result.update({"accuracy": acc, "agreement": round(agree, 5)})
-            progress(f"pass {p.name}: accuracy {acc} agreement {agree:.4f}")
+            s = acc if acc is not None else agree
+            result.update({"accuracy": acc, "agreement": round(agree, 5), "lost_samples": budget.lost(s)})
+            progress(f"pass {p.name}: {_fmt_score(acc, agree)} ({budget.describe(s)} lost against the source)")
             steps.append({"pass": p.name, "params": p.params(), "result": result})
+            losses.append((p.name, s))
+            if budget.exceeded(s):
+                raise GateError(_gate_message(f"step '{p.name}'", budget, s, losses))
         model_pred = predict(current, check.x)
         qat_done = any(s["pass"] == "qat" for s in steps)
 
@@ -286,10 +328,14 @@ def build(
                         qat_done,
                         model_pred,
                         src_pred,
+                        budget,
+                        losses,
                         work,
                         progress,
                     )
                 )
+            except GateError:
+                raise
             except InputError as exc:
                 if len(config.formats) == 1:
                     raise
@@ -363,13 +409,11 @@ def build(
             golden={"inputs": "golden/inputs.npy", "count": len(golden_x)},
             lineage=lineage,
         )
-        manifest = write_bundle(out, manifest, members, signing_key)
-        report = {
+        report: dict[str, Any] = {
             "bundle": {
                 "path": str(out),
                 "name": config.name,
                 "version": config.version,
-                "size_bytes": out.stat().st_size,
                 "signed": signing_key is not None,
             },
             "source": {
@@ -378,20 +422,86 @@ def build(
                 "size_bytes": src_size,
                 "accuracy": src_acc,
                 "agreement": 1.0,
+                # In the source's own framework: not comparable with the files' runtimes.
                 "latency_ms_p50": src_lat,
+                "latency_runtime": src_format if onnx_src is None else "onnxruntime",
                 "sha256": source_sha,
             },
             "artifacts": artifacts,
             "steps": steps,
+            "gate": {"max_accuracy_drop": budget.max_drop, "allowed_samples": budget.allowed, "samples": budget.n},
             "warnings": warnings,
             "evaluated_on": {"name": check.name, "samples": len(check), "labels": check.y is not None},
             "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
         }
+        manifest = write_bundle(out, manifest, members, signing_key)
+        report["bundle"]["size_bytes"] = out.stat().st_size
         if report_path is not None:
-            atomic_write(report_path, json.dumps(report, indent=2, sort_keys=True, default=str).encode())
+            try:
+                atomic_write(report_path, json.dumps(report, indent=2, sort_keys=True, default=str).encode())
+            except OSError as exc:
+                out.unlink(missing_ok=True)  # nothing half-written: no bundle without its report
+                raise InputError(f"cannot write the report {report_path}: {exc.strerror or exc}") from exc
         if echo_table:
             print(format_table(report))
         return BuildResult(manifest, report, out)
+
+
+class GateError(InputError):
+    """The build lost more than its accuracy budget; nothing was written."""
+
+
+def _gate_message(what: str, budget: Budget, score: float, losses: list[tuple[str, float]]) -> str:
+    trail = ", ".join(f"after {name} {s:.4f}" for name, s in losses)
+    return (
+        f"{what} loses more than --max-accuracy-drop {budget.max_drop} against the source model "
+        f"({budget.describe(score)}; at most {budget.allowed} allowed; source {budget.ref:.4f}, {trail}); "
+        "nothing was written. Make that step gentler (less sparsity or pruning, more epochs or calibration "
+        "data) or allow a larger drop"
+    )
+
+
+def _fmt_score(acc: float | None, agree: float) -> str:
+    return f"accuracy {acc:.4f}" if acc is not None else f"top-1 agreement {agree:.4f}"
+
+
+def _check_writable(path: Path, what: str) -> None:
+    """Refuse an output path before hours of work, not after: missing directories are made later."""
+    if path.is_dir():
+        raise InputError(f"{what} path {path} is a directory; give a file name")
+    parent = path.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise InputError(f"cannot write the {what} {path}: {parent} is not a directory")
+    if not os.access(parent, os.W_OK):
+        raise InputError(f"cannot write the {what} {path}: directory {parent} is not writable")
+
+
+def _source_runs(predict: Callable[[Any, np.ndarray], np.ndarray], model: Any, ds: Dataset, fmt: str) -> None:
+    """Refuse data the source model cannot take, with the model's own complaint in one line."""
+    try:
+        predict(model, ds.x[:2])
+    except EdgefleetError:
+        raise
+    except Exception as exc:  # frameworks raise anything for a wrong shape: RuntimeError, AssertionError, ...
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[-1][:200]
+        raise InputError(
+            f"{ds.name}: the {fmt} source model cannot run on 'x' of per-sample shape {tuple(ds.x.shape[1:])} "
+            f"({type(exc).__name__}: {first}); give data shaped like the model's input"
+        ) from exc
+
+
+def _check_labels(ds: Dataset, src_pred: np.ndarray) -> None:
+    if ds.y is None or not len(ds.y):
+        return
+    classes = int(np.asarray(src_pred).reshape(len(src_pred), -1).shape[1])
+    lo, hi = int(ds.y.min()), int(ds.y.max())
+    if lo < 0 or hi >= classes:
+        raise InputError(
+            f"{ds.name}: labels 'y' range from {lo} to {hi}, but the model has {classes} output classes "
+            f"(labels 0..{classes - 1}); fix the labels or give the model they belong to"
+        )
 
 
 def _framework_latency(backend: FrameworkBackend, model: Any, x: np.ndarray) -> float:
@@ -457,6 +567,8 @@ def _make_artifact(
     qat_done: bool,
     model_pred: np.ndarray,
     src_pred: np.ndarray,
+    budget: Budget,
+    losses: list[tuple[str, float]],
     work: Path,
     progress: Progress,
 ) -> dict[str, Any]:
@@ -482,53 +594,65 @@ def _make_artifact(
     runner = runner_for(fmt, fp32)
     pred = runner.predict(check.x)
     diff = float(np.max(np.abs(pred - model_pred)))
-    agree = float((_top1(pred) == _top1(model_pred)).mean())
-    progress(f"check {fmt} export: top-1 agreement {agree:.4f}, max abs diff {diff:.2e}")
-    if agree < _EXPORT_AGREEMENT_MIN and not qat_done:
+    export_agree = float((_top1(pred) == _top1(model_pred)).mean())
+    progress(f"check {fmt} export: top-1 agreement {export_agree:.4f}, max abs diff {diff:.2e}")
+    if export_agree < _EXPORT_AGREEMENT_MIN and not qat_done:
         raise InputError(
-            f"{fmt} export disagrees with its source model (top-1 agreement {agree:.3f} < "
+            f"{fmt} export disagrees with its source model (top-1 agreement {export_agree:.3f} < "
             f"{_EXPORT_AGREEMENT_MIN}, max abs diff {diff:.3g}); not bundled"
         )
     precision = "int8" if qat_done and fmt == "tflite" else "fp32"
     final, quant_info = fp32, {"precision": precision}
-    ref_acc, ref_agree = _score(pred, check, src_pred)
-    ref = ref_acc if ref_acc is not None else ref_agree
+    exp_acc, exp_agree = _score(pred, check, src_pred)
+    trail = [*losses, (f"export {fmt}", exp_acc if exp_acc is not None else exp_agree)]
+    if budget.exceeded(trail[-1][1]):
+        raise GateError(_gate_message(f"the {fmt} export", budget, trail[-1][1], trail))
+
+    def score(path: Path) -> float:
+        acc, agr = _score(runner_for(fmt, path).predict(check.x), check, src_pred)
+        return acc if acc is not None else agr
+
     if q.mode != "none" and not (qat_done and fmt == "tflite"):
         final = work / f"model.q.{fmt}"
-
-        def score(path: Path) -> float:
-            acc, agr = _score(runner_for(fmt, path).predict(check.x), check, src_pred)
-            return acc if acc is not None else agr
-
         if fmt == "onnx":
-            quant_info = quantize_onnx(fp32, final, q, calib, score, ref, progress)
+            quant_info = quantize_onnx(fp32, final, q, calib, score, budget, progress)
         else:
             assert backend is not None
             progress(f"quantize tflite ({q.mode})")
-            gate = None if q.max_accuracy_drop is None else Gate(score, ref, q.max_accuracy_drop, progress)
+            gate = None if budget.max_drop is None else Gate(score, budget, progress)
             quant_info = backend.export_tflite(model, check.x, final, q.mode, calib, q.io, q.bias_correction, gate)
             quant_info["io"] = runner_for(fmt, final).inputs[0].dtype
-            if q.max_accuracy_drop is not None:
-                s = score(final)
-                quant_info["score"] = round(s, 5)
-                if ref - s > q.max_accuracy_drop:
-                    raise InputError(
-                        f"tflite {q.mode} loses {ref - s:.4f} > --max-accuracy-drop {q.max_accuracy_drop} "
-                        f"(score {s:.4f} vs {ref:.4f}); keeping layers in float is available for int8 from ONNX and "
-                        "PyTorch sources, not for Keras (TFLiteConverter); build --format onnx or allow a larger drop"
-                    )
     frunner = runner_for(fmt, final)
     fpred = frunner.predict(check.x)
     acc, agree = _score(fpred, check, src_pred)
+    s = acc if acc is not None else agree
+    if final is not fp32:
+        trail.append((f"quantize {fmt} {q.mode}", s))
+    if budget.exceeded(s):
+        hint = ""
+        if fmt == "tflite" and q.mode == "int8" and backend is not None and backend.name == "keras":
+            hint = " (TFLiteConverter keeps no op in float on request: build --format onnx for the per-node fallback)"
+        raise GateError(_gate_message(f"{fmt} {quant_info['precision']}{hint}", budget, s, trail))
+    # Speed within one runtime: the bundled file against the fp32 export, calls interleaved so both see
+    # the same machine state. The source's own latency (its framework) is reported apart.
+    if final is fp32:
+        lat_fp32 = lat = frunner.latency_p50_ms(check.x)
+    else:
+        lat_fp32, lat = interleaved_p50_ms([runner.timing_call(check.x), frunner.timing_call(check.x)])
     return {
         "format": fmt,
         "precision": quant_info["precision"],
         "size_bytes": final.stat().st_size,
         "accuracy": acc,
         "agreement": round(agree, 5),
+        "lost_samples": budget.lost(s),
         "max_abs_diff": round(float(np.max(np.abs(fpred - model_pred))), 6),
-        "latency_ms_p50": frunner.latency_p50_ms(check.x),
-        "export_check": {"agreement": round(agree, 5), "max_abs_diff": diff},
+        "batch": frunner.fixed_batch,
+        "latency_ms_p50": lat,
+        "fp32_latency_ms_p50": lat_fp32,
+        "speed_vs_fp32": round(lat_fp32 / lat, 3) if lat else None,
+        "export_check": {"agreement": round(export_agree, 5), "max_abs_diff": diff},
+        "scores": [{"after": name, "score": round(v, 5)} for name, v in trail],
         "quantization": quant_info,
         "requirements": _requirements(fmt, final),
         "_path": final,

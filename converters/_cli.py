@@ -18,13 +18,13 @@ def _run(args: argparse.Namespace) -> int:
     cfg = load_recipe(args.recipe) if args.recipe else BuildConfig()
     if args.format:
         cfg.formats = [f.strip() for f in args.format.split(",") if f.strip()]
-        BuildConfig.__post_init__(cfg)
     if args.name:
         cfg.name = args.name
     if args.version:
         cfg.version = args.version
     if args.layout:
         cfg.layout = args.layout
+    BuildConfig.__post_init__(cfg)
     q = cfg.quantize
     overrides: dict[str, Any] = {
         k: v

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import zipfile
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import numpy as np
 
 from edgefleet import InputError
 
-__all__ = ["Dataset", "load_npz"]
+__all__ = ["Dataset", "load_npz", "padded_batches", "run_batched"]
 
 
 @dataclass
@@ -86,3 +87,24 @@ def load_npz(path: str | os.PathLike[str], *, need_labels: bool = False, min_sam
     if np.issubdtype(x.dtype, np.floating) and not np.all(np.isfinite(x)):
         raise InputError(f"{name}: 'x' contains NaN or infinite values")
     return Dataset(x.astype(np.float32, copy=False) if np.issubdtype(x.dtype, np.floating) else x, y, name)
+
+
+def padded_batches(x: np.ndarray, size: int) -> Iterator[tuple[np.ndarray, int]]:
+    """Split X into batches of exactly SIZE rows for a model file with a fixed batch dimension.
+
+    Yields (batch, real rows). A short last batch is filled up with repeats of its own rows, not zeros:
+    calibration sees only real values, and the caller keeps the first `real rows` outputs.
+    """
+    if size < 1:
+        raise ValueError(f"batch size must be >= 1, got {size}")
+    for i in range(0, len(x), size):
+        chunk = x[i : i + size]
+        n = len(chunk)
+        if n < size:
+            chunk = np.concatenate([chunk, chunk[np.arange(size - n) % n]])
+        yield np.ascontiguousarray(chunk), n
+
+
+def run_batched(fn: Callable[[np.ndarray], np.ndarray], x: np.ndarray, size: int) -> np.ndarray:
+    """FN over X in batches of SIZE (padded as `padded_batches` does); the outputs of real rows only."""
+    return np.concatenate([np.asarray(fn(b))[:n] for b, n in padded_batches(x, size)])

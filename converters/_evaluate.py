@@ -13,7 +13,9 @@ from edgefleet import TensorSpec
 from edgefleet._errors import require
 from edgefleet._quant import dequantize, quantize
 
-__all__ = ["OnnxRunner", "TfliteRunner", "p50_ms", "runner_for"]
+from ._data import padded_batches, run_batched
+
+__all__ = ["OnnxRunner", "TfliteRunner", "interleaved_p50_ms", "p50_ms", "runner_for"]
 
 _NP_DTYPES = {
     "tensor(float)": "float32",
@@ -39,9 +41,30 @@ def p50_ms(call: Callable[[], object], runs: int = 50, warmup: int = 10) -> floa
     return round(float(np.median(times)) * 1000, 4)
 
 
+def interleaved_p50_ms(calls: list[Callable[[], object]], runs: int = 60, warmup: int = 10) -> list[float]:
+    """Median wall time of each of CALLS in milliseconds, measured in turns (a, b, a, b, ...), so that a
+    change in machine speed during the measurement affects every call alike."""
+    for _ in range(warmup):
+        for call in calls:
+            call()
+    times: list[list[float]] = [[] for _ in calls]
+    for _ in range(runs):
+        for call, ts in zip(calls, times, strict=True):
+            t = time.perf_counter()
+            call()
+            ts.append(time.perf_counter() - t)
+    return [round(float(np.median(ts)) * 1000, 4) for ts in times]
+
+
 class Runner:
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
+
+    @property
+    def fixed_batch(self) -> int | None:
+        """The batch size the file takes, when its batch dimension is fixed."""
+        d = self.inputs[0].shape[0] if self.inputs[0].shape else None
+        return d if isinstance(d, int) and d > 0 else None
 
     def predict(self, x: np.ndarray) -> np.ndarray:
         raise NotImplementedError
@@ -49,9 +72,16 @@ class Runner:
     def _one(self, x: np.ndarray) -> np.ndarray:
         raise NotImplementedError
 
+    def timing_call(self, sample: np.ndarray) -> Callable[[], object]:
+        """One inference call at the smallest batch the file takes (1, or its fixed batch)."""
+        x = next(padded_batches(np.ascontiguousarray(sample, dtype=self._dtype()), self.fixed_batch or 1))[0]
+        return lambda: self._one(x)
+
+    def _dtype(self) -> Any:
+        return np.float32
+
     def latency_p50_ms(self, sample: np.ndarray, runs: int = 50, warmup: int = 10) -> float:
-        x = np.ascontiguousarray(sample[:1])
-        return p50_ms(lambda: self._one(x), runs, warmup)
+        return p50_ms(self.timing_call(sample), runs, warmup)
 
 
 class OnnxRunner(Runner):
@@ -82,16 +112,14 @@ class OnnxRunner(Runner):
         so.log_severity_level = 3
         return ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])
 
-    def predict(self, x: np.ndarray) -> np.ndarray:
-        dtype = np.float16 if self.inputs[0].dtype == "float16" else np.float32
-        fixed = self.inputs[0].shape[0]
-        step = 256 if fixed is None else fixed
-        outs = [self._one(np.ascontiguousarray(x[i : i + step], dtype=dtype)) for i in range(0, len(x), step)]
-        return np.concatenate(outs).astype(np.float32)
+    def _dtype(self) -> Any:
+        return np.float16 if self.inputs[0].dtype == "float16" else np.float32
 
-    def latency_p50_ms(self, sample: np.ndarray, runs: int = 50, warmup: int = 10) -> float:
-        dtype = np.float16 if self.inputs[0].dtype == "float16" else np.float32
-        return super().latency_p50_ms(sample.astype(dtype), runs, warmup)
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        x = np.ascontiguousarray(x, dtype=self._dtype())
+        if self.fixed_batch is not None:
+            return run_batched(self._one, x, self.fixed_batch).astype(np.float32)
+        return np.concatenate([self._one(x[i : i + 256]) for i in range(0, len(x), 256)]).astype(np.float32)
 
 
 class TfliteRunner(Runner):
@@ -111,7 +139,10 @@ class TfliteRunner(Runner):
         scales = [float(s) for s in qp.get("scales", [])]
         zps = [int(z) for z in qp.get("zero_points", [])]
         quant = dtype in ("int8", "uint8", "int16") and bool(scales)
-        shape = [int(s) for s in d["shape"]]
+        # The signature says which dimensions are dynamic (-1); the manifest writes those as null.
+        sig = d.get("shape_signature")
+        sig = d["shape"] if sig is None or len(sig) != len(d["shape"]) else sig
+        shape = [int(s) if int(s) >= 0 else None for s in sig]
         return TensorSpec(d["name"], dtype, shape, scales if quant else None, zps if quant else None)
 
     def _one(self, x: np.ndarray) -> np.ndarray:
@@ -127,7 +158,8 @@ class TfliteRunner(Runner):
         return np.asarray(y, dtype=np.float32)
 
     def predict(self, x: np.ndarray) -> np.ndarray:
-        return np.concatenate([self._one(np.ascontiguousarray(x[i : i + 1], dtype=np.float32)) for i in range(len(x))])
+        # The interpreter was allocated at the file's own input shape: batches of that size.
+        return run_batched(self._one, np.ascontiguousarray(x, dtype=np.float32), self.fixed_batch or 1)
 
 
 def runner_for(fmt: str, path: Path) -> Runner:

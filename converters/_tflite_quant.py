@@ -17,7 +17,8 @@ from edgefleet import InputError
 from edgefleet._errors import require
 from edgefleet._fs import atomic_write
 
-from ._data import Dataset
+from ._data import Dataset, padded_batches
+from ._gate import Budget
 
 __all__ = ["quantize_tflite", "quantize_tflite_gated"]
 
@@ -60,9 +61,12 @@ def _calibrate(path: Path, calib: Dataset) -> Any:
     from ai_edge_quantizer import calibrator, recipe, recipe_manager
     from ai_edge_quantizer.utils import qsv_utils
 
+    from ._evaluate import TfliteRunner
+
     sig = "serving_default"
     name = Interpreter(model_path=str(path)).get_signature_list()[sig]["inputs"][0]
-    data = {sig: [{name: np.ascontiguousarray(calib.x[i : i + 1], dtype=np.float32)} for i in range(len(calib))]}
+    batch = TfliteRunner(path).fixed_batch or 1
+    data = {sig: [{name: b} for b, _ in padded_batches(calib.x.astype(np.float32), batch)]}
     rm = recipe_manager.RecipeManager()
     rm.load_quantization_recipe(recipe.static_wi8_ai8())
     # Plain min/max over the whole calibration set. `Quantizer.calibrate` keeps a moving average (0.95) of
@@ -115,13 +119,11 @@ def quantize_tflite_gated(
     path: Path,
     calib: Dataset,
     score: Callable[[Path], float],
-    ref_score: float,
-    gate: float,
+    budget: Budget,
     progress: Callable[[str], None],
 ) -> dict[str, Any]:
     """Static int8 of the float TFLite file at PATH (in place), keeping the most sensitive ops in float
-    until the score drops by at most GATE. Ops are ranked by the output error each causes when it
-    alone is quantized."""
+    until BUDGET is met. Ops are ranked by the output error each causes when it alone is quantized."""
     from ._evaluate import TfliteRunner
     from ._onnx_quant import _exclusion_steps
 
@@ -133,8 +135,8 @@ def quantize_tflite_gated(
         s = score(cand)
         tried = [{"kept_in_float": 0, "score": round(s, 5)}]
         kept: list[str] = []
-        if ref_score - s > gate:
-            progress(f"quantize tflite: drop {ref_score - s:.4f} > {gate}; ranking ops by sensitivity")
+        if budget.exceeded(s):
+            progress(f"quantize tflite: {budget.describe(s)} lost > {budget.allowed}; ranking ops by sensitivity")
             x = calib.x[: min(16, len(calib))]
             ref = TfliteRunner(path).predict(x).astype(np.float64)
             denom = float(np.mean(ref**2)) + 1e-12
@@ -153,14 +155,15 @@ def quantize_tflite_gated(
                 cand.write_bytes(_static(path, calibration, kept))
                 s = score(cand)
                 tried.append({"kept_in_float": k, "score": round(s, 5)})
-                progress(f"quantize tflite: {k} op(s) kept in float -> score {s:.4f} (drop {ref_score - s:.4f})")
-                if ref_score - s <= gate:
+                progress(f"quantize tflite: {k} op(s) kept in float -> score {s:.4f} ({budget.describe(s)})")
+                if not budget.exceeded(s):
                     break
             else:
+                best = max(t["score"] for t in tried)
                 raise InputError(
-                    f"TFLite int8 quantization cannot meet --max-accuracy-drop {gate}: best drop with up to "
-                    f"{len(ranked)} op(s) kept in float was {ref_score - max(t['score'] for t in tried):.4f} "
-                    f"(tried {tried}); give more calibration data or allow a larger drop"
+                    f"TFLite int8 quantization cannot meet --max-accuracy-drop {budget.max_drop}: best with up to "
+                    f"{len(ranked)} op(s) kept in float was {budget.describe(best)}; give more calibration data "
+                    "or allow a larger drop"
                 )
         _write(path, cand.read_bytes())
     return {"precision": "mixed" if kept else "int8", "kept_in_float": kept, "tried": tried, "score": round(s, 5)}

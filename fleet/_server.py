@@ -82,7 +82,7 @@ def trusted_dir(data_dir: Path) -> Path:
 
 def check_tags(tags: list[str]) -> list[str]:
     for t in tags:
-        if not re.match(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$", t):
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}", t):
             raise InputError(f"tag {t!r} is not valid: use letters, digits, '.', '_', ':' or '-'")
     return sorted(set(tags))
 

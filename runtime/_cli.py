@@ -46,7 +46,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     print(
         f"{info.bundle} {info.version}: model {info.model_id} ({info.precision}) on {info.backend} "
         f"{info.backend_version}, accelerator {info.accelerator}"
-        + (f", {info.threads} thread{'s' if info.threads != 1 else ''}" if info.threads else ""),
+        + (f", {info.threads} thread{'s' if info.threads != 1 else ''}" if info.threads else "")
+        + (f", fixed batch {info.batch} (larger inputs run in pieces)" if info.batch else ""),
         file=sys.stderr,
     )
     for note in info.fallbacks:

@@ -73,6 +73,9 @@ class ModelInfo:
     skipped: tuple[str, ...] = field(default_factory=tuple)
     # CPU threads the backend runs with (None: its own default); `load(threads=None)` picks them.
     threads: int | None = None
+    # The batch the file takes when its batch dimension is fixed (None: any). `predict` runs a larger or
+    # smaller batch through it in pieces of this size, the last one padded.
+    batch: int | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in self.__dict__.items()}
@@ -130,6 +133,7 @@ class Model:
             sha256=sha256,
             skipped=tuple(skipped),
             threads=session.threads,
+            batch=session.fixed_batch,
         )
         if len(entry.inputs) != 1:
             raise BundleError(f"model '{entry.id}' has {len(entry.inputs)} inputs; this runtime runs one-input models")

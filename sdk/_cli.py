@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from importlib.metadata import entry_points
@@ -129,6 +130,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("edgefleet: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader went away (`edgefleet inspect --json | head`): not an error of ours. Point stdout at
+        # /dev/null so the interpreter's final flush does not raise again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+    except Exception as exc:
+        # Every error a user can cause is an EdgefleetError with its own line; reaching here is a bug of
+        # edgefleet's. Still one line, with the way to get the traceback for a report.
+        if os.environ.get("EDGEFLEET_DEBUG"):
+            raise
+        first = (str(exc).strip().splitlines() or [""])[0][:300]
+        print(
+            f"edgefleet: internal error: {type(exc).__name__}: {first} (this is a bug in edgefleet; "
+            "run again with EDGEFLEET_DEBUG=1 for the traceback and report it)",
+            file=sys.stderr,
+        )
+        return 70
 
 
 if __name__ == "__main__":

@@ -96,7 +96,7 @@ class _Fields:
 
     def pattern(self, key: str, rx: re.Pattern[str], what: str) -> str:
         value = self.get(key, str)
-        if not rx.match(value):
+        if not rx.fullmatch(value):
             raise BundleError(f"manifest field '{self.path(key)}' is {value!r}, which is not {what}")
         return str(value)
 

@@ -73,8 +73,15 @@ def generate_keypair(path: str | os.PathLike[str], *, overwrite: bool = False) -
     pem = key.key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
-    atomic_write(priv_path, pem, mode=0o600)
-    atomic_write(pub_path, key.public.pem())
+    try:
+        atomic_write(priv_path, pem, mode=0o600)
+        try:
+            atomic_write(pub_path, key.public.pem())
+        except OSError:
+            priv_path.unlink(missing_ok=True)  # no private key without its public half
+            raise
+    except OSError as exc:
+        raise InputError(f"cannot write key {priv_path}: {exc.strerror or exc}; choose a writable path") from exc
     return key
 
 

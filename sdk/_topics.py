@@ -54,7 +54,7 @@ COMMANDS = ("shadow", "flush", "report")
 
 
 def check_device_id(device_id: str) -> str:
-    if not isinstance(device_id, str) or not DEVICE_ID.match(device_id):
+    if not isinstance(device_id, str) or not DEVICE_ID.fullmatch(device_id):
         raise InputError(
             f"device id {device_id!r} is not valid: use 1-64 letters, digits, '.', '_' or '-', starting alphanumeric"
         )
@@ -73,7 +73,7 @@ def parse_topic(name: str) -> tuple[str, str] | None:
     parts = name.split("/")
     if len(parts) != 5 or "/".join(parts[:3]) != f"{ROOT}/devices" or parts[4] not in KINDS:
         return None
-    if not DEVICE_ID.match(parts[3]):
+    if not DEVICE_ID.fullmatch(parts[3]):
         return None
     return parts[3], parts[4]
 
@@ -106,9 +106,9 @@ class BundleRef:
             sha256=_field(obj, "sha256", str, where),
             size=_field(obj, "size", int, where),
         )
-        if not _NAME.match(ref.name) or not _SEMVER.match(ref.version):
+        if not _NAME.fullmatch(ref.name) or not _SEMVER.fullmatch(ref.version):
             raise InputError(f"{where} has an invalid bundle name or version")
-        if not _HEX64.match(ref.sha256) or ref.size <= 0:
+        if not _HEX64.fullmatch(ref.sha256) or ref.size <= 0:
             raise InputError(f"{where} needs a sha256 hex digest and a positive size")
         if not re.match(r"^https?://", ref.url):
             raise InputError(f"{where} url must be http:// or https://")

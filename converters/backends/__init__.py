@@ -13,6 +13,7 @@ import numpy as np
 from edgefleet import InputError
 
 from .._data import Dataset
+from .._gate import Budget
 
 __all__ = ["FrameworkBackend", "Gate", "backend_for", "load_model"]
 
@@ -21,11 +22,10 @@ Progress = Callable[[str], None]
 
 @dataclass(frozen=True)
 class Gate:
-    """The accuracy gate: SCORE(path) must stay within MAX_DROP of REF."""
+    """The accuracy gate: SCORE(path) may lose at most what BUDGET allows against the source model."""
 
     score: Callable[[Path], float]
-    ref: float
-    max_drop: float
+    budget: Budget
     progress: Progress
 
 
@@ -92,13 +92,17 @@ def backend_for(model: Any) -> FrameworkBackend:
             from ._torch import TorchBackend
 
             return TorchBackend()
-        if m.startswith(("tf_keras", "keras")):
+        if m.startswith("tf_keras"):
             from ._keras import KerasBackend
 
             return KerasBackend()
+        if m.startswith("keras"):
+            from ._keras import Keras3Backend
+
+            return Keras3Backend()
     raise InputError(
         f"unsupported model object {type(model).__name__} from {mod}: give a torch.nn.Module, "
-        "a tf_keras model, or a path to .onnx / .pt2 / .keras"
+        "a Keras 3 or tf_keras model, or a path to .onnx / .pt2 / .keras"
     )
 
 
@@ -121,7 +125,8 @@ def load_model(path: Path) -> tuple[Any, FrameworkBackend | None, str]:
 
         return load_pt2(path), TorchBackend(), "pt2"
     if suffix in (".keras", ".h5"):
-        from ._keras import KerasBackend, load_keras
+        from ._keras import load_keras
 
-        return load_keras(path), KerasBackend(), "keras"
+        model, backend = load_keras(path)
+        return model, backend, "keras"
     raise InputError(f"unknown model file type '{suffix}': give .onnx, .pt2 (torch.export) or .keras")

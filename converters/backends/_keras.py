@@ -1,9 +1,14 @@
-"""Keras backend (tf_keras): distillation, magnitude pruning and QAT with tensorflow-model-optimization,
-TFLite export with TFLiteConverter, ONNX export with tf2onnx."""
+"""Keras backends: tf_keras (Keras 2: distillation, magnitude pruning and QAT with tensorflow-model-optimization,
+TFLite export with TFLiteConverter, ONNX export with tf2onnx) and Keras 3 (what `import keras` gives beside
+TensorFlow 2.16+: TFLite export with TFLiteConverter, ONNX export with Keras 3's own `model.export`)."""
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
+import zipfile
+from io import StringIO
 from pathlib import Path
 from typing import Any
 
@@ -22,13 +27,38 @@ tf = require("tensorflow", "convert", "Keras models")
 keras = require("tf_keras", "convert", "Keras models")
 
 
-def load_keras(path: Path) -> Any:
+def saved_by_keras3(path: Path) -> str | None:
+    """The Keras version that wrote a `.keras` file, when it was Keras 3 (its metadata.json says so)."""
     try:
-        return keras.models.load_model(str(path), compile=False, safe_mode=True)
-    except TypeError:  # .h5 files take no safe_mode
-        return keras.models.load_model(str(path), compile=False)
+        with zipfile.ZipFile(path) as z:
+            meta = json.loads(z.read("metadata.json"))
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile):
+        return None
+    v = str(meta.get("keras_version", "")) if isinstance(meta, dict) else ""
+    return v if v.split(".")[0].isdigit() and int(v.split(".")[0]) >= 3 else None
+
+
+def _keras3() -> Any:
+    return require("keras", "convert", "Keras 3 models")
+
+
+def load_keras(path: Path) -> tuple[Any, FrameworkBackend]:
+    """Load a `.keras` / `.h5` file with the Keras that wrote it: Keras 3 files need Keras 3 (tf_keras
+    cannot read their config), tf_keras files need tf_keras (for the tensorflow-model-optimization passes)."""
+    k3 = saved_by_keras3(path) if path.suffix.lower() == ".keras" else None
+    lib, backend = (_keras3(), Keras3Backend()) if k3 else (keras, KerasBackend())
+    try:
+        try:
+            model = lib.models.load_model(str(path), compile=False, safe_mode=True)
+        except TypeError as exc:
+            if "safe_mode" not in str(exc):
+                raise
+            model = lib.models.load_model(str(path), compile=False)  # .h5 files take no safe_mode
     except Exception as exc:
-        raise InputError(f"{path.name} is not a readable Keras model: {type(exc).__name__}: {str(exc)[:200]}") from exc
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+        who = f"Keras {k3}" if k3 else "tf_keras"
+        raise InputError(f"{path.name} is not a readable Keras model ({who}): {type(exc).__name__}: {first}") from exc
+    return model, backend
 
 
 def _tfmot() -> Any:
@@ -212,7 +242,9 @@ class KerasBackend(FrameworkBackend):
                 conv.inference_input_type = tf.int8
                 conv.inference_output_type = tf.int8
         try:
-            data_bytes = conv.convert()
+            # The converter prints the SavedModel it writes on the way (Keras 3); keep stdout for the report.
+            with contextlib.redirect_stdout(StringIO()):
+                data_bytes = conv.convert()
         except Exception as exc:
             msg = str(exc)
             ops = [ln.strip() for ln in msg.splitlines() if "op" in ln.lower() and ("not" in ln.lower())]
@@ -221,3 +253,40 @@ class KerasBackend(FrameworkBackend):
             ) from exc
         path.write_bytes(data_bytes)
         return {"precision": precision}
+
+
+_KERAS3_NO_TRAINING = (
+    "{what} is not available for Keras 3 models: it runs on tensorflow-model-optimization, which works with "
+    "tf_keras (Keras 2) only. Save the model with tf_keras (`import tf_keras as keras`) to use it, or build "
+    "this file without training passes (quantize, export to TFLite / ONNX)"
+)
+
+
+class Keras3Backend(KerasBackend):
+    """Keras 3 models: export and post-training quantization; the training passes need tf_keras."""
+
+    name = "keras3"
+
+    def source_format(self) -> str:
+        return "keras"
+
+    def distill(self, teacher: Any, student: Any, train: Dataset, p: Any, progress: Progress) -> Any:
+        raise InputError(_KERAS3_NO_TRAINING.format(what="distill"))
+
+    def prune_magnitude(self, model: Any, train: Dataset, p: Any, progress: Progress) -> tuple[Any, dict[str, Any]]:
+        raise InputError(_KERAS3_NO_TRAINING.format(what="prune_magnitude"))
+
+    def qat(self, model: Any, train: Dataset, p: Any, progress: Progress) -> tuple[Any, dict[str, Any]]:
+        raise InputError(_KERAS3_NO_TRAINING.format(what="qat"))
+
+    def export_onnx(self, model: Any, sample: np.ndarray, path: Path) -> None:
+        # Keras 3's own ONNX export (tf2onnx underneath, on a traced serving function); tf2onnx's
+        # from_keras reads tf_keras models only.
+        try:
+            with contextlib.redirect_stdout(StringIO()):
+                model.export(str(path), format="onnx", verbose=False)
+        except Exception as exc:
+            first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+            raise InputError(
+                f"Keras 3 -> ONNX export (model.export(format='onnx')) failed: {type(exc).__name__}: {first}"
+            ) from exc

@@ -16,7 +16,7 @@ import numpy as np
 from edgefleet import InputError
 from edgefleet._errors import require
 
-from .._data import Dataset
+from .._data import Dataset, padded_batches, run_batched
 from .._int8 import round_per_channel
 from . import FrameworkBackend, Gate, Progress
 
@@ -34,16 +34,30 @@ def load_pt2(path: Path) -> Any:
             f"{path.name} is not a readable torch.export program (.pt2): {type(exc).__name__}: {exc}"
         ) from exc
     module = ep.module()
-    # A program exported with a concrete batch size only accepts that size; remember it.
     user_inputs = [n for n in ep.graph.nodes if n.op == "placeholder" and n.name in ep.graph_signature.user_inputs]
-    val = user_inputs[0].meta.get("val") if user_inputs else None
-    if val is not None and isinstance(val.shape[0], int):
-        module._edgefleet_static_batch = int(val.shape[0])
+    if len(user_inputs) != 1:
+        raise InputError(
+            f"{path.name} takes {len(user_inputs)} inputs; edgefleet builds models with one input tensor "
+            "(export a wrapper module that takes one)"
+        )
+    val = user_inputs[0].meta.get("val")
+    if val is not None and hasattr(val, "shape"):
+        # torch.export specialises every dimension it saw as a plain int (a batch of 1 or 4 included) and
+        # checks it on every call; the build feeds such a program batches of exactly that size.
+        shape = tuple(int(d) if isinstance(d, int) else None for d in val.shape)
+        module._edgefleet_input_shape = shape
+        if shape and shape[0] is not None:
+            module._edgefleet_static_batch = shape[0]
     return module
 
 
 def _static_batch(model: Any) -> int | None:
     return getattr(model, "_edgefleet_static_batch", None)
+
+
+def _forward(model: Any, x: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        return model(torch.from_numpy(np.ascontiguousarray(x))).numpy()
 
 
 def _batches(ds: Dataset, batch_size: int, rng: np.random.Generator) -> Any:
@@ -83,7 +97,8 @@ def _set_train(model: Any, mode: bool) -> None:
 
 def _export_error(target: str, exc: BaseException) -> str:
     """One line naming the operator(s) the exporter could not express, when its message says which."""
-    parts, cur = [], exc
+    parts: list[str] = []
+    cur: BaseException | None = exc
     while cur is not None and len(parts) < 6:
         parts.append(str(cur))
         cur = cur.__cause__ or cur.__context__
@@ -105,15 +120,15 @@ class TorchBackend(FrameworkBackend):
 
     def predict(self, model: Any, x: np.ndarray) -> np.ndarray:
         _set_train(model, False)
-        outs = []
-        step = _static_batch(model) or 256
-        with torch.no_grad():
-            for i in range(0, len(x), step):
-                outs.append(model(torch.from_numpy(np.ascontiguousarray(x[i : i + step]))).numpy())
-        return np.concatenate(outs).astype(np.float32)
+        static = _static_batch(model)
+        if static is not None:
+            return run_batched(lambda b: _forward(model, b), x, static).astype(np.float32)
+        return np.concatenate([_forward(model, x[i : i + 256]) for i in range(0, len(x), 256)]).astype(np.float32)
 
     def input_shape(self, model: Any, sample: np.ndarray) -> tuple[int | None, ...]:
-        return (None, *sample.shape[1:])
+        # A .pt2 program knows its input shape; a module from Python only tells by running.
+        shape = getattr(model, "_edgefleet_input_shape", None)
+        return (None, *shape[1:]) if shape else (None, *sample.shape[1:])
 
     def param_bytes(self, model: Any) -> int:
         return sum(p.numel() * p.element_size() for p in model.parameters())
@@ -148,7 +163,7 @@ class TorchBackend(FrameworkBackend):
                 opt.step()
                 if after_step is not None:
                     after_step()
-                total += float(loss) * len(xb)
+                total += float(loss.detach()) * len(xb)
                 n += len(xb)
             acc = _accuracy(self, model, train)
             progress(f"{label}: epoch {epoch + 1}/{epochs} loss {total / max(1, n):.4f} train acc {acc:.4f}")
@@ -255,7 +270,7 @@ class TorchBackend(FrameworkBackend):
         _set_train(model, False)
         static = _static_batch(model)
         if static is not None:
-            x, dyn = torch.from_numpy(np.ascontiguousarray(sample[:static])), None
+            x, dyn = torch.from_numpy(next(padded_batches(sample, static))[0]), None
         else:
             # A batch of two: torch.export specialises a size-1 dimension to a constant.
             x = torch.from_numpy(np.ascontiguousarray(np.concatenate([sample[:1], sample[:1]])))
@@ -287,7 +302,7 @@ class TorchBackend(FrameworkBackend):
     ) -> dict[str, Any]:
         litert_torch = require("litert_torch", "convert", "PyTorch -> TFLite export")
         _set_train(model, False)
-        x = torch.from_numpy(np.ascontiguousarray(sample[:1]))
+        x = torch.from_numpy(next(padded_batches(sample, _static_batch(model) or 1))[0])
         if mode == "int8" and bias_correction and calib is not None and len(calib):
             # Convert a bias-corrected copy: the quantizer rounds these weights the same way (per output channel).
             model = copy.deepcopy(model)
@@ -303,7 +318,7 @@ class TorchBackend(FrameworkBackend):
         from .._tflite_quant import quantize_tflite, quantize_tflite_gated
 
         if mode == "int8" and gate is not None and calib is not None and len(calib):
-            return quantize_tflite_gated(path, calib, gate.score, gate.ref, gate.max_drop, gate.progress)
+            return quantize_tflite_gated(path, calib, gate.score, gate.budget, gate.progress)
         return {"precision": quantize_tflite(path, mode, calib, io)}
 
 
@@ -316,21 +331,25 @@ def _bias_correct(model: Any, x: np.ndarray) -> int:
     if not isinstance(model, nn.Module):
         return 0
     layers = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    if not layers:
+        return 0
     sums: dict[int, Any] = {}
-    counts = {"n": 0}
+    counts = {"n": 0, "real": 0}
 
     def hook(mod: Any, inputs: tuple[Any, ...], _: Any) -> None:
-        a = inputs[0].detach().double()
-        ch = a.mean(dim=(0, 2, 3)) if a.dim() == 4 else a.reshape(-1, a.shape[-1]).mean(dim=0)
+        a = inputs[0].detach().double()[: counts["real"]]  # the padding rows of a fixed batch do not count
+        # Per sample: the mean over positions; summed over samples, divided by their count below.
+        ch = a.mean(dim=(2, 3)).sum(0) if a.dim() == 4 else a.reshape(len(a), -1, a.shape[-1]).mean(1).sum(0)
         sums[id(mod)] = sums.get(id(mod), 0) + ch
 
     handles = [m.register_forward_hook(hook) for m in layers]
     try:
         _set_train(model, False)
         with torch.no_grad():
-            for i in range(0, len(x), 16):
-                model(torch.from_numpy(np.ascontiguousarray(x[i : i + 16])))
-                counts["n"] += 1
+            for b, n in padded_batches(x, _static_batch(model) or 16):
+                counts["real"] = n
+                model(torch.from_numpy(b))
+                counts["n"] += n
     finally:
         for h in handles:
             h.remove()

@@ -1,0 +1,37 @@
+"""The accuracy gate's arithmetic: what a build may lose against its source model, in samples."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+__all__ = ["Budget"]
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How much of the source model's score (accuracy, or top-1 agreement without labels) a build may
+    lose on the evaluation set.
+
+    Scores are fractions k / N of N evaluation samples; losses are counted as whole samples, so a drop of
+    exactly MAX_DROP passes however the fractions round in binary (1.0 - 0.98 is just over 0.02).
+    """
+
+    ref: float
+    n: int
+    max_drop: float | None = None
+
+    @property
+    def allowed(self) -> int | None:
+        """Samples that may be lost, or None without a gate."""
+        return None if self.max_drop is None else math.floor(self.max_drop * self.n + 1e-9)
+
+    def lost(self, score: float) -> int:
+        return round((self.ref - score) * self.n)
+
+    def exceeded(self, score: float) -> bool:
+        allowed = self.allowed
+        return allowed is not None and self.lost(score) > allowed
+
+    def describe(self, score: float) -> str:
+        return f"{self.ref:.4f} -> {score:.4f}, {self.lost(score)} of {self.n} samples"
