@@ -3,6 +3,7 @@ tfmot magnitude pruning, TFLite (int8 / fp16 / dynamic) and ONNX (tf2onnx)."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -143,3 +144,67 @@ def test_cli_builds_from_keras_file(tmp_path: Path, keras_file: Path, splits: di
     )
     assert r.returncode == 0, r.stderr[-3000:]
     assert "models/tflite-int8.tflite" in r.stdout
+
+
+@pytest.fixture(scope="module")
+def keras3_file(tmp_path_factory: pytest.TempPathFactory, splits: dict) -> Path:
+    """A Keras 3 model (what `import keras` gives beside TensorFlow 2.16+) saved with model.save()."""
+    import keras as keras3
+
+    assert int(keras3.__version__.split(".")[0]) >= 3
+    keras3.utils.set_random_seed(0)
+    model = keras3.Sequential(
+        [
+            keras3.Input((8, 8, 1)),
+            keras3.layers.Conv2D(16, 3, padding="same", activation="relu"),
+            keras3.layers.DepthwiseConv2D(3, padding="same"),
+            keras3.layers.Conv2D(32, 1, activation="hard_swish"),
+            keras3.layers.Flatten(),
+            keras3.layers.Dense(10),
+        ]
+    )
+    model.compile("adam", keras3.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.fit(*splits["train"], epochs=10, verbose=0)
+    path = tmp_path_factory.mktemp("keras3") / "model.keras"
+    model.save(path)
+    return path
+
+
+def test_keras3_file_builds_tflite_and_onnx(tmp_path: Path, keras3_file: Path, splits: dict) -> None:
+    from edgefleet.runtime import load
+
+    npz = {}
+    for k in ("calib", "eval"):
+        npz[k] = tmp_path / f"{k}.npz"
+        np.savez(npz[k], x=splits[k][0], y=splits[k][1])
+    out = tmp_path / "k3.efb"
+    r = run_cli(
+        "build", str(keras3_file), "--calibration", str(npz["calib"]), "--eval", str(npz["eval"]),
+        "--quantize", "int8", "--format", "onnx,tflite", "--layout", "NHWC", "--max-accuracy-drop", "0.03",
+        "-o", str(out), "--report", str(tmp_path / "r.json"),
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["warnings"] == []
+    assert {a["format"] for a in report["artifacts"]} == {"onnx", "tflite"}
+    assert report["source"]["accuracy"] > 0.8
+    for a in report["artifacts"]:
+        assert a["accuracy"] >= report["source"]["accuracy"] - 0.03
+    for e in open_bundle(out).manifest.models:
+        m = load(out, allow_unsigned=True, model_id=e.id)
+        assert m.check_golden().ok
+        assert (m.predict(splits["eval"][0][:50]).argmax(1) == splits["eval"][1][:50]).mean() > 0.75
+
+
+def test_keras3_training_passes_are_refused_with_the_route_that_works(
+    tmp_path: Path, keras3_file: Path, splits: dict
+) -> None:
+    train = tmp_path / "train.npz"
+    np.savez(train, x=splits["train"][0], y=splits["train"][1])
+    recipe = tmp_path / "qat.toml"
+    recipe.write_text('[[steps]]\npass = "qat"\nepochs = 1\n')
+    r = run_cli("build", str(keras3_file), "--recipe", str(recipe), "--train", str(train), "--eval", str(train),
+                "-o", str(tmp_path / "x.efb"))  # fmt: skip
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert "qat is not available for Keras 3 models" in r.stderr and "tf_keras" in r.stderr
+    assert not (tmp_path / "x.efb").exists()

@@ -108,3 +108,35 @@ def test_bins_cover_everything_and_baseline_sums_to_one() -> None:
         assert abs(sum(f["proportions"]) - 1) < 1e-6
     assert base["outputs"]["apply_softmax"] is True
     assert abs(sum(base["outputs"]["predicted_class"]["proportions"]) - 1) < 1e-6
+
+
+def test_the_gate_counts_samples_not_float_differences() -> None:
+    from edgefleet.converters._gate import Budget
+
+    b = Budget(ref=1.0, n=100, max_drop=0.02)
+    assert 1.0 - 0.98 > 0.02  # what the old comparison tripped on
+    assert b.allowed == 2 and b.lost(0.98) == 2 and not b.exceeded(0.98)
+    assert b.exceeded(0.97) and b.lost(0.97) == 3
+    b = Budget(ref=0.9718, n=497, max_drop=0.01)
+    assert b.allowed == 4
+    assert not Budget(ref=0.5, n=10).exceeded(0.0)  # no gate: nothing is exceeded
+    assert Budget(ref=483 / 497, n=497, max_drop=0.0).exceeded(482 / 497)
+    assert not Budget(ref=483 / 497, n=497, max_drop=0.0).exceeded(484 / 497)  # gaining is not losing
+
+
+def test_padded_batches_feed_fixed_batch_files_real_rows_only() -> None:
+    from edgefleet.converters._data import padded_batches, run_batched
+
+    x = np.arange(7, dtype=np.float32)[:, None]
+    got = list(padded_batches(x, 4))
+    assert [len(b) for b, _ in got] == [4, 4] and [n for _, n in got] == [4, 3]
+    assert got[1][0][:, 0].tolist() == [4.0, 5.0, 6.0, 4.0]  # padded with its own rows, never zeros
+    calls = []
+
+    def double(b: np.ndarray) -> np.ndarray:
+        assert len(b) == 4
+        calls.append(len(b))
+        return b * 2
+
+    np.testing.assert_array_equal(run_batched(double, x, 4), x * 2)
+    assert calls == [4, 4]

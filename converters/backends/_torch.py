@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import logging
 import math
 import operator
 import re
+import zipfile
 from io import StringIO
 from pathlib import Path
 from typing import Any
@@ -27,12 +29,26 @@ F = torch.nn.functional
 
 def load_pt2(path: Path) -> Any:
     """Load a torch.export program (`.pt2`) as a runnable module."""
+    if not zipfile.is_zipfile(path):
+        raise InputError(
+            f"{path.name} is not a torch.export program (.pt2): not a zip archive; write one with "
+            "torch.export.save(torch.export.export(model, (x,)), 'model.pt2')"
+        )
+    # torch.export.load logs the traceback of a failed deserialisation as a warning and raises an error that
+    # points at it; keep the log's last line for our one-line error instead of letting it reach the user.
+    caught = _LastRecord()
+    log = logging.getLogger("torch.export")
+    handlers, propagate = log.handlers[:], log.propagate
+    log.handlers, log.propagate = [caught], False
     try:
         ep = torch.export.load(str(path))
     except Exception as exc:  # torch raises many types for a corrupt archive
-        raise InputError(
-            f"{path.name} is not a readable torch.export program (.pt2): {type(exc).__name__}: {exc}"
-        ) from exc
+        why = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if caught.last:
+            why = caught.last
+        raise InputError(f"{path.name} is not a readable torch.export program (.pt2): {why[:300]}") from exc
+    finally:
+        log.handlers, log.propagate = handlers, propagate
     module = ep.module()
     user_inputs = [n for n in ep.graph.nodes if n.op == "placeholder" and n.name in ep.graph_signature.user_inputs]
     if len(user_inputs) != 1:
@@ -49,6 +65,20 @@ def load_pt2(path: Path) -> Any:
         if shape and shape[0] is not None:
             module._edgefleet_static_batch = shape[0]
     return module
+
+
+class _LastRecord(logging.Handler):
+    """Keeps the last line of the last record logged (its exception's message, if it carries one)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.last = ""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.exc_info and record.exc_info[1] is not None:
+            self.last = (str(record.exc_info[1]).strip().splitlines() or [""])[0]
+        else:
+            self.last = (record.getMessage().strip().splitlines() or [""])[-1]
 
 
 def _static_batch(model: Any) -> int | None:
