@@ -285,7 +285,7 @@ def _bias_correct(src: Path, dst: Path, x: np.ndarray, skip: frozenset[str] = fr
         if n.op_type == "Conv":
             group = _int_attr(n, "group", 1)
             dw = round_per_channel(w.astype(np.float32), 0).astype(np.float64) - w
-            per_out = dw.sum(axis=(2, 3))  # (C_out, C_in / group)
+            per_out = dw.sum(axis=tuple(range(2, dw.ndim)))  # (C_out, C_in / group), for Conv1d/2d/3d
             cin_g = w.shape[1]
             shift = np.array(
                 [per_out[c] @ mean_in[(c // (w.shape[0] // group)) * cin_g :][:cin_g] for c in range(w.shape[0])]

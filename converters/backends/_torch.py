@@ -360,7 +360,7 @@ def _bias_correct(model: Any, x: np.ndarray) -> int:
     """
     if not isinstance(model, nn.Module):
         return 0
-    layers = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    layers = [m for m in model.modules() if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear))]
     if not layers:
         return 0
     sums: dict[int, Any] = {}
@@ -369,7 +369,10 @@ def _bias_correct(model: Any, x: np.ndarray) -> int:
     def hook(mod: Any, inputs: tuple[Any, ...], _: Any) -> None:
         a = inputs[0].detach().double()[: counts["real"]]  # the padding rows of a fixed batch do not count
         # Per sample: the mean over positions; summed over samples, divided by their count below.
-        ch = a.mean(dim=(2, 3)).sum(0) if a.dim() == 4 else a.reshape(len(a), -1, a.shape[-1]).mean(1).sum(0)
+        if isinstance(mod, nn.Linear):
+            ch = a.reshape(len(a), -1, a.shape[-1]).mean(1).sum(0)
+        else:  # NC... for convolutions of any rank
+            ch = a.reshape(len(a), a.shape[1], -1).mean(2).sum(0)
         sums[id(mod)] = sums.get(id(mod), 0) + ch
 
     handles = [m.register_forward_hook(hook) for m in layers]
@@ -391,8 +394,8 @@ def _bias_correct(model: Any, x: np.ndarray) -> int:
             mean_in = sums[id(m)] / counts["n"]
             w = m.weight.detach().double()
             dw = torch.from_numpy(round_per_channel(w.numpy(), 0)).double() - w
-            if isinstance(m, nn.Conv2d):
-                per_in = dw.sum(dim=(2, 3))  # (out, in / groups)
+            if isinstance(m, (nn.Conv1d, nn.Conv2d)):
+                per_in = dw.sum(dim=tuple(range(2, dw.dim())))  # (out, in / groups)
                 cin = w.shape[1]
                 out_per_group = w.shape[0] // m.groups
                 idx = (torch.arange(w.shape[0]) // out_per_group)[:, None] * cin + torch.arange(cin)[None, :]
