@@ -146,8 +146,8 @@ CASES: dict[str, tuple[Case, str]] = {
                               "ONNX sources can only be quantized"),
     "unimportable student": (_build("onnx", "--eval", "@eval", "--recipe", "@bad_student"), "cannot import"),
     # output paths and keys
-    "output under a file": (lambda k, o: [B, str(k["onnx"]), "--eval", str(k["eval"]), "-o", str(k["a_file"] / "x.efb")],
-                            "is not a directory"),
+    "output under a file": (lambda k, o: [B, str(k["onnx"]), "--eval", str(k["eval"]),
+                                          "-o", str(k["a_file"] / "x.efb")], "is not a directory"),
     "output is a directory": (lambda k, o: [B, str(k["onnx"]), "--eval", str(k["eval"]), "-o", str(o)],
                               "is a directory"),
     "report under a file": (lambda k, o: [B, str(k["onnx"]), "--eval", str(k["eval"]), "-o", str(o / "x.efb"),
