@@ -24,11 +24,22 @@ from ._errors import BundleError, InputError, SignatureError
 from ._manifest import FileEntry, Manifest, canonical_json
 from ._signing import PublicKey, SigningKey, check_signature, encode_signature, load_public_key
 
-__all__ = ["DEFAULT_MAX_MEMBER_BYTES", "Bundle", "open_bundle", "sign_bundle", "write_bundle"]
+__all__ = [
+    "DEFAULT_MAX_MEMBER_BYTES",
+    "DEFAULT_MAX_TOTAL_BYTES",
+    "Bundle",
+    "open_bundle",
+    "sign_bundle",
+    "write_bundle",
+]
 
 MANIFEST = "manifest.json"
 SIGNATURE = "manifest.sig"
 DEFAULT_MAX_MEMBER_BYTES = 1 << 30  # 1 GiB: far above any edge model, far below a zip bomb.
+DEFAULT_MAX_TOTAL_BYTES = 2 << 30  # all members together
+# The manifest and the signature are read before anything is verified: small limits of their own.
+_MAX_MANIFEST_BYTES = 16 << 20
+_MAX_SIGNATURE_BYTES = 64 << 10
 _EPOCH = (1980, 1, 1, 0, 0, 0)
 
 
@@ -153,15 +164,17 @@ class Bundle:
         return root
 
 
-def _read_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, limit: int) -> bytes:
-    chunks, total = [], 0
+def _read_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, limit: int, what: str = "limit") -> tuple[bytes, str]:
+    """The member's bytes and their sha256, decompressing no more than LIMIT bytes (plus one read)."""
+    chunks, total, h = [], 0, hashlib.sha256()
     with zf.open(info) as f:
-        while chunk := f.read(1 << 20):
+        while chunk := f.read(min(1 << 20, limit - total + 1)):
             total += len(chunk)
             if total > limit:
-                raise BundleError(f"bundle member '{info.filename}' is larger than the {limit}-byte limit")
+                raise BundleError(f"bundle member '{info.filename}' is larger than {what} ({limit} bytes)")
+            h.update(chunk)
             chunks.append(chunk)
-    return b"".join(chunks)
+    return b"".join(chunks), h.hexdigest()
 
 
 def open_bundle(
@@ -169,11 +182,16 @@ def open_bundle(
     trusted_keys: Sequence[PublicKey | str | os.PathLike[str] | bytes] | None = None,
     *,
     max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES,
+    max_total_bytes: int = DEFAULT_MAX_TOTAL_BYTES,
 ) -> Bundle:
     """Open and fully validate a bundle.
 
     With `trusted_keys`, the signature must be present and made by one of them. Without
     it the signature is not checked (the result says whether one is present).
+
+    The manifest and its signature are read and checked first; each member is then decompressed
+    through its hash with the size the (signed) manifest declares as its limit, so an archive member
+    that inflates beyond what was signed costs at most that much memory and time.
     """
     p = Path(path)
     keys = None if trusted_keys is None else [load_public_key(k) for k in trusted_keys]
@@ -189,6 +207,8 @@ def open_bundle(
         infos = zf.infolist()
         seen: set[str] = set()
         for info in infos:
+            # zipfile cuts a name at its first NUL; the name as stored in the archive is orig_filename.
+            check_member_name(info.orig_filename)
             check_member_name(info.filename)
             if info.filename in seen:
                 raise BundleError(f"bundle member '{info.filename}' appears twice")
@@ -205,37 +225,56 @@ def open_bundle(
                 raise BundleError(f"bundle member '{info.filename}' is larger than the {max_member_bytes}-byte limit")
         if MANIFEST not in seen:
             raise BundleError(f"{p.name} has no manifest.json: not an edgefleet bundle")
+        by_name = {i.filename: i for i in infos}
         try:
-            raw = {i.filename: _read_member(zf, i, max_member_bytes) for i in infos}
+            # 1. The manifest and its signature, verified before any model bytes are decompressed.
+            body, _ = _read_member(zf, by_name[MANIFEST], _MAX_MANIFEST_BYTES, "the manifest limit")
+            sig_raw = None
+            if SIGNATURE in by_name:
+                sig_raw, _ = _read_member(zf, by_name[SIGNATURE], _MAX_SIGNATURE_BYTES, "the signature limit")
+            signed_by = None
+            if keys is not None:
+                if sig_raw is None:
+                    raise SignatureError(
+                        f"bundle {p.name} is not signed, but trusted keys were given; sign it with 'edgefleet sign'"
+                    )
+                try:
+                    sig_doc: Any = json.loads(sig_raw)
+                except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                    raise SignatureError(f"bundle {p.name} has a malformed signature file") from exc
+                signed_by = check_signature(sig_doc, body, keys).key_id
+            manifest = Manifest.from_bytes(body)
+            if manifest.canonical_bytes() != body:
+                raise BundleError(
+                    "manifest.json is not in canonical form (sorted keys, no whitespace); it was edited by hand"
+                )
+            # 2. The archive holds exactly what the manifest lists, within the limits, before reading any of it.
+            listed = {fe.path: fe for fe in manifest.files}
+            for name in by_name:
+                if name not in listed and name not in (MANIFEST, SIGNATURE):
+                    raise BundleError(f"bundle member '{name}' is not listed in the manifest")
+            total = 0
+            for name, fe in listed.items():
+                if name not in by_name:
+                    raise BundleError(f"manifest lists '{name}', but the bundle does not contain it")
+                if fe.size > max_member_bytes:
+                    raise BundleError(f"bundle member '{name}' is larger than the {max_member_bytes}-byte limit")
+                if by_name[name].file_size != fe.size:
+                    raise BundleError(f"bundle member '{name}' does not match its size in the manifest (tampered)")
+                total += fe.size
+            if total > max_total_bytes:
+                raise BundleError(f"bundle {p.name} holds {total} bytes, more than the {max_total_bytes}-byte limit")
+            # 3. Each member through its hash, never decompressing more than its declared size.
+            raw: dict[str, bytes] = {}
+            for name, fe in listed.items():
+                data, digest = _read_member(zf, by_name[name], fe.size, "its size in the manifest")
+                if len(data) != fe.size or digest != fe.sha256:
+                    raise BundleError(
+                        f"bundle member '{name}' does not match its sha256 in the manifest (tampered or corrupt)"
+                    )
+                raw[name] = data
         except (zipfile.BadZipFile, OSError, EOFError) as exc:
             raise BundleError(f"{p} is truncated or corrupt: {exc}") from exc
-
-    body = raw.pop(MANIFEST)
-    sig_raw = raw.pop(SIGNATURE, None)
-    signed_by = None
-    if keys is not None:
-        if sig_raw is None:
-            raise SignatureError(
-                f"bundle {p.name} is not signed, but trusted keys were given; sign it with 'edgefleet sign'"
-            )
-        try:
-            sig_doc: Any = json.loads(sig_raw)
-        except json.JSONDecodeError as exc:
-            raise SignatureError(f"bundle {p.name} has a malformed signature file") from exc
-        signed_by = check_signature(sig_doc, body, keys).key_id
-    manifest = Manifest.from_bytes(body)
-    if manifest.canonical_bytes() != body:
-        raise BundleError("manifest.json is not in canonical form (sorted keys, no whitespace); it was edited by hand")
-    listed = {fe.path: fe for fe in manifest.files}
-    for name in raw:
-        if name not in listed:
-            raise BundleError(f"bundle member '{name}' is not listed in the manifest")
-    for name, fe in listed.items():
-        if name not in raw:
-            raise BundleError(f"manifest lists '{name}', but the bundle does not contain it")
-        data = raw[name]
-        if len(data) != fe.size or sha256_bytes(data) != fe.sha256:
-            raise BundleError(f"bundle member '{name}' does not match its sha256 in the manifest (tampered or corrupt)")
     return Bundle(p, manifest, signed_by, sig_raw is not None, raw)
 
 

@@ -294,3 +294,69 @@ def test_sign_existing_bundle_and_bad_key(tmp_path: Path) -> None:
         load_signing_key(tmp_path / "junk.key")
     with pytest.raises(InputError, match="already exists"):
         generate_keypair(tmp_path / "k")
+
+
+_RSS_PROBE = """
+import resource, sys
+from edgefleet import BundleError, open_bundle
+keys = sys.argv[2:] or None
+try:
+    open_bundle(sys.argv[1], trusted_keys=keys)
+    print("opened")
+except BundleError as exc:
+    print(type(exc).__name__, exc)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
+"""
+
+
+def test_a_zip_bomb_is_refused_before_it_is_decompressed(tmp_path: Path) -> None:
+    """A small bundle whose model member inflates to 600 MiB: refused by the signature (an untrusted key) or
+    by the size the signed manifest declares, without decompressing it (peak memory stays low)."""
+    import subprocess
+    import sys
+
+    from edgefleet import generate_keypair
+
+    good, other = generate_keypair(tmp_path / "good"), generate_keypair(tmp_path / "other")
+    bomb = 600 << 20
+    for label, signer in (("untrusted", other), ("trusted", good)):
+        src, dst = tmp_path / f"{label}.efb", tmp_path / f"{label}-bomb.efb"
+        write_bundle(src, make_manifest(), make_members(), signer)
+
+        def inflate(items):
+            for info, data in items:
+                if info.filename == "models/onnx-fp32.onnx":
+                    info = zipfile.ZipInfo(info.filename)
+                    info.compress_type = zipfile.ZIP_DEFLATED
+                    data = bytes(bomb)
+                yield info, data
+
+        rewrite(src, dst, inflate)
+        assert dst.stat().st_size < 2 << 20
+        r = subprocess.run(
+            [sys.executable, "-c", _RSS_PROBE, str(dst), str(tmp_path / "good.pub")],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        verdict, rss_mb = r.stdout.strip().splitlines()
+        if label == "untrusted":
+            assert verdict.startswith("SignatureError"), verdict
+        else:
+            assert verdict.startswith("BundleError") and "does not match its size in the manifest" in verdict
+        assert int(rss_mb) < 200, f"{label}: peak RSS {rss_mb} MB while refusing a {bomb >> 20} MiB member"
+
+
+def test_a_nul_in_a_stored_member_name_is_refused(tmp_path: Path) -> None:
+    path, bad = tmp_path / "x.efb", tmp_path / "bad.efb"
+    write_bundle(path, make_manifest(), make_members(), None)
+    with zipfile.ZipFile(path) as zin, zipfile.ZipFile(bad, "w") as zout:
+        for info in zin.infolist():
+            zout.writestr(info, zin.read(info.filename))
+    # zipfile cuts names at NUL when it reads them; write one into the archive's bytes directly.
+    data = bad.read_bytes()
+    bad.write_bytes(data.replace(b"golden/inputs.npy", b"golden/i\x00puts.npy"))
+    with zipfile.ZipFile(bad) as z:
+        assert "golden/i" in z.namelist()  # what a reader that trusts ZipInfo.filename sees
+    with pytest.raises(BundleError, match="NUL"):
+        open_bundle(bad)
