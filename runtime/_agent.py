@@ -21,6 +21,7 @@ import random
 import sqlite3
 import threading
 import time
+import urllib.parse
 import uuid
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
@@ -47,7 +48,7 @@ from edgefleet._topics import (
 )
 
 from ._config import AgentConfig
-from ._download import DownloadError, download
+from ._download import DownloadError, download, origin
 from ._failpoints import failpoint
 from ._model import Model, SessionFactory, load
 from ._netloop import NetworkLoop
@@ -263,6 +264,8 @@ class Agent:
         self._tokens = 0.0
         self._tokens_at = time.monotonic()
         self._passes = 0  # loop passes, for tests that check an idle agent sleeps
+        self._step_failures = 0  # in a row, for the back-off
+        self._last_failure: tuple[str, str] | None = None
         self._drain_retry_at = 0.0  # when a send held back by the bandwidth cap or a refused publish is due
         self._health = _Health()
         self._watch_until = 0.0
@@ -537,8 +540,12 @@ class Agent:
             self._start_shadow(c)
 
     def _start_shadow(self, c: Command) -> None:
-        ref = BundleRef.parse(c.args["bundle"], "shadow command bundle")
         try:
+            # parse_command checked these when the command arrived.
+            ref = BundleRef.parse(c.args.get("bundle"), "shadow command bundle")
+            rate = float(c.args.get("sample_rate", 0.1))
+            duration = float(c.args.get("duration_s", 60))
+            min_samples = int(c.args.get("min_samples", 0))
             path = self._fetch(ref, self.root / "shadow")
             model = self._load(path)
         except EdgefleetError as exc:
@@ -546,10 +553,8 @@ class Agent:
             return
         if self._shadow is not None:
             self._shadow.report()
-        self._shadow = _Shadow(
-            model, ref, float(c.args.get("sample_rate", 0.1)), float(c.args.get("duration_s", 60)), c.id
-        )
-        self._shadow_min = int(c.args.get("min_samples", 0))
+        self._shadow = _Shadow(model, ref, rate, duration, c.id)
+        self._shadow_min = min_samples
         self._event("shadow_started", command_id=c.id, candidate={"name": ref.name, "version": ref.version})
 
     def _check_shadow(self) -> None:
@@ -573,8 +578,18 @@ class Agent:
             size=ref.size,
             sha256=ref.sha256,
             token=self.config.http_token,
+            token_for=self._token_for,
             max_bytes_per_s=self.config.download_bytes_per_s,
+            max_size=self.config.max_bundle_bytes,
         )
+
+    def _token_for(self, url: str) -> bool:
+        """Whether URL's origin may receive the device's download token (see AgentConfig.token_origins)."""
+        o = origin(url)
+        if self.config.token_origins:
+            return o in {origin(t) for t in self.config.token_origins}
+        host = urllib.parse.urlsplit(url).hostname or ""
+        return host.lower() == self.config.mqtt.host.lower()
 
     def _fail(self, reason: str) -> None:
         target = self.persisted.target or {}
@@ -965,9 +980,12 @@ class Agent:
             obj = json.loads(msg.payload)
             self._inbox.put(("desired", parse_desired(obj)) if kind == "desired" else ("command", parse_command(obj)))
             self._wake.set()
-        except (ValueError, InputError) as exc:
+        except Exception as exc:  # anything off the network; paho's network thread must survive it
             log.warning("ignoring malformed %s message: %s", kind, exc)
-            self._event("bad_message", topic=kind, reason=str(exc)[:300])
+            try:
+                self._event("bad_message", topic=kind, reason=f"{type(exc).__name__}: {exc}"[:300])
+            except Exception as exc2:
+                log.error("could not record bad_message: %s", exc2)
 
     def _on_publish(self, client: Any, userdata: Any, mid: int, reason_code: Any, properties: Any) -> None:
         ok = not reason_code.is_failure
@@ -1105,15 +1123,18 @@ class Agent:
         while not self._stop.is_set():
             self._passes += 1
             before = self.persisted.state
-            try:
-                while True:
+            while True:
+                try:
                     kind, item = self._inbox.get_nowait()
+                except queue.Empty:
+                    break
+                try:
                     if kind == "desired":
                         self._on_desired(item)
                     else:
                         self._on_command(item)
-            except queue.Empty:
-                pass
+                except Exception as exc:  # one bad order must not stop the loop; see _failed
+                    self._failed(kind, exc)
             try:
                 self._step()
                 if self.persisted.state == UpdateState.IDLE:
@@ -1129,9 +1150,33 @@ class Agent:
                 # registry (active version) should not lag behind that.
                 self._publish_state()
                 self._drain()
-            except EdgefleetError as exc:
-                log.error("agent step failed: %s", exc)
+                self._step_failures = 0
+            except Exception as exc:  # see _failed: the loop outlives any one step (ENOSPC, MemoryError, a bug)
+                self._failed("step", exc)
+                self._step_failures += 1
+                # Back off while the same step keeps failing (a full disk, a broken slot): 0.5 s doubling to 60 s.
+                self._wake.wait(min(60.0, 0.5 * 2 ** min(self._step_failures - 1, 7)))
+                self._wake.clear()
+                continue
             if self.persisted.state not in (before, UpdateState.IDLE):
                 continue  # an update moved on a state: do the next one's work without sleeping
             self._wake.wait(self._tick_s())
             self._wake.clear()
+
+    def _failed(self, where: str, exc: BaseException) -> None:
+        """Log and report a failure the loop survives, as an `agent_error` event (once per distinct reason
+        in a row, so a step failing every few seconds for hours does not fill the buffer)."""
+        reason = f"{type(exc).__name__}: {exc}" if not isinstance(exc, EdgefleetError) else str(exc)
+        reason = reason.splitlines()[0][:500] if reason else type(exc).__name__
+        if isinstance(exc, EdgefleetError):
+            log.error("agent %s failed: %s", where, reason)
+        else:
+            log.error("agent %s failed: %s", where, reason, exc_info=exc)
+        key = (where, reason)
+        if key == self._last_failure:
+            return
+        self._last_failure = key
+        try:
+            self._event("agent_error", where=where, state=self.persisted.state.value, reason=reason)
+        except Exception as exc2:  # the buffer itself may be what fails (a full disk)
+            log.error("could not record agent_error: %s", exc2)

@@ -6,6 +6,7 @@ publish and subscribe only there. Payloads are JSON objects with a `schema` fiel
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -176,7 +177,19 @@ def parse_command(obj: Any) -> Command:
         raise InputError("command field 'args' must be an object")
     if name == "shadow":
         BundleRef.parse(args.get("bundle"), "shadow command bundle")
-        rate = args.get("sample_rate", 0.1)
-        if not isinstance(rate, (int, float)) or not 0 < rate <= 1:
-            raise InputError("shadow command 'sample_rate' must be in (0, 1]")
+        rate = _number(args, "sample_rate", 0.1, 0.0, 1.0)
+        if rate == 0:
+            raise InputError("shadow command argument 'sample_rate' must be in (0, 1], got 0")
+        _number(args, "duration_s", 60.0, 0.0, 7 * 86400.0)
+        _number(args, "min_samples", 0, 0.0, 1e9, integer=True)
     return Command(_field(c, "id", str, "command"), name, args)
+
+
+def _number(args: dict[str, Any], key: str, default: float, lo: float, hi: float, *, integer: bool = False) -> float:
+    """A numeric command argument within [LO, HI], or an InputError naming it."""
+    v = args.get(key, default)
+    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and lo <= v <= hi
+    if not ok or (integer and float(v) != int(v)):
+        kind = "an integer" if integer else "a number"
+        raise InputError(f"shadow command argument '{key}' must be {kind} in [{lo:g}, {hi:g}], got {v!r}")
+    return float(v)

@@ -536,3 +536,42 @@ def test_agents_sharing_one_network_loop(tmp_path: Path, files: FileServer, mlp_
         observer.close()
         broker.stop()
     assert not net._thread.is_alive()
+
+
+def test_a_bad_order_or_a_failing_step_never_stops_the_loop(
+    tmp_path: Path, broker: Mosquitto, files: FileServer, observer, mlp_bundles, publisher
+) -> None:
+    """A shadow command with a non-numeric duration, and a step that raises an unexpected error (here a
+    MemoryError from telemetry flushing): each is reported as an event, and the agent keeps sending windows
+    and answering commands. Before, either killed the loop thread while the status stayed "online"."""
+    from edgefleet.runtime import Agent, load_config
+
+    dev = Device(tmp_path / "d", "dev-e", broker, publisher, mlp_bundles["1.0.0"], self_test_hz=20, window_s=1.0)
+    agent = Agent(load_config(dev.config))
+    agent.start()
+    try:
+        observer.wait(lambda: _idle_on(observer, "dev-e", "1.0.0"), 30, "v1 installed")
+        ref = bundle_ref(mlp_bundles["2.0.0"], files.url)
+        observer.command("dev-e", "c1", "shadow", {"bundle": ref, "duration_s": "soon"})
+        (bad,) = observer.wait(lambda: observer.events("dev-e", "bad_message"), 20, "refusal reported")
+        assert "duration_s" in bad["reason"]
+        model = agent.model
+        assert model is not None
+        real_flush, calls = model.flush_telemetry, {"n": 0}
+
+        def flaky(force: bool = True) -> None:
+            calls["n"] += 1
+            if calls["n"] <= 3:
+                raise MemoryError("simulated")
+            real_flush(force)
+
+        model.flush_telemetry = flaky  # type: ignore[method-assign]
+        (err,) = observer.wait(lambda: observer.events("dev-e", "agent_error"), 20, "step failure reported")
+        assert err["where"] == "step" and "MemoryError" in err["reason"] and err["state"] == "idle"
+        n = len(observer.windows("dev-e"))
+        observer.wait(lambda: len(observer.windows("dev-e")) >= n + 2, 30, "windows still flowing after the failures")
+        observer.command("dev-e", "c2", "shadow", {"bundle": ref, "sample_rate": 1.0, "min_samples": 5})
+        observer.wait(lambda: observer.events("dev-e", "shadow_started"), 20, "commands still answered")
+        assert agent._thread is not None and agent._thread.is_alive()
+    finally:
+        agent.stop()
