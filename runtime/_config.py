@@ -57,6 +57,10 @@ class AgentConfig:
     download_bytes_per_s: float | None = None
     capture_per_hour: float = 0.0
     http_token: str | None = None
+    # Origins (scheme://host[:port]) that may receive http_token. Empty: URLs on the MQTT broker's host only
+    # (the fleet server serves downloads and the broker from one host). No other URL or redirect gets it.
+    token_origins: list[str] = field(default_factory=list)
+    max_bundle_bytes: int = 2 << 30
     initial_bundle: Path | None = None
     # Built-in traffic for a standalone agent: run the bundle's golden inputs at this rate (0: off).
     self_test_hz: float = 0.0
