@@ -177,6 +177,19 @@ def _read_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, limit: int, what: s
     return b"".join(chunks), h.hexdigest()
 
 
+def _reject_constant(name: str) -> Any:
+    raise BundleError(f"manifest.json contains {name}, which JSON does not allow; the manifest is malformed")
+
+
+def _manifest_document(body: bytes) -> Any:
+    try:
+        return json.loads(body.decode("utf-8"), parse_constant=_reject_constant)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BundleError(f"manifest.json is not valid UTF-8 JSON: {exc}") from exc
+    except RecursionError as exc:
+        raise BundleError("manifest.json is nested too deeply") from exc
+
+
 def open_bundle(
     path: str | os.PathLike[str],
     trusted_keys: Sequence[PublicKey | str | os.PathLike[str] | bytes] | None = None,
@@ -243,11 +256,14 @@ def open_bundle(
                 except (json.JSONDecodeError, UnicodeDecodeError) as exc:
                     raise SignatureError(f"bundle {p.name} has a malformed signature file") from exc
                 signed_by = check_signature(sig_doc, body, keys).key_id
-            manifest = Manifest.from_bytes(body)
-            if manifest.canonical_bytes() != body:
+            doc = _manifest_document(body)
+            # Canonical form is checked over the document as written, unknown fields included: a newer
+            # MINOR may add fields anywhere, and re-encoding only the fields this reader knows would refuse it.
+            if canonical_json(doc) != body:
                 raise BundleError(
                     "manifest.json is not in canonical form (sorted keys, no whitespace); it was edited by hand"
                 )
+            manifest = Manifest.parse(doc)
             # 2. The archive holds exactly what the manifest lists, within the limits, before reading any of it.
             listed = {fe.path: fe for fe in manifest.files}
             for name in by_name:

@@ -360,3 +360,61 @@ def test_a_nul_in_a_stored_member_name_is_refused(tmp_path: Path) -> None:
         assert "golden/i" in z.namelist()  # what a reader that trusts ZipInfo.filename sees
     with pytest.raises(BundleError, match="NUL"):
         open_bundle(bad)
+
+
+def _resigned(src: Path, dst: Path, key, edit) -> None:  # type: ignore[no-untyped-def]
+    """A copy of SRC whose manifest document EDIT changed, re-encoded canonically and signed by KEY."""
+    from edgefleet._signing import encode_signature
+
+    def change(items):
+        for info, data in items:
+            if info.filename == "manifest.json":
+                doc = json.loads(data)
+                edit(doc)
+                body = canonical_json(doc)
+                yield info, body
+                sig = zipfile.ZipInfo("manifest.sig")
+                yield sig, canonical_json(encode_signature(key, body))
+            elif info.filename != "manifest.sig":
+                yield info, data
+
+    rewrite(src, dst, change)
+
+
+def test_a_newer_minor_with_added_fields_is_read_and_another_major_refused(tmp_path: Path) -> None:
+    from edgefleet import generate_keypair
+
+    key = generate_keypair(tmp_path / "k")
+    src = tmp_path / "x.efb"
+    write_bundle(src, make_manifest(), make_members(), key)
+
+    def newer(doc: dict) -> None:
+        doc["format_version"] = "1.1"
+        doc["future_top_level"] = {"anything": [1, 2.5, "x"]}
+        doc["models"][0]["future_model_field"] = "npu-profile"
+        doc["models"][0]["inputs"][0]["future_tensor_field"] = 1
+        doc["files"][0]["future_file_field"] = True
+        doc["golden"]["future_golden_field"] = "é"  # non-ASCII, written as UTF-8
+
+    _resigned(src, tmp_path / "v1_1.efb", key, newer)
+    b = open_bundle(tmp_path / "v1_1.efb", trusted_keys=[tmp_path / "k.pub"])
+    assert b.manifest.format_version == "1.1" and b.manifest.models[0].id == "onnx-fp32"
+    _resigned(src, tmp_path / "v2.efb", key, lambda doc: doc.update(format_version="2.0"))
+    with pytest.raises(BundleError, match="format version 2.0 is not supported"):
+        open_bundle(tmp_path / "v2.efb", trusted_keys=[tmp_path / "k.pub"])
+    # An integer where this reader writes a float is still canonical JSON.
+    _resigned(src, tmp_path / "int.efb", key, lambda doc: doc["models"][0]["golden_tolerance"].update(atol=1))
+    open_bundle(tmp_path / "int.efb", trusted_keys=[tmp_path / "k.pub"])
+
+
+def test_nan_in_a_manifest_is_one_bundle_error(tmp_path: Path) -> None:
+    src, bad = tmp_path / "x.efb", tmp_path / "nan.efb"
+    write_bundle(src, make_manifest(), make_members(), None)
+
+    def nan(items):
+        for info, data in items:
+            yield info, data.replace(b'"count":2', b'"count":NaN') if info.filename == "manifest.json" else data
+
+    rewrite(src, bad, nan)
+    with pytest.raises(BundleError, match="NaN"):
+        open_bundle(bad)
