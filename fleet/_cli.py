@@ -205,7 +205,7 @@ def _drift(args: argparse.Namespace) -> int:
             q += f"&{k}={quote(str(getattr(args, k)))}"
     rep = _client(args, "GET", q)
     if args.json:
-        print(json.dumps({**rep["features"], **({"cohorts": rep["cohorts"]} if "cohorts" in rep else {})}, indent=1))
+        print(json.dumps(rep, indent=1))  # the API's document as it is
         return 0
     print(
         f"drift of {rep['bundle']}{' on ' + args.tag if args.tag else ''} against its baseline: "

@@ -39,8 +39,12 @@ def empty_merge() -> dict[str, Any]:
 
 
 def add_counts(total: np.ndarray | None, counts: np.ndarray) -> np.ndarray:
-    """TOTAL + COUNTS on the same bins; COUNTS alone when the bins differ (or there is no total yet)."""
-    return total + counts if total is not None and total.shape == counts.shape else counts
+    """TOTAL + COUNTS on the same bins. Counts on other bins are left out and the total kept: ingest refuses
+    windows that do not fit their bundle's baseline, so these can only be windows stored before it did,
+    and one of them must not throw away what every other device reported."""
+    if total is None:
+        return counts
+    return total + counts if total.shape == counts.shape else total
 
 
 def accumulate(acc: dict[str, Any], w: dict[str, Any]) -> dict[str, Any]:
@@ -281,10 +285,14 @@ class DriftMonitor:
             baseline = self._baseline(name, version)
             if baseline is None:
                 continue
-            merged = empty_merge()
-            for part in per.values():
-                accumulate(merged, part)
-            stats = feature_stats(baseline, merged, self.th)
+            try:
+                merged = empty_merge()
+                for part in per.values():
+                    accumulate(merged, part)
+                stats = feature_stats(baseline, merged, self.th)
+            except Exception:  # one bundle's bad data must not stop the checks of every other bundle
+                log.exception("drift check of %s:%s cohort %s failed", name, version, cohort)
+                continue
             for feature, st in stats.items():
                 if st["psi"] is not None:
                     last[(f"{name}:{version}", cohort, feature)] = st["psi"]

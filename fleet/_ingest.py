@@ -16,7 +16,7 @@ import time
 from typing import Any
 
 from edgefleet import InputError
-from edgefleet._telemetry import check_window
+from edgefleet._telemetry import Bins, baseline_bins, check_window
 from edgefleet._topics import ROOT, parse_topic
 
 from ._db import Database
@@ -35,6 +35,7 @@ _QUIET_S = 0.005
 # batch being written while the next one arrives.
 _RECEIVE_MAX = 2 * _BATCH
 _RETRY_S = (0.5, 10.0)
+_BINS_RETRY_S = 30.0
 
 
 class IngestWorker:
@@ -71,6 +72,9 @@ class IngestWorker:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._known: set[str] = set()
+        # (name, version) -> the histogram sizes of its published baseline, or None (not published: checked
+        # again after _BINS_RETRY_S) with the time it was looked up.
+        self._bin_cache: dict[tuple[str, str], tuple[Bins | None, float]] = {}
         self.stats = {"received": 0, "stored": 0, "duplicates": 0, "rejected": 0, "unknown_device": 0}
         self._client: Any = None
         self._thread: threading.Thread | None = None
@@ -273,12 +277,35 @@ class IngestWorker:
         for k, v in counts.items():
             self.stats[k] += v
 
+    def _bins(self, name: Any, version: Any) -> Bins | None:
+        """The bins windows of bundle NAME:VERSION must have, from its published manifest (None: not known)."""
+        if not isinstance(name, str) or not isinstance(version, str):
+            return None
+        key, now = (name, version), time.monotonic()
+        hit = self._bin_cache.get(key)
+        if hit is not None and (hit[0] is not None or now - hit[1] < _BINS_RETRY_S):
+            return hit[0]
+        rows = self.db.query("SELECT manifest FROM bundles WHERE name = ? AND version = ?", (name, version))
+        bins = None
+        if rows:
+            try:
+                baseline = json.loads(rows[0][0]).get("drift_baseline")
+                bins = baseline_bins(baseline) if baseline else None
+            except (ValueError, TypeError, KeyError, AttributeError):
+                bins = None
+        if len(self._bin_cache) > 10_000:
+            self._bin_cache.clear()
+        self._bin_cache[key] = (bins, now)
+        return bins
+
     def _prepare(
         self, device: str, kind: str, obj: Any, payload: bytes, now: float
     ) -> tuple[str, str, tuple[Any, ...]] | None:
         """Check one message and turn it into the parameters of its statement (None: nothing to store)."""
         if kind == "telemetry":
-            w = check_window(obj)
+            bundle = obj.get("bundle") if isinstance(obj, dict) else None
+            bins = self._bins(bundle.get("name"), bundle.get("version")) if isinstance(bundle, dict) else None
+            w = check_window(obj, bins)
             if w["device_id"] != device:
                 raise InputError(f"window names device {w['device_id']!r} but came from {device!r}")
             params: tuple[Any, ...] = (

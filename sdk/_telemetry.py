@@ -15,9 +15,15 @@ from ._errors import InputError
 __all__ = [
     "LATENCY_EDGES_MS",
     "WINDOW_SCHEMA",
+    "Bins",
+    "baseline_bins",
     "check_window",
     "latency_quantile",
 ]
+
+# Feature name -> number of bins, for inputs and outputs: what a window's histograms must have.
+Bins = dict[str, dict[str, int]]
+_MAX_WINDOW_S = 86400.0
 
 WINDOW_SCHEMA = "edgefleet.telemetry/1"
 # Inner bin edges in milliseconds, 0.01 ms to 10 s, about 26% apart (ten per decade): a quantile read
@@ -41,8 +47,33 @@ _REQUIRED: dict[str, type | tuple[type, ...]] = {
 }
 
 
-def check_window(obj: Any) -> dict[str, Any]:
-    """Validate a decoded window; raise InputError naming the first bad field."""
+def baseline_bins(baseline: dict[str, Any]) -> Bins:
+    """The histogram sizes a bundle's drift baseline defines (manifest `drift_baseline`)."""
+    inputs = {str(f["name"]): len(f["proportions"]) for f in baseline.get("inputs", []) if isinstance(f, dict)}
+    outputs = {str(k): len(v["proportions"]) for k, v in (baseline.get("outputs") or {}).items() if isinstance(v, dict)}
+    return {"inputs": inputs, "outputs": outputs}
+
+
+def _count(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _counts(v: Any, where: str, n: int | None = None) -> list[int]:
+    if not isinstance(v, list) or not all(_count(c) for c in v):
+        raise InputError(f"telemetry window field '{where}' must be a list of non-negative integer counts")
+    if n is not None and len(v) != n:
+        raise InputError(f"telemetry window field '{where}' has {len(v)} bins; the bundle's baseline has {n}")
+    return v
+
+
+def check_window(obj: Any, bins: Bins | None = None) -> dict[str, Any]:
+    """Validate a decoded window; raise InputError naming the first bad field.
+
+    Every count is a non-negative integer and the sums agree (docs/topics.md lists the rules). With BINS
+    (`baseline_bins` of the bundle the window names), every histogram must be one of the baseline's
+    features with exactly its number of bins: a window that does not fit would poison the fleet's merged
+    statistics for that bundle.
+    """
     if not isinstance(obj, dict):
         raise InputError("telemetry window must be a JSON object")
     if obj.get("schema") != WINDOW_SCHEMA:
@@ -52,14 +83,38 @@ def check_window(obj: Any) -> dict[str, Any]:
             raise InputError(f"telemetry window lacks field '{k}'")
         if not isinstance(obj[k], t) or isinstance(obj[k], bool):
             raise InputError(f"telemetry window field '{k}' has the wrong type")
-    lat = obj["latency_ms"].get("counts")
-    if not isinstance(lat, list) or len(lat) != len(LATENCY_EDGES_MS) + 1:
-        raise InputError(f"telemetry window field 'latency_ms.counts' must list {len(LATENCY_EDGES_MS) + 1} counts")
     for k in ("name", "version"):
         if not isinstance(obj["bundle"].get(k), str):
             raise InputError(f"telemetry window field 'bundle.{k}' must be a string")
-    if obj["calls"] < 0 or obj["samples"] < 0 or sum(lat) != obj["calls"]:
+    for k in ("calls", "samples", "nan_outputs"):
+        if not _count(obj[k]):
+            raise InputError(f"telemetry window field '{k}' must be a non-negative integer")
+    start, end = obj["start"], obj["end"]
+    if not (math.isfinite(start) and math.isfinite(end) and 0 <= start <= end <= start + _MAX_WINDOW_S):
+        raise InputError("telemetry window 'start' and 'end' must be finite times with start <= end, at most a day")
+    lat = _counts(obj["latency_ms"].get("counts"), "latency_ms.counts", len(LATENCY_EDGES_MS) + 1)
+    if sum(lat) != obj["calls"]:
         raise InputError("telemetry window latency counts do not add up to its call count")
+    for k in ("sum", "max"):
+        v = obj["latency_ms"].get(k, 0.0)
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v < 0:
+            raise InputError(f"telemetry window field 'latency_ms.{k}' must be a non-negative number")
+    errors = obj["errors"]
+    if not all(isinstance(k, str) and _count(v) for k, v in errors.items()):
+        raise InputError("telemetry window field 'errors' must map error kinds to non-negative integer counts")
+    if sum(errors.values()) > obj["calls"]:
+        raise InputError("telemetry window counts more errors than calls")
+    if obj["nan_outputs"] > obj["samples"]:
+        raise InputError("telemetry window counts more NaN outputs than samples")
+    summarised = obj.get("summarised", obj["samples"])
+    if not _count(summarised) or summarised > obj["samples"]:
+        raise InputError("telemetry window field 'summarised' must be a count no larger than 'samples'")
+    for group in ("inputs", "outputs"):
+        want = None if bins is None else bins.get(group, {})
+        for name, v in obj[group].items():
+            if want is not None and name not in want:
+                raise InputError(f"telemetry window {group} feature {name!r} is not in the bundle's drift baseline")
+            _counts(v, f"{group}.{name}", None if want is None else want[name])
     return obj
 
 

@@ -366,7 +366,8 @@ def test_fleet_drift_flags_the_shifted_cohort(tmp_path: Path, server: Server, ml
         r = server.cli("drift", "--bundle", "mlp:1.0.0", "--tag", tag, "--json")
         assert r.returncode == 0, r.stderr
         reports[tag] = json.loads(r.stdout)
-    normal, shifted = reports["normal"], reports["shifted"]
+        assert reports[tag]["windows"] >= 1 and reports[tag]["bundle"] == "mlp:1.0.0"  # the API's fields
+    normal, shifted = reports["normal"]["features"], reports["shifted"]["features"]
     for f in ("channel_0_intensity", "brightness", "contrast"):
         assert not normal[f]["drifted"] and normal[f]["psi"] < 0.1
         assert shifted[f]["drifted"] and shifted[f]["psi"] > 0.25
@@ -514,7 +515,7 @@ def test_simulated_fleet_drift_and_rollout(tmp_path: Path, server: Server, mlp_b
         def drift(tag: str) -> dict:
             r = server.cli("drift", "--bundle", "mlp:1.0.0", "--tag", tag, "--json")
             assert r.returncode == 0, r.stderr
-            return json.loads(r.stdout)
+            return json.loads(r.stdout)["features"]
 
         _wait(lambda: drift("cohort-1")["brightness"]["samples"] >= 100, 60, "telemetry from the shifted cohort")
         assert drift("cohort-1")["brightness"]["drifted"] and not drift("cohort-0")["brightness"]["drifted"]
@@ -764,3 +765,52 @@ def test_database_outage_under_telemetry_loses_nothing(tmp_path: Path, publisher
             c.loop_stop()
             c.disconnect()
         server.stop()
+
+
+def test_poisoned_windows_are_refused_and_never_reach_the_fleet_statistics(
+    tmp_path: Path, server: Server, mlp_bundles: dict
+) -> None:
+    """A canary device sending windows that do not fit its bundle's baseline (too few bins, a feature the
+    baseline lacks, a negative class count, negative errors or NaN outputs to hide from the rollout gates,
+    fractional latency counts): each is refused and counted, the device's valid window is stored, and the
+    bundle's drift report still answers. Before, such windows were stored and broke /api/drift for the
+    bundle and the drift monitor's every check."""
+    from edgefleet import open_bundle
+
+    assert server.cli("publish", str(mlp_bundles["1.0.0"])).returncode == 0
+    base = open_bundle(mlp_bundles["1.0.0"]).manifest.drift_baseline
+    feature = base["inputs"][0]["name"]
+    n_in, n_cls = len(base["inputs"][0]["proportions"]), len(base["outputs"]["predicted_class"]["proportions"])
+    pw = _provision(server, tmp_path, "dev-p")
+    c, _ = _client(server.mqtt, "dev-p", pw)
+    good = {**_window("dev-p", "dev-p:good"), "start": time.time() - 60, "end": time.time()}
+    good["inputs"] = {feature: [0] * (n_in - 1) + [4]}
+    good["outputs"] = {"predicted_class": [4] + [0] * (n_cls - 1)}
+    lat = good["latency_ms"]["counts"]
+    poisoned = {
+        "two bins": {"inputs": {feature: [2, 2]}},
+        "unknown feature": {"inputs": {"not_a_feature": [1] * n_in}},
+        "negative class count": {"outputs": {"predicted_class": [-1] + [1] * (n_cls - 1)}},
+        "negative errors": {"errors": {"runtime": -43}},
+        "negative nan outputs": {"nan_outputs": -1000},
+        "fractional latency": {"latency_ms": {**good["latency_ms"], "counts": [c / 2 for c in lat]}},
+        "non-numeric count": {"outputs": {"predicted_class": ["4"] + [0] * (n_cls - 1)}},
+        "summarised out of range": {"summarised": 99},
+    }
+    before = _metric(server, 'edgefleet_ingest_messages_total{outcome="rejected"}')
+    for i, (_, change) in enumerate(poisoned.items()):
+        bad = {**good, "key": f"dev-p:bad:{i}", **change}
+        c.publish(topic("dev-p", "telemetry"), json.dumps(bad), qos=1).wait_for_publish(5)
+    c.publish(topic("dev-p", "telemetry"), json.dumps(good), qos=1).wait_for_publish(5)
+    _wait(
+        lambda: _metric(server, 'edgefleet_ingest_messages_total{outcome="rejected"}') >= before + len(poisoned),
+        20,
+        "every poisoned window refused",
+    )
+    _wait(lambda: _metric(server, 'edgefleet_ingest_messages_total{outcome="stored"}') >= 1, 20, "good one stored")
+    c.loop_stop()
+    c.disconnect()
+    r = server.cli("drift", "--bundle", "mlp:1.0.0", "--json")
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)
+    assert report["windows"] == 1 and report["calls"] == 4
