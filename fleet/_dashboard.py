@@ -7,9 +7,11 @@ drift (per-feature statistics, baseline against live histogram, PSI over time).
 
 from __future__ import annotations
 
+import functools
 import html
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -106,6 +108,18 @@ def mount_dashboard(app: FastAPI, server: FleetServer) -> None:
             return RedirectResponse(f"/login?next={request.url.path}", status_code=303)
         return templates.TemplateResponse(request, name, ctx)
 
+    def signed_in(handler: Callable[..., Response]) -> Callable[..., Response]:
+        """Check the token before the handler does any work: an unauthenticated request costs a cookie
+        lookup, never a drift computation, and cannot tell which devices or rollouts exist."""
+
+        @functools.wraps(handler)
+        def wrapper(request: Request, *args: Any, **kwargs: Any) -> Response:
+            if not authed(request):
+                return RedirectResponse(f"/login?next={request.url.path}", status_code=303)
+            return handler(request, *args, **kwargs)
+
+        return wrapper
+
     @app.get("/login", response_class=HTMLResponse, include_in_schema=False)
     def login_form(request: Request, next: str = "/") -> Response:
         return templates.TemplateResponse(request, "login.html", {"error": None, "next": next})
@@ -130,6 +144,7 @@ def mount_dashboard(app: FastAPI, server: FleetServer) -> None:
         return alerts
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    @signed_in
     def overview(request: Request) -> Response:
         devs = server.devices()
         versions: dict[str, int] = {}
@@ -143,11 +158,12 @@ def mount_dashboard(app: FastAPI, server: FleetServer) -> None:
             devices=devs,
             online=sum(d["online"] for d in devs),
             versions=sorted(versions.items()),
-            alerts=_open_alerts() if authed(request) else [],
+            alerts=_open_alerts(),
             rollouts_running=running,
         )
 
     @app.get("/devices", response_class=HTMLResponse, include_in_schema=False)
+    @signed_in
     def devices(request: Request) -> Response:
         devs = server.devices()
         for d in devs:
@@ -155,6 +171,7 @@ def mount_dashboard(app: FastAPI, server: FleetServer) -> None:
         return page(request, "devices.html", devices=devs)
 
     @app.get("/devices/{device_id}", response_class=HTMLResponse, include_in_schema=False)
+    @signed_in
     def device(request: Request, device_id: str) -> Response:
         d = next((x for x in server.devices() if x["id"] == device_id), None)
         if d is None:
@@ -169,6 +186,7 @@ def mount_dashboard(app: FastAPI, server: FleetServer) -> None:
         return page(request, "device.html", d=d, events=events)
 
     @app.get("/rollouts", response_class=HTMLResponse, include_in_schema=False)
+    @signed_in
     def rollouts(request: Request, error: str | None = None) -> Response:
         return page(request, "rollouts.html", rollouts=server.rollouts.list(), bundles=_bundles(), error=error)
 
@@ -191,6 +209,7 @@ def mount_dashboard(app: FastAPI, server: FleetServer) -> None:
         return RedirectResponse(f"/rollouts/{rid}", status_code=303)
 
     @app.get("/rollouts/{rid}", response_class=HTMLResponse, include_in_schema=False)
+    @signed_in
     def rollout(request: Request, rid: str) -> Response:
         try:
             r = server.rollouts.get(rid)
@@ -217,6 +236,7 @@ def mount_dashboard(app: FastAPI, server: FleetServer) -> None:
         return RedirectResponse(f"/rollouts/{rid}", status_code=303)
 
     @app.get("/drift", response_class=HTMLResponse, include_in_schema=False)
+    @signed_in
     def drift(request: Request, bundle: str | None = None, tag: str | None = None) -> Response:
         bundles = _bundles()
         bundle = bundle or (bundles[-1] if bundles else None)

@@ -814,3 +814,22 @@ def test_poisoned_windows_are_refused_and_never_reach_the_fleet_statistics(
     assert r.returncode == 0, r.stderr
     report = json.loads(r.stdout)
     assert report["windows"] == 1 and report["calls"] == 4
+
+
+def test_pages_check_the_token_before_doing_any_work(server: Server) -> None:
+    """Without a token every page answers the same redirect to the login, whether or not the device or
+    rollout exists (a 404 told which ids do), and before computing anything (the drift page read every
+    window first)."""
+
+    class NoRedirect(urllib.request.HTTPRedirectHandler):
+        def redirect_request(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+            return None
+
+    opener = urllib.request.build_opener(NoRedirect)
+    for path in ("/", "/devices", "/devices/no-such-device", "/rollouts", "/rollouts/r-nonexistent", "/drift"):
+        try:
+            opener.open(server.url + path, timeout=10)
+            raise AssertionError(f"{path} answered without a token")
+        except urllib.error.HTTPError as exc:
+            assert exc.code == 303, (path, exc.code)
+            assert exc.headers["Location"].startswith("/login"), (path, exc.headers["Location"])
