@@ -4,6 +4,7 @@ Range, Prometheus /metrics, /healthz. Imported only by `edgefleet fleet serve` (
 from __future__ import annotations
 
 import re
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from edgefleet import BundleError, InputError
 
-from ._server import FleetServer, store_upload
+from ._server import MAX_BUNDLE_BYTES, FleetServer
 
 __all__ = ["create_app"]
 
@@ -70,12 +71,20 @@ def create_app(server: FleetServer) -> Any:
     @app.put("/api/bundles", dependencies=[Depends(operator)])
     async def publish(request: Request) -> dict[str, Any]:
         """Upload a bundle (the raw .efb as the body); it is verified against the server's trusted keys."""
-        chunks = [c async for c in request.stream()]
-        tmp = store_upload(chunks)
-        try:
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > MAX_BUNDLE_BYTES:
+            raise HTTPException(413, f"upload of {declared} bytes is larger than the {MAX_BUNDLE_BYTES}-byte limit")
+        # Streamed to disk with the limit enforced while reading; the folder goes whatever happens.
+        with tempfile.TemporaryDirectory(prefix="edgefleet-upload-") as d:
+            tmp = Path(d) / "upload.efb"
+            total = 0
+            with open(tmp, "wb") as f:
+                async for chunk in request.stream():
+                    total += len(chunk)
+                    if total > MAX_BUNDLE_BYTES:
+                        raise HTTPException(413, f"upload is larger than the {MAX_BUNDLE_BYTES}-byte limit")
+                    f.write(chunk)
             return server.publish_bundle(tmp)
-        finally:
-            tmp.unlink(missing_ok=True)
 
     @app.get("/api/bundles", dependencies=[Depends(operator)])
     def bundles() -> list[dict[str, Any]]:

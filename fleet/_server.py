@@ -11,13 +11,12 @@ import os
 import re
 import secrets
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edgefleet import BundleError, EdgefleetError, InputError, open_bundle
+from edgefleet import EdgefleetError, InputError, open_bundle
 from edgefleet._bundle import sha256_file
 from edgefleet._fs import atomic_write
 from edgefleet._topics import DESIRED_SCHEMA, check_device_id, topic
@@ -335,7 +334,9 @@ class FleetServer:
         rows = self.db.query("SELECT sha256 FROM bundles WHERE name = ? AND version = ?", (m.name, m.version))
         if rows and rows[0][0] != sha:
             raise InputError(f"bundle {m.name} {m.version} is already published with other content; bump the version")
-        dest = self.dir / "bundles" / f"{m.name}-{m.version}.efb"
+        # Stored under its content's hash: names like coll-1.0.0 version 2.0.0 and coll version 1.0.0-2.0.0
+        # can never map to one file.
+        dest = self.dir / "bundles" / f"{sha}.efb"
         if not rows:
             shutil.copyfile(data_path, dest.with_suffix(".efb.tmp"))
             os.replace(dest.with_suffix(".efb.tmp"), dest)
@@ -468,16 +469,3 @@ class FleetServer:
 
 def _label(value: str) -> str:
     return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-
-
-def store_upload(body_chunks: Any, limit: int = MAX_BUNDLE_BYTES) -> Path:
-    """Write an upload to a temp file (bounded); the caller removes it."""
-    fd, name = tempfile.mkstemp(suffix=".efb")
-    total = 0
-    with os.fdopen(fd, "wb") as f:
-        for chunk in body_chunks:
-            total += len(chunk)
-            if total > limit:
-                raise BundleError(f"upload is larger than {limit} bytes")
-            f.write(chunk)
-    return Path(name)

@@ -833,3 +833,29 @@ def test_pages_check_the_token_before_doing_any_work(server: Server) -> None:
         except urllib.error.HTTPError as exc:
             assert exc.code == 303, (path, exc.code)
             assert exc.headers["Location"].startswith("/login"), (path, exc.headers["Location"])
+
+
+def test_bundles_whose_file_names_would_collide_are_stored_apart(tmp_path: Path, server: Server, publisher) -> None:
+    """`coll-1.0.0` version 2.0.0 and `coll` version 1.0.0-2.0.0 were both stored as coll-1.0.0-2.0.0.efb,
+    and downloading one served the other's bytes. Bundles are stored by their sha256 now. An upload that
+    is not a signed bundle is refused without naming a temporary file."""
+    from edgefleet import write_bundle
+
+    from .test_bundle_format import make_manifest, make_members
+
+    paths = {}
+    for name, version in (("coll-1.0.0", "2.0.0"), ("coll", "1.0.0-2.0.0")):
+        m = make_manifest(version)
+        m.name = name
+        paths[(name, version)] = write_bundle(tmp_path / f"{name}_{version}.efb", m, make_members(name.encode()),
+                                              publisher[0]) and tmp_path / f"{name}_{version}.efb"  # fmt: skip
+        r = server.cli("publish", str(paths[(name, version)]))
+        assert r.returncode == 0, r.stderr
+    for (name, version), path in paths.items():
+        status, body, _ = server.get(f"/bundles/{name}/{version}.efb", token=server.token)
+        assert status == 200 and body == path.read_bytes(), (name, version)
+    junk = tmp_path / "junk.efb"
+    junk.write_bytes(b"not a bundle at all")
+    r = server.cli("publish", str(junk))
+    assert r.returncode == 1 and "upload.efb is not a readable bundle" in r.stderr, r.stderr
+    assert list((server.data / "bundles").glob("*.efb")) and not list((server.data / "bundles").glob("coll*"))
