@@ -34,7 +34,7 @@ import numpy as np
 from edgefleet import BundleError, EdgefleetError, InputError, __version__, open_bundle
 from edgefleet._errors import require
 from edgefleet._fs import atomic_write
-from edgefleet._manifest import version_tuple
+from edgefleet._manifest import semver_key
 from edgefleet._topics import (
     EVENT_SCHEMA,
     STATE_SCHEMA,
@@ -154,6 +154,14 @@ def _quantile(values: list[float] | deque[float], q: float) -> float | None:
     lo = int(pos)
     hi = min(lo + 1, len(v) - 1)
     return float(v[lo] + (v[hi] - v[lo]) * (pos - lo))
+
+
+def _older(a: str, b: str) -> bool:
+    """Whether bundle version A precedes B (semver precedence: 1.0.0-rc.1 comes before 1.0.0)."""
+    try:
+        return semver_key(a) < semver_key(b)
+    except ValueError:
+        return False  # versions are checked when bundles are read; an odd one is not a downgrade order
 
 
 def _p95(values: list[float] | deque[float]) -> float | None:
@@ -520,7 +528,7 @@ class Agent:
             committed is not None
             and d.action != "rollback"
             and committed.get("name") == ref.name
-            and version_tuple(ref.version) < version_tuple(str(committed.get("version")))
+            and _older(ref.version, str(committed.get("version")))
         ):
             last = st.last_result or {}
             if last.get("refused_downgrade") != key:

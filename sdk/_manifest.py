@@ -22,6 +22,7 @@ __all__ = [
     "ModelEntry",
     "TensorSpec",
     "canonical_json",
+    "semver_key",
     "version_tuple",
 ]
 
@@ -52,7 +53,25 @@ def version_tuple(v: str) -> tuple[int, ...]:
 
 
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
-_SEMVER = re.compile(r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)(?:-[0-9A-Za-z.-]+)?(?:\+[0-9A-Za-z.-]+)?$")
+# semver.org 2.0.0, as written there: no leading zeros, no empty identifiers.
+_PRE_ID = r"(?:0|[1-9]\d*|\d*[A-Za-z-][0-9A-Za-z-]*)"
+_SEMVER = re.compile(
+    r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)"
+    rf"(?:-({_PRE_ID}(?:\.{_PRE_ID})*))?(?:\+([0-9A-Za-z-]+(?:\.[0-9A-Za-z-]+)*))?$"
+)
+
+
+def semver_key(v: str) -> tuple[Any, ...]:
+    """A sort key with semver.org precedence: 1.0.0-alpha < 1.0.0-alpha.1 < 1.0.0-beta < 1.0.0-rc.1 < 1.0.0;
+    build metadata (+...) is ignored. Raises ValueError for a string that is not a semantic version."""
+    m = _SEMVER.fullmatch(v)
+    if not m:
+        raise ValueError(f"{v!r} is not a semantic version")
+    core = tuple(int(m.group(i)) for i in (1, 2, 3))
+    if m.group(4) is None:
+        return (*core, 1, ())
+    ids = tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in m.group(4).split("."))
+    return (*core, 0, ids)
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 

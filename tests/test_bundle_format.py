@@ -418,3 +418,18 @@ def test_nan_in_a_manifest_is_one_bundle_error(tmp_path: Path) -> None:
     rewrite(src, bad, nan)
     with pytest.raises(BundleError, match="NaN"):
         open_bundle(bad)
+
+
+def test_versions_follow_semver_org_precedence_and_syntax(tmp_path: Path) -> None:
+    from edgefleet._manifest import semver_key
+
+    # The precedence example of semver.org 2.0.0, section 11; build metadata does not count.
+    order = ["1.0.0-alpha", "1.0.0-alpha.1", "1.0.0-alpha.beta", "1.0.0-beta", "1.0.0-beta.2", "1.0.0-beta.11",
+             "1.0.0-rc.1", "1.0.0", "1.0.1", "1.10.0", "2.0.0"]  # fmt: skip
+    assert sorted(reversed(order), key=semver_key) == order
+    assert semver_key("1.0.0+build.7") == semver_key("1.0.0")
+    for bad in ("1.0", "01.0.0", "1.0.0-", "1.0.0-01", "1.0.0-rc..1", "1.0.0+", "1.0.0\n"):
+        with pytest.raises(ValueError):
+            semver_key(bad)
+        with pytest.raises(BundleError, match="not a semantic version"):
+            write_bundle(tmp_path / "v.efb", make_manifest(bad), make_members(), None)
