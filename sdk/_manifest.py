@@ -72,6 +72,8 @@ def semver_key(v: str) -> tuple[Any, ...]:
         return (*core, 1, ())
     ids = tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in m.group(4).split("."))
     return (*core, 0, ids)
+
+
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 

@@ -51,20 +51,10 @@ class MobileNetish(nn.Module):
 @pytest.fixture(scope="module")
 def user(tmp_path_factory: pytest.TempPathFactory, digits: dict) -> dict[str, Path]:
     """What a user has: the trained CNN exported three ways, and .npz files of their data."""
+    from examples.zoo.models import train_torch
+
     d = tmp_path_factory.mktemp("user")
-    torch.manual_seed(0)
-    model = MobileNetish()
-    x, y = (torch.from_numpy(a) for a in digits["train"])
-    opt = torch.optim.Adam(model.parameters(), 3e-3)
-    for _ in range(6):
-        model.train()
-        order = torch.randperm(len(x))
-        for i in range(0, len(x), 64):
-            j = order[i : i + 64]
-            opt.zero_grad()
-            nn.functional.cross_entropy(model(x[j]), y[j]).backward()
-            opt.step()
-    model.eval()
+    model = train_torch(MobileNetish(), digits, epochs=6)
     ex = torch.from_numpy(digits["eval"][0])
     paths = {}
     for batch in (1, 4):

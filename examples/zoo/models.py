@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["ZOO", "Entry", "make"]
+__all__ = ["ZOO", "Entry", "make", "train_torch"]
 
 Split = dict[str, tuple[np.ndarray, np.ndarray]]
 
@@ -79,7 +79,8 @@ def _torch() -> Any:
     return torch
 
 
-def _train_torch(model: Any, data: Split, epochs: int = 8, lr: float = 3e-3) -> Any:
+def train_torch(model: Any, data: Split, epochs: int = 8, lr: float = 3e-3) -> Any:
+    """A few epochs of Adam on DATA's training split (cross-entropy, batches of 32); the model in eval mode."""
     torch = _torch()
     torch.manual_seed(0)
     x, y = (torch.from_numpy(a) for a in data["train"])
@@ -235,7 +236,7 @@ def _modules() -> dict[str, Callable[[], Any]]:
 
 def _torch_entry(key: str) -> Callable[[Split, Path], Any]:
     def make_it(data: Split, work: Path) -> Any:
-        return _train_torch(_modules()[key](), data)
+        return train_torch(_modules()[key](), data)
 
     return make_it
 
@@ -243,7 +244,7 @@ def _torch_entry(key: str) -> Callable[[Split, Path], Any]:
 def _fixed_batch_program(data: Split, work: Path) -> Path:
     """The residual CNN exported exactly as the README says, with a concrete batch of 1."""
     torch = _torch()
-    model = _train_torch(_modules()["residual"](), data)
+    model = train_torch(_modules()["residual"](), data)
     path = work / "residual_b1.pt2"
     torch.export.save(torch.export.export(model, (torch.from_numpy(data["eval"][0][:1]),)), path)
     return path
@@ -251,7 +252,7 @@ def _fixed_batch_program(data: Split, work: Path) -> Path:
 
 def _dynamic_batch_program(data: Split, work: Path) -> Path:
     torch = _torch()
-    model = _train_torch(_modules()["squeeze_excite"](), data)
+    model = train_torch(_modules()["squeeze_excite"](), data)
     path = work / "squeeze_excite_dyn.pt2"
     dyn = ({0: torch.export.Dim("batch")},)
     torch.export.save(torch.export.export(model, (torch.from_numpy(data["eval"][0][:2]),), dynamic_shapes=dyn), path)
