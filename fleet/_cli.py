@@ -76,10 +76,13 @@ def _ingest(args: argparse.Namespace) -> int:
     from ._db import Database
     from ._endpoint import BrokerEndpoint
     from ._ingest import IngestWorker
-    from ._server import external_broker
+    from ._server import recorded_broker
 
     data = Path(args.data_dir)
-    url = args.broker or (external_broker(data) or {}).get("url") or f"mqtt://{args.mqtt_host}:{args.mqtt_port}"
+    # Explicit flags first, then how the server in --data-dir runs its broker, then the default port.
+    explicit = f"mqtt://{args.mqtt_host or '127.0.0.1'}:{args.mqtt_port or 1883}"
+    given = args.mqtt_host is not None or args.mqtt_port is not None
+    url = args.broker or (explicit if given else (recorded_broker(data) or {}).get("url") or explicit)
     endpoint = BrokerEndpoint.parse(url, ca=args.broker_ca, username=args.username, password=args.password)
     if not endpoint.password:
         secret = data / "mosquitto" / "server.secret"
@@ -364,11 +367,11 @@ def register(sub: Any) -> None:
     p.add_argument("--data-dir", default="fleet-data")
     p.add_argument("--db", help="database URL (default: DATA_DIR/fleet.db)")
     p.add_argument(
-        "--broker", help="mqtt[s]://HOST:PORT (default: the server's external broker, else --mqtt-host/port)"
+        "--broker", help="mqtt[s]://HOST:PORT (default: --mqtt-host/port, else the broker of the server in --data-dir)"
     )
     p.add_argument("--broker-ca", help="CA certificate of an mqtts:// broker")
-    p.add_argument("--mqtt-host", default="127.0.0.1")
-    p.add_argument("--mqtt-port", type=int, default=1883)
+    p.add_argument("--mqtt-host", help="default: the server's broker, else 127.0.0.1")
+    p.add_argument("--mqtt-port", type=int, help="default: the server's broker, else 1883")
     p.add_argument("--username")
     p.add_argument("--password", help="default: the server secret in DATA_DIR (or EDGEFLEET_BROKER_PASSWORD)")
     p.add_argument("--name", default=f"ingest-{os.getpid()}")

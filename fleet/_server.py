@@ -150,12 +150,22 @@ def device_toml(
 
 
 _EXTERNAL = "external.json"
+_EMBEDDED = "embedded.json"
 
 
-def external_broker(data_dir: Path) -> dict[str, Any] | None:
-    """What `fleet serve --broker mqtt[s]://...` recorded for offline provisioning, if it ran that way."""
-    p = Path(data_dir) / "mosquitto" / _EXTERNAL
-    return json.loads(p.read_text()) if p.exists() else None
+def recorded_broker(data_dir: Path) -> dict[str, Any] | None:
+    """How the server in DATA_DIR last ran its broker, for offline `fleet provision` and `fleet ingest`:
+    `url` (for server-side clients), `host` / `port` / `tls` / `ca_pem` (for devices), `reload`. Written
+    at every start: external.json for `--broker`, embedded.json for the embedded one (None: never ran)."""
+    for name in (_EXTERNAL, _EMBEDDED):
+        p = Path(data_dir) / "mosquitto" / name
+        if p.exists():
+            try:
+                doc = json.loads(p.read_text())
+            except (OSError, ValueError):
+                continue
+            return doc if isinstance(doc, dict) else None
+    return None
 
 
 def provision(
@@ -169,14 +179,15 @@ def provision(
 ) -> Path:
     """Register DEVICE_ID, give it broker credentials, write its device.toml (and the trusted keys) to OUT.
 
-    Host and port default to the external broker the server was started with, else 127.0.0.1:1883."""
+    Host and port default to how the server in DATA_DIR last ran its broker (external or embedded, with
+    its public host and MQTT port), else 127.0.0.1:1883."""
     data_dir = Path(data_dir)
     keys = sorted(trusted_dir(data_dir).glob("*.pub"))
     if not keys:
         raise InputError(
             f"no trusted keys in {trusted_dir(data_dir)}: start the server with --trusted-key KEY.pub first"
         )
-    ext = external_broker(data_dir) or {}
+    ext = recorded_broker(data_dir) or {}
     host = mqtt_host or ext.get("host", "127.0.0.1")
     port = mqtt_port or int(ext.get("port", 1883))
     db = Database(db_url or f"sqlite:///{data_dir / 'fleet.db'}")
@@ -233,6 +244,7 @@ class FleetServer:
             self.broker = Broker(self.dir / "mosquitto", self.config.mqtt_port)
             self.broker.start()
             endpoint = BrokerEndpoint("127.0.0.1", self.config.mqtt_port, False, None, SERVER_USER, "")
+            self._record_embedded()
         else:
             # Device credentials are still kept in Mosquitto's file format, for the broker to read.
             self.broker = Broker(self.dir / "mosquitto", ext.port, reload_command=self.config.broker_reload)
@@ -274,7 +286,21 @@ class FleetServer:
             "ca_pem": Path(ext.ca).read_text() if ext.ca else None,
             "reload": self.config.broker_reload,
         }
+        (self.dir / "mosquitto" / _EMBEDDED).unlink(missing_ok=True)
         atomic_write(self.dir / "mosquitto" / _EXTERNAL, json.dumps(doc, indent=1).encode())
+
+    def _record_embedded(self) -> None:
+        """Remember the embedded broker's port and the host devices reach it by (see `recorded_broker`)."""
+        doc = {
+            "url": f"mqtt://127.0.0.1:{self.config.mqtt_port}",
+            "host": self.config.public_host,
+            "port": self.config.mqtt_port,
+            "tls": False,
+            "ca_pem": None,
+            "reload": None,
+        }
+        (self.dir / "mosquitto" / _EXTERNAL).unlink(missing_ok=True)  # from an earlier run with --broker
+        atomic_write(self.dir / "mosquitto" / _EMBEDDED, json.dumps(doc, indent=1).encode())
 
     def device_mqtt(self) -> dict[str, Any]:
         """How devices reach the broker: host, port, and with TLS the CA's PEM (None: the system's CAs)."""

@@ -859,3 +859,13 @@ def test_bundles_whose_file_names_would_collide_are_stored_apart(tmp_path: Path,
     r = server.cli("publish", str(junk))
     assert r.returncode == 1 and "upload.efb is not a readable bundle" in r.stderr, r.stderr
     assert list((server.data / "bundles").glob("*.efb")) and not list((server.data / "bundles").glob("coll*"))
+
+
+def test_offline_provision_writes_the_running_servers_broker_port(tmp_path: Path, server: Server) -> None:
+    """`fleet provision --data-dir` of a server whose embedded broker is on a non-default port wrote
+    port = 1883 (issue 14 item 9); it now writes the port and public host the server runs with."""
+    out = tmp_path / "dev-q.toml"
+    r = run_cli("fleet", "provision", "dev-q", *server.data_args, "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    text = out.read_text()
+    assert server.mqtt != 1883 and f"port = {server.mqtt}\n" in text and 'host = "127.0.0.1"' in text
