@@ -45,7 +45,7 @@ demo: $(STAMP) $(SYSTEM_STAMP)
 
 lint: $(STAMP)
 	$(PY) -m ruff check .
-	$(PY) -m mypy sdk runtime
+	$(PY) -m mypy sdk runtime converters fleet
 
 test: $(STAMP) $(SYSTEM_STAMP) lint
 	# The aarch64 Python under qemu (cached in .cache/aarch64; downloads arm64 debs and aarch64 wheels once)

@@ -94,7 +94,7 @@ class IngestWorker:
         c.on_connect = self._on_connect
         c.on_message = self._on_message
         c.on_disconnect = lambda *a: self.connected.clear()
-        c.reconnect_delay_set(0.5, 10)
+        c.reconnect_delay_set(0.5, 10)  # type: ignore[arg-type]  # paho takes float seconds; its hint says int
         props = Properties(PacketTypes.CONNECT)
         props.ReceiveMaximum = _RECEIVE_MAX
         if self.durable:

@@ -24,6 +24,7 @@ operator to resume or abort.
 
 from __future__ import annotations
 
+import builtins
 import hashlib
 import json
 import logging
@@ -270,7 +271,7 @@ class RolloutEngine:
             except Exception:
                 log.exception("rollout tick failed")
 
-    def _selected(self, selector: str) -> list[dict[str, Any]]:
+    def _selected(self, selector: str) -> builtins.list[dict[str, Any]]:
         rows = self.db.query("SELECT id, tags, bundle_version, update_state FROM devices")
         out = []
         for r in rows:
@@ -421,7 +422,7 @@ class RolloutEngine:
                 ]
             )
 
-    def _cohort(self, name: str, devices: list[str], version: str | None, since: float) -> dict[str, Any]:
+    def _cohort(self, name: str, devices: builtins.list[str], version: str | None, since: float) -> dict[str, Any]:
         if not devices:
             return {
                 "calls": 0,
@@ -433,7 +434,7 @@ class RolloutEngine:
                 "reporting": 0,
             }
         sql = f"SELECT key FROM windows WHERE bundle_name = ? AND device_id IN ({_marks(devices)}) AND start >= ?"
-        params: list[Any] = [name, *devices, since]
+        params: builtins.list[Any] = [name, *devices, since]
         if version is not None:
             sql += " AND bundle_version = ?"
             params.append(version)
@@ -456,7 +457,7 @@ class RolloutEngine:
         }
 
     def _gates(
-        self, rid: str, name: str, version: str, selector: str, mine: list[Any], gates: dict[str, float]
+        self, rid: str, name: str, version: str, selector: str, mine: builtins.list[Any], gates: dict[str, float]
     ) -> dict[str, Any]:
         assigned = [m[0] for m in mine]
         updated = [m[0] for m in mine if m[1] == "updated"]

@@ -262,7 +262,7 @@ class FleetServer:
         )
         endpoint.configure(pub)
         pub.max_inflight_messages_set(200)
-        pub.reconnect_delay_set(0.5, 10)
+        pub.reconnect_delay_set(0.5, 10)  # type: ignore[arg-type]  # paho takes float seconds; its hint says int
         pub.connect_async(endpoint.host, endpoint.port)
         pub.loop_start()
         self._pub = pub
@@ -477,14 +477,18 @@ class FleetServer:
             "# HELP edgefleet_drift_alert One per open drift alert (bundle, cohort, feature).",
             "# TYPE edgefleet_drift_alert gauge",
         ]
-        for n, v, c, f in alerts:
-            lines.append(f'edgefleet_drift_alert{{bundle="{n}:{v}",cohort="{_label(c)}",feature="{_label(f)}"}} 1')
+        for n, v, cohort, feature in alerts:
+            lines.append(
+                f'edgefleet_drift_alert{{bundle="{n}:{v}",cohort="{_label(cohort)}",feature="{_label(feature)}"}} 1'
+            )
         lines += [
             "# HELP edgefleet_drift_psi PSI against the bundle's baseline at the last drift check.",
             "# TYPE edgefleet_drift_psi gauge",
         ]
-        for (b, c, f), value in sorted(self.drift.last.items()):
-            lines.append(f'edgefleet_drift_psi{{bundle="{b}",cohort="{_label(c)}",feature="{_label(f)}"}} {value}')
+        for (b, cohort, feature), value in sorted(self.drift.last.items()):
+            lines.append(
+                f'edgefleet_drift_psi{{bundle="{b}",cohort="{_label(cohort)}",feature="{_label(feature)}"}} {value}'
+            )
         if self.broker is not None:
             lines += [
                 "# TYPE edgefleet_broker_restarts_total counter",

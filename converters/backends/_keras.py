@@ -65,7 +65,7 @@ def _tfmot() -> Any:
     return require("tensorflow_model_optimization", "convert", "Keras pruning / quantization-aware training")
 
 
-class _Progress(keras.callbacks.Callback):  # type: ignore[misc,name-defined]
+class _Progress(keras.callbacks.Callback):  # type: ignore[misc,name-defined,unused-ignore]
     def __init__(self, label: str, epochs: int, progress: Progress) -> None:
         super().__init__()
         self.label, self.epochs, self.progress = label, epochs, progress
