@@ -20,10 +20,13 @@ def _serve(args: argparse.Namespace) -> int:
 
     from edgefleet._errors import require
 
+    # Named before anything imports them, so a runtime-only install gets the extra to install, not a traceback.
+    for mod in ("fastapi", "jinja2", "paho.mqtt.client"):
+        require(mod, "fleet", "the fleet server")
+    uvicorn: Any = require("uvicorn", "fleet", "the fleet server")
+
     from ._http import create_app
     from ._server import FleetServer, ServerConfig
-
-    uvicorn: Any = require("uvicorn", "fleet", "the fleet server")
     cfg = ServerConfig(
         data_dir=Path(args.data_dir),
         http_port=args.http_port,

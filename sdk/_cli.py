@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from importlib.metadata import entry_points
 from typing import Any
 
+from . import __version__
 from ._bundle import open_bundle, sign_bundle
 from ._errors import EdgefleetError
 from ._signing import generate_keypair, load_signing_key
@@ -89,6 +90,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="edgefleet", description="Build, run and roll out edge model bundles.")
+    parser.add_argument("--version", action="version", version=f"edgefleet {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 

@@ -196,3 +196,10 @@ def test_bad_invocation(case: str, kit: dict[str, Path], tmp_path: Path) -> None
     assert "internal error" not in ours[0], ours[0]
     assert list(out.iterdir()) == [], f"{case} left {list(out.iterdir())}"
     assert {p: p.stat().st_mtime_ns for p in kit.values() if p.exists()} == before, f"{case} changed an input"
+
+
+def test_version() -> None:
+    from edgefleet import __version__
+
+    r = run_cli("--version")
+    assert r.returncode == 0 and r.stdout.strip() == f"edgefleet {__version__}"
