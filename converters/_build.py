@@ -29,7 +29,7 @@ from edgefleet._manifest import _NAME, _SEMVER, ORT_FOR_OPSET
 
 from ._data import Dataset
 from ._evaluate import interleaved_p50_ms, p50_ms, runner_for
-from ._gate import Budget
+from ._gate import Budget, GateError
 from ._onnx_quant import quantize_onnx
 from ._passes import Distill, Pass, Quantize, pass_from_dict
 from ._report import format_table
@@ -445,10 +445,6 @@ def build(
         if echo_table:
             print(format_table(report))
         return BuildResult(manifest, report, out)
-
-
-class GateError(InputError):
-    """The build lost more than its accuracy budget; nothing was written."""
 
 
 def _gate_message(what: str, budget: Budget, score: float, losses: list[tuple[str, float]]) -> str:

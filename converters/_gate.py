@@ -5,7 +5,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-__all__ = ["Budget"]
+from edgefleet import InputError
+
+__all__ = ["Budget", "GateError"]
+
+
+class GateError(InputError):
+    """The build lost more than its accuracy budget; nothing was written. Unlike a format that cannot be
+    built at all, this fails the whole build, whichever formats were asked for."""
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from edgefleet._errors import require
 
 from ._data import Dataset, padded_batches, run_batched
 from ._evaluate import OnnxRunner
-from ._gate import Budget
+from ._gate import Budget, GateError
 from ._int8 import round_per_channel
 
 __all__ = ["quantize_onnx"]
@@ -272,7 +272,7 @@ def _bias_correct(src: Path, dst: Path, x: np.ndarray, skip: frozenset[str] = fr
         for nm, out in zip(names, sess.run(None, {in_name: b}), strict=True):
             if nm in needed:
                 a = np.asarray(out, dtype=np.float64)[:n]
-                # Per sample: the channel means over positions (NC... for Conv, N...C for Gemm / MatMul).
+                # Per sample: the channel means over positions (Conv inputs are NC...; Gemm inputs are N x C).
                 ch = a.reshape(n, a.shape[1], -1).mean(axis=2).sum(0) if a.ndim > 2 else a.sum(axis=0)
                 sums[nm] = sums.get(nm, 0) + ch
     done = 0
@@ -417,7 +417,7 @@ def quantize_onnx(
                     break
             else:
                 top = max(t["score"] for t in tried)
-                raise InputError(
+                raise GateError(
                     f"int8 quantization cannot meet --max-accuracy-drop {budget.max_drop}: best with up to "
                     f"{tried_k} node(s) kept in float was {budget.describe(top)} (tried {len(tried)} variants); "
                     "give more calibration data, another calibration method, or allow a larger drop"

@@ -184,11 +184,12 @@ class Quantize(Pass):
     """Post-training quantization of every exported file.
 
     mode: none | dynamic | int8 | fp16. For ONNX int8: QDQ, per-channel weights, `calibration`
-    method, `activation_type` (auto measures uint8 and int8 activations and keeps the faster one
-    that passes the gate), `bias_correction` (fold the mean shift of int8 weight rounding into biases,
-    as NNCF's fast bias correction does). `max_accuracy_drop` keeps the most sensitive nodes in float until
-    the int8 file loses no more than that on the evaluation set. `io` (TFLite int8 from Keras):
-    float or int8 inputs/outputs.
+    method, `activation_type` (auto: uint8 activations, the fast kernels of ONNX Runtime; int8 ones only
+    when uint8 fails the gate and int8 passes, chosen by score, never by a timing), `bias_correction` (fold
+    the mean shift of int8 weight rounding into biases, as NNCF's fast bias correction does).
+    `max_accuracy_drop` keeps the most sensitive nodes in float until the int8 file loses no more than that
+    against the source model on the evaluation set. `io` (TFLite int8 from Keras): float or int8
+    inputs/outputs.
     """
 
     stage: ClassVar[str] = "quantize"

@@ -18,7 +18,7 @@ from edgefleet._errors import require
 from edgefleet._fs import atomic_write
 
 from ._data import Dataset, padded_batches
-from ._gate import Budget
+from ._gate import Budget, GateError
 
 __all__ = ["quantize_tflite", "quantize_tflite_gated"]
 
@@ -160,7 +160,7 @@ def quantize_tflite_gated(
                     break
             else:
                 best = max(t["score"] for t in tried)
-                raise InputError(
+                raise GateError(
                     f"TFLite int8 quantization cannot meet --max-accuracy-drop {budget.max_drop}: best with up to "
                     f"{len(ranked)} op(s) kept in float was {budget.describe(best)}; give more calibration data "
                     "or allow a larger drop"

@@ -27,6 +27,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     from ._http import create_app
     from ._server import FleetServer, ServerConfig
+
     cfg = ServerConfig(
         data_dir=Path(args.data_dir),
         http_port=args.http_port,

@@ -42,8 +42,10 @@ def add_counts(total: np.ndarray | None, counts: np.ndarray) -> np.ndarray:
     """TOTAL + COUNTS on the same bins. Counts on other bins are left out and the total kept: ingest refuses
     windows that do not fit their bundle's baseline, so these can only be windows stored before it did,
     and one of them must not throw away what every other device reported."""
-    if total is None:
+    if total is None or not total.size:
         return counts
+    if not counts.size:
+        return total
     return total + counts if total.shape == counts.shape else total
 
 

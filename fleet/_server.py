@@ -133,13 +133,17 @@ def device_toml(
     port: int,
     tls: bool = False,
     ca_name: str | None = None,
+    http_url: str | None = None,
 ) -> str:
     text = (
         f'device_id = "{device_id}"\n'
         f'data_dir = "{device_id}-data"\n'
         f"trusted_keys = {json.dumps(key_names)}\n"
         f"tags = {json.dumps(sorted(set(tags)))}\n"
-        f'http_token = "{creds.http_token}"\n\n'
+        f'http_token = "{creds.http_token}"\n'
+        # The token goes to the fleet server's origin only (runtime: AgentConfig.token_origins).
+        + (f"token_origins = {json.dumps([http_url])}\n" if http_url else "")
+        + "\n"
         "[mqtt]\n"
         f'host = "{host}"\nport = {port}\n'
         f'username = "{device_id}"\npassword = "{creds.password}"\n'
@@ -201,7 +205,9 @@ def provision(
     if ext.get("ca_pem"):
         ca_name = "broker-ca.pem"
         atomic_write(out.parent / ca_name, ext["ca_pem"].encode())
-    text = device_toml(device_id, creds, tags, [k.name for k in keys], host, port, bool(ext.get("tls")), ca_name)
+    text = device_toml(
+        device_id, creds, tags, [k.name for k in keys], host, port, bool(ext.get("tls")), ca_name, ext.get("http_url")
+    )
     atomic_write(out, text.encode(), mode=0o600)
     return out
 
@@ -285,6 +291,7 @@ class FleetServer:
             "tls": ext.tls,
             "ca_pem": Path(ext.ca).read_text() if ext.ca else None,
             "reload": self.config.broker_reload,
+            "http_url": self.config.base_url,
         }
         (self.dir / "mosquitto" / _EMBEDDED).unlink(missing_ok=True)
         atomic_write(self.dir / "mosquitto" / _EXTERNAL, json.dumps(doc, indent=1).encode())
@@ -298,6 +305,7 @@ class FleetServer:
             "tls": False,
             "ca_pem": None,
             "reload": None,
+            "http_url": self.config.base_url,
         }
         (self.dir / "mosquitto" / _EXTERNAL).unlink(missing_ok=True)  # from an earlier run with --broker
         atomic_write(self.dir / "mosquitto" / _EMBEDDED, json.dumps(doc, indent=1).encode())
@@ -417,6 +425,7 @@ class FleetServer:
                 "tags": check_tags(tags),
                 "mqtt": {**self.device_mqtt(), "username": d, "password": creds[d].password},
                 "http_token": creds[d].http_token,
+                "token_origins": [self.config.base_url],
                 "trusted_keys": keys,
             }
             for d, tags in devices

@@ -187,6 +187,7 @@ class Simulation:
                 initial_bundle=initial,
                 tags=[*self.tags, cohort],
                 http_token=reg.get("http_token"),
+                token_origins=list(reg.get("token_origins") or []),
             )
             agent = Agent(cfg, session_factory=standin_factory() if self.standin else None, network=self._network)
             agent.start()

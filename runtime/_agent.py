@@ -21,7 +21,6 @@ import random
 import sqlite3
 import threading
 import time
-import urllib.parse
 import uuid
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
@@ -589,15 +588,20 @@ class Agent:
             token_for=self._token_for,
             max_bytes_per_s=self.config.download_bytes_per_s,
             max_size=self.config.max_bundle_bytes,
+            # A device capped below the stall limit must still finish: half its own cap is not a stall.
+            min_bytes_per_s=min(1024.0, 0.5 * (self.config.download_bytes_per_s or 2048.0)),
         )
 
     def _token_for(self, url: str) -> bool:
         """Whether URL's origin may receive the device's download token (see AgentConfig.token_origins)."""
-        o = origin(url)
-        if self.config.token_origins:
-            return o in {origin(t) for t in self.config.token_origins}
-        host = urllib.parse.urlsplit(url).hostname or ""
-        return host.lower() == self.config.mqtt.host.lower()
+        if not self.config.token_origins:
+            # A config from before token_origins: the URLs of the server's own desired states (redirects to
+            # another origin still lose the token in download()).
+            return True
+        try:
+            return origin(url) in {origin(t) for t in self.config.token_origins}
+        except ValueError:
+            return False
 
     def _fail(self, reason: str) -> None:
         target = self.persisted.target or {}
@@ -1159,6 +1163,7 @@ class Agent:
                 self._publish_state()
                 self._drain()
                 self._step_failures = 0
+                self._last_failure = None  # a reason coming back after a good pass is reported again
             except Exception as exc:  # see _failed: the loop outlives any one step (ENOSPC, MemoryError, a bug)
                 self._failed("step", exc)
                 self._step_failures += 1

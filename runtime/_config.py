@@ -57,8 +57,9 @@ class AgentConfig:
     download_bytes_per_s: float | None = None
     capture_per_hour: float = 0.0
     http_token: str | None = None
-    # Origins (scheme://host[:port]) that may receive http_token. Empty: URLs on the MQTT broker's host only
-    # (the fleet server serves downloads and the broker from one host). No other URL or redirect gets it.
+    # Origins (scheme://host[:port]) that may receive http_token; `fleet provision` writes the server's.
+    # Empty (configs written before it existed): any URL of the server's desired states. A redirect to
+    # another origin never gets it.
     token_origins: list[str] = field(default_factory=list)
     max_bundle_bytes: int = 2 << 30
     initial_bundle: Path | None = None

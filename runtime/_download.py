@@ -33,11 +33,19 @@ _RATE_WINDOW_S = 30.0
 
 
 def origin(url: str) -> str:
-    """scheme://host[:port] of URL, lower-cased, with the scheme's default port left out."""
+    """scheme://host[:port] of URL, lower-cased, with the scheme's default port left out (ValueError for a
+    malformed port)."""
     u = urllib.parse.urlsplit(url)
-    default = {"http": 80, "https": 443}.get(u.scheme)
+    default = {"http": 80, "https": 443}.get(u.scheme.lower())
     port = f":{u.port}" if u.port and u.port != default else ""
     return f"{u.scheme.lower()}://{(u.hostname or '').lower()}{port}"
+
+
+def _same_origin(a: str, b: str) -> bool:
+    try:
+        return origin(a) == origin(b)
+    except ValueError:
+        return False
 
 
 class _NoTokenAcrossOrigins(urllib.request.HTTPRedirectHandler):
@@ -46,7 +54,7 @@ class _NoTokenAcrossOrigins(urllib.request.HTTPRedirectHandler):
 
     def redirect_request(self, req: Any, fp: Any, code: int, msg: str, headers: Any, newurl: str) -> Any:
         new = super().redirect_request(req, fp, code, msg, headers, newurl)
-        if new is not None and origin(newurl) != origin(req.full_url):
+        if new is not None and not _same_origin(newurl, req.full_url):
             new.remove_header("Authorization")
         return new
 
@@ -75,7 +83,7 @@ def download(
     size: int,
     sha256: str,
     token: str | None = None,
-    token_for: Callable[[str], bool] = lambda _url: True,
+    token_for: Callable[[str], bool] = lambda _url: False,
     timeout: float = 30.0,
     max_bytes_per_s: float | None = None,
     max_size: int = DEFAULT_MAX_BUNDLE_BYTES,
@@ -86,6 +94,10 @@ def download(
     TOKEN is sent only when TOKEN_FOR(url) allows it. TIMEOUT bounds each wait for data; a transfer slower
     than MIN_BYTES_PER_S over a 30 s window is cut off (DownloadError; the next attempt resumes).
     """
+    try:
+        origin(url)
+    except ValueError as exc:
+        raise BundleError(f"bundle URL {url!r} is malformed: {exc}") from exc
     if size > max_size:
         raise BundleError(
             f"bundle at {url} is announced as {size} bytes, more than this device's {max_size}-byte limit"

@@ -253,7 +253,7 @@ def open_bundle(
                     )
                 try:
                     sig_doc: Any = json.loads(sig_raw)
-                except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
                     raise SignatureError(f"bundle {p.name} has a malformed signature file") from exc
                 signed_by = check_signature(sig_doc, body, keys).key_id
             doc = _manifest_document(body)

@@ -61,7 +61,8 @@ def _count(v: Any) -> bool:
 def _counts(v: Any, where: str, n: int | None = None) -> list[int]:
     if not isinstance(v, list) or not all(_count(c) for c in v):
         raise InputError(f"telemetry window field '{where}' must be a list of non-negative integer counts")
-    if n is not None and len(v) != n:
+    # Empty: nothing counted (every call of the window failed or gave NaN), which the runtime sends as [].
+    if n is not None and v and len(v) != n:
         raise InputError(f"telemetry window field '{where}' has {len(v)} bins; the bundle's baseline has {n}")
     return v
 
@@ -104,8 +105,6 @@ def check_window(obj: Any, bins: Bins | None = None) -> dict[str, Any]:
         raise InputError("telemetry window field 'errors' must map error kinds to non-negative integer counts")
     if sum(errors.values()) > obj["calls"]:
         raise InputError("telemetry window counts more errors than calls")
-    if obj["nan_outputs"] > obj["samples"]:
-        raise InputError("telemetry window counts more NaN outputs than samples")
     summarised = obj.get("summarised", obj["samples"])
     if not _count(summarised) or summarised > obj["samples"]:
         raise InputError("telemetry window field 'summarised' must be a count no larger than 'samples'")

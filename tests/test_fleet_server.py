@@ -869,3 +869,5 @@ def test_offline_provision_writes_the_running_servers_broker_port(tmp_path: Path
     assert r.returncode == 0, r.stderr
     text = out.read_text()
     assert server.mqtt != 1883 and f"port = {server.mqtt}\n" in text and 'host = "127.0.0.1"' in text
+    # and the download token is pinned to the server's own origin
+    assert f'token_origins = ["{server.url}"]' in text

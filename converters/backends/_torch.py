@@ -361,28 +361,26 @@ def _bias_correct(model: Any, x: np.ndarray) -> int:
     if not isinstance(model, nn.Module):
         return 0
     layers = [m for m in model.modules() if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear))]
+    # Only modules from Python have these layers (a .pt2 program's graph has none), so batches need no padding.
     if not layers:
         return 0
+    # Per layer: the sum over rows of the input's channel values and the number of rows, where a row is one
+    # position of one sample (convolutions: batch first, channels second; linear: channels last, any layout).
     sums: dict[int, Any] = {}
-    counts = {"n": 0, "real": 0}
+    rows: dict[int, int] = {}
 
     def hook(mod: Any, inputs: tuple[Any, ...], _: Any) -> None:
-        a = inputs[0].detach().double()[: counts["real"]]  # the padding rows of a fixed batch do not count
-        # Per sample: the mean over positions; summed over samples, divided by their count below.
-        if isinstance(mod, nn.Linear):
-            ch = a.reshape(len(a), -1, a.shape[-1]).mean(1).sum(0)
-        else:  # NC... for convolutions of any rank
-            ch = a.reshape(len(a), a.shape[1], -1).mean(2).sum(0)
-        sums[id(mod)] = sums.get(id(mod), 0) + ch
+        a = inputs[0].detach().double()
+        flat = a.reshape(-1, a.shape[-1]) if isinstance(mod, nn.Linear) else a.transpose(0, 1).reshape(a.shape[1], -1).T
+        sums[id(mod)] = sums.get(id(mod), 0) + flat.sum(dim=0)
+        rows[id(mod)] = rows.get(id(mod), 0) + len(flat)
 
     handles = [m.register_forward_hook(hook) for m in layers]
     try:
         _set_train(model, False)
         with torch.no_grad():
-            for b, n in padded_batches(x, _static_batch(model) or 16):
-                counts["real"] = n
-                model(torch.from_numpy(b))
-                counts["n"] += n
+            for i in range(0, len(x), 16):
+                model(torch.from_numpy(np.ascontiguousarray(x[i : i + 16])))
     finally:
         for h in handles:
             h.remove()
@@ -391,7 +389,7 @@ def _bias_correct(model: Any, x: np.ndarray) -> int:
         for m in layers:
             if id(m) not in sums:
                 continue
-            mean_in = sums[id(m)] / counts["n"]
+            mean_in = sums[id(m)] / rows[id(m)]
             w = m.weight.detach().double()
             dw = torch.from_numpy(round_per_channel(w.numpy(), 0)).double() - w
             if isinstance(m, (nn.Conv1d, nn.Conv2d)):
