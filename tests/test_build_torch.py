@@ -182,7 +182,8 @@ def test_pickled_pth_is_refused_by_the_cli(tmp_path: Path, teacher, digits_npz: 
     bad = tmp_path / "broken.pt2"
     bad.write_bytes(b"PK\x03\x04garbage")
     r = run_cli("build", str(bad), "--eval", str(digits_npz["eval"]), "-o", str(tmp_path / "x.efb"))
-    assert r.returncode == 1 and "not a readable torch.export program" in r.stderr
+    assert r.returncode == 1 and "is not a torch.export program (.pt2): not a zip archive" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
 
 
 def _with_activation_outlier(teacher):

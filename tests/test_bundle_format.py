@@ -296,8 +296,10 @@ def test_sign_existing_bundle_and_bad_key(tmp_path: Path) -> None:
         generate_keypair(tmp_path / "k")
 
 
+# Peak RSS from /proc (VmHWM, this process image only): getrusage's ru_maxrss survives exec on Linux and
+# would report the forking pytest's own size.
 _RSS_PROBE = """
-import resource, sys
+import sys
 from edgefleet import BundleError, open_bundle
 keys = sys.argv[2:] or None
 try:
@@ -305,7 +307,8 @@ try:
     print("opened")
 except BundleError as exc:
     print(type(exc).__name__, exc)
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
+hwm = next(line for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+print(int(hwm.split()[1]) // 1024)
 """
 
 

@@ -85,7 +85,11 @@ def build_digits(
             PruneStructured(ratio=0.25, epochs=4),
             PruneMagnitude(sparsity=0.5, epochs=4, steps=4),
         ],
-        quantize=Quantize(mode="int8", calibration="minmax", max_accuracy_drop=0.01),
+        quantize=Quantize(mode="int8", calibration="minmax"),
+        # The whole build's budget: the distilled, pruned, int8 student may lose up to 3 points of the
+        # teacher's accuracy on the held-out split (with the full training set it loses none; the demo's v1
+        # trains on 40% of it).
+        max_accuracy_drop=0.03,
     )
     extra = {} if progress is None else {"progress": progress}
     result = build(
