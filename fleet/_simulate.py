@@ -10,6 +10,7 @@ import random
 import tempfile
 import threading
 import time
+import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -107,8 +108,26 @@ class Simulation:
         req = urllib.request.Request(self.server.rstrip("/") + path, data=data, method=method)
         req.add_header("Authorization", f"Bearer {self.token}")
         req.add_header("Content-Type", "application/json")
-        with urllib.request.urlopen(req, timeout=60) as r:
-            return json.loads(r.read())
+        return json.loads(self._fetch(req))
+
+    def _fetch(self, req: urllib.request.Request) -> bytes:
+        """The response body, or one InputError naming the server and what it said (unreachable, a wrong
+        token, an unknown bundle) instead of urllib's traceback."""
+        try:
+            with urllib.request.urlopen(req, timeout=60) as r:
+                return bytes(r.read())
+        except urllib.error.HTTPError as exc:
+            try:
+                detail = json.loads(exc.read()).get("detail", exc.reason)
+            except ValueError:
+                detail = exc.reason
+            hint = " (check --token)" if exc.code == 401 else ""
+            raise InputError(
+                f"fleet server {self.server} refused {req.full_url}: HTTP {exc.code}: {detail}{hint}"
+            ) from exc
+        except (urllib.error.URLError, OSError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise InputError(f"cannot reach the fleet server at {self.server}: {reason} (check --server)") from exc
 
     def start(self) -> None:
         from edgefleet.runtime import Agent, AgentConfig, HealthPolicy, MqttConfig, NetworkLoop
@@ -134,8 +153,7 @@ class Simulation:
                     f"{self.server.rstrip('/')}/bundles/{name}/{version}.efb",
                     headers={"Authorization": f"Bearer {self.token}"},
                 )
-                with urllib.request.urlopen(req, timeout=60) as r:
-                    atomic_write(initial, r.read())
+                atomic_write(initial, self._fetch(req))
         self.agents: list[Any] = []
         self.cohort_of: dict[str, str] = {}
         wanted = [

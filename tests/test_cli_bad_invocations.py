@@ -203,3 +203,15 @@ def test_version() -> None:
 
     r = run_cli("--version")
     assert r.returncode == 0 and r.stdout.strip() == f"edgefleet {__version__}"
+
+
+def test_fleet_simulate_against_an_unreachable_server_is_one_line(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as s:  # a loopback port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    r = run_cli("fleet", "simulate", "--server", f"http://127.0.0.1:{port}", "--token", "t", "--bundle", "a:1.0.0",
+                "--devices", "2", "--duration", "1", "--workdir", str(tmp_path / "sim"))  # fmt: skip
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert "cannot reach the fleet server" in r.stderr and "--server" in r.stderr
