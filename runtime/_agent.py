@@ -14,8 +14,10 @@ names; it only ever changes by an atomic rename (see `_slots`).
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
+import os
 import queue
 import random
 import sqlite3
@@ -163,6 +165,24 @@ def _older(a: str, b: str) -> bool:
         return False  # versions are checked when bundles are read; an odd one is not a downgrade order
 
 
+def _lock_data_dir(root: Path) -> int:
+    """Take DATA_DIR's lock for this agent, or refuse: two agents on one data directory would interleave
+    their update states and slots. The kernel releases the lock when the process ends, kill -9 included."""
+    fd = os.open(root / "agent.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise InputError(
+            f"another agent (pid {holder}) is running on data directory {root}; stop it first, or give this "
+            "device its own data_dir"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
 def _p95(values: list[float] | deque[float]) -> float | None:
     return _quantile(values, 0.95)
 
@@ -243,6 +263,7 @@ class Agent:
         root = Path(config.data_dir)
         root.mkdir(parents=True, exist_ok=True)
         self.root = root
+        self._lock_fd: int | None = None
         self.slots = SlotStore(root)
         self.downloads = root / "downloads"
         self.downloads.mkdir(exist_ok=True)
@@ -362,7 +383,10 @@ class Agent:
         return y
 
     def start(self) -> None:
-        """Recover from any interrupted update, then run the agent in a background thread."""
+        """Recover from any interrupted update, then run the agent in a background thread. Refused (InputError)
+        while another agent runs on the same data directory."""
+        if self._lock_fd is None:
+            self._lock_fd = _lock_data_dir(self.root)
         self._recover()
         self._thread = threading.Thread(target=self._loop, name="edgefleet-agent", daemon=True)
         self._thread.start()
@@ -392,6 +416,9 @@ class Agent:
                 self._client.loop_stop()
         self._apply_acks()
         self.buffer.close()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # releases the data directory's lock
+            self._lock_fd = None
 
     def run_forever(self) -> None:
         self.start()

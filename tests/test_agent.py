@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import sqlite3
@@ -575,3 +576,30 @@ def test_a_bad_order_or_a_failing_step_never_stops_the_loop(
         assert agent._thread is not None and agent._thread.is_alive()
     finally:
         agent.stop()
+
+
+def test_one_agent_per_data_directory(tmp_path: Path, broker: Mosquitto, mlp_bundles, publisher) -> None:
+    """A second agent on a data directory in use is refused in one line (issue 15 (h)); once the first
+    stops, or its process dies, the directory is free again."""
+    from edgefleet import InputError
+    from edgefleet.runtime import Agent, load_config
+
+    dev = Device(tmp_path / "d", "dev-l", broker, publisher, mlp_bundles["1.0.0"])
+    first = Agent(load_config(dev.config))
+    first.start()
+    try:
+        second = Agent(load_config(dev.config))
+        with pytest.raises(
+            InputError, match=re.escape(f"another agent (pid {os.getpid()}) is running on data directory")
+        ):
+            second.start()
+        r = subprocess.run(
+            [str(Path(sys.executable).parent / "edgefleet"), "agent", "--config", str(dev.config)],
+            capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+        assert r.returncode == 1 and "another agent" in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
+    finally:
+        first.stop()
+    third = Agent(load_config(dev.config))
+    third.start()
+    third.stop()
