@@ -38,6 +38,7 @@ import numpy as np
 
 from edgefleet import InputError
 from edgefleet._drift import chi2_two_sample, psi
+from edgefleet._manifest import semver_key
 from edgefleet._telemetry import latency_quantile
 
 from ._db import Database
@@ -183,6 +184,14 @@ class RolloutEngine:
             raise InputError(f"unknown gate(s) {sorted(unknown)}; known: {sorted(DEFAULT_GATES)}")
         if not self._selected(selector):
             raise InputError(f"selector {selector!r} matches no device")
+        newer = self._newer_devices(name, version, selector)
+        if newer:
+            shown = ", ".join(f"{d} on {v}" for d, v in newer[:5]) + (" ..." if len(newer) > 5 else "")
+            raise InputError(
+                f"rolling out {bundle} would downgrade {len(newer)} device(s) running a newer {name} ({shown}), "
+                "which refuse downgrades; order a rollback per device ('fleet desire DEVICE --bundle "
+                f"{bundle} --action rollback') or select devices on older versions"
+            )
         rid = "r-" + uuid.uuid4().hex[:10]
         now = time.time()
         self.db.execute(
@@ -270,6 +279,19 @@ class RolloutEngine:
                 self.tick()
             except Exception:
                 log.exception("rollout tick failed")
+
+    def _newer_devices(self, name: str, version: str, selector: str) -> builtins.list[tuple[str, str]]:
+        """Selected devices whose active bundle NAME is newer than VERSION (semver precedence)."""
+        rows = self.db.query("SELECT id, tags, bundle_name, bundle_version FROM devices WHERE bundle_name = ?", (name,))
+        out = []
+        for dev, tags, _, active in rows:
+            if selector in json.loads(tags) and active:
+                try:
+                    if semver_key(active) > semver_key(version):
+                        out.append((dev, active))
+                except ValueError:
+                    continue
+        return sorted(out)
 
     def _selected(self, selector: str) -> builtins.list[dict[str, Any]]:
         rows = self.db.query("SELECT id, tags, bundle_version, update_state FROM devices")

@@ -236,3 +236,28 @@ def test_operator_pause_resume_and_abort(db: Database) -> None:
             engine.set_state(rid, action)
     notes = [h["note"] for h in engine.get(rid)["history"]]
     assert notes[-3:] == ["operator: resume", "stage 0 passed its gates", "operator: abort"], notes
+
+
+def test_a_rollout_that_would_downgrade_devices_is_refused_at_creation(db: Database) -> None:
+    """Devices refuse downgrades, so a rollout to an older version sat at '0/2 updated' until it timed out
+    (issue 16); it is refused when created, naming the devices and the explicit rollback order."""
+    from edgefleet import InputError
+
+    now = time.time()
+    with db.transaction() as cur:
+        for dev, version in (("d0", "2.0.0"), ("d1", "1.0.0-rc.1"), ("d2", "1.0.0")):
+            cur.execute(
+                "INSERT INTO devices (id, tags, created, bundle_name, bundle_version) VALUES (?, ?, ?, 'm', ?)",
+                (dev, json.dumps(["g"]), now, version),
+            )
+        for version in ("1.0.0", "1.5.0", "2.0.0"):
+            cur.execute(
+                "INSERT INTO bundles (name, version, sha256, size, path, manifest, created) "
+                "VALUES ('m', ?, '00', 1, 'm.efb', '{}', ?)",
+                (version, now),
+            )
+    engine = RolloutEngine(db, lambda *a, **k: None)
+    with pytest.raises(InputError, match=r"would downgrade 1 device\(s\) running a newer m \(d0 on 2\.0\.0\)"):
+        engine.create("m:1.5.0", "g", [100])
+    # the release after a release candidate is an upgrade; the same version is no downgrade
+    assert engine.create("m:2.0.0", "g", [50, 100]).startswith("r-")
