@@ -296,6 +296,13 @@ def _rollout(args: argparse.Namespace) -> int:
                 f"  stage {s['stage']} {s['percent']:g}%: {s['status']}, {s['updated']}/{s['assigned']} updated, "
                 f"{s['failed']} failed"
             )
+            g = s.get("gates") or {}
+            for why in g.get("failed_gates") or []:
+                print(f"    failed gate: {why}")
+            if g.get("halt"):
+                print(f"    halted: {g['halt']}")
+        if r["state"] in ("halted", "rolled_back", "aborted") and r.get("history"):
+            print(f"  last: {r['history'][-1]['note']}")
     return 0
 
 

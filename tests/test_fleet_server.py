@@ -483,6 +483,9 @@ def test_canary_rollouts_complete_and_roll_back_by_themselves(
         st3 = status(rid3)
         assert st3["stages"][0]["failed"] == 2 and st3["stages"][1]["assigned"] == 0
         assert "update failure rate" in " ".join(st3["stages"][0]["gates"]["failed_gates"])
+        # the human-readable status names the failed gate and how the rollout ended
+        text = server.cli("rollout", "status", rid3).stdout
+        assert "failed gate: update failure rate" in text and "last: gates failed" in text, text
         _wait(lambda: set(versions().values()) == {"2.0.0"}, 60, "everyone back on v2")
         r = server.cli("rollout", "pause", rid3)
         assert r.returncode == 1 and "cannot be paused" in r.stderr
