@@ -2,36 +2,33 @@
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import importlib
 import inspect
 import io
 import json
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from edgefleet import EdgefleetError, InputError, Manifest, ModelEntry, SigningKey, compute_baseline, write_bundle
-from edgefleet import __version__ as ef_version
+from edgefleet import InputError, Manifest, ModelEntry, SigningKey, compute_baseline, write_bundle
 from edgefleet._fs import atomic_write
-from edgefleet._manifest import _NAME, _SEMVER, ORT_FOR_OPSET
+from edgefleet._manifest import _NAME, _SEMVER
 
+from ._checks import check_labels, check_writable, source_runs
 from ._data import Dataset
 from ._evaluate import interleaved_p50_ms, p50_ms, runner_for
-from ._gate import Budget, GateError
+from ._gate import Budget, GateError, gate_message
 from ._onnx_quant import quantize_onnx
 from ._passes import Distill, Pass, Quantize, pass_from_dict
+from ._provenance import git_commit, model_sha, requirements, versions
 from ._report import format_table
 from .backends import FrameworkBackend, Gate, backend_for, load_model
 
@@ -152,49 +149,6 @@ def load_recipe(path: str | os.PathLike[str]) -> BuildConfig:
     return BuildConfig(steps=steps, quantize=quant, **kw)
 
 
-def _versions() -> dict[str, str]:
-    out = {"edgefleet": ef_version, "python": platform.python_version()}
-    for pkg in (
-        "numpy",
-        "torch",
-        "tensorflow",
-        "tf_keras",
-        "tensorflow-model-optimization",
-        "onnx",
-        "onnxruntime",
-        "ai-edge-litert",
-        "litert-torch",
-        "ai-edge-quantizer",
-    ):
-        with contextlib.suppress(PackageNotFoundError):
-            out[pkg] = version(pkg)
-    return out
-
-
-def _git_commit() -> str | None:
-    try:
-        r = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=False)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return r.stdout.strip() or None if r.returncode == 0 else None
-
-
-def _model_sha(model: Any, path: Path | None) -> str:
-    if path is not None:
-        from edgefleet._bundle import sha256_file
-
-        return sha256_file(path)
-    h = hashlib.sha256()
-    if hasattr(model, "state_dict"):
-        for k, v in sorted(model.state_dict().items()):
-            h.update(k.encode())
-            h.update(v.detach().cpu().numpy().tobytes())
-    elif hasattr(model, "get_weights"):
-        for w in model.get_weights():
-            h.update(np.asarray(w).tobytes())
-    return h.hexdigest()
-
-
 def _top1(y: np.ndarray) -> np.ndarray:
     return np.asarray(y).reshape(len(y), -1).argmax(axis=1)
 
@@ -238,9 +192,9 @@ def build(
         raise InputError("a build needs evaluation (--eval) or calibration (--calibration) data to check exports")
     check = evaluation if evaluation is not None else calibration
     assert check is not None
-    _check_writable(out, "bundle")
+    check_writable(out, "bundle")
     if report_path is not None:
-        _check_writable(Path(report_path), "report")
+        check_writable(Path(report_path), "report")
     src_path = Path(model) if isinstance(model, (str, os.PathLike)) else None
     datasets = [d for d in (calibration, evaluation, train) if d is not None]
     with tempfile.TemporaryDirectory(prefix="edgefleet-build-") as tmp:
@@ -251,7 +205,7 @@ def build(
             backend = backend_for(model)
             src_format = backend.source_format()
         onnx_src = _OnnxSource(model, work) if backend is None else None
-        source_sha = _model_sha(model if onnx_src is None else None, src_path)
+        source_sha = model_sha(model if onnx_src is None else None, src_path)
 
         def predict(m: Any, x: np.ndarray) -> np.ndarray:
             if onnx_src is not None:
@@ -262,10 +216,10 @@ def build(
         in_shape = onnx_src.runner.inputs[0].shape if onnx_src else backend.input_shape(model, check.x)  # type: ignore[union-attr]
         for ds in datasets:
             ds.check_input(tuple(in_shape))
-            _source_runs(predict, model, ds, src_format)
+            source_runs(predict, model, ds, src_format)
         src_pred = predict(model, check.x)
         for ds in datasets:
-            _check_labels(ds, src_pred)
+            check_labels(ds, src_pred)
         src_acc, _ = _score(src_pred, check, src_pred)
         budget = Budget(src_acc if src_acc is not None else 1.0, len(check), config.gate)
         if onnx_src is not None:
@@ -306,7 +260,7 @@ def build(
             steps.append({"pass": p.name, "params": p.params(), "result": result})
             losses.append((p.name, s))
             if budget.exceeded(s):
-                raise GateError(_gate_message(f"step '{p.name}'", budget, s, losses))
+                raise GateError(gate_message(f"step '{p.name}'", budget, s, losses))
         model_pred = predict(current, check.x)
         qat_done = any(s["pass"] == "qat" for s in steps)
 
@@ -386,7 +340,7 @@ def build(
         base_pred = model_pred if onnx_src is None else src_pred
         lineage = {
             "dataset_sha256": {d.name: d.sha256() for d in (train, calibration, evaluation) if d is not None},
-            "git_commit": _git_commit(),
+            "git_commit": git_commit(),
         }
         source = {
             "format": src_format,
@@ -399,7 +353,7 @@ def build(
             version=config.version,
             models=entries,
             files=[],
-            created_by=_versions(),
+            created_by=versions(),
             source=source,
             preprocessing={"layout": config.layout, **config.preprocessing},
             labels=list(config.labels),
@@ -447,57 +401,8 @@ def build(
         return BuildResult(manifest, report, out)
 
 
-def _gate_message(what: str, budget: Budget, score: float, losses: list[tuple[str, float]]) -> str:
-    trail = ", ".join(f"after {name} {s:.4f}" for name, s in losses)
-    return (
-        f"{what} loses more than --max-accuracy-drop {budget.max_drop} against the source model "
-        f"({budget.describe(score)}; at most {budget.allowed} allowed; source {budget.ref:.4f}, {trail}); "
-        "nothing was written. Make that step gentler (less sparsity or pruning, more epochs or calibration "
-        "data) or allow a larger drop"
-    )
-
-
 def _fmt_score(acc: float | None, agree: float) -> str:
     return f"accuracy {acc:.4f}" if acc is not None else f"top-1 agreement {agree:.4f}"
-
-
-def _check_writable(path: Path, what: str) -> None:
-    """Refuse an output path before hours of work, not after: missing directories are made later."""
-    if path.is_dir():
-        raise InputError(f"{what} path {path} is a directory; give a file name")
-    parent = path.absolute().parent
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir():
-        raise InputError(f"cannot write the {what} {path}: {parent} is not a directory")
-    if not os.access(parent, os.W_OK):
-        raise InputError(f"cannot write the {what} {path}: directory {parent} is not writable")
-
-
-def _source_runs(predict: Callable[[Any, np.ndarray], np.ndarray], model: Any, ds: Dataset, fmt: str) -> None:
-    """Refuse data the source model cannot take, with the model's own complaint in one line."""
-    try:
-        predict(model, ds.x[:2])
-    except EdgefleetError:
-        raise
-    except Exception as exc:  # frameworks raise anything for a wrong shape: RuntimeError, AssertionError, ...
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[-1][:200]
-        raise InputError(
-            f"{ds.name}: the {fmt} source model cannot run on 'x' of per-sample shape {tuple(ds.x.shape[1:])} "
-            f"({type(exc).__name__}: {first}); give data shaped like the model's input"
-        ) from exc
-
-
-def _check_labels(ds: Dataset, src_pred: np.ndarray) -> None:
-    if ds.y is None or not len(ds.y):
-        return
-    classes = int(np.asarray(src_pred).reshape(len(src_pred), -1).shape[1])
-    lo, hi = int(ds.y.min()), int(ds.y.max())
-    if lo < 0 or hi >= classes:
-        raise InputError(
-            f"{ds.name}: labels 'y' range from {lo} to {hi}, but the model has {classes} output classes "
-            f"(labels 0..{classes - 1}); fix the labels or give the model they belong to"
-        )
 
 
 def _framework_latency(backend: FrameworkBackend, model: Any, x: np.ndarray) -> float:
@@ -528,28 +433,6 @@ def _tolerance(precision: str, ref: np.ndarray) -> dict[str, float]:
     if precision == "fp16":
         return {"atol": max(1e-2, 1e-3 * span), "rtol": 1e-2}
     return {"atol": max(1e-2, 0.05 * span), "rtol": 0.05}
-
-
-def _requirements(fmt: str, path: Path) -> dict[str, Any]:
-    if fmt == "onnx":
-        import onnx
-
-        m = onnx.load(str(path), load_external_data=False)
-        opset = max((o.version for o in m.opset_import if o.domain in ("", "ai.onnx")), default=13)
-        ort_min = ORT_FOR_OPSET.get(opset, "1.22" if opset > 23 else "1.7")
-        return {"onnx_opset": int(opset), "min_onnxruntime": ort_min, "ir_version": int(m.ir_version)}
-    lit = version("ai-edge-litert") if _has("ai-edge-litert") else "1.0"
-    # LiteRT keeps the schema and op versions compatible within a major release; an op version a runtime
-    # lacks still fails at load (before activation) with the op named.
-    return {"tflite_schema": 3, "min_litert": lit.split(".")[0] + ".0"}
-
-
-def _has(pkg: str) -> bool:
-    try:
-        version(pkg)
-    except PackageNotFoundError:
-        return False
-    return True
 
 
 def _make_artifact(
@@ -602,7 +485,7 @@ def _make_artifact(
     exp_acc, exp_agree = _score(pred, check, src_pred)
     trail = [*losses, (f"export {fmt}", exp_acc if exp_acc is not None else exp_agree)]
     if budget.exceeded(trail[-1][1]):
-        raise GateError(_gate_message(f"the {fmt} export", budget, trail[-1][1], trail))
+        raise GateError(gate_message(f"the {fmt} export", budget, trail[-1][1], trail))
 
     def score(path: Path) -> float:
         acc, agr = _score(runner_for(fmt, path).predict(check.x), check, src_pred)
@@ -628,7 +511,7 @@ def _make_artifact(
         hint = ""
         if fmt == "tflite" and q.mode == "int8" and backend is not None and backend.name == "keras":
             hint = " (TFLiteConverter keeps no op in float on request: build --format onnx for the per-node fallback)"
-        raise GateError(_gate_message(f"{fmt} {quant_info['precision']}{hint}", budget, s, trail))
+        raise GateError(gate_message(f"{fmt} {quant_info['precision']}{hint}", budget, s, trail))
     # Speed within one runtime: the bundled file against the fp32 export, calls interleaved so both see
     # the same machine state. The source's own latency (its framework) is reported apart.
     if final is fp32:
@@ -650,7 +533,7 @@ def _make_artifact(
         "export_check": {"agreement": round(export_agree, 5), "max_abs_diff": diff},
         "scores": [{"after": name, "score": round(v, 5)} for name, v in trail],
         "quantization": quant_info,
-        "requirements": _requirements(fmt, final),
+        "requirements": requirements(fmt, final),
         "_path": final,
         "_runner": frunner,
     }

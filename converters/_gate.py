@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from edgefleet import InputError
 
-__all__ = ["Budget", "GateError"]
+__all__ = ["Budget", "GateError", "gate_message"]
 
 
 class GateError(InputError):
@@ -42,3 +42,13 @@ class Budget:
 
     def describe(self, score: float) -> str:
         return f"{self.ref:.4f} -> {score:.4f}, {self.lost(score)} of {self.n} samples"
+
+
+def gate_message(what: str, budget: Budget, score: float, losses: list[tuple[str, float]]) -> str:
+    trail = ", ".join(f"after {name} {s:.4f}" for name, s in losses)
+    return (
+        f"{what} loses more than --max-accuracy-drop {budget.max_drop} against the source model "
+        f"({budget.describe(score)}; at most {budget.allowed} allowed; source {budget.ref:.4f}, {trail}); "
+        "nothing was written. Make that step gentler (less sparsity or pruning, more epochs or calibration "
+        "data) or allow a larger drop"
+    )
