@@ -15,7 +15,7 @@ from edgefleet._quant import TensorCodec
 
 from ._data import padded_batches, run_batched
 
-__all__ = ["OnnxRunner", "TfliteRunner", "interleaved_p50_ms", "p50_ms", "runner_for"]
+__all__ = ["OnnxRunner", "TfliteRunner", "fixed_batch_of", "interleaved_p50_ms", "p50_ms", "runner_for"]
 
 _NP_DTYPES = {
     "tensor(float)": "float32",
@@ -56,6 +56,12 @@ def interleaved_p50_ms(calls: list[Callable[[], object]], runs: int = 60, warmup
     return [round(float(np.median(ts)) * 1000, 4) for ts in times]
 
 
+def fixed_batch_of(shape: Any) -> int | None:
+    """The batch a model input of SHAPE takes when its first dimension is fixed (None: any batch)."""
+    d = shape[0] if shape else None
+    return d if isinstance(d, int) and d > 0 else None
+
+
 class Runner:
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
@@ -63,8 +69,7 @@ class Runner:
     @property
     def fixed_batch(self) -> int | None:
         """The batch size the file takes, when its batch dimension is fixed."""
-        d = self.inputs[0].shape[0] if self.inputs[0].shape else None
-        return d if isinstance(d, int) and d > 0 else None
+        return fixed_batch_of(self.inputs[0].shape)
 
     def predict(self, x: np.ndarray) -> np.ndarray:
         raise NotImplementedError

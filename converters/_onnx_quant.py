@@ -16,7 +16,7 @@ from edgefleet import InputError
 from edgefleet._errors import require
 
 from ._data import Dataset, padded_batches, run_batched
-from ._evaluate import OnnxRunner
+from ._evaluate import OnnxRunner, fixed_batch_of
 from ._gate import Budget, GateError
 from ._int8 import round_per_channel
 
@@ -50,11 +50,6 @@ class _Reader:
 
     def rewind(self) -> None:
         self.i = 0
-
-
-def _session_batch(sess: Any) -> int | None:
-    d = sess.get_inputs()[0].shape[0] if sess.get_inputs()[0].shape else None
-    return d if isinstance(d, int) and d > 0 else None
 
 
 def _name_nodes(path: Path) -> None:
@@ -194,7 +189,9 @@ def _sensitivity(pre: Path, quant: Path, x: np.ndarray, progress: Progress | Non
 
     def outputs(model: Any) -> np.ndarray:
         sess = OnnxRunner.session_from_bytes(model.SerializeToString())
-        return run_batched(lambda b: sess.run(None, {in_name: b})[0], x, _session_batch(sess) or 16)
+        return run_batched(
+            lambda b: sess.run(None, {in_name: b})[0], x, fixed_batch_of(sess.get_inputs()[0].shape) or 16
+        )
 
     ref = outputs(base).astype(np.float64)
     denom = float(np.mean(ref**2)) + 1e-12
@@ -268,7 +265,7 @@ def _bias_correct(src: Path, dst: Path, x: np.ndarray, skip: frozenset[str] = fr
     in_name = model.graph.input[0].name
     needed = {n.input[0] for n in targets}
     sums: dict[str, np.ndarray] = {}
-    for b, n in padded_batches(x, _session_batch(sess) or 1):
+    for b, n in padded_batches(x, fixed_batch_of(sess.get_inputs()[0].shape) or 1):
         for nm, out in zip(names, sess.run(None, {in_name: b}), strict=True):
             if nm in needed:
                 a = np.asarray(out, dtype=np.float64)[:n]
