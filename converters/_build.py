@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import inspect
 import io
@@ -238,19 +239,21 @@ def build(
             if onnx_src is not None:
                 raise InputError(f"pass '{p.name}' needs a PyTorch or Keras model; ONNX sources can only be quantized")
             assert backend is not None
-            if train is None:
+            # PyTorch QAT learns from the float model's outputs, so unlabelled calibration inputs will do.
+            data = calibration if train is None and p.name == "qat" and backend.name == "torch" else train
+            if data is None:
                 raise InputError(f"pass '{p.name}' trains the model and needs training data (--train TRAIN.npz)")
             progress(f"pass {p.name} {p.params()}")
             result: dict[str, Any]
             if isinstance(p, Distill):
-                current = backend.distill(current, p.student, train, p, progress)
+                current = backend.distill(current, p.student, data, p, progress)
                 result = {"student_param_bytes": backend.param_bytes(current)}
             elif p.name == "prune_magnitude":
-                current, result = backend.prune_magnitude(current, train, p, progress)
+                current, result = backend.prune_magnitude(current, data, p, progress)
             elif p.name == "prune_structured":
-                current, result = backend.prune_structured(current, train, p, progress)
+                current, result = backend.prune_structured(current, data, p, progress)
             elif p.name == "qat":
-                current, result = backend.qat(current, train, p, progress)
+                current, result = backend.qat(current, data, p, progress)
             else:
                 raise InputError(f"pass '{p.name}' cannot run as a model step")
             acc, agree = _score(predict(current, check.x), check, src_pred)
@@ -262,10 +265,15 @@ def build(
             if budget.exceeded(s):
                 raise GateError(gate_message(f"step '{p.name}'", budget, s, losses))
         model_pred = predict(current, check.x)
-        qat_done = any(s["pass"] == "qat" for s in steps)
+        # A Keras QAT model converts to an int8 TFLite file by itself; a PyTorch one is a float model whose
+        # weights were trained to survive the quantize step, which runs on it as on any model.
+        qat_done = backend is not None and backend.name == "keras" and any(s["pass"] == "qat" for s in steps)
 
         # 2. export + 3. quantize, per format
         q = config.quantize
+        if q.bias_correction and any(s["pass"] == "qat" for s in steps) and not qat_done:
+            # The biases were trained under the very rounding bias correction would compensate for.
+            q = dataclasses.replace(q, bias_correction=False)
         artifacts: list[dict[str, Any]] = []
         warnings: list[str] = []
         for fmt in config.formats:

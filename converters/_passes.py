@@ -171,11 +171,26 @@ class PruneStructured(Pass):
 @register_pass("qat")
 @dataclass
 class QuantAwareTraining(Pass):
-    """Quantization-aware training (Keras, tensorflow-model-optimization) for `epochs`."""
+    """Quantization-aware training for `epochs`.
+
+    Keras: tensorflow-model-optimization's QAT on labelled training data; the model converts to int8 TFLite.
+    PyTorch: fine-tunes under fake quantization that rounds as the quantize step will (int8 weights per
+    channel, uint8 activations over their calibrated range), toward the float model's own outputs
+    (distillation at `temperature`; `augment` mixes, flips, shifts and adds noise to the inputs), so
+    unlabelled calibration inputs are enough. The quantize step then quantizes the fine-tuned model.
+    """
 
     epochs: int = 3
     learning_rate: float = 1e-4
     batch_size: int = 64
+    temperature: float = 2.0
+    augment: bool = True
+
+    def __post_init__(self) -> None:
+        _positive(self.epochs, "qat.epochs")
+        _positive(self.learning_rate, "qat.learning_rate")
+        _positive(self.batch_size, "qat.batch_size")
+        _positive(self.temperature, "qat.temperature")
 
 
 @register_pass("quantize")

@@ -55,7 +55,7 @@ class FrameworkBackend(abc.ABC):
     def qat(self, model: Any, train: Dataset, p: Any, progress: Progress) -> tuple[Any, dict[str, Any]]:
         raise InputError(
             f"quantization-aware training is not available for {self.name} models; "
-            "it is supported for Keras (tensorflow-model-optimization)"
+            "it is supported for PyTorch and Keras (tensorflow-model-optimization)"
         )
 
     @abc.abstractmethod

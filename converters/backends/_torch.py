@@ -296,6 +296,12 @@ class TorchBackend(FrameworkBackend):
             "train_accuracy": _accuracy(self, model, train),
         }
 
+    def qat(self, model: Any, train: Dataset, p: Any, progress: Progress) -> tuple[Any, dict[str, Any]]:
+        from ._torch_qat import quantization_aware_training
+
+        _set_train(model, False)
+        return quantization_aware_training(model, train, train.x[:2], p, _static_batch(model), progress)
+
     def export_onnx(self, model: Any, sample: np.ndarray, path: Path) -> None:
         _set_train(model, False)
         static = _static_batch(model)
