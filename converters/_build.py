@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import importlib
 import inspect
 import io
@@ -271,9 +270,6 @@ def build(
 
         # 2. export + 3. quantize, per format
         q = config.quantize
-        if q.bias_correction and any(s["pass"] == "qat" for s in steps) and not qat_done:
-            # The biases were trained under the very rounding bias correction would compensate for.
-            q = dataclasses.replace(q, bias_correction=False)
         artifacts: list[dict[str, Any]] = []
         warnings: list[str] = []
         for fmt in config.formats:
