@@ -184,3 +184,21 @@ def postgres():
     pg = Postgres()
     yield pg
     pg.close()
+
+
+@pytest.fixture(scope="session")
+def teacher(digits: dict):
+    """The digits CNN teacher (PyTorch, with batch norms), trained once per session; builds copy it."""
+    from examples.digits.build import train_teacher
+
+    return train_teacher(*digits["train"], epochs=8)
+
+
+@pytest.fixture(scope="session")
+def teacher_pt2(tmp_path_factory: pytest.TempPathFactory, teacher, digits: dict) -> Path:
+    """The teacher exported as the README says: `torch.export` with a concrete batch of 1."""
+    import torch
+
+    path = tmp_path_factory.mktemp("teacher") / "teacher.pt2"
+    torch.export.save(torch.export.export(teacher, (torch.from_numpy(digits["eval"][0][:1]),)), path)
+    return path

@@ -20,20 +20,6 @@ from edgefleet.converters.backends._torch import TorchBackend  # noqa: E402
 from .conftest import ROOT, run_cli  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def teacher(digits: dict):
-    from examples.digits.build import train_teacher
-
-    return train_teacher(*digits["train"], epochs=8)
-
-
-@pytest.fixture(scope="module")
-def teacher_pt2(tmp_path_factory: pytest.TempPathFactory, teacher, digits: dict) -> Path:
-    path = tmp_path_factory.mktemp("teacher") / "teacher.pt2"
-    torch.export.save(torch.export.export(teacher, (torch.from_numpy(digits["eval"][0][:1]),)), path)
-    return path
-
-
 def _run_golden(bundle) -> None:
     """Every model file reproduces its golden outputs with a fresh real session."""
     import onnxruntime as ort
@@ -126,6 +112,7 @@ def test_cli_recipe_distill_prune_int8_both_formats(
 
 def test_structured_pruning_really_shrinks_the_exported_file(tmp_path: Path, teacher, digits: dict) -> None:
     kw = dict(evaluation=Dataset(*digits["eval"]), train=Dataset(*digits["train"]), progress=lambda _: None)
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
     plain = build(teacher, tmp_path / "a.efb", BuildConfig(), **kw)
     pruned = build(teacher, tmp_path / "b.efb", BuildConfig(steps=[PruneStructured(ratio=0.5, epochs=2)]), **kw)
     a, b = plain.report["artifacts"][0], pruned.report["artifacts"][0]
@@ -135,6 +122,9 @@ def test_structured_pruning_really_shrinks_the_exported_file(tmp_path: Path, tea
     mag = build(teacher, tmp_path / "c.efb", BuildConfig(steps=[PruneMagnitude(sparsity=0.7, epochs=2)]), **kw)
     assert mag.report["steps"][0]["result"]["sparsity"] >= 0.69
     assert abs(mag.report["artifacts"][0]["size_bytes"] - a["size_bytes"]) < 0.05 * a["size_bytes"]
+    # The caller's model is left as it was: pruning worked on a copy (it used to zero the teacher in place).
+    after = teacher.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
 
 
 def test_tflite_dynamic_and_fp16_from_pytorch(tmp_path: Path, teacher, digits: dict) -> None:

@@ -23,29 +23,14 @@ from edgefleet.converters.backends._torch_qat import FakeQuantized  # noqa: E402
 from .conftest import ROOT, run_cli  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def teacher(digits: dict):
-    from examples.digits.build import train_teacher
-
-    return train_teacher(*digits["train"], epochs=6)
-
-
-@pytest.fixture(scope="module")
-def program_batch1(tmp_path_factory: pytest.TempPathFactory, teacher, digits: dict) -> Path:
-    """Exported as the README says: a concrete batch of 1."""
-    path = tmp_path_factory.mktemp("qat") / "teacher.pt2"
-    torch.export.save(torch.export.export(teacher, (torch.from_numpy(digits["eval"][0][:1]),)), path)
-    return path
-
-
 @pytest.mark.parametrize("source", ["module", "pt2_batch1"])
 def test_fake_quantization_is_the_rounding_onnx_runtime_runs(
-    tmp_path: Path, teacher, program_batch1: Path, digits: dict, source: str
+    tmp_path: Path, teacher, teacher_pt2: Path, digits: dict, source: str
 ) -> None:
     """The simulated int8 model and the int8 file the quantize step writes from the same weights give the
     same outputs, far closer to each other than either is to the float model: QAT learns against the
     quantizer that will really run (batch norms folded, per-channel weights, uint8 activation ranges)."""
-    model = teacher if source == "module" else load_pt2(program_batch1)
+    model = teacher if source == "module" else load_pt2(teacher_pt2)
     static = None if source == "module" else 1
     cal, ev = Dataset(*digits["calib"]), Dataset(*digits["eval"])
     fq = FakeQuantized(model, cal.x[:2], static)
@@ -72,7 +57,7 @@ def test_fake_quantization_is_the_rounding_onnx_runtime_runs(
 
 
 def test_cli_qat_from_calibration_alone_on_a_fixed_batch_program(
-    tmp_path: Path, program_batch1: Path, digits_npz: dict
+    tmp_path: Path, teacher_pt2: Path, digits_npz: dict
 ) -> None:
     """No --train: the qat pass learns from the float model's outputs on the calibration inputs. Both
     formats are built from the trained program, the ONNX file on uint8 activations, within the gate."""
@@ -85,7 +70,7 @@ def test_cli_qat_from_calibration_alone_on_a_fixed_batch_program(
     out, rep = tmp_path / "q.efb", tmp_path / "report.json"
     r = run_cli(
         "build",
-        str(program_batch1),
+        str(teacher_pt2),
         "--recipe",
         str(recipe),
         "--calibration",
@@ -117,11 +102,11 @@ def test_cli_qat_from_calibration_alone_on_a_fixed_batch_program(
     assert [m.format for m in b.manifest.models] == ["onnx", "tflite"]
 
 
-def test_qat_parameters_are_checked_before_any_work(tmp_path: Path, program_batch1: Path, digits_npz: dict) -> None:
+def test_qat_parameters_are_checked_before_any_work(tmp_path: Path, teacher_pt2: Path, digits_npz: dict) -> None:
     recipe = tmp_path / "bad.toml"
     recipe.write_text('[[steps]]\npass = "qat"\nepochs = 0\n')
     r = run_cli(
-        "build", str(program_batch1), "--recipe", str(recipe), "--calibration", str(digits_npz["calib"]),
+        "build", str(teacher_pt2), "--recipe", str(recipe), "--calibration", str(digits_npz["calib"]),
         "-o", str(tmp_path / "b.efb"), cwd=ROOT,
     )  # fmt: skip
     assert r.returncode != 0 and "Traceback" not in r.stderr

@@ -203,6 +203,7 @@ class TorchBackend(FrameworkBackend):
             raise InputError(
                 f"distill.student must be a torch.nn.Module for a PyTorch teacher, got {type(student).__name__}"
             )
+        student = copy.deepcopy(student)  # trained from the same start on every build
         # Teacher logits are computed once; each batch looks its rows up by index.
         t_logits = torch.from_numpy(self.predict(teacher, train.x))
         temp, alpha = p.temperature, p.alpha
@@ -218,6 +219,7 @@ class TorchBackend(FrameworkBackend):
         return student
 
     def prune_magnitude(self, model: Any, train: Dataset, p: Any, progress: Progress) -> tuple[Any, dict[str, Any]]:
+        model = copy.deepcopy(model)  # the caller's model stays as it was: a second build starts from it again
         params = _prunable(model)
         if not params:
             raise InputError("prune_magnitude found no conv / linear weights to prune")
