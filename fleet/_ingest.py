@@ -1,14 +1,18 @@
 """Ingest: MQTT messages from devices into the database, as workers on a shared subscription.
 
-Each worker subscribes to `$share/edgefleet-ingest/edgefleet/v1/devices/+/+`, so the broker (Mosquitto
-here, or a cluster such as EMQX) spreads messages over however many workers run, in any number of
-processes or machines. Telemetry windows and events are stored under their idempotency key with
+Each worker subscribes to `$share/<group>/edgefleet/v1/devices/+/+`, so the broker (Mosquitto here, or a
+cluster such as EMQX) spreads messages over however many workers run, in any number of processes or
+machines. The group's name is derived from the server's broker password (`share_group`): Mosquitto lets any
+client subscribe to any filter and only withholds delivery, so a device that joined a group with a known
+name would be dealt its share of every device's messages, acknowledged and never stored.
+Telemetry windows and events are stored under their idempotency key with
 `INSERT ... ON CONFLICT DO NOTHING`: a redelivered or duplicated message is counted once.
 Nothing a device sends can stop a worker: bad messages are counted and dropped.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import threading
@@ -22,11 +26,11 @@ from edgefleet._topics import ROOT, parse_topic
 from ._db import Database
 from ._endpoint import BrokerEndpoint
 
-__all__ = ["SHARE_GROUP", "IngestWorker"]
+__all__ = ["SHARE_GROUP", "IngestWorker", "share_group"]
 
 log = logging.getLogger("edgefleet.fleet.ingest")
 
-SHARE_GROUP = "edgefleet-ingest"
+SHARE_GROUP = "edgefleet-ingest"  # the prefix; alone only for a broker without passwords
 MAX_PAYLOAD = 256 * 1024
 _BATCH = 500
 _BATCH_S = 0.05
@@ -36,6 +40,14 @@ _QUIET_S = 0.005
 _RECEIVE_MAX = 2 * _BATCH
 _RETRY_S = (0.5, 10.0)
 _BINS_RETRY_S = 30.0
+
+
+def share_group(password: str | None) -> str:
+    """The shared-subscription group of the ingest workers that connect with PASSWORD: every server process
+    knows it (each connects as the server user), no device can guess it."""
+    if not password:
+        return SHARE_GROUP
+    return f"{SHARE_GROUP}-{hashlib.sha256(b'edgefleet share group' + bytes(1) + password.encode()).hexdigest()[:32]}"
 
 
 class IngestWorker:
@@ -61,6 +73,7 @@ class IngestWorker:
         self.name = name
         self.durable = durable
         self.session_expiry_s = session_expiry_s
+        self._filter = f"$share/{share_group(broker.password)}/{ROOT}/devices/+/+"
         # topic, payload, mid and QoS of each message received and not yet stored (nor acknowledged)
         self._pending: list[tuple[str, bytes, int, int]] = []
         self._pending_since = 0.0
@@ -111,7 +124,7 @@ class IngestWorker:
         if reason_code.is_failure:
             log.error("ingest worker %s: broker refused the connection: %s", self.name, reason_code)
             return
-        client.subscribe(f"$share/{SHARE_GROUP}/{ROOT}/devices/+/+", qos=1)
+        client.subscribe(self._filter, qos=1)
         self.connected.set()
 
     def _on_message(self, client: Any, userdata: Any, msg: Any) -> None:
@@ -136,7 +149,7 @@ class IngestWorker:
         """Stop receiving, write and acknowledge what is pending, disconnect (a durable worker keeps its
         subscription, and the broker redelivers whatever could not be written)."""
         if self._client is not None and not self.durable:
-            self._client.unsubscribe(f"$share/{SHARE_GROUP}/{ROOT}/devices/+/+")
+            self._client.unsubscribe(self._filter)
         self._stop.set()
         self._wake.set()
         if self._thread is not None:

@@ -302,6 +302,29 @@ def test_acl_keeps_devices_in_their_own_prefix_and_ingest_counts_once(
     assert server.proc.poll() is None
 
 
+def test_a_device_cannot_join_the_ingest_workers_shared_subscription(tmp_path: Path, server: Server) -> None:
+    """A device that subscribes to the ingest filter under the group name the docs once gave (or any other)
+    forms a group of its own: the ingest workers' round robin never deals it another device's windows.
+    Before, it was dealt half of them, which the broker acknowledged to the sender and then dropped."""
+    creds = {dev: _provision(server, tmp_path, dev) for dev in ("dev-spy", "dev-src")}
+    spy, got = _client(server.mqtt, "dev-spy", creds["dev-spy"])
+    for group in ("edgefleet-ingest", "edgefleet"):
+        spy.subscribe(f"$share/{group}/edgefleet/v1/devices/+/+", qos=1)
+    _wait(lambda: got["suback"] is not None, 10, "suback")
+    time.sleep(0.5)
+    src, _ = _client(server.mqtt, "dev-src", creds["dev-src"])
+    before = _metric(server, 'edgefleet_ingest_messages_total{outcome="stored"}')
+    _send_windows(src, "dev-src", [], 40)
+    _wait(
+        lambda: _metric(server, 'edgefleet_ingest_messages_total{outcome="stored"}') >= before + 40,
+        20,
+        "all 40 windows stored",
+    )
+    for c in (spy, src):
+        c.loop_stop()
+        c.disconnect()
+
+
 def _window(device: str, key: str) -> dict:
     from edgefleet._telemetry import LATENCY_EDGES_MS, WINDOW_SCHEMA
 
