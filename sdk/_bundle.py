@@ -89,8 +89,11 @@ def write_bundle(
     manifest.check_references()
     # Round-trip through the parser so a writer can never produce a bundle the reader refuses.
     manifest = Manifest.parse(json.loads(manifest.canonical_bytes()))
-    body = manifest.canonical_bytes()
-    out = Path(path)
+    _write_archive(Path(path), manifest.canonical_bytes(), members, signing_key)
+    return manifest
+
+
+def _write_archive(out: Path, body: bytes, members: Mapping[str, bytes], signing_key: SigningKey | None) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
     try:
@@ -107,7 +110,6 @@ def write_bundle(
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    return manifest
 
 
 @dataclass
@@ -119,6 +121,8 @@ class Bundle:
     signed_by: str | None
     signature_present: bool
     _members: dict[str, bytes]
+    # manifest.json as written: a newer MINOR's fields this reader does not know are in it, not in `manifest`
+    _manifest_body: bytes = field(default=b"", repr=False, compare=False)
     _golden: np.ndarray | None = field(default=None, init=False, repr=False, compare=False)
 
     def read(self, name: str) -> bytes:
@@ -291,11 +295,15 @@ def open_bundle(
                 raw[name] = data
         except (zipfile.BadZipFile, OSError, EOFError) as exc:
             raise BundleError(f"{p} is truncated or corrupt: {exc}") from exc
-    return Bundle(p, manifest, signed_by, sig_raw is not None, raw)
+    return Bundle(p, manifest, signed_by, sig_raw is not None, raw, body)
 
 
 def sign_bundle(path: str | os.PathLike[str], key: SigningKey, out: str | os.PathLike[str] | None = None) -> Manifest:
-    """(Re-)sign an existing bundle after validating it; writes OUT (default: in place) atomically."""
+    """(Re-)sign an existing bundle after validating it; writes OUT (default: in place) atomically.
+
+    The manifest is signed byte for byte as it is: re-encoding it would drop the fields of a newer MINOR
+    that this version does not know, and the bundle would no longer be the one its publisher built."""
     b = open_bundle(path)
     members = {n: b.read(n) for n in b.member_names}
-    return write_bundle(out or path, b.manifest, members, key)
+    _write_archive(Path(out or path), b._manifest_body, members, key)
+    return b.manifest

@@ -408,6 +408,15 @@ def test_a_newer_minor_with_added_fields_is_read_and_another_major_refused(tmp_p
     # An integer where this reader writes a float is still canonical JSON.
     _resigned(src, tmp_path / "int.efb", key, lambda doc: doc["models"][0]["golden_tolerance"].update(atol=1))
     open_bundle(tmp_path / "int.efb", trusted_keys=[tmp_path / "k.pub"])
+    # Re-signing the newer bundle with this version (another key) signs its manifest as written: the
+    # fields this reader does not know are kept, byte for byte (they used to be dropped by re-encoding).
+    other = generate_keypair(tmp_path / "k2")
+    sign_bundle(tmp_path / "v1_1.efb", other, tmp_path / "v1_1.resigned.efb")
+    with zipfile.ZipFile(tmp_path / "v1_1.efb") as a, zipfile.ZipFile(tmp_path / "v1_1.resigned.efb") as b2:
+        assert a.read("manifest.json") == b2.read("manifest.json")
+        assert b"future_model_field" in b2.read("manifest.json")
+    again = open_bundle(tmp_path / "v1_1.resigned.efb", trusted_keys=[tmp_path / "k2.pub"])
+    assert again.read("models/onnx-fp32.onnx") == b.read("models/onnx-fp32.onnx")
 
 
 def test_nan_in_a_manifest_is_one_bundle_error(tmp_path: Path) -> None:
