@@ -139,6 +139,7 @@ def _provision(args: argparse.Namespace) -> int:
         args.mqtt_host,
         args.mqtt_port,
         args.db,
+        args.self_test_hz,
     )
     print(str(out))
     return 0
@@ -412,6 +413,14 @@ def register(sub: Any) -> None:
     p.add_argument("--out", help="where to write the config (default DEVICE_ID.toml)")
     p.add_argument("--mqtt-host", help="broker host devices use (default: the server's broker, else 127.0.0.1)")
     p.add_argument("--mqtt-port", type=int, help="broker port devices use (default: the server's, else 1883)")
+    p.add_argument(
+        "--self-test-hz",
+        type=float,
+        default=0.0,
+        metavar="HZ",
+        help="run the bundle's golden inputs HZ times a second as traffic: for a trial device with no app of its "
+        "own, which would otherwise send no telemetry (and a rollout's telemetry gate would halt on it)",
+    )
     p.add_argument("--db")
     p.set_defaults(func=_provision)
 

@@ -7,6 +7,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 import secrets
@@ -134,6 +135,7 @@ def device_toml(
     tls: bool = False,
     ca_name: str | None = None,
     http_url: str | None = None,
+    self_test_hz: float = 0.0,
 ) -> str:
     text = (
         f'device_id = "{device_id}"\n'
@@ -143,6 +145,8 @@ def device_toml(
         f'http_token = "{creds.http_token}"\n'
         # The token goes to the fleet server's origin only (runtime: AgentConfig.token_origins).
         + (f"token_origins = {json.dumps([http_url])}\n" if http_url else "")
+        # A device with no app traffic of its own sends no telemetry; its golden inputs can stand in.
+        + (f"self_test_hz = {self_test_hz!r}\n" if self_test_hz > 0 else "")
         + "\n"
         "[mqtt]\n"
         f'host = "{host}"\nport = {port}\n'
@@ -180,11 +184,15 @@ def provision(
     mqtt_host: str | None = None,
     mqtt_port: int | None = None,
     db_url: str | None = None,
+    self_test_hz: float = 0.0,
 ) -> Path:
     """Register DEVICE_ID, give it broker credentials, write its device.toml (and the trusted keys) to OUT.
 
     Host and port default to how the server in DATA_DIR last ran its broker (external or embedded, with
-    its public host and MQTT port), else 127.0.0.1:1883."""
+    its public host and MQTT port), else 127.0.0.1:1883. SELF_TEST_HZ > 0: the agent runs the bundle's
+    golden inputs that often as traffic (a trial device with no app of its own)."""
+    if not (math.isfinite(self_test_hz) and 0 <= self_test_hz <= 1000):
+        raise InputError(f"--self-test-hz must be between 0 and 1000 calls a second, got {self_test_hz}")
     data_dir = Path(data_dir)
     keys = sorted(trusted_dir(data_dir).glob("*.pub"))
     if not keys:
@@ -206,7 +214,16 @@ def provision(
         ca_name = "broker-ca.pem"
         atomic_write(out.parent / ca_name, ext["ca_pem"].encode())
     text = device_toml(
-        device_id, creds, tags, [k.name for k in keys], host, port, bool(ext.get("tls")), ca_name, ext.get("http_url")
+        device_id,
+        creds,
+        tags,
+        [k.name for k in keys],
+        host,
+        port,
+        bool(ext.get("tls")),
+        ca_name,
+        ext.get("http_url"),
+        self_test_hz,
     )
     atomic_write(out, text.encode(), mode=0o600)
     return out

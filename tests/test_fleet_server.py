@@ -173,15 +173,18 @@ def test_publish_provision_update_and_registry(tmp_path: Path, server: Server, m
         str(cfg),
         "--mqtt-port",
         str(server.mqtt),
+        "--self-test-hz",
+        "20",
     )
     assert r.returncode == 0, r.stderr
+    assert "self_test_hz = 20.0" in cfg.read_text()  # the device sends telemetry without an app of its own
     # the device's own token fetches bundles (its agent does below) and nothing else
     dev_token = next(ln for ln in cfg.read_text().splitlines() if ln.startswith("http_token")).split('"')[1]
     assert server.get("/bundles/mlp/1.0.0.efb", token=dev_token)[0] == 200
     assert server.get("/api/devices", token=dev_token)[0] == 401
     text = cfg.read_text().replace(
         "[mqtt]",
-        "self_test_hz = 20\nwindow_s = 0.5\n\n"
+        "window_s = 0.5\n\n"
         "[health]\nwindow_s = 1.0\nmin_calls = 5\nprobe_interval_s = 0.05\n\n[mqtt]",
     )
     cfg.write_text(text)
