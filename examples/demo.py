@@ -391,7 +391,8 @@ def scenario(args: argparse.Namespace) -> int:
         req = urllib.request.Request(server.url + "/", headers={"Cookie": f"edgefleet_token={server.token}"})
         with urllib.request.urlopen(req, timeout=30) as r:
             overview = r.read().decode()
-        with urllib.request.urlopen(server.url + "/metrics", timeout=30) as r:
+        req = urllib.request.Request(server.url + "/metrics", headers={"Authorization": f"Bearer {server.token}"})
+        with urllib.request.urlopen(req, timeout=30) as r:
             metrics = r.read().decode()
         shown = overview.count(f"<td>{DRIFT_COHORT}</td>")
         exported = metrics.count(f'cohort="{DRIFT_COHORT}"')

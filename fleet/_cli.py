@@ -42,6 +42,7 @@ def _serve(args: argparse.Namespace) -> int:
         trusted_keys=[Path(k) for k in args.trusted_key or []],
         drift_interval_s=args.drift_interval,
         drift_window_s=args.drift_window,
+        metrics_open=args.metrics_open,
     )
     server = FleetServer(cfg)
     server.start()
@@ -355,6 +356,11 @@ def register(sub: Any) -> None:
     p.add_argument("--mqtt-port", type=int, default=1883)
     p.add_argument("--host", default="0.0.0.0", help="HTTP listen address")
     p.add_argument("--public-host", default="127.0.0.1", help="host name devices use to reach this server")
+    p.add_argument(
+        "--metrics-open",
+        action="store_true",
+        help="serve /metrics without an API token (default: Prometheus scrapes it with one, as a bearer token)",
+    )
     p.add_argument("--db", help="sqlite:///PATH (default: DATA_DIR/fleet.db) or postgresql://...")
     p.add_argument(
         "--broker", default="embedded", help="embedded (default), or an external broker: mqtt[s]://[USER@]HOST:PORT"

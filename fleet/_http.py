@@ -40,7 +40,9 @@ def create_app(server: FleetServer) -> Any:
         return JSONResponse({"ok": server.ready}, status_code=200 if server.ready else 503)
 
     @app.get("/metrics", response_class=PlainTextResponse)
-    def metrics() -> str:
+    def metrics(creds: HTTPAuthorizationCredentials | None = Depends(bearer)) -> str:  # noqa: B008
+        if not server.config.metrics_open:
+            operator(creds)
         return server.metrics()
 
     @app.get("/api/devices", dependencies=[Depends(operator)])

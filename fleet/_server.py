@@ -54,6 +54,8 @@ class ServerConfig:
     # Drift alerts: how often they are checked and over how much recent telemetry.
     drift_interval_s: float = 30.0
     drift_window_s: float = 900.0
+    # /metrics shows device counts, bundle names, tags and drift: behind an API token unless opened.
+    metrics_open: bool = False
 
     @property
     def db(self) -> str:

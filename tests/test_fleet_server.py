@@ -206,7 +206,8 @@ def test_publish_provision_update_and_registry(tmp_path: Path, server: Server, m
         _wait(lambda: device()["bundle_version"] == "1.0.0", 60, "dev-1 on v1")
         assert server.cli("desire", "dev-1", "--bundle", "mlp:2.0.0").returncode == 0
         _wait(lambda: device()["bundle_version"] == "2.0.0" and device()["update_state"] == "idle", 60, "dev-1 on v2")
-        _, metrics, _ = server.get("/metrics")
+        assert server.get("/metrics")[0] == 401  # it names bundles, tags and drift: an API token is needed
+        _, metrics, _ = server.get("/metrics", token=server.token)
         _wait(lambda: _metric(server, 'edgefleet_ingest_messages_total{outcome="stored"}') > 5, 20, "windows stored")
         assert b"edgefleet_devices_online 1" in metrics
     finally:
@@ -216,7 +217,7 @@ def test_publish_provision_update_and_registry(tmp_path: Path, server: Server, m
 
 
 def _metric(server: Server, name: str) -> float:
-    _, body, _ = server.get("/metrics")
+    _, body, _ = server.get("/metrics", token=server.token)
     for line in body.decode().splitlines():
         if line.startswith(name + " "):
             return float(line.split()[-1])
