@@ -43,6 +43,7 @@ def _serve(args: argparse.Namespace) -> int:
         drift_interval_s=args.drift_interval,
         drift_window_s=args.drift_window,
         metrics_open=args.metrics_open,
+        mqtt_bind=args.mqtt_bind,
     )
     server = FleetServer(cfg)
     server.start()
@@ -63,11 +64,40 @@ def _serve(args: argparse.Namespace) -> int:
         file=sys.stderr,
         flush=True,
     )
+    for warning in _plaintext_warnings(args):
+        print(f"edgefleet fleet server: WARNING: {warning}", file=sys.stderr, flush=True)
     try:
         userver.run()
     finally:
         server.stop()
     return 0
+
+
+def _loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _plaintext_warnings(args: argparse.Namespace) -> list[str]:
+    """What this server sends unencrypted beyond this machine: tokens and passwords travel in the clear."""
+    out = []
+    if not _loopback(args.host):
+        out.append(
+            f"HTTP on {args.host}:{args.http_port} is plaintext (API tokens, device download tokens and bundles "
+            "travel unencrypted): put a TLS proxy in front, or --host 127.0.0.1 for this machine only"
+        )
+    if args.broker == "embedded" and not _loopback(args.mqtt_bind):
+        out.append(
+            f"the embedded broker on {args.mqtt_bind}:{args.mqtt_port} is plaintext (device passwords travel "
+            "unencrypted): use --broker mqtts://... with a TLS broker, or --mqtt-bind 127.0.0.1 for this machine only"
+        )
+    return out
 
 
 def _ingest(args: argparse.Namespace) -> int:
@@ -355,6 +385,7 @@ def register(sub: Any) -> None:
     p.add_argument("--http-port", type=int, default=8080)
     p.add_argument("--mqtt-port", type=int, default=1883)
     p.add_argument("--host", default="0.0.0.0", help="HTTP listen address")
+    p.add_argument("--mqtt-bind", default="0.0.0.0", help="the embedded broker's listen address")
     p.add_argument("--public-host", default="127.0.0.1", help="host name devices use to reach this server")
     p.add_argument(
         "--metrics-open",

@@ -56,6 +56,7 @@ class ServerConfig:
     drift_window_s: float = 900.0
     # /metrics shows device counts, bundle names, tags and drift: behind an API token unless opened.
     metrics_open: bool = False
+    mqtt_bind: str = "0.0.0.0"  # the embedded broker's listen address
 
     @property
     def db(self) -> str:
@@ -266,7 +267,7 @@ class FleetServer:
 
         ext = self.external
         if ext is None:
-            self.broker = Broker(self.dir / "mosquitto", self.config.mqtt_port)
+            self.broker = Broker(self.dir / "mosquitto", self.config.mqtt_port, host=self.config.mqtt_bind)
             self.broker.start()
             endpoint = BrokerEndpoint("127.0.0.1", self.config.mqtt_port, False, None, SERVER_USER, "")
             self._record_embedded()

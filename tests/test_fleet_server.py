@@ -901,3 +901,23 @@ def test_offline_provision_writes_the_running_servers_broker_port(tmp_path: Path
     assert server.mqtt != 1883 and f"port = {server.mqtt}\n" in text and 'host = "127.0.0.1"' in text
     # and the download token is pinned to the server's own origin
     assert f'token_origins = ["{server.url}"]' in text
+
+
+def test_listen_addresses_plaintext_warning_and_open_metrics(tmp_path: Path, server: Server, publisher) -> None:
+    """On all interfaces (the default) the server warns that HTTP and its embedded broker are plaintext; bound
+    to loopback it does not, and `--metrics-open` serves /metrics to a scraper without a token."""
+    log = (server.data.parent / "server.log").read_text()
+    assert "WARNING: HTTP on 0.0.0.0" in log and "WARNING: the embedded broker on 0.0.0.0" in log
+    local = Server(
+        tmp_path / "local" / "fleet",
+        publisher,
+        extra=("--host", "127.0.0.1", "--mqtt-bind", "127.0.0.1", "--metrics-open"),
+    )
+    try:
+        assert local.get("/metrics")[0] == 200
+        assert local.get("/api/devices")[0] == 401  # only /metrics was opened
+        assert "WARNING" not in (local.data.parent / "server.log").read_text()
+        conf = (local.data / "mosquitto" / "mosquitto.conf").read_text()
+        assert f"listener {local.mqtt} 127.0.0.1" in conf
+    finally:
+        local.stop()
