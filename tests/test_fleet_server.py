@@ -184,8 +184,7 @@ def test_publish_provision_update_and_registry(tmp_path: Path, server: Server, m
     assert server.get("/api/devices", token=dev_token)[0] == 401
     text = cfg.read_text().replace(
         "[mqtt]",
-        "window_s = 0.5\n\n"
-        "[health]\nwindow_s = 1.0\nmin_calls = 5\nprobe_interval_s = 0.05\n\n[mqtt]",
+        "window_s = 0.5\n\n[health]\nwindow_s = 1.0\nmin_calls = 5\nprobe_interval_s = 0.05\n\n[mqtt]",
     )
     cfg.write_text(text)
     agent = subprocess.Popen(
