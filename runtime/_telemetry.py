@@ -45,6 +45,8 @@ _COPY_LIMIT_BYTES = 64 * 1024
 # ~2 us, a tenth of the call itself: all of them would double telemetry's cost per call.
 SUMMARY_BUDGET = 0.01
 _RESERVE_BYTES = 256 * 1024
+# What a full buffer gives up first: telemetry windows, oldest first, then events, oldest first.
+_DROP_ORDER = "(kind = 'events'), seq"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS windows (
@@ -156,17 +158,20 @@ class TelemetryBuffer:
         )
 
     def _drop_oldest(self, need: int) -> None:
-        """Delete oldest windows until NEED more bytes fit under the cap (inside a transaction)."""
-        freed, dropped, last = 0, 0, None
-        for seq, size in self._db.execute("SELECT seq, size FROM windows ORDER BY seq"):
+        """Delete oldest records until NEED more bytes fit under the cap (inside a transaction): telemetry
+        windows first, events only once no window is left, since an update's outcome (`committed`,
+        `rolled_back`) must reach the server late rather than never, and a window's loss is only counted."""
+        if self._bytes + need <= self.max_bytes:
+            return
+        freed, doomed = 0, []
+        for seq, size in self._db.execute(f"SELECT seq, size FROM windows ORDER BY {_DROP_ORDER}"):
             if self._bytes - freed + need <= self.max_bytes:
                 break
             freed += size
-            dropped += 1
-            last = seq
-        if last is not None:
-            self._db.execute("DELETE FROM windows WHERE seq <= ?", (last,))
-            self._bump("dropped_windows", dropped)
+            doomed.append(seq)
+        if doomed:
+            self._db.executemany("DELETE FROM windows WHERE seq = ?", [(s,) for s in doomed])
+            self._bump("dropped_windows", len(doomed))
             self._bytes -= freed
 
     def add(self, window: dict[str, Any], kind: str = "telemetry") -> None:
@@ -234,7 +239,9 @@ class TelemetryBuffer:
         n = max(1, rows // (4 if attempt == 0 else 2))
         try:
             self._db.execute("BEGIN IMMEDIATE")
-            self._db.execute("DELETE FROM windows WHERE seq IN (SELECT seq FROM windows ORDER BY seq LIMIT ?)", (n,))
+            self._db.execute(
+                f"DELETE FROM windows WHERE seq IN (SELECT seq FROM windows ORDER BY {_DROP_ORDER} LIMIT ?)", (n,)
+            )
             self._bump("dropped_windows", min(n, rows))
             self._bump("full_disk_events")
             self._db.execute("COMMIT")

@@ -66,6 +66,28 @@ def test_bounded_drop_oldest_and_ack(mlp_bundles: dict, publisher, tmp_path: Pat
     assert again.stats().windows == st.windows - 1 and again.stats().dropped_windows == st.dropped_windows
 
 
+def test_a_full_buffer_gives_up_windows_before_events(tmp_path: Path) -> None:
+    """An update's outcome must reach the server late rather than never: offline for long, a buffer over
+    its cap drops telemetry windows (oldest first) and keeps the events, even the oldest. Events go only
+    once no window is left. Before, events shared the windows' drop-oldest order and were evicted."""
+    buf = rt.TelemetryBuffer(tmp_path / "e.db", max_bytes=20_000)
+    buf.add({"key": "ev-committed", "ts": 0.0, "type": "committed"}, kind="events")
+    for i in range(60):
+        buf.add({"key": f"k{i}", "start": float(i), "end": float(i + 1), "pad": "x" * 900})
+    buf.add({"key": "ev-rolled-back", "ts": 61.0, "type": "rolled_back"}, kind="events")
+    pending = [(kind, k) for _, kind, k, _ in buf.pending(limit=1000)]
+    assert ("events", "ev-committed") in pending and ("events", "ev-rolled-back") in pending
+    windows = [k for kind, k in pending if kind == "telemetry"]
+    assert windows and windows == [f"k{i}" for i in range(60 - len(windows), 60)]  # the newest windows kept
+    assert buf.stats().dropped_windows == 60 - len(windows)
+    for i in range(40):  # events alone over the cap: the oldest events go
+        buf.add({"key": f"ev{i}", "ts": 100.0 + i, "type": "x", "pad": "y" * 900}, kind="events")
+    kinds = [kind for _, kind, _, _ in buf.pending(limit=1000)]
+    assert "telemetry" not in kinds and buf.stats().bytes <= 20_000
+    assert [k for _, _, k, _ in buf.pending(limit=1000)][-1] == "ev39"
+    buf.close()
+
+
 def test_survives_kill_9(mlp_bundles: dict, publisher, tmp_path: Path) -> None:
     script = textwrap.dedent(
         f"""
