@@ -537,6 +537,11 @@ class Agent:
         target = (st.target or {}).get("bundle", {})
         if st.state != UpdateState.IDLE:
             if target.get("sha256") == ref.sha256:
+                if st.state == UpdateState.DOWNLOADING and target.get("url") != ref.url:
+                    # The same bundle at a corrected URL: fetch it from there now, not once the old URL's
+                    # retries have run out (about 90 s of back-off).
+                    self._persist(target=d.to_dict(), attempts=0)
+                    self._backoff_until = 0.0
                 return
             if st.state in _BEFORE_SWITCH:
                 self._event("update_superseded", old=target.get("version"), new=ref.version)

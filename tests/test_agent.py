@@ -540,6 +540,28 @@ def test_agents_sharing_one_network_loop(tmp_path: Path, files: FileServer, mlp_
     assert not net._thread.is_alive()
 
 
+def test_a_corrected_url_for_the_same_bundle_is_used_at_once(
+    tmp_path: Path, broker: Mosquitto, files: FileServer, observer, mlp_bundles, publisher
+) -> None:
+    """A desired state whose URL fails, then the same bundle (same sha256) at a corrected URL: the agent
+    downloads from the new URL right away. Before, it kept to the old URL until its 8 retries had failed
+    (about 90 s of back-off), then refused the bundle for that rollout."""
+    from edgefleet.runtime import Agent, load_config
+
+    dev = Device(tmp_path / "d", "dev-u", broker, publisher, mlp_bundles["1.0.0"], self_test_hz=20)
+    agent = Agent(load_config(dev.config))
+    agent.start()
+    try:
+        observer.wait(lambda: _idle_on(observer, "dev-u", "1.0.0"), 30, "v1 installed")
+        observer.desire("dev-u", bundle_ref(mlp_bundles["2.0.0"], files.url, "moved-away.efb"), "r1")
+        observer.wait(lambda: agent.persisted.attempts >= 2, 20, "the old URL failing")
+        observer.desire("dev-u", bundle_ref(mlp_bundles["2.0.0"], files.url), "r1")
+        observer.wait(lambda: observer.events("dev-u", "committed"), 45, "committed from the corrected URL")
+        assert not observer.events("dev-u", "update_failed")
+    finally:
+        agent.stop()
+
+
 def test_a_bad_order_or_a_failing_step_never_stops_the_loop(
     tmp_path: Path, broker: Mosquitto, files: FileServer, observer, mlp_bundles, publisher
 ) -> None:
