@@ -26,6 +26,7 @@ import numpy as np
 
 from edgefleet import InputError
 from edgefleet._drift import window_counts
+from edgefleet._fs import atomic_write
 from edgefleet._telemetry import LATENCY_EDGES_MS, WINDOW_SCHEMA
 
 __all__ = ["BufferStats", "TelemetryBuffer", "WindowAggregator"]
@@ -114,6 +115,7 @@ class TelemetryBuffer:
             self._move_aside(str(exc))
             self._db = self._open()
             self._bump("corrupt_resets")
+        self._check_identity()
         self._reserve = Path(str(self.path) + ".reserve")
         self._make_reserve()
         self._bytes = int(self._db.execute("SELECT COALESCE(SUM(size), 0) FROM windows").fetchone()[0])
@@ -137,6 +139,30 @@ class TelemetryBuffer:
             db.close()
             raise
         return db
+
+    def _check_identity(self) -> None:
+        """Notice a buffer file that was emptied, deleted or swapped while nobody had it open.
+
+        SQLite opens a zero-byte or missing file as a new, empty database, so the unsent windows would be
+        gone without a word. The buffer's id lives both inside the database and in `<path>.id` beside it;
+        a database without the id its side file names is a reset, reported like a corrupt one."""
+        side = Path(str(self.path) + ".id")
+        inside = self._meta("buffer_id")
+        try:
+            beside = int(side.read_text().strip()) if side.exists() else 0
+        except (OSError, ValueError):
+            beside = 0
+        if inside and inside == beside:
+            return
+        if beside and inside != beside and self.reset_reason is None:
+            what = "emptied or deleted" if not inside else "replaced by another buffer's file"
+            self.reset_reason = f"telemetry buffer {self.path} was {what} while closed; unsent windows are lost"
+            log.warning(self.reset_reason)
+            self._bump("corrupt_resets")
+        if not inside:
+            inside = int.from_bytes(os.urandom(7), "big") or 1
+            self._db.execute("INSERT OR REPLACE INTO meta (k, v) VALUES ('buffer_id', ?)", (inside,))
+        atomic_write(side, str(inside).encode())
 
     def _move_aside(self, why: str) -> None:
         stamp = time.strftime("%Y%m%dT%H%M%S")

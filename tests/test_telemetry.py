@@ -88,6 +88,34 @@ def test_a_full_buffer_gives_up_windows_before_events(tmp_path: Path) -> None:
     buf.close()
 
 
+@pytest.mark.parametrize("how", ["truncated", "deleted_wal_kept", "swapped"])
+def test_a_buffer_emptied_or_swapped_while_closed_is_reported(tmp_path: Path, how: str) -> None:
+    """SQLite opens a zero-byte or missing file as a new empty database: 400 unsent windows vanished with
+    no `buffer_reset` and every counter at 0. The buffer's id, kept inside and beside the file, tells."""
+    path = tmp_path / "t.db"
+    buf = rt.TelemetryBuffer(path)
+    for i in range(400):
+        buf.add({"key": f"k{i}", "start": float(i), "end": float(i + 1)})
+    buf.close()
+    again = rt.TelemetryBuffer(path)
+    assert again.reset_reason is None and again.stats().windows == 400  # a plain reopen is no reset
+    again.close()
+    if how == "truncated":
+        path.write_bytes(b"")
+    elif how == "deleted_wal_kept":
+        path.unlink()
+    else:
+        other = rt.TelemetryBuffer(tmp_path / "other.db")
+        other.add({"key": "x", "start": 0.0, "end": 1.0})
+        other.close()
+        path.write_bytes((tmp_path / "other.db").read_bytes())
+    reopened = rt.TelemetryBuffer(path)
+    assert reopened.reset_reason is not None and "unsent windows are lost" in reopened.reset_reason
+    assert reopened.stats().corrupt_resets == 1
+    reopened.close()
+    assert rt.TelemetryBuffer(path).reset_reason is None  # reported once, not at every start
+
+
 def test_survives_kill_9(mlp_bundles: dict, publisher, tmp_path: Path) -> None:
     script = textwrap.dedent(
         f"""
