@@ -80,6 +80,7 @@ class UpdateState(StrEnum):
     ROLLING_BACK = "rolling_back"
 
 
+_HISTORY = 32  # committed bundles remembered as rollback targets
 _BEFORE_SWITCH = {UpdateState.DOWNLOADING, UpdateState.VERIFYING, UpdateState.STAGING, UpdateState.SMOKE_TEST}
 
 
@@ -95,6 +96,8 @@ class _Persisted:
     attempts: int = 0
     refused: dict[str, str | None] = field(default_factory=dict)  # "name:version" -> rollout it failed in
     last_result: dict[str, Any] | None = None
+    # "name:version:sha256" of the bundles this device committed, oldest first: what a rollback may go to.
+    history: list[str] = field(default_factory=list)
 
     def to_json(self) -> bytes:
         d = dict(self.__dict__)
@@ -335,6 +338,11 @@ class Agent:
         for k, v in changes.items():
             if k != "reason":
                 setattr(self.persisted, k, v)
+        if changes.get("committed"):
+            c = changes["committed"]
+            key = f"{c.get('name')}:{c.get('version')}:{c.get('sha256')}"
+            kept = [h for h in self.persisted.history if h != key][-(_HISTORY - 1) :]
+            self.persisted.history = [*kept, key]
         if state is not None:
             old = self.persisted.state
             self.persisted.state = state
@@ -555,6 +563,21 @@ class Agent:
         if key in st.refused and st.refused[key] == d.rollout:
             return  # rolled back from in this rollout already; only a new rollout may offer it again
         committed = st.committed
+        if d.action == "rollback":
+            # A rollback goes back to something this device ran; any other older bundle is a downgrade.
+            ran = st.history or (
+                [f"{committed.get('name')}:{committed.get('version')}:{committed.get('sha256')}"] if committed else []
+            )
+            if f"{ref.name}:{ref.version}:{ref.sha256}" not in ran:
+                last = st.last_result or {}
+                if last.get("refused_rollback") != key:
+                    self._event(
+                        "update_refused",
+                        bundle=ref.to_dict(),
+                        reason="rollback to a bundle this device never committed",
+                    )
+                    self._persist(last_result={"refused_rollback": key})
+                return
         if (
             committed is not None
             and d.action != "rollback"

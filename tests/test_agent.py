@@ -201,6 +201,26 @@ def update_scenario(tmp_path, broker, files, observer, mlp_bundles, publisher, p
     assert observer.wait(lambda: observer.status(device).get("online") is False, 10, "offline status")
 
 
+def test_a_rollback_only_goes_back_to_a_bundle_the_device_ran(
+    tmp_path: Path, broker: Mosquitto, files: FileServer, observer: Observer, mlp_bundles: dict, publisher
+) -> None:
+    """`action: rollback` bypasses the downgrade rule, so it must lead back to something this device
+    committed: a device that only ever ran v2 refuses a "rollback" to v1 (before, it installed it: any
+    older signed bundle was one rollback order away)."""
+    dev = Device(tmp_path / "d", "dev-h", broker, publisher, mlp_bundles["2.0.0"])
+    dev.start()
+    try:
+        observer.wait(lambda: _idle_on(observer, "dev-h", "2.0.0"), 30, "v2 installed")
+        observer.desire("dev-h", bundle_ref(mlp_bundles["1.0.0"], files.url), "r1", action="rollback")
+        (ref,) = observer.wait(lambda: observer.events("dev-h", "update_refused"), 20, "rollback refused")
+        assert "never committed" in ref["reason"]
+        time.sleep(1)
+        assert _active_version(observer, "dev-h") == "2.0.0" and not observer.events("dev-h", "committed")
+        assert observer.state("dev-h")["update"]["state"] == "idle"
+    finally:
+        dev.stop()
+
+
 def test_interrupted_download_resumes_with_range(
     tmp_path: Path, broker: Mosquitto, files: FileServer, observer: Observer, mlp_bundles: dict, publisher
 ) -> None:
