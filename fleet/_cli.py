@@ -364,6 +364,7 @@ def _simulate(args: argparse.Namespace) -> int:
         workdir=Path(args.workdir) if args.workdir else None,
         inputs=Path(args.inputs) if args.inputs else None,
         standin=args.standin,
+        replace=args.replace,
     )
     run(sim, args.duration)
     return 0
@@ -487,7 +488,10 @@ def register(sub: Any) -> None:
     p.add_argument("--drift", action="append", help="TAG:SHIFT: devices with TAG see inputs shifted (repeatable)")
     p.add_argument("--fail-rate", type=float, default=0.0, help="share of calls made to fail")
     p.add_argument("--rate", type=float, default=5.0, help="predictions per second per device")
-    p.add_argument("--prefix", default="sim")
+    p.add_argument("--prefix", default="sim", help="device ids are PREFIX-0000, PREFIX-0001, ...")
+    p.add_argument(
+        "--replace", action="store_true", help="take over devices of this prefix that another simulator runs"
+    )
     p.add_argument("--inputs", help=".npz with inputs 'x' the devices see (default: the bundle's golden inputs)")
     p.add_argument("--duration", type=float, help="seconds (default: until Ctrl-C)")
     p.add_argument(

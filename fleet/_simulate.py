@@ -102,6 +102,8 @@ class Simulation:
     inputs: Path | None = None
     # A fast stand-in predictor instead of the real runtime backend, for fleets of thousands.
     standin: bool = False
+    # Take over devices of this prefix that are online (another simulator's): new credentials cut it off.
+    replace: bool = False
 
     def _api(self, method: str, path: str, body: Any = None) -> Any:
         data = None if body is None else json.dumps(body).encode()
@@ -129,9 +131,21 @@ class Simulation:
             reason = getattr(exc, "reason", exc)
             raise InputError(f"cannot reach the fleet server at {self.server}: {reason} (check --server)") from exc
 
+    def _check_not_running(self) -> None:
+        """Registering a device gives it new credentials, which cut off whoever runs it now."""
+        ids = {f"{self.prefix}-{i:04d}" for i in range(self.devices)}
+        online = sorted(d["id"] for d in self._api("GET", "/api/devices") if d.get("id") in ids and d.get("online"))
+        if online:
+            raise InputError(
+                f"{len(online)} of the devices this would register are online ({online[0]} ...): another "
+                "simulator runs them; choose another --prefix, or pass --replace to take them over"
+            )
+
     def start(self) -> None:
         from edgefleet.runtime import Agent, AgentConfig, HealthPolicy, MqttConfig, NetworkLoop
 
+        if not self.replace:
+            self._check_not_running()
         # All devices of this process share one MQTT network thread (a device runs its own).
         self._network = NetworkLoop("edgefleet-sim-mqtt")
 
