@@ -131,9 +131,12 @@ class Simulation:
             reason = getattr(exc, "reason", exc)
             raise InputError(f"cannot reach the fleet server at {self.server}: {reason} (check --server)") from exc
 
+    def _device_ids(self) -> list[str]:
+        return [f"{self.prefix}-{i:04d}" for i in range(self.devices)]
+
     def _check_not_running(self) -> None:
         """Registering a device gives it new credentials, which cut off whoever runs it now."""
-        ids = {f"{self.prefix}-{i:04d}" for i in range(self.devices)}
+        ids = set(self._device_ids())
         online = sorted(d["id"] for d in self._api("GET", "/api/devices") if d.get("id") in ids and d.get("online"))
         if online:
             raise InputError(
@@ -171,8 +174,7 @@ class Simulation:
         self.agents: list[Any] = []
         self.cohort_of: dict[str, str] = {}
         wanted = [
-            {"id": f"{self.prefix}-{i:04d}", "tags": [*self.tags, f"cohort-{i % self.cohorts}"]}
-            for i in range(self.devices)
+            {"id": dev, "tags": [*self.tags, f"cohort-{i % self.cohorts}"]} for i, dev in enumerate(self._device_ids())
         ]
         # One call per 200 devices: each is one broker reload, and the credentials work when it returns.
         regs = [

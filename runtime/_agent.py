@@ -81,6 +81,13 @@ class UpdateState(StrEnum):
 
 
 _HISTORY = 32  # committed bundles remembered as rollback targets
+
+
+def _history_key(bundle: dict[str, Any]) -> str:
+    """How a committed bundle (a SlotInfo or BundleRef as a dict) is named in `_Persisted.history`."""
+    return f"{bundle.get('name')}:{bundle.get('version')}:{bundle.get('sha256')}"
+
+
 _BEFORE_SWITCH = {UpdateState.DOWNLOADING, UpdateState.VERIFYING, UpdateState.STAGING, UpdateState.SMOKE_TEST}
 
 
@@ -339,8 +346,7 @@ class Agent:
             if k != "reason":
                 setattr(self.persisted, k, v)
         if changes.get("committed"):
-            c = changes["committed"]
-            key = f"{c.get('name')}:{c.get('version')}:{c.get('sha256')}"
+            key = _history_key(changes["committed"])
             kept = [h for h in self.persisted.history if h != key][-(_HISTORY - 1) :]
             self.persisted.history = [*kept, key]
         if state is not None:
@@ -565,10 +571,8 @@ class Agent:
         committed = st.committed
         if d.action == "rollback":
             # A rollback goes back to something this device ran; any other older bundle is a downgrade.
-            ran = st.history or (
-                [f"{committed.get('name')}:{committed.get('version')}:{committed.get('sha256')}"] if committed else []
-            )
-            if f"{ref.name}:{ref.version}:{ref.sha256}" not in ran:
+            ran = st.history or ([_history_key(committed)] if committed else [])
+            if _history_key(ref.to_dict()) not in ran:
                 last = st.last_result or {}
                 if last.get("refused_rollback") != key:
                     self._event(

@@ -25,7 +25,7 @@ import numpy as np
 
 from edgefleet import InputError
 
-from .._data import Dataset, run_batched
+from .._data import Dataset
 from . import Progress
 
 __all__ = ["quantization_aware_training"]
@@ -63,16 +63,13 @@ def _torch() -> Any:
     return torch
 
 
-class _WeightQuant:
+def _fake_quant_weight(w: Any) -> Any:
     """Symmetric int8 per output channel, as `edgefleet.converters._int8.round_per_channel` rounds."""
-
-    @staticmethod
-    def apply(w: Any) -> Any:
-        torch = _torch()
-        flat = w.detach().reshape(w.shape[0], -1).abs().amax(dim=1)
-        scale = torch.where(flat == 0, torch.ones_like(flat), flat / 127.0).float()
-        zero = torch.zeros(w.shape[0], dtype=torch.int32)
-        return torch.fake_quantize_per_channel_affine(w, scale, zero, 0, -127, 127)
+    torch = _torch()
+    flat = w.detach().reshape(w.shape[0], -1).abs().amax(dim=1)
+    scale = torch.where(flat == 0, torch.ones_like(flat), flat / 127.0).float()
+    zero = torch.zeros(w.shape[0], dtype=torch.int32)
+    return torch.fake_quantize_per_channel_affine(w, scale, zero, 0, -127, 127)
 
 
 def _make_modules() -> tuple[type, type]:
@@ -107,7 +104,7 @@ def _make_modules() -> tuple[type, type]:
             self.mode = "quant"
 
         def forward(self, w: Any) -> Any:
-            return w if self.mode == "off" else _WeightQuant.apply(w)
+            return w if self.mode == "off" else _fake_quant_weight(w)
 
     return ActQuant, WeightQuant
 
@@ -260,16 +257,11 @@ def _set(mods: list[Any], mode: str) -> None:
         m.mode = mode
 
 
-def _run(m: Any, x: np.ndarray, static_batch: int | None) -> Any:
-    torch = _torch()
+def _run(m: Any, x: np.ndarray) -> Any:
+    """M's outputs on X as the build predicts them (a fixed-batch program in whole batches), as a tensor."""
+    from ._torch import TorchBackend
 
-    def fwd(b: np.ndarray) -> np.ndarray:
-        with torch.no_grad():
-            return m(torch.from_numpy(np.ascontiguousarray(b))).numpy()
-
-    if static_batch is not None:
-        return torch.from_numpy(run_batched(fwd, x, static_batch))
-    return torch.from_numpy(np.concatenate([fwd(x[i : i + 256]) for i in range(0, len(x), 256)]))
+    return _torch().from_numpy(TorchBackend().predict(m, x))
 
 
 class FakeQuantized:
@@ -282,6 +274,10 @@ class FakeQuantized:
         self.static_batch = static_batch
         # What the build knows about a .pt2 program's input shape carries over to the trained graph.
         self._shape_attrs = {a: getattr(model, a) for a in _SHAPE_ATTRS if hasattr(model, a)}
+        if static_batch is not None:
+            self._shape_attrs["_edgefleet_static_batch"] = static_batch
+        for attr, value in self._shape_attrs.items():
+            setattr(self.gm, attr, value)
         if not self.weights:
             raise InputError("qat found no convolution or linear layer to quantize in this model")
 
@@ -291,12 +287,12 @@ class FakeQuantized:
         for a in self.acts:
             a.lo.zero_(), a.hi.zero_()
         _set(self.acts, "observe")
-        _run(self.gm, x, self.static_batch)
+        _run(self.gm, x)
         _set(self.weights, "quant")
         _set(self.acts, "quant")
 
     def __call__(self, x: np.ndarray) -> Any:
-        return _run(self.gm, x, self.static_batch)
+        return _run(self.gm, x)
 
     def float_model(self) -> Any:
         """The trained graph without its quantizers: what the quantize step gets."""
@@ -313,14 +309,14 @@ def quantization_aware_training(
     """Fine-tune MODEL under int8 fake quantization toward its own float outputs on DATA's inputs."""
     torch = _torch()
     F = torch.nn.functional
-    teacher = copy.deepcopy(model)
+    teacher = model  # only read, under no_grad: the student is a separate copy of its graph
     fq = FakeQuantized(model, sample, static_batch)
     gm, acts, weights, folded = fq.gm, fq.acts, fq.weights, fq.folded
     xs = np.ascontiguousarray(data.x.astype(np.float32))
     calib = xs[:256]  # what the quantize step calibrates on by default
     # A fixed-batch program trains on whole multiples of its batch.
     bs = p.batch_size if static_batch is None else max(static_batch, p.batch_size // static_batch * static_batch)
-    teacher_logits = _run(teacher, xs, static_batch)
+    teacher_logits = _run(teacher, xs)
     two_d = teacher_logits.dim() == 2 and teacher_logits.shape[1] > 1
     temp = p.temperature
 
