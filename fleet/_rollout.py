@@ -39,7 +39,7 @@ import numpy as np
 from edgefleet import InputError
 from edgefleet._drift import chi2_two_sample, psi
 from edgefleet._manifest import semver_key
-from edgefleet._telemetry import latency_quantile
+from edgefleet._telemetry import latency_quantile, latency_regressed
 
 from ._db import Database
 from ._drift import add_counts
@@ -512,12 +512,17 @@ class RolloutEngine:
                 )
         if values["p95_ms"] is not None and values["control_p95_ms"] is not None:
             ctl_p95 = values["control_p95_ms"]
-            limit = max(ctl_p95 * gates["max_p95_ratio"], ctl_p95 + gates["p95_slack_ms"])
-            slow = values["p95_ms"] > limit
-            if slow and new["calls"] < gates.get("reliable_p95_calls", 0) and ctl["median"] is not None:
-                mid_limit = max(ctl["median"] * gates["max_p95_ratio"], ctl["median"] + gates["p95_slack_ms"] / 2)
+            small = new["calls"] < gates.get("reliable_p95_calls", 0) and ctl["median"] is not None
+            slow, limit = latency_regressed(
+                values["p95_ms"],
+                ctl_p95,
+                ratio=gates["max_p95_ratio"],
+                slack_ms=gates["p95_slack_ms"],
+                median=new["median"] if small else None,
+                control_median=ctl["median"] if small else None,
+            )
+            if small and values["p95_ms"] > limit:
                 values["p50_ms"], values["control_p50_ms"] = round(new["median"], 4), round(ctl["median"], 4)
-                slow = new["median"] > mid_limit
             if slow:
                 failed_gates.append(f"p95 {values['p95_ms']:.3f} ms > {limit:.3f} ms (control {ctl_p95:.3f} ms)")
         if new["classes"] is not None and ctl["classes"] is not None and new["classes"].sum() and ctl["classes"].sum():

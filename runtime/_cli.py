@@ -88,7 +88,7 @@ def _cmd_agent(args: argparse.Namespace) -> int:
     agent = Agent(load_config(args.config))
 
     def _term(signum: int, frame: Any) -> None:
-        agent._stop.set()
+        agent.request_stop()
 
     signal.signal(signal.SIGTERM, _term)
     print(f"edgefleet agent {agent.device_id}: data in {agent.root}", file=sys.stderr, flush=True)

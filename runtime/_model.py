@@ -275,7 +275,7 @@ class Model:
             tel.record(arr, outs[0], time.perf_counter() - t0)
         return outs
 
-    def _timed_run(self, x: Any) -> tuple[list[np.ndarray], float]:
+    def timed_run(self, x: Any) -> tuple[list[np.ndarray], float]:
         """Run X without telemetry: the outputs and the seconds taken, less any wait for another thread's
         call on this model (the agent's latency probes run beside the app's calls)."""
         session = self._session
@@ -329,11 +329,11 @@ def _cpu_count() -> int:
 
 
 def _call_s(model: Model, x: np.ndarray, runs: int = 9) -> float:
-    model._timed_run(x)  # the first call sets up buffers
-    first = model._timed_run(x)[1]
+    model.timed_run(x)  # the first call sets up buffers
+    first = model.timed_run(x)[1]
     if first >= 4 * _SMALL_CALL_S:  # clearly not small: no need for a careful figure
         return first
-    return sorted(model._timed_run(x)[1] for _ in range(runs))[runs // 2]
+    return sorted(model.timed_run(x)[1] for _ in range(runs))[runs // 2]
 
 
 def _sample(bundle: Bundle, entry: ModelEntry) -> np.ndarray | None:

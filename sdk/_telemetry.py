@@ -19,6 +19,7 @@ __all__ = [
     "baseline_bins",
     "check_window",
     "latency_quantile",
+    "latency_regressed",
 ]
 
 # Feature name -> number of bins, for inputs and outputs: what a window's histograms must have.
@@ -131,3 +132,26 @@ def latency_quantile(counts: list[int], q: float) -> float | None:
             hi = LATENCY_EDGES_MS[i] if i < len(LATENCY_EDGES_MS) else LATENCY_EDGES_MS[-1] * 10**0.1
             return math.sqrt(lo * hi)
     return LATENCY_EDGES_MS[-1]
+
+
+def latency_regressed(
+    p95: float,
+    control_p95: float,
+    *,
+    ratio: float,
+    slack_ms: float,
+    median: float | None = None,
+    control_median: float | None = None,
+) -> tuple[bool, float]:
+    """The latency rule a device's health window and a fleet rollout both apply: (slower, p95 limit).
+
+    Slower means p95 > max(control p95 x RATIO, control p95 + SLACK_MS). Give MEDIAN and CONTROL_MEDIAN
+    when the p95s come from a small sample (a p95 of a few dozen figures is one or two of them, which a
+    scheduling hiccup can make): then the median must be slower too, > max(control x RATIO, control +
+    SLACK_MS / 2), which hiccups do not move.
+    """
+    limit = max(control_p95 * ratio, control_p95 + slack_ms)
+    slow = p95 > limit
+    if slow and median is not None and control_median is not None:
+        slow = median > max(control_median * ratio, control_median + slack_ms / 2)
+    return slow, limit

@@ -513,6 +513,33 @@ def test_repeated_crashes_in_the_health_window_roll_back(
         dev.stop()
 
 
+def test_a_bundle_that_kills_the_agent_in_its_smoke_test_every_time_is_given_up(
+    tmp_path: Path, broker: Mosquitto, files: FileServer, observer: Observer, mlp_bundles: dict, publisher
+) -> None:
+    """Before the switch an update survives a few restarts (a power cut mid-download), not a bundle that
+    takes the process down at every try: the device goes back to resting on v1 and says why."""
+    dev = Device(tmp_path / "d", "dev-loop", broker, publisher, mlp_bundles["1.0.0"])
+    dev.start()
+    observer.wait(lambda: _idle_on(observer, "dev-loop", "1.0.0"), 30, "v1 installed")
+    dev.stop()
+    dev.start(failpoint="smoke.before")
+    observer.desire("dev-loop", bundle_ref(mlp_bundles["2.0.0"], files.url), "r-loop")
+    assert dev.wait_exit(60) == -signal.SIGKILL
+    for _ in range(3):  # each restart resumes the smoke test, and dies in it again
+        dev.start(failpoint="smoke.before")
+        assert dev.wait_exit(60) == -signal.SIGKILL
+    dev.start(failpoint="smoke.before")  # the fourth restart gives up before reaching it
+    try:
+        (failed,) = observer.wait(lambda: observer.events("dev-loop", "update_failed"), 60, "update given up")
+        assert "restarted 4 times during smoke_test" in failed["reason"]
+        observer.wait(lambda: _idle_on(observer, "dev-loop", "1.0.0"), 20, "resting on v1")
+        assert observer.state("dev-loop")["update"]["refused"] == {
+            f"{open_bundle(mlp_bundles['2.0.0']).manifest.name}:2.0.0": "r-loop"
+        }
+    finally:
+        dev.stop()
+
+
 def test_agents_sharing_one_network_loop(tmp_path: Path, files: FileServer, mlp_bundles: dict, publisher) -> None:
     """Many agents in one process on one `NetworkLoop`: no paho thread each, updates and telemetry flow,
     they reconnect after the broker restarts, and a stopped agent disconnects for good."""
@@ -546,11 +573,12 @@ def test_agents_sharing_one_network_loop(tmp_path: Path, files: FileServer, mlp_
         broker.start()
         observer.wait(lambda: all(len(observer.windows(d)) > seen[d] for d in ids), 40, "reconnected, windows again")
 
+        stopped = agents[1].link._client
         agents[1].stop()
         observer.wait(lambda: observer.status(ids[1]).get("online") is False, 10, "stopped agent says offline")
         time.sleep(3)  # a stopped agent is not reconnected by the loop
         assert observer.status(ids[1]).get("online") is False
-        assert id(agents[1]._client) not in net._entries
+        assert stopped is not None and id(stopped) not in net._entries
     finally:
         for a in agents:
             a.stop()

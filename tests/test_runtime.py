@@ -320,7 +320,7 @@ def test_a_latency_probe_is_not_charged_for_the_wait_on_another_call(digits_bund
     expected = m._run(m._prepare(xs))[0]
     got: dict = {}
     m._session._run_lock.acquire()  # another thread's call under way
-    t = threading.Thread(target=lambda: got.update(r=m._timed_run(xs)))
+    t = threading.Thread(target=lambda: got.update(r=m.timed_run(xs)))
     t.start()
     time.sleep(0.3)
     m._session._run_lock.release()
@@ -329,4 +329,4 @@ def test_a_latency_probe_is_not_charged_for_the_wait_on_another_call(digits_bund
     np.testing.assert_array_equal(outs[0], expected)
     assert 0 < seconds < 0.15, f"{seconds:.3f} s: the 0.3 s wait for the other call was counted"
     # and an uncontended call is not charged a stale wait
-    assert m._timed_run(xs)[1] > 0
+    assert m.timed_run(xs)[1] > 0
