@@ -38,9 +38,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from edgefleet import generate_keypair  # noqa: E402
-from edgefleet._telemetry import LATENCY_EDGES_MS, WINDOW_SCHEMA  # noqa: E402
-from edgefleet._topics import topic  # noqa: E402
 from edgefleet.fleet._db import Database  # noqa: E402
+from edgefleet.protocol import (  # noqa: E402
+    LATENCY_EDGES_MS,
+    WINDOW_SCHEMA,
+    topic,
+)
 from tests._servers import Mosquitto, free_port  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from edgefleet import EdgefleetError
 from edgefleet._fs import atomic_write, fsync_dir
-from edgefleet._topics import ROOT, check_device_id
+from edgefleet.protocol import ROOT, check_device_id
 
 __all__ = ["SERVER_USER", "Broker"]
 

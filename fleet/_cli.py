@@ -111,7 +111,7 @@ def _ingest(args: argparse.Namespace) -> int:
     from ._db import Database
     from ._endpoint import BrokerEndpoint
     from ._ingest import IngestWorker
-    from ._server import recorded_broker
+    from ._provision import recorded_broker
 
     data = Path(args.data_dir)
     # Explicit flags first, then how the server in --data-dir runs its broker, then the default port.
@@ -152,14 +152,14 @@ def _broker_auth(args: argparse.Namespace) -> int:
 
 
 def _token(args: argparse.Namespace) -> int:
-    from ._server import create_token
+    from ._auth import create_token
 
     print(create_token(Path(args.data_dir), args.name, args.db))
     return 0
 
 
 def _provision(args: argparse.Namespace) -> int:
-    from ._server import provision
+    from ._provision import provision
 
     tags = [t for t in (args.tags or "").split(",") if t]
     out = provision(

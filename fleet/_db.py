@@ -19,7 +19,7 @@ from typing import Any
 from edgefleet import InputError
 from edgefleet._errors import require
 
-__all__ = ["Database", "open_database"]
+__all__ = ["Database"]
 
 SCHEMA = [
     """CREATE TABLE IF NOT EXISTS devices (
@@ -163,7 +163,3 @@ class _Cursor:
 
     def fetchall(self) -> list[Any]:
         return list(self._cur.fetchall())
-
-
-def open_database(url: str) -> Database:
-    return Database(url)

@@ -20,8 +20,7 @@ import time
 from typing import Any
 
 from edgefleet import InputError
-from edgefleet._telemetry import Bins, baseline_bins, check_window
-from edgefleet._topics import ROOT, parse_topic
+from edgefleet.protocol import ROOT, Bins, baseline_bins, check_window, parse_topic
 
 from ._db import Database
 from ._endpoint import BrokerEndpoint

@@ -4,12 +4,9 @@ REST API, bundle downloads (with Range) and Prometheus `/metrics`."""
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
-import math
 import os
-import re
 import secrets
 import shutil
 import time
@@ -19,17 +16,20 @@ from typing import Any
 
 from edgefleet import EdgefleetError, InputError, open_bundle
 from edgefleet._bundle import sha256_file
-from edgefleet._fs import atomic_write
-from edgefleet._topics import DESIRED_SCHEMA, check_device_id, topic
+from edgefleet._fs import atomic_copy, atomic_write
+from edgefleet.protocol import BundleRef, Desired, topic
 
+from ._auth import may_download, may_operate
 from ._broker import SERVER_USER, Broker
 from ._db import Database
 from ._drift import DriftMonitor
 from ._endpoint import BrokerEndpoint
 from ._ingest import IngestWorker
+from ._metrics import metrics_text
+from ._provision import check_tags, record_broker, register_devices, trusted_dir
 from ._rollout import RolloutEngine
 
-__all__ = ["FleetServer", "ServerConfig", "create_token", "provision"]
+__all__ = ["FleetServer", "ServerConfig"]
 
 log = logging.getLogger("edgefleet.fleet")
 MAX_BUNDLE_BYTES = 2 << 30
@@ -65,171 +65,6 @@ class ServerConfig:
     @property
     def base_url(self) -> str:
         return f"http://{self.public_host}:{self.http_port}"
-
-
-def _hash_token(token: str) -> str:
-    return hashlib.sha256(token.encode()).hexdigest()
-
-
-def create_token(data_dir: Path, name: str = "operator", db_url: str | None = None) -> str:
-    """A new operator API token (only its hash is stored)."""
-    db = Database(db_url or f"sqlite:///{Path(data_dir) / 'fleet.db'}")
-    token = "eft_" + secrets.token_urlsafe(32)
-    db.execute("INSERT INTO tokens (sha256, name, created) VALUES (?, ?, ?)", (_hash_token(token), name, time.time()))
-    return token
-
-
-def trusted_dir(data_dir: Path) -> Path:
-    return Path(data_dir) / "trusted"
-
-
-def check_tags(tags: list[str]) -> list[str]:
-    for t in tags:
-        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}", t):
-            raise InputError(f"tag {t!r} is not valid: use letters, digits, '.', '_', ':' or '-'")
-    return sorted(set(tags))
-
-
-@dataclass(frozen=True)
-class Credentials:
-    """What a newly registered (or re-keyed) device is given: its broker password and its token for
-    bundle downloads. Only hashes stay on the server side (the broker's password file, the database)."""
-
-    password: str
-    http_token: str
-
-
-def register_devices(db: Database, broker: Broker, devices: list[tuple[str, list[str]]]) -> dict[str, Credentials]:
-    """Create or re-key devices (id, tags): fresh broker passwords and download tokens (returned), tags
-    in the registry.
-
-    Returns once the broker has reloaded its password file, so the credentials work right away."""
-    checked = [(check_device_id(d), check_tags(tags)) for d, tags in devices]
-    creds = {d: Credentials(secrets.token_urlsafe(24), "efd_" + secrets.token_urlsafe(32)) for d, _ in checked}
-    reloaded = broker.set_passwords({d: c.password for d, c in creds.items()})
-    now = time.time()
-    with db.transaction() as cur:
-        for d, tags in checked:
-            cur.execute(
-                "INSERT INTO devices (id, tags, created) VALUES (?, ?, ?) ON CONFLICT (id) DO UPDATE SET tags = ?",
-                (d, json.dumps(tags), now, json.dumps(tags)),
-            )
-            cur.execute(
-                "INSERT INTO device_tokens (device_id, sha256, created) VALUES (?, ?, ?) "
-                "ON CONFLICT (device_id) DO UPDATE SET sha256 = ?, created = ?",
-                (d, _hash_token(creds[d].http_token), now, _hash_token(creds[d].http_token), now),
-            )
-    reloaded.wait(10)
-    return creds
-
-
-def register_device(db: Database, broker: Broker, device_id: str, tags: list[str]) -> Credentials:
-    """Create or re-key DEVICE_ID (see `register_devices`)."""
-    return register_devices(db, broker, [(device_id, tags)])[device_id]
-
-
-def device_toml(
-    device_id: str,
-    creds: Credentials,
-    tags: list[str],
-    key_names: list[str],
-    host: str,
-    port: int,
-    tls: bool = False,
-    ca_name: str | None = None,
-    http_url: str | None = None,
-    self_test_hz: float = 0.0,
-) -> str:
-    text = (
-        f'device_id = "{device_id}"\n'
-        f'data_dir = "{device_id}-data"\n'
-        f"trusted_keys = {json.dumps(key_names)}\n"
-        f"tags = {json.dumps(sorted(set(tags)))}\n"
-        f'http_token = "{creds.http_token}"\n'
-        # The token goes to the fleet server's origin only (runtime: AgentConfig.token_origins).
-        + (f"token_origins = {json.dumps([http_url])}\n" if http_url else "")
-        # A device with no app traffic of its own sends no telemetry; its golden inputs can stand in.
-        + (f"self_test_hz = {self_test_hz!r}\n" if self_test_hz > 0 else "")
-        + "\n"
-        "[mqtt]\n"
-        f'host = "{host}"\nport = {port}\n'
-        f'username = "{device_id}"\npassword = "{creds.password}"\n'
-    )
-    if tls:
-        text += "tls = true\n" + (f"ca = {json.dumps(ca_name)}\n" if ca_name else "")
-    return text
-
-
-_EXTERNAL = "external.json"
-_EMBEDDED = "embedded.json"
-
-
-def recorded_broker(data_dir: Path) -> dict[str, Any] | None:
-    """How the server in DATA_DIR last ran its broker, for offline `fleet provision` and `fleet ingest`:
-    `url` (for server-side clients), `host` / `port` / `tls` / `ca_pem` (for devices), `reload`. Written
-    at every start: external.json for `--broker`, embedded.json for the embedded one (None: never ran)."""
-    for name in (_EXTERNAL, _EMBEDDED):
-        p = Path(data_dir) / "mosquitto" / name
-        if p.exists():
-            try:
-                doc = json.loads(p.read_text())
-            except (OSError, ValueError):
-                continue
-            return doc if isinstance(doc, dict) else None
-    return None
-
-
-def provision(
-    data_dir: Path,
-    device_id: str,
-    tags: list[str],
-    out: Path,
-    mqtt_host: str | None = None,
-    mqtt_port: int | None = None,
-    db_url: str | None = None,
-    self_test_hz: float = 0.0,
-) -> Path:
-    """Register DEVICE_ID, give it broker credentials, write its device.toml (and the trusted keys) to OUT.
-
-    Host and port default to how the server in DATA_DIR last ran its broker (external or embedded, with
-    its public host and MQTT port), else 127.0.0.1:1883. SELF_TEST_HZ > 0: the agent runs the bundle's
-    golden inputs that often as traffic (a trial device with no app of its own)."""
-    if not (math.isfinite(self_test_hz) and 0 <= self_test_hz <= 1000):
-        raise InputError(f"--self-test-hz must be between 0 and 1000 calls a second, got {self_test_hz}")
-    data_dir = Path(data_dir)
-    keys = sorted(trusted_dir(data_dir).glob("*.pub"))
-    if not keys:
-        raise InputError(
-            f"no trusted keys in {trusted_dir(data_dir)}: start the server with --trusted-key KEY.pub first"
-        )
-    ext = recorded_broker(data_dir) or {}
-    host = mqtt_host or ext.get("host", "127.0.0.1")
-    port = mqtt_port or int(ext.get("port", 1883))
-    db = Database(db_url or f"sqlite:///{data_dir / 'fleet.db'}")
-    broker = Broker(data_dir / "mosquitto", port, reload_command=ext.get("reload"))
-    creds = register_device(db, broker, device_id, tags)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    for k in keys:
-        shutil.copy(k, out.parent / k.name)
-    ca_name = None
-    if ext.get("ca_pem"):
-        ca_name = "broker-ca.pem"
-        atomic_write(out.parent / ca_name, ext["ca_pem"].encode())
-    text = device_toml(
-        device_id,
-        creds,
-        tags,
-        [k.name for k in keys],
-        host,
-        port,
-        bool(ext.get("tls")),
-        ca_name,
-        ext.get("http_url"),
-        self_test_hz,
-    )
-    atomic_write(out, text.encode(), mode=0o600)
-    return out
 
 
 class FleetServer:
@@ -313,8 +148,7 @@ class FleetServer:
             "reload": self.config.broker_reload,
             "http_url": self.config.base_url,
         }
-        (self.dir / "mosquitto" / _EMBEDDED).unlink(missing_ok=True)
-        atomic_write(self.dir / "mosquitto" / _EXTERNAL, json.dumps(doc, indent=1).encode())
+        record_broker(self.dir, doc, external=True)
 
     def _record_embedded(self) -> None:
         """Remember the embedded broker's port and the host devices reach it by (see `recorded_broker`)."""
@@ -327,8 +161,7 @@ class FleetServer:
             "reload": None,
             "http_url": self.config.base_url,
         }
-        (self.dir / "mosquitto" / _EXTERNAL).unlink(missing_ok=True)  # from an earlier run with --broker
-        atomic_write(self.dir / "mosquitto" / _EMBEDDED, json.dumps(doc, indent=1).encode())
+        record_broker(self.dir, doc, external=False)  # forgets an earlier run's --broker
 
     def device_mqtt(self) -> dict[str, Any]:
         """How devices reach the broker: host, port, and with TLS the CA's PEM (None: the system's CAs)."""
@@ -364,19 +197,11 @@ class FleetServer:
     # -- operations the API and the CLI share ------------------------------------------------------
     def check_token(self, header: str | None) -> bool:
         """An operator's API token."""
-        if not header or not header.startswith("Bearer "):
-            return False
-        return bool(self.db.query("SELECT 1 FROM tokens WHERE sha256 = ?", (_hash_token(header[7:].strip()),)))
+        return may_operate(self.db, header)
 
     def check_download(self, header: str | None) -> bool:
         """A token that may download bundles: a device's (written into its device.toml) or an operator's."""
-        if not header or not header.startswith("Bearer "):
-            return False
-        h = _hash_token(header[7:].strip())
-        return bool(
-            self.db.query("SELECT 1 FROM tokens WHERE sha256 = ?", (h,))
-            or self.db.query("SELECT 1 FROM device_tokens WHERE sha256 = ?", (h,))
-        )
+        return may_download(self.db, header)
 
     def publish_bundle(self, data_path: Path) -> dict[str, Any]:
         """Verify an uploaded bundle against the trusted keys and store it; refuse anything invalid."""
@@ -392,8 +217,7 @@ class FleetServer:
         # can never map to one file.
         dest = self.dir / "bundles" / f"{sha}.efb"
         if not rows:
-            shutil.copyfile(data_path, dest.with_suffix(".efb.tmp"))
-            os.replace(dest.with_suffix(".efb.tmp"), dest)
+            atomic_copy(data_path, dest)
             self.db.execute(
                 "INSERT INTO bundles (name, version, sha256, size, path, manifest, created) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?)",
@@ -418,13 +242,8 @@ class FleetServer:
     ) -> Any:
         """Publish DEVICE's desired bundle (retained, QoS 1). Without WAIT the caller waits on the returned
         handle (`wait_for_publish`), so a stage's hundreds of orders go out pipelined, not one round trip each."""
-        doc = {
-            "schema": DESIRED_SCHEMA,
-            "bundle": self.bundle_ref(name, version),
-            "action": action,
-            "rollout": rollout,
-            "issued_at": time.time(),
-        }
+        ref = BundleRef.parse(self.bundle_ref(name, version), f"bundle {name}:{version}")
+        doc = Desired(ref, action, rollout, time.time()).to_dict()
         info = self._pub.publish(topic(device, "desired"), json.dumps(doc), qos=1, retain=True)
         if wait:
             info.wait_for_publish(10)
@@ -450,6 +269,10 @@ class FleetServer:
             }
             for d, tags in devices
         ]
+
+    def metrics(self) -> str:
+        """The Prometheus text of `/metrics`."""
+        return metrics_text(self)
 
     def devices(self) -> list[dict[str, Any]]:
         rows = self.db.query(
@@ -481,50 +304,3 @@ class FleetServer:
             "SELECT ts, type, body FROM events WHERE device_id = ? ORDER BY ts DESC LIMIT ?", (device_id, limit)
         )
         return [{"device_id": device_id, "ts": ts, "type": t, "body": json.loads(b)} for ts, t, b in rows]
-
-    def metrics(self) -> str:
-        c = self.db.counters()
-        lines = [
-            "# HELP edgefleet_devices Registered devices.",
-            "# TYPE edgefleet_devices gauge",
-            f"edgefleet_devices {self.db.query('SELECT COUNT(*) FROM devices')[0][0]}",
-            "# HELP edgefleet_devices_online Devices whose last status says online.",
-            "# TYPE edgefleet_devices_online gauge",
-            f"edgefleet_devices_online {self.db.query('SELECT COUNT(*) FROM devices WHERE online = 1')[0][0]}",
-            "# HELP edgefleet_ingest_messages_total Messages handled by ingest workers, by outcome.",
-            "# TYPE edgefleet_ingest_messages_total counter",
-        ]
-        for k in ("received", "stored", "duplicates", "rejected", "unknown_device"):
-            lines.append(f'edgefleet_ingest_messages_total{{outcome="{k}"}} {c.get("ingest_" + k, 0)}')
-        alerts = self.db.query(
-            "SELECT bundle_name, bundle_version, cohort, feature FROM alerts WHERE state = 'open' ORDER BY 1, 2, 3, 4"
-        )
-        lines += [
-            "# HELP edgefleet_drift_alerts_open Open drift alerts.",
-            "# TYPE edgefleet_drift_alerts_open gauge",
-            f"edgefleet_drift_alerts_open {len(alerts)}",
-            "# HELP edgefleet_drift_alert One per open drift alert (bundle, cohort, feature).",
-            "# TYPE edgefleet_drift_alert gauge",
-        ]
-        for n, v, cohort, feature in alerts:
-            lines.append(
-                f'edgefleet_drift_alert{{bundle="{n}:{v}",cohort="{_label(cohort)}",feature="{_label(feature)}"}} 1'
-            )
-        lines += [
-            "# HELP edgefleet_drift_psi PSI against the bundle's baseline at the last drift check.",
-            "# TYPE edgefleet_drift_psi gauge",
-        ]
-        for (b, cohort, feature), value in sorted(self.drift.last.items()):
-            lines.append(
-                f'edgefleet_drift_psi{{bundle="{b}",cohort="{_label(cohort)}",feature="{_label(feature)}"}} {value}'
-            )
-        if self.broker is not None:
-            lines += [
-                "# TYPE edgefleet_broker_restarts_total counter",
-                f"edgefleet_broker_restarts_total {self.broker.restarts}",
-            ]
-        return "\n".join(lines) + "\n"
-
-
-def _label(value: str) -> str:
-    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")

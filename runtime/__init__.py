@@ -12,11 +12,12 @@ from __future__ import annotations
 from edgefleet import BundleError, InputError
 
 from ._agent import Agent, UpdateState
+from ._aggregate import WindowAggregator
 from ._backends import Session, SessionOptions
 from ._config import AgentConfig, HealthPolicy, MqttConfig, load_config
 from ._model import GoldenResult, Model, ModelInfo, SessionFactory, load
 from ._netloop import NetworkLoop
-from ._telemetry import BufferStats, TelemetryBuffer, WindowAggregator
+from ._telemetry import BufferStats, TelemetryBuffer
 
 __all__ = [
     "Agent",

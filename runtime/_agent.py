@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from edgefleet import BundleError, EdgefleetError, InputError, __version__
-from edgefleet._topics import EVENT_SCHEMA, STATE_SCHEMA, BundleRef, Command, Desired
+from edgefleet.protocol import EVENT_SCHEMA, STATE_SCHEMA, BundleRef, Command, Desired
 
 from ._active import ActiveModel
 from ._config import AgentConfig

@@ -110,7 +110,7 @@ def _buffer_path(args: argparse.Namespace) -> Path:
 
 def _cmd_telemetry(args: argparse.Namespace) -> int:
     from edgefleet import InputError
-    from edgefleet._telemetry import latency_quantile
+    from edgefleet.protocol import latency_quantile
 
     from ._telemetry import TelemetryBuffer
 

@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import os
 import tomllib
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from edgefleet import InputError
-from edgefleet._topics import check_device_id
+from edgefleet.protocol import check_device_id
 
-__all__ = ["AgentConfig", "HealthPolicy", "MqttConfig", "load_config"]
+__all__ = ["AgentConfig", "HealthPolicy", "MqttConfig", "dump_config", "load_config"]
 
 
 @dataclass
@@ -113,3 +114,43 @@ def load_config(path: str | os.PathLike[str]) -> AgentConfig:
         data["initial_bundle"] = rel(data["initial_bundle"])
     cfg: AgentConfig = _section(AgentConfig, {**data, "mqtt": mqtt, "health": health}, str(p))
     return cfg
+
+
+def _toml(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, (str, Path)):
+        # JSON's string escapes are TOML's basic-string escapes.
+        return json.dumps(str(v))
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml(x) for x in v) + "]"
+    raise TypeError(f"no TOML form for {type(v).__name__}")
+
+
+def _fields_toml(obj: Any, keep: tuple[str, ...] = ()) -> list[str]:
+    out = []
+    for f in fields(obj):
+        v = getattr(obj, f.name)
+        if isinstance(v, (MqttConfig, HealthPolicy)):
+            continue
+        if f.default_factory is not MISSING:
+            default = f.default_factory()
+        else:
+            default = f.default
+        if v is None or (default is not MISSING and v == default and f.name not in keep):
+            continue
+        out.append(f"{f.name} = {_toml(v)}")
+    return out
+
+
+def dump_config(cfg: AgentConfig) -> str:
+    """CFG as the device.toml `load_config` reads back (settings at their defaults are left out, but for
+    where the broker is; paths are written as given, so relative ones stay relative to the file)."""
+    lines = _fields_toml(cfg)
+    for name, section, keep in (("mqtt", cfg.mqtt, ("host", "port")), ("health", cfg.health, ())):
+        body = _fields_toml(section, keep)
+        if body:
+            lines += ["", f"[{name}]", *body]
+    return "\n".join(lines) + "\n"

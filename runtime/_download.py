@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from edgefleet import BundleError
+from edgefleet._fs import fsync_dir
 
 from ._failpoints import failpoint
 
@@ -171,5 +172,6 @@ def download(
         part.unlink(missing_ok=True)
         raise BundleError(f"downloaded bundle from {url} does not match the announced sha256; discarded")
     os.replace(part, dest)
+    fsync_dir(dest.parent)
     failpoint("download.done")
     return dest

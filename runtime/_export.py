@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from edgefleet._topics import topic
+from edgefleet.protocol import topic
 
 from ._telemetry import TelemetryBuffer
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from edgefleet._telemetry import latency_regressed
+from edgefleet.protocol import latency_regressed
 
 from ._config import HealthPolicy
 from ._failpoints import failpoint

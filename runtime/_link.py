@@ -16,7 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 from edgefleet._errors import require
-from edgefleet._topics import STATUS_SCHEMA, Command, Desired, parse_command, parse_desired, topic
+from edgefleet.protocol import STATUS_SCHEMA, Command, Desired, parse_command, parse_desired, topic
 
 from ._config import MqttConfig
 from ._export import MqttExporter
@@ -25,6 +25,8 @@ from ._netloop import NetworkLoop
 __all__ = ["MqttLink"]
 
 log = logging.getLogger("edgefleet.agent")
+
+_RECONNECT_DELAY_S = (1.0, 30.0)
 
 
 class MqttLink:
@@ -69,7 +71,7 @@ class MqttLink:
         if c.tls:
             client.tls_set(ca_certs=c.ca, certfile=c.cert, keyfile=c.key)
         client.will_set(topic(self.device_id, "status"), self.status(False), qos=1, retain=True)
-        client.reconnect_delay_set(1, 30)
+        client.reconnect_delay_set(*_RECONNECT_DELAY_S)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
@@ -79,7 +81,7 @@ class MqttLink:
         client.connect_async(c.host, c.port, keepalive=c.keepalive, clean_start=True, properties=props)
         self._client = client
         if self._network is not None:
-            self._network.add(client)
+            self._network.add(client, name=self.device_id, reconnect_delay=_RECONNECT_DELAY_S)
         else:
             client.loop_start()
 
@@ -99,7 +101,10 @@ class MqttLink:
             if self.connected.is_set():
                 info = self._client.publish(topic(self.device_id, "status"), self.status(False), 1, True)
                 info.wait_for_publish(timeout=2)
-            self._client.disconnect()
+            if self._network is not None:
+                self._network.disconnect(self._client)
+            else:
+                self._client.disconnect()
         except (RuntimeError, ValueError, OSError):
             pass
         if self._network is not None:

@@ -17,8 +17,9 @@ from edgefleet import Bundle, BundleError, InputError, ModelEntry, PublicKey, op
 from edgefleet._bundle import sha256_file
 from edgefleet._quant import TensorCodec
 
+from ._aggregate import SUMMARY_BUDGET, WindowAggregator
 from ._backends import BACKENDS, Session, SessionOptions, open_session
-from ._telemetry import SUMMARY_BUDGET, TelemetryBuffer, WindowAggregator
+from ._telemetry import TelemetryBuffer
 
 __all__ = ["GoldenResult", "Model", "ModelInfo", "SessionFactory", "load"]
 

@@ -30,6 +30,10 @@ _SCAN_EVERY_S = 0.5
 @dataclass(eq=False)
 class _Entry:
     client: Any
+    name: str
+    min_delay: float
+    max_delay: float
+    leaving: bool = False  # its owner disconnected it: it must stay closed
     misc_at: float = 0.0
     retry_at: float = 0.0
     backoff: float = 0.0
@@ -42,8 +46,8 @@ class NetworkLoop:
     """Drives the network traffic of many paho clients from one thread.
 
     `add(client)` after `connect_async`: the loop opens the connection, and reopens it after a loss
-    (backoff from the client's `reconnect_delay_set`). `remove(client)` after `disconnect()`: waits
-    until the DISCONNECT is written, then forgets the client.
+    (backoff from RECONNECT_DELAY, doubling). `disconnect(client)` then `remove(client)`: the DISCONNECT
+    is written, then the client is forgotten. Only paho's public API is used.
     """
 
     def __init__(self, name: str = "edgefleet-mqtt") -> None:
@@ -62,9 +66,10 @@ class NetworkLoop:
 
     # -- public ------------------------------------------------------------------------------
 
-    def add(self, client: Any) -> None:
-        """Take over CLIENT's network traffic; it must have been set up with `connect_async`."""
-        entry = _Entry(client)
+    def add(self, client: Any, *, name: str = "?", reconnect_delay: tuple[float, float] = (1.0, 30.0)) -> None:
+        """Take over CLIENT's network traffic; it must have been set up with `connect_async`. NAME: what
+        logs call it."""
+        entry = _Entry(client, name, *reconnect_delay)
         client.on_socket_open = self._on_open
         client.on_socket_close = self._on_close
         client.on_socket_register_write = self._on_register_write
@@ -73,6 +78,14 @@ class NetworkLoop:
             self._entries[id(client)] = entry
             self._scan_now = True
         self._wake()
+
+    def disconnect(self, client: Any) -> None:
+        """Disconnect CLIENT for good (`client.disconnect()` alone would be reconnected by the loop)."""
+        with self._lock:
+            entry = self._entries.get(id(client))
+            if entry is not None:
+                entry.leaving = True
+        client.disconnect()
 
     def remove(self, client: Any, timeout: float = 2.0) -> None:
         """Stop driving CLIENT: wait up to TIMEOUT for its socket to close (a `disconnect()` before
@@ -214,7 +227,7 @@ class NetworkLoop:
             if mask & selectors.EVENT_WRITE and entry.sock is not None:
                 client.loop_write()
         except Exception:  # one client's failure must not stop the others' traffic
-            log.exception("MQTT client %s: network error", getattr(client, "_client_id", b"?"))
+            log.exception("MQTT client %s: network error", entry.name)
 
     def _scan(self, now: float) -> None:
         with self._lock:
@@ -224,7 +237,7 @@ class NetworkLoop:
             if entry.removed:
                 continue
             if entry.sock is None:
-                if now >= entry.retry_at and not _disconnecting(client):
+                if now >= entry.retry_at and not entry.leaving:
                     self._reconnect(entry, now)
                 continue
             if client.is_connected():
@@ -238,16 +251,9 @@ class NetworkLoop:
 
     def _reconnect(self, entry: _Entry, now: float) -> None:
         client = entry.client
-        lo, hi = client._reconnect_min_delay, client._reconnect_max_delay
-        entry.backoff = min(hi, max(lo, entry.backoff * 2))
+        entry.backoff = min(entry.max_delay, max(entry.min_delay, entry.backoff * 2))
         entry.retry_at = now + entry.backoff
         try:
             client.reconnect()
         except (OSError, ValueError) as exc:
             log.info("MQTT connect failed, retrying in %.0f s: %s", entry.backoff, exc)
-
-
-def _disconnecting(client: Any) -> bool:
-    """Whether the client's owner asked for the disconnection (then it must stay closed)."""
-    state = getattr(client, "_state", None)
-    return getattr(state, "name", "") in ("MQTT_CS_DISCONNECTING", "MQTT_CS_DISCONNECTED")

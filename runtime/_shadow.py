@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from edgefleet import EdgefleetError
-from edgefleet._topics import BundleRef
+from edgefleet.protocol import BundleRef
 
 from ._health import quantile
 from ._model import Model

@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from edgefleet._bundle import sha256_file
-from edgefleet._fs import atomic_write, fsync_dir
+from edgefleet._fs import atomic_copy, atomic_write
 
 from ._failpoints import failpoint
 
@@ -81,15 +80,12 @@ class SlotStore:
     def stage(self, src: Path, slot: str) -> str:
         """Copy the verified bundle SRC into SLOT (atomically); returns its sha256."""
         dest = self.path(slot)
-        tmp = dest.with_name(f".{dest.name}.staging.tmp")
-        with open(src, "rb") as fi, open(tmp, "wb") as fo:
-            shutil.copyfileobj(fi, fo, 1 << 20)
-            fo.flush()
-            os.fsync(fo.fileno())
-        failpoint("stage.temp_written")
-        os.replace(tmp, dest)
-        failpoint("stage.renamed")
-        fsync_dir(dest.parent)
+        atomic_copy(
+            src,
+            dest,
+            before_rename=lambda: failpoint("stage.temp_written"),
+            after_rename=lambda: failpoint("stage.renamed"),
+        )
         return sha256_file(dest)
 
     def switch(self, info: SlotInfo) -> None:

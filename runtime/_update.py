@@ -15,7 +15,7 @@ from typing import Any
 
 from edgefleet import BundleError, EdgefleetError
 from edgefleet._manifest import semver_key
-from edgefleet._topics import BundleRef, Desired
+from edgefleet.protocol import BundleRef, Desired
 
 from ._active import ActiveModel
 from ._download import DownloadError

@@ -27,7 +27,7 @@ from typing import Any
 
 from edgefleet import EdgefleetError
 from edgefleet._fs import atomic_write
-from edgefleet._topics import Desired, parse_desired
+from edgefleet.protocol import Desired, parse_desired
 
 from ._slots import SlotInfo
 

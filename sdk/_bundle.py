@@ -11,16 +11,16 @@ import io
 import json
 import os
 import stat
-import tempfile
 import zipfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
 from ._errors import BundleError, InputError, SignatureError
+from ._fs import atomic_write
 from ._manifest import FileEntry, Manifest, canonical_json
 from ._signing import PublicKey, SigningKey, check_signature, encode_signature, load_public_key
 
@@ -94,22 +94,15 @@ def write_bundle(
 
 
 def _write_archive(out: Path, body: bytes, members: Mapping[str, bytes], signing_key: SigningKey | None) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    try:
-        with os.fdopen(fd, "wb") as raw, zipfile.ZipFile(raw, "w") as zf:
+    def fill(raw: BinaryIO) -> None:
+        with zipfile.ZipFile(raw, "w") as zf:
             zf.writestr(_zipinfo(MANIFEST), body)
             if signing_key is not None:
                 zf.writestr(_zipinfo(SIGNATURE), canonical_json(encode_signature(signing_key, body)))
             for name in sorted(members):
                 zf.writestr(_zipinfo(name), members[name])
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+
+    atomic_write(out, fill)
 
 
 @dataclass

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
-__all__ = ["atomic_write", "fsync_dir"]
+__all__ = ["atomic_copy", "atomic_write", "fsync_dir"]
 
 
 def fsync_dir(path: str | os.PathLike[str]) -> None:
@@ -21,13 +23,14 @@ def fsync_dir(path: str | os.PathLike[str]) -> None:
 
 def atomic_write(
     path: str | os.PathLike[str],
-    data: bytes,
+    data: bytes | Callable[[BinaryIO], None],
     mode: int = 0o644,
     *,
     before_rename: Callable[[], None] | None = None,
     after_rename: Callable[[], None] | None = None,
 ) -> None:
-    """Write DATA to PATH through a temp file in the same directory: fsync, rename, fsync the directory.
+    """Write DATA (bytes, or a function writing to the file it is given) to PATH through a temp file in the
+    same directory: fsync, rename, fsync the directory.
 
     A reader sees the old content or the new, never a mix, even after a crash or power cut.
     The hooks let crash tests stop the process between the steps.
@@ -38,7 +41,10 @@ def atomic_write(
     try:
         os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            if isinstance(data, bytes):
+                f.write(data)
+            else:
+                data(f)
             f.flush()
             os.fsync(f.fileno())
         if before_rename is not None:
@@ -50,3 +56,22 @@ def atomic_write(
     if after_rename is not None:
         after_rename()
     fsync_dir(p.parent)
+
+
+def atomic_copy(
+    src: str | os.PathLike[str],
+    dest: str | os.PathLike[str],
+    mode: int = 0o644,
+    *,
+    before_rename: Callable[[], None] | None = None,
+    after_rename: Callable[[], None] | None = None,
+) -> None:
+    """Copy SRC to DEST as `atomic_write` writes: DEST is the old file or a whole copy, never part of one."""
+    with open(src, "rb") as fi:
+        atomic_write(
+            dest,
+            lambda fo: shutil.copyfileobj(fi, fo, 1 << 20),
+            mode,
+            before_rename=before_rename,
+            after_rename=after_rename,
+        )

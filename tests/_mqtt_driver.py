@@ -16,7 +16,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from edgefleet import open_bundle
 from edgefleet._bundle import sha256_file
-from edgefleet._topics import COMMAND_SCHEMA, DESIRED_SCHEMA, ROOT, parse_topic, topic
+from edgefleet.protocol import COMMAND_SCHEMA, DESIRED_SCHEMA, ROOT, parse_topic, topic
 
 
 class Observer:

@@ -9,6 +9,8 @@ import sys
 import tomllib
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -94,3 +96,18 @@ def test_wheel_installs_only_the_edgefleet_package(tmp_path: Path) -> None:
         "edgefleet/_bundle.py",
     ):
         assert pkg in names
+
+
+def test_every_part_exports_its_public_names() -> None:
+    import importlib
+
+    for part in ("edgefleet.protocol", "edgefleet.runtime", "edgefleet.fleet", "edgefleet.converters"):
+        mod = importlib.import_module(part)
+        assert mod.__all__, f"{part} exports nothing"
+        for name in mod.__all__:
+            obj = getattr(mod, name)
+            assert obj is not None, f"{part}.{name}"
+    import edgefleet.fleet
+
+    with pytest.raises(AttributeError, match="no attribute 'Nope'"):
+        edgefleet.fleet.Nope  # noqa: B018

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from edgefleet._topics import topic
 from edgefleet.fleet._db import Database
+from edgefleet.protocol import topic
 
 from .conftest import run_cli
 from .test_fleet_server import Server, _client, _wait, _window

@@ -18,7 +18,7 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from edgefleet import generate_keypair, sign_bundle
-from edgefleet._topics import topic
+from edgefleet.protocol import topic
 
 from ._servers import free_port
 from .conftest import run_cli
@@ -329,7 +329,7 @@ def test_a_device_cannot_join_the_ingest_workers_shared_subscription(tmp_path: P
 
 
 def _window(device: str, key: str) -> dict:
-    from edgefleet._telemetry import LATENCY_EDGES_MS, WINDOW_SCHEMA
+    from edgefleet.protocol import LATENCY_EDGES_MS, WINDOW_SCHEMA
 
     counts = [0] * (len(LATENCY_EDGES_MS) + 1)
     counts[20] = 4

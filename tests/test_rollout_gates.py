@@ -10,9 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from edgefleet._telemetry import LATENCY_EDGES_MS
 from edgefleet.fleet._db import Database
-from edgefleet.fleet._rollout import DEFAULT_GATES, RolloutEngine
+from edgefleet.fleet._gates import Cohort, Gates, StageDevices, evaluate
+from edgefleet.fleet._rollout import MOVES, STATES, RolloutEngine
+from edgefleet.fleet._rollout_store import AssignedDevice
+from edgefleet.protocol import LATENCY_EDGES_MS
 
 
 def _bin(ms: float) -> int:
@@ -62,8 +64,10 @@ def _gates(db: Database, canary: dict[float, int], canary_windows: bool = True) 
                 (w["key"], dev, version, now, w["calls"], w["samples"], json.dumps(w), now),
             )
     engine = RolloutEngine(db, lambda *a, **k: None)
-    mine = [(f"d{i}", "updated", "1.0.0", now - 1) for i in range(2)]
-    return engine._gates("r-1", "m", "2.0.0", "g", mine, dict(DEFAULT_GATES))
+    mine = [AssignedDevice(f"d{i}", 0, "updated", "1.0.0", now - 1) for i in range(2)]
+    new = engine.store.cohort("m", [m.device_id for m in mine], "2.0.0", now - 1)
+    ctl = engine.store.cohort("m", [f"d{i}" for i in range(2, 6)], None, now - 1)
+    return evaluate(new, ctl, StageDevices(2, 2, 0, True), Gates()).to_dict()
 
 
 def test_a_few_slow_calls_in_a_small_canary_do_not_fail_the_latency_gate(db: Database) -> None:
@@ -112,8 +116,8 @@ def test_cohort_figures_from_parsed_windows_match_merging_every_body(db: Databas
     as windows keep arriving."""
     import numpy as np
 
-    from edgefleet._telemetry import latency_quantile
     from edgefleet.fleet._drift import merge_windows
+    from edgefleet.protocol import latency_quantile
 
     rng = np.random.default_rng(5)
     engine = RolloutEngine(db, lambda *a, **k: None)
@@ -161,11 +165,13 @@ def test_cohort_figures_from_parsed_windows_match_merging_every_body(db: Databas
     for n in (0, 40, 1, 200):
         add(n)
         for devs, version in ((devices[:5], "2.0.0"), (devices[5:], None), (devices, "1.0.0")):
-            got, want = engine._cohort("m", devs, version, t0), reference(devs, version)
-            classes = (got.pop("classes"), want.pop("classes"))
+            c, want = engine.store.cohort("m", devs, version, t0), reference(devs, version)
+            got = {"calls": c.calls, "errors": c.errors, "latency": c.p95_ms, "median": c.p50_ms}
+            got |= {"windows": c.windows, "reporting": c.reporting}
+            wanted_classes = want.pop("classes")
             assert got == want, (n, devs, version)
-            assert (classes[0] is None and classes[1] is None) or np.array_equal(*classes)
-    assert engine._summaries._values > 0
+            assert (c.classes is None and wanted_classes is None) or np.array_equal(c.classes, wanted_classes)
+    assert engine.store._summaries._values > 0
 
 
 def test_operator_pause_resume_and_abort(db: Database) -> None:
@@ -261,3 +267,77 @@ def test_a_rollout_that_would_downgrade_devices_is_refused_at_creation(db: Datab
         engine.create("m:1.5.0", "g", [100])
     # the release after a release candidate is an upgrade; the same version is no downgrade
     assert engine.create("m:2.0.0", "g", [50, 100]).startswith("r-")
+
+
+# -- the gates as a pure function of typed figures ------------------------------------------------------
+_CTL = Cohort(calls=2000, errors=10, p95_ms=2.0, p50_ms=1.0, windows=20, reporting=4)
+
+
+_ALL_UPDATED = StageDevices(4, 4, 0, True)
+
+
+def _verdict(new: Cohort, stage: StageDevices = _ALL_UPDATED, **gates: float):
+    return evaluate(new, _CTL, stage, Gates.parse({"min_prediction_samples": 0, **gates}))
+
+
+def test_each_gate_fails_on_its_own_figure_and_names_it() -> None:
+    good = Cohort(calls=2000, errors=10, p95_ms=2.1, p50_ms=1.0, windows=20, reporting=4)
+    v = _verdict(good)
+    assert v.ok and v.failed_gates == [] and v.values["error_rate"] == 0.005, v
+    v = _verdict(good, StageDevices(4, 3, 1, True))
+    assert not v.ok and v.failed_gates == ["update failure rate 0.25 > 0.2"]
+    v = _verdict(good, StageDevices(4, 0, 0, True), min_devices=2)
+    assert v.failed_gates == ["only 0 device(s) updated (need 2)"]
+    v = _verdict(Cohort(calls=2000, errors=100, p95_ms=2.0, p50_ms=1.0, reporting=4))
+    assert v.failed_gates == ["error rate 0.05 > control 0.005 + 0.02"]
+    v = _verdict(Cohort(calls=2000, errors=10, p95_ms=3.5, p50_ms=1.0, reporting=4))
+    assert v.failed_gates == ["p95 3.500 ms > 3.000 ms (control 2.000 ms)"]
+
+
+def test_the_latency_gate_on_a_small_canary_needs_the_median_slower_too() -> None:
+    hiccup = Cohort(calls=200, errors=1, p95_ms=3.5, p50_ms=1.0, reporting=4)
+    v = _verdict(hiccup)
+    assert v.ok and v.values["p50_ms"] == 1.0 and v.values["control_p50_ms"] == 1.0
+    slow = Cohort(calls=200, errors=1, p95_ms=3.5, p50_ms=2.0, reporting=4)
+    assert not _verdict(slow).ok
+    assert not _verdict(hiccup, reliable_p95_calls=100).ok  # 200 calls count as reliable here
+
+
+def test_prediction_drift_needs_samples_and_significance() -> None:
+    import numpy as np
+
+    ctl = Cohort(calls=2000, p95_ms=2.0, p50_ms=1.0, classes=np.array([500, 500]), reporting=4)
+    moved = Cohort(calls=2000, p95_ms=2.0, p50_ms=1.0, classes=np.array([900, 100]), reporting=4)
+    stage = StageDevices(4, 4, 0, True)
+    v = evaluate(moved, ctl, stage, Gates())
+    assert not v.ok and v.failed_gates[0].startswith("prediction PSI") and v.values["prediction_samples"] == 1000
+    few = Cohort(calls=20, p95_ms=2.0, p50_ms=1.0, classes=np.array([18, 2]), reporting=4)
+    v = evaluate(few, ctl, stage, Gates())
+    assert v.ok and v.wait_for_predictions  # 20 predictions: watch longer, judge nothing yet
+    assert not evaluate(few, ctl, StageDevices(4, 4, 0, False), Gates()).wait_for_predictions  # no control
+
+
+def test_silent_updated_devices_hold_the_stage() -> None:
+    v = _verdict(Cohort(reporting=0), StageDevices(3, 3, 0, True))
+    assert v.ok and v.wait_for_telemetry and v.values["devices_reporting"] == 0
+
+
+def test_gate_values_are_checked() -> None:
+    from edgefleet import InputError
+
+    with pytest.raises(InputError, match=r"unknown gate\(s\) \['max_p99'\]"):
+        Gates.parse({"max_p99": 1})
+    with pytest.raises(InputError, match="gate max_p95_ratio must be a number >= 0, got -1"):
+        Gates.parse({"max_p95_ratio": -1})
+    with pytest.raises(InputError, match=r"gate min_devices must be a whole number >= 0, got 1\.5"):
+        Gates.parse({"min_devices": 1.5})
+    with pytest.raises(InputError, match="must be a number"):
+        Gates.parse({"stage_timeout_s": float("nan")})
+    assert Gates.parse({"min_devices": 2.0}).min_devices == 2
+
+
+def test_every_rollout_state_change_is_a_move_of_the_table() -> None:
+    assert {s for s, _ in MOVES} | set(MOVES.values()) <= set(STATES)
+    ended = {"rolled_back", "completed", "aborted"}
+    assert not any(s in ended for s, _ in MOVES), "an ended rollout has no way out"
+    assert {n for n in MOVES.values()} >= ended | {"paused", "halted", "running"}

@@ -330,3 +330,31 @@ def test_a_latency_probe_is_not_charged_for_the_wait_on_another_call(digits_bund
     assert 0 < seconds < 0.15, f"{seconds:.3f} s: the 0.3 s wait for the other call was counted"
     # and an uncontended call is not charged a stale wait
     assert m.timed_run(xs)[1] > 0
+
+
+def test_a_written_device_toml_reads_back_as_the_same_config(tmp_path: Path) -> None:
+    """`dump_config` (what `fleet provision` writes) and `load_config` agree on every setting."""
+    from edgefleet.runtime import AgentConfig, HealthPolicy, MqttConfig, load_config
+    from edgefleet.runtime._config import dump_config
+
+    cfg = AgentConfig(
+        device_id="cam-7",
+        data_dir=Path("cam-7-data"),
+        trusted_keys=[Path("a.pub"), Path("b.pub")],
+        mqtt=MqttConfig(host="h", port=8883, username="cam-7", password='q"\\uote', tls=True, ca="ca.pem"),
+        health=HealthPolicy(window_s=12.5, max_restarts=3),
+        accelerators=["XNNPACK"],
+        threads=2,
+        window_s=30.0,
+        http_token="efd_x",
+        token_origins=["https://fleet:8443"],
+        self_test_hz=1.5,
+        tags=["site-a", "hw-2"],
+    )
+    (tmp_path / "device.toml").write_text(dump_config(cfg))
+    back = load_config(tmp_path / "device.toml")
+    rel = dict(data_dir=tmp_path / "cam-7-data", trusted_keys=[tmp_path / "a.pub", tmp_path / "b.pub"])
+    import dataclasses
+
+    want = dataclasses.replace(cfg, **rel, mqtt=dataclasses.replace(cfg.mqtt, ca=str(tmp_path / "ca.pem")))
+    assert back == want

@@ -16,7 +16,7 @@ import pytest
 
 import edgefleet.runtime as rt
 from edgefleet._drift import window_counts
-from edgefleet._telemetry import check_window, latency_quantile
+from edgefleet.protocol import check_window, latency_quantile
 
 from .conftest import run_cli
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from edgefleet._topics import BundleRef, Desired
+from edgefleet.protocol import BundleRef, Desired
 from edgefleet.runtime import Agent
 from edgefleet.runtime._config import AgentConfig, HealthPolicy
 from edgefleet.runtime._slots import SlotInfo

@@ -1,0 +1,58 @@
+"""The server's Prometheus text (`/metrics`): devices, ingest outcomes, drift alerts and PSI."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ._server import FleetServer
+
+__all__ = ["metrics_text"]
+
+
+def metrics_text(server: FleetServer) -> str:
+    c = server.db.counters()
+    lines = [
+        "# HELP edgefleet_devices Registered devices.",
+        "# TYPE edgefleet_devices gauge",
+        f"edgefleet_devices {server.db.query('SELECT COUNT(*) FROM devices')[0][0]}",
+        "# HELP edgefleet_devices_online Devices whose last status says online.",
+        "# TYPE edgefleet_devices_online gauge",
+        f"edgefleet_devices_online {server.db.query('SELECT COUNT(*) FROM devices WHERE online = 1')[0][0]}",
+        "# HELP edgefleet_ingest_messages_total Messages handled by ingest workers, by outcome.",
+        "# TYPE edgefleet_ingest_messages_total counter",
+    ]
+    for k in ("received", "stored", "duplicates", "rejected", "unknown_device"):
+        lines.append(f'edgefleet_ingest_messages_total{{outcome="{k}"}} {c.get("ingest_" + k, 0)}')
+    alerts = server.db.query(
+        "SELECT bundle_name, bundle_version, cohort, feature FROM alerts WHERE state = 'open' ORDER BY 1, 2, 3, 4"
+    )
+    lines += [
+        "# HELP edgefleet_drift_alerts_open Open drift alerts.",
+        "# TYPE edgefleet_drift_alerts_open gauge",
+        f"edgefleet_drift_alerts_open {len(alerts)}",
+        "# HELP edgefleet_drift_alert One per open drift alert (bundle, cohort, feature).",
+        "# TYPE edgefleet_drift_alert gauge",
+    ]
+    for n, v, cohort, feature in alerts:
+        lines.append(
+            f'edgefleet_drift_alert{{bundle="{n}:{v}",cohort="{_label(cohort)}",feature="{_label(feature)}"}} 1'
+        )
+    lines += [
+        "# HELP edgefleet_drift_psi PSI against the bundle's baseline at the last drift check.",
+        "# TYPE edgefleet_drift_psi gauge",
+    ]
+    for (b, cohort, feature), value in sorted(server.drift.last.items()):
+        lines.append(
+            f'edgefleet_drift_psi{{bundle="{b}",cohort="{_label(cohort)}",feature="{_label(feature)}"}} {value}'
+        )
+    if server.broker is not None:
+        lines += [
+            "# TYPE edgefleet_broker_restarts_total counter",
+            f"edgefleet_broker_restarts_total {server.broker.restarts}",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def _label(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")

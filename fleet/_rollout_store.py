@@ -1,0 +1,297 @@
+"""Where rollouts live: the `rollouts` and `rollout_devices` tables, and the telemetry their gates read.
+
+All of the rollout engine's SQL is here; rows come back as typed records, never tuples read by position.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from edgefleet._manifest import semver_key
+from edgefleet.protocol import latency_quantile
+
+from ._db import Database
+from ._drift import add_counts
+from ._gates import Cohort, Gates
+
+__all__ = ["AssignedDevice", "RolloutRow", "RolloutStore", "SelectedDevice"]
+
+SCHEMA = [
+    """CREATE TABLE IF NOT EXISTS rollouts (
+        id TEXT PRIMARY KEY, bundle_name TEXT NOT NULL, bundle_version TEXT NOT NULL, selector TEXT NOT NULL,
+        stages TEXT NOT NULL, gates TEXT NOT NULL, state TEXT NOT NULL, stage INTEGER NOT NULL,
+        stage_started FLOAT8 NOT NULL, created FLOAT8 NOT NULL, updated FLOAT8 NOT NULL, detail TEXT NOT NULL)""",
+    """CREATE TABLE IF NOT EXISTS rollout_devices (
+        rollout_id TEXT NOT NULL, device_id TEXT NOT NULL, stage INTEGER NOT NULL, assigned FLOAT8 NOT NULL,
+        previous_version TEXT, status TEXT NOT NULL, PRIMARY KEY (rollout_id, device_id))""",
+]
+
+_CHUNK = 500  # ids per IN (...) list
+
+
+def _marks(values: list[Any]) -> str:
+    return ",".join("?" for _ in values)
+
+
+@dataclass(frozen=True)
+class RolloutRow:
+    id: str
+    name: str
+    version: str
+    selector: str
+    stages: list[float]
+    gates: Gates
+    state: str
+    stage: int
+    stage_started: float
+    created: float
+    updated: float
+    detail: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class AssignedDevice:
+    device_id: str
+    stage: int
+    status: str  # pending, updated or failed
+    previous_version: str | None
+    assigned: float
+
+
+@dataclass(frozen=True)
+class SelectedDevice:
+    id: str
+    version: str | None
+    update_state: str | None
+    tags: list[str]
+
+
+class _WindowSummary(NamedTuple):
+    """What the gates read from one stored telemetry window."""
+
+    device: str
+    calls: int
+    errors: int
+    latency: np.ndarray
+    classes: np.ndarray | None
+
+
+class _WindowSummaries:
+    """Parsed windows by key, bounded by the counts they hold (a 1,000-class model's window holds 1,000)."""
+
+    MAX_VALUES = 16_000_000  # about 128 MB of counts; past it the cache starts over
+
+    def __init__(self) -> None:
+        self._by_key: dict[str, _WindowSummary] = {}
+        self._values = 0
+
+    def fetch(self, db: Database, keys: list[str]) -> list[_WindowSummary]:
+        """The summaries of the windows KEYS (in that order), parsing only those not seen before."""
+        if self._values > self.MAX_VALUES:
+            self._by_key.clear()
+            self._values = 0
+        missing = [k for k in keys if k not in self._by_key]
+        for i in range(0, len(missing), _CHUNK):
+            chunk = missing[i : i + _CHUNK]
+            for key, device, body in db.query(
+                f"SELECT key, device_id, body FROM windows WHERE key IN ({_marks(chunk)})", chunk
+            ):
+                w = json.loads(body)
+                cls = (w.get("outputs") or {}).get("predicted_class")
+                s = _WindowSummary(
+                    device,
+                    int(w["calls"]),
+                    sum(int(v) for v in w["errors"].values()) + int(w["nan_outputs"]),
+                    np.asarray(w["latency_ms"]["counts"], dtype=np.int64),
+                    None if cls is None else np.asarray(cls, dtype=np.int64),
+                )
+                self._by_key[key] = s
+                self._values += s.latency.size + (0 if s.classes is None else s.classes.size)
+        return [w for w in map(self._by_key.get, keys) if w is not None]
+
+
+class RolloutStore:
+    def __init__(self, db: Database) -> None:
+        self.db = db
+        with db.transaction() as cur:
+            for stmt in SCHEMA:
+                cur.execute(stmt)
+        self._summaries = _WindowSummaries()
+
+    # -- rollouts ----------------------------------------------------------------------------------
+    def bundle_published(self, name: str, version: str) -> bool:
+        return bool(self.db.query("SELECT 1 FROM bundles WHERE name = ? AND version = ?", (name, version)))
+
+    def insert(self, rid: str, name: str, version: str, selector: str, stages: list[float], gates: Gates) -> None:
+        now = time.time()
+        self.db.execute(
+            "INSERT INTO rollouts (id, bundle_name, bundle_version, selector, stages, gates, state, stage, "
+            "stage_started, created, updated, detail) VALUES (?, ?, ?, ?, ?, ?, 'running', 0, ?, ?, ?, ?)",
+            (
+                rid,
+                name,
+                version,
+                selector,
+                json.dumps(stages),
+                json.dumps(gates.to_dict()),
+                now,
+                now,
+                now,
+                '{"history": []}',
+            ),
+        )
+
+    def row(self, rid: str) -> RolloutRow | None:
+        rows = self.db.query(
+            "SELECT id, bundle_name, bundle_version, selector, stages, gates, state, stage, stage_started, created, "
+            "updated, detail FROM rollouts WHERE id = ?",
+            (rid,),
+        )
+        if not rows:
+            return None
+        (i, name, version, selector, stages, gates, state, stage, started, created, updated, detail) = rows[0]
+        return RolloutRow(
+            i,
+            name,
+            version,
+            selector,
+            json.loads(stages),
+            Gates.parse(json.loads(gates)),
+            state,
+            int(stage),
+            float(started),
+            float(created),
+            float(updated),
+            json.loads(detail),
+        )
+
+    def ids(self, state: str | None = None) -> list[str]:
+        if state is None:
+            return [r for (r,) in self.db.query("SELECT id FROM rollouts ORDER BY created DESC")]
+        return [r for (r,) in self.db.query("SELECT id FROM rollouts WHERE state = ? ORDER BY created", (state,))]
+
+    def update(
+        self, rid: str, note: str | None = None, verdict: tuple[int, dict[str, Any]] | None = None, **fields: Any
+    ) -> None:
+        """Set FIELDS of rollout RID, adding NOTE to its history and VERDICT (stage, result) to its gates."""
+        detail = json.loads(self.db.query("SELECT detail FROM rollouts WHERE id = ?", (rid,))[0][0])
+        if note:
+            detail.setdefault("history", []).append({"ts": time.time(), "note": note})
+        if verdict is not None:
+            detail.setdefault("gates", {})[str(verdict[0])] = verdict[1]
+        sets = ", ".join(f"{k} = ?" for k in fields)
+        params = [*fields.values(), time.time(), json.dumps(detail), rid]
+        self.db.execute(
+            f"UPDATE rollouts SET {sets + ', ' if sets else ''}updated = ?, detail = ? WHERE id = ?", params
+        )
+
+    # -- devices -----------------------------------------------------------------------------------
+    def selected(self, selector: str) -> list[SelectedDevice]:
+        out = []
+        for dev, tags, version, state in self.db.query("SELECT id, tags, bundle_version, update_state FROM devices"):
+            t = json.loads(tags)
+            if selector in t:
+                out.append(SelectedDevice(dev, version, state, t))
+        return out
+
+    def newer_devices(self, name: str, version: str, selector: str) -> list[tuple[str, str]]:
+        """Selected devices whose active bundle NAME is newer than VERSION (semver precedence)."""
+        rows = self.db.query("SELECT id, tags, bundle_version FROM devices WHERE bundle_name = ?", (name,))
+        out = []
+        for dev, tags, active in rows:
+            if selector in json.loads(tags) and active:
+                try:
+                    if semver_key(active) > semver_key(version):
+                        out.append((dev, active))
+                except ValueError:
+                    continue
+        return sorted(out)
+
+    def assigned(self, rid: str) -> list[AssignedDevice]:
+        rows = self.db.query(
+            "SELECT device_id, stage, status, previous_version, assigned FROM rollout_devices WHERE rollout_id = ?",
+            (rid,),
+        )
+        return [AssignedDevice(d, int(s), st, p, float(a)) for d, s, st, p, a in rows]
+
+    def assign(self, rid: str, stage: int, devices: list[tuple[str, str | None, str]]) -> None:
+        """Add (device, previous version, status) to RID's STAGE; a device already in it keeps its row."""
+        now = time.time()
+        with self.db.transaction() as cur:
+            for dev, previous, status in devices:
+                cur.execute(
+                    "INSERT INTO rollout_devices (rollout_id, device_id, stage, assigned, previous_version, status) "
+                    "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (rollout_id, device_id) DO NOTHING",
+                    (rid, dev, stage, now, previous, status),
+                )
+
+    def record_device_results(self) -> None:
+        """Mark pending devices updated or failed from what they reported: their last outcome event for the
+        rollout, or being on its version with no update under way."""
+        pending = self.db.query("SELECT rollout_id, device_id FROM rollout_devices WHERE status = 'pending'")
+        if not pending:
+            return
+        # A few queries per tick for all pending devices, not two per device (a stage of 500 devices).
+        rids = sorted({rid for rid, _ in pending})
+        target = dict(self.db.query(f"SELECT id, bundle_version FROM rollouts WHERE id IN ({_marks(rids)})", rids))
+        results: dict[tuple[str, str], str] = {}
+        registry: dict[str, tuple[Any, Any]] = {}
+        devices = sorted({dev for _, dev in pending})
+        for i in range(0, len(devices), _CHUNK):
+            chunk = devices[i : i + _CHUNK]
+            for dev, typ, body in self.db.query(
+                f"SELECT device_id, type, body FROM events WHERE device_id IN ({_marks(chunk)}) "
+                "AND type IN ('rolled_back', 'update_failed', 'committed') ORDER BY ts",
+                chunk,
+            ):
+                rid = json.loads(body).get("rollout")
+                if rid in target:  # the latest outcome reported for that rollout counts
+                    results[(rid, dev)] = "updated" if typ == "committed" else "failed"
+            for dev, version, state in self.db.query(
+                f"SELECT id, bundle_version, update_state FROM devices WHERE id IN ({_marks(chunk)})", chunk
+            ):
+                registry[dev] = (version, state)
+        changes = []
+        for rid, dev in pending:
+            status = results.get((rid, dev))
+            if status is None and rid in target and registry.get(dev) == (target[rid], "idle"):
+                status = "updated"  # on the version already, by whatever route, with no update under way
+            if status is not None:
+                changes.append((status, rid, dev))
+        if changes:
+            with self.db.transaction() as cur:
+                for change in changes:
+                    cur.execute("UPDATE rollout_devices SET status = ? WHERE rollout_id = ? AND device_id = ?", change)
+
+    # -- telemetry ---------------------------------------------------------------------------------
+    def cohort(self, name: str, devices: list[str], version: str | None, since: float) -> Cohort:
+        """DEVICES' telemetry on bundle NAME (at VERSION, or any) since SINCE, merged."""
+        if not devices:
+            return Cohort()
+        sql = f"SELECT key FROM windows WHERE bundle_name = ? AND device_id IN ({_marks(devices)}) AND start >= ?"
+        params: list[Any] = [name, *devices, since]
+        if version is not None:
+            sql += " AND bundle_version = ?"
+            params.append(version)
+        keys = [k for (k,) in self.db.query(sql, params)]
+        # Windows never change once stored: each is parsed once, not on every tick of a long stage.
+        found = self._summaries.fetch(self.db, keys)
+        lat = np.sum([w.latency for w in found], axis=0).tolist() if found else None
+        classes: np.ndarray | None = None
+        for w in found:
+            if w.classes is not None:
+                classes = add_counts(classes, w.classes)
+        return Cohort(
+            calls=sum(w.calls for w in found),
+            errors=sum(w.errors for w in found),
+            p95_ms=latency_quantile(lat, 0.95) if lat is not None else None,
+            p50_ms=latency_quantile(lat, 0.5) if lat is not None else None,
+            classes=classes,
+            windows=len(found),
+            reporting=len({w.device for w in found if w.calls}),
+        )
