@@ -135,7 +135,7 @@ def mount_dashboard(app: FastAPI, server: FleetServer) -> None:
         return resp
 
     def _bundles() -> list[str]:
-        return [f"{n}:{v}" for n, v in server.db.query("SELECT name, version FROM bundles ORDER BY name, created")]
+        return [f"{n}:{v}" for n, v in server.published()]
 
     def _open_alerts() -> list[dict[str, Any]]:
         alerts = list_alerts(server.db, "open")

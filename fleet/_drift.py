@@ -16,6 +16,7 @@ from edgefleet import InputError, Manifest
 from edgefleet._drift import chi2_two_sample, js_distance, ks_binned, psi
 
 from ._db import Database
+from ._lease import Lease
 
 log = logging.getLogger("edgefleet.fleet.drift")
 
@@ -201,7 +202,8 @@ class DriftMonitor:
 
     A feature that drifts with at least `min_samples` inputs opens an alert (a row in `alerts`); the
     alert is updated while it lasts and closed at the first check that no longer sees it drift (or sees
-    no data). `last` keeps the latest PSI per (bundle, cohort, feature) for /metrics.
+    no data). `last` keeps the latest PSI per (bundle, cohort, feature) for /metrics. With several server
+    processes on one database, only the holder of the `drift-monitor` lease checks (see `_lease`).
     """
 
     def __init__(
@@ -210,6 +212,7 @@ class DriftMonitor:
         interval_s: float = 30.0,
         window_s: float = 900.0,
         thresholds: dict[str, float] | None = None,
+        lease_holder: str | None = None,
     ) -> None:
         self.db = db
         self.interval_s = interval_s
@@ -222,6 +225,8 @@ class DriftMonitor:
         self._since = 0.0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        # Held across checks: it must outlast the interval between them.
+        self.lease = Lease(db, "drift-monitor", max(10.0, 3 * interval_s), lease_holder)
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._loop, name="edgefleet-drift", daemon=True)
@@ -231,11 +236,14 @@ class DriftMonitor:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(30)
+        if self.lease.held():
+            self.lease.release()
 
     def _loop(self) -> None:
         while not self._stop.wait(self.interval_s):
             try:
-                self.check()
+                if self.lease.acquire():
+                    self.check()
             except Exception:
                 log.exception("drift check failed")
 

@@ -90,13 +90,12 @@ def create_app(server: FleetServer) -> Any:
 
     @app.get("/api/bundles", dependencies=[Depends(operator)])
     def bundles() -> list[dict[str, Any]]:
-        rows = server.db.query("SELECT name, version FROM bundles ORDER BY name, created")
-        return [server.bundle_ref(n, v) for n, v in rows]
+        return [server.bundle_ref(n, v) for n, v in server.published()]
 
     @app.post("/api/devices/{device_id}/desired", dependencies=[Depends(operator)])
     def desire(device_id: str, body: dict[str, Any]) -> dict[str, Any]:
         """Order one device onto a published bundle (`{"bundle": "NAME:VERSION", "action": "update"}`)."""
-        if not server.db.query("SELECT 1 FROM devices WHERE id = ?", (device_id,)):
+        if not server.has_device(device_id):
             raise HTTPException(404, f"no device {device_id}")
         name, _, version = str(body.get("bundle", "")).partition(":")
         server.set_desired(device_id, name, version, body.get("rollout"), body.get("action", "update"))
@@ -160,7 +159,7 @@ def create_app(server: FleetServer) -> Any:
     @app.get("/api/devices/{device_id}/events", dependencies=[Depends(operator)])
     def device_events(device_id: str, limit: int = 100) -> list[dict[str, Any]]:
         """A device's reported events (update transitions, rollbacks, errors), newest first."""
-        if not server.db.query("SELECT 1 FROM devices WHERE id = ?", (device_id,)):
+        if not server.has_device(device_id):
             raise HTTPException(404, f"no device {device_id}")
         return server.events(device_id, min(max(limit, 1), 1000))
 
@@ -173,10 +172,10 @@ def create_app(server: FleetServer) -> Any:
                 "bundle downloads need a device's token (http_token in its device.toml, from 'edgefleet fleet "
                 "provision') or an operator's API token as 'Authorization: Bearer TOKEN'",
             )
-        rows = server.db.query("SELECT path, size FROM bundles WHERE name = ? AND version = ?", (name, version))
-        if not rows:
+        stored = server.bundle_file(name, version)
+        if stored is None:
             raise HTTPException(404, f"bundle {name}:{version} is not published")
-        path, size = Path(rows[0][0]), int(rows[0][1])
+        path, size = stored
         rng = request.headers.get("range")
         start, end = 0, size - 1
         status = 200

@@ -33,6 +33,7 @@ from edgefleet import InputError
 
 from ._db import Database
 from ._gates import DEFAULT_GATES, Gates, StageDevices, Verdict, evaluate
+from ._lease import Lease
 from ._rollout_store import AssignedDevice, RolloutRow, RolloutStore, SelectedDevice
 
 __all__ = ["DEFAULT_GATES", "MOVES", "STATES", "RolloutEngine", "stratified_order"]
@@ -101,11 +102,23 @@ def _wait_all(handles: list[Any], timeout: float = 30.0) -> None:
 
 class RolloutEngine:
     """Creates rollouts, takes operators' actions, and (`start`, or `tick` by hand) runs their stages.
-    SET_DESIRED(device, name, version, rollout, action, wait=...) orders a device onto a bundle."""
+    SET_DESIRED(device, name, version, rollout, action, wait=...) orders a device onto a bundle.
 
-    def __init__(self, db: Database, set_desired: Any, interval: float = 1.0) -> None:
+    Several server processes may share one database: only the holder of the `rollout-engine` lease runs
+    stages (another takes over within LEASE_TTL_S of its death), and every move is a conditional update
+    of the rollout's (state, stage), so no stage is judged or ordered twice even if two act at once."""
+
+    def __init__(
+        self,
+        db: Database,
+        set_desired: Any,
+        interval: float = 1.0,
+        lease_ttl_s: float = 10.0,
+        lease_holder: str | None = None,
+    ) -> None:
         self.db = db
         self.store = RolloutStore(db)
+        self.lease = Lease(db, "rollout-engine", lease_ttl_s, lease_holder)
         self.set_desired = set_desired
         self.interval = interval
         self._stop = threading.Event()
@@ -142,7 +155,15 @@ class RolloutEngine:
             r = self._row(rid)
             if (r.state, action) not in MOVES:
                 raise InputError(f"rollout {rid} is {r.state}; it cannot be {action}d")
-            self._move(r, action, note=f"operator: {action}", stage_started=time.time())
+            if not self._move(r, action, note=f"operator: {action}", stage_started=time.time()):
+                raise InputError(f"rollout {rid} changed meanwhile; look at it again and retry")
+            if action == "resume":
+                # Orders a crash may have cut off between recording a device and ordering it go out again
+                # (the desired state is retained, so a repeat is harmless to a device that has it).
+                pending = [m for m in self.store.assigned(rid) if m.stage == r.stage and m.status == "pending"]
+                _wait_all(
+                    [self.set_desired(m.device_id, r.name, r.version, rid, "update", wait=False) for m in pending]
+                )
         return self.get(rid)
 
     def get(self, rid: str) -> dict[str, Any]:
@@ -189,6 +210,8 @@ class RolloutEngine:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(10)
+        if self.lease.held():
+            self.lease.release()
 
     def _loop(self) -> None:
         while not self._stop.wait(self.interval):
@@ -198,11 +221,13 @@ class RolloutEngine:
                 log.exception("rollout tick failed")
 
     def tick(self) -> None:
-        """Advance every running rollout as far as its gates allow."""
+        """Advance every running rollout as far as its gates allow (only while holding the engine's lease)."""
         with self._lock:
+            if not self.lease.acquire():
+                return  # another server process runs the engine
             for rid in self.store.ids("running"):
                 # A passed stage's successor starts at once: its orders go out in the same tick.
-                while self._run_stage(self._row(rid)):
+                while self.lease.held() and self._run_stage(self._row(rid)):
                     pass
             # rollouts that ended keep watching for devices' own rollbacks, which are recorded
             self.store.record_device_results()
@@ -224,13 +249,13 @@ class RolloutEngine:
             raise InputError(f"no rollout {rid}")
         return r
 
-    def _move(self, r: RolloutRow, event: str, note: str, verdict: Verdict | None = None, **fields: Any) -> None:
+    def _move(self, r: RolloutRow, event: str, note: str, verdict: Verdict | None = None, **fields: Any) -> bool:
+        """Make EVENT's move from R's state; False when R was moved meanwhile (nothing is changed then)."""
         new = MOVES.get((r.state, event))
         if new is None:
             raise InputError(f"rollout {r.id} is {r.state}: '{event}' has no move from there")
-        self.store.update(
-            r.id, note=note, verdict=None if verdict is None else (r.stage, verdict.to_dict()), state=new, **fields
-        )
+        stored = None if verdict is None else (r.stage, verdict.to_dict())
+        return self.store.update(r.id, (r.state, r.stage), note=note, verdict=stored, state=new, **fields)
 
     def _run_stage(self, r: RolloutRow) -> bool:
         """Order the current stage's devices and judge it when due. True: it passed and the next began."""
@@ -242,15 +267,20 @@ class RolloutEngine:
         take: builtins.list[SelectedDevice] = [
             d for d in selected[: math.ceil(r.stages[r.stage] / 100 * len(selected))] if d.id not in known
         ]
-        sent = [
-            self.set_desired(d.id, r.name, r.version, r.id, "update", wait=False)
-            for d in take
-            if d.version != r.version
-        ]
-        self.store.assign(
-            r.id, r.stage, [(d.id, d.version, "updated" if d.version == r.version else "pending") for d in take]
+        # Recorded first, ordered second, and only what this call recorded: a device is ordered once per
+        # rollout even when two server processes take the same stage at once.
+        added = set(
+            self.store.assign(
+                r.id, r.stage, [(d.id, d.version, "updated" if d.version == r.version else "pending") for d in take]
+            )
         )
-        _wait_all(sent)
+        _wait_all(
+            [
+                self.set_desired(d.id, r.name, r.version, r.id, "update", wait=False)
+                for d in take
+                if d.id in added and d.version != r.version
+            ]
+        )
         self.store.record_device_results()
         mine = self.store.assigned(r.id)
         pending = [m for m in mine if m.status == "pending"]
@@ -273,20 +303,20 @@ class RolloutEngine:
                 f"only {v['devices_reporting']} of {v['devices_updated']} updated device(s) sent telemetry on "
                 f"{r.version} within {gates.stage_timeout_s} s"
             )
+        if not self.lease.held():
+            return False  # judged too late: another process may hold the engine by now
         if verdict.ok and r.stage + 1 < len(r.stages):
             # The next stage starts when its orders go out, at once: judging the gates can take seconds on a
             # large fleet, and that is no part of the next stage's time.
             note = f"stage {r.stage} passed its gates"
-            self._move(r, "stage_passed", note, verdict, stage=r.stage + 1, stage_started=time.time())
-            return True
+            return self._move(r, "stage_passed", note, verdict, stage=r.stage + 1, stage_started=time.time())
         if verdict.ok:
             self._move(r, "completed", "last stage passed: completed", verdict)
         elif verdict.halt and not verdict.failed_gates:
             self._move(r, "halt", verdict.halt, verdict)
-        else:
-            self._move(
-                r, "gates_failed", "gates failed: " + "; ".join(verdict.failed_gates) + "; rolling back", verdict
-            )
+        elif self._move(
+            r, "gates_failed", "gates failed: " + "; ".join(verdict.failed_gates) + "; rolling back", verdict
+        ):
             _wait_all(
                 [
                     self.set_desired(m.device_id, r.name, m.previous_version, r.id, "rollback", wait=False)

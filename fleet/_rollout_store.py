@@ -176,19 +176,33 @@ class RolloutStore:
         return [r for (r,) in self.db.query("SELECT id FROM rollouts WHERE state = ? ORDER BY created", (state,))]
 
     def update(
-        self, rid: str, note: str | None = None, verdict: tuple[int, dict[str, Any]] | None = None, **fields: Any
-    ) -> None:
-        """Set FIELDS of rollout RID, adding NOTE to its history and VERDICT (stage, result) to its gates."""
-        detail = json.loads(self.db.query("SELECT detail FROM rollouts WHERE id = ?", (rid,))[0][0])
-        if note:
-            detail.setdefault("history", []).append({"ts": time.time(), "note": note})
-        if verdict is not None:
-            detail.setdefault("gates", {})[str(verdict[0])] = verdict[1]
-        sets = ", ".join(f"{k} = ?" for k in fields)
-        params = [*fields.values(), time.time(), json.dumps(detail), rid]
-        self.db.execute(
-            f"UPDATE rollouts SET {sets + ', ' if sets else ''}updated = ?, detail = ? WHERE id = ?", params
-        )
+        self,
+        rid: str,
+        expect: tuple[str, int],
+        note: str | None = None,
+        verdict: tuple[int, dict[str, Any]] | None = None,
+        **fields: Any,
+    ) -> bool:
+        """Set FIELDS of rollout RID, adding NOTE to its history and VERDICT (stage, result) to its gates, if
+        it is still in EXPECT (state, stage). False: another process (or the operator) moved it first."""
+        with self.db.transaction() as cur:
+            cur.execute("SELECT detail, state, stage FROM rollouts WHERE id = ?", (rid,))
+            row = cur.fetchall()
+            if not row or (row[0][1], int(row[0][2])) != expect:
+                return False
+            detail = json.loads(row[0][0])
+            if note:
+                detail.setdefault("history", []).append({"ts": time.time(), "note": note})
+            if verdict is not None:
+                detail.setdefault("gates", {})[str(verdict[0])] = verdict[1]
+            sets = ", ".join(f"{k} = ?" for k in fields)
+            params = [*fields.values(), time.time(), json.dumps(detail), rid, *expect]
+            cur.execute(
+                f"UPDATE rollouts SET {sets + ', ' if sets else ''}updated = ?, detail = ? "
+                "WHERE id = ? AND state = ? AND stage = ?",
+                params,
+            )
+            return cur.rowcount == 1
 
     # -- devices -----------------------------------------------------------------------------------
     def selected(self, selector: str) -> list[SelectedDevice]:
@@ -219,9 +233,12 @@ class RolloutStore:
         )
         return [AssignedDevice(d, int(s), st, p, float(a)) for d, s, st, p, a in rows]
 
-    def assign(self, rid: str, stage: int, devices: list[tuple[str, str | None, str]]) -> None:
-        """Add (device, previous version, status) to RID's STAGE; a device already in it keeps its row."""
+    def assign(self, rid: str, stage: int, devices: list[tuple[str, str | None, str]]) -> list[str]:
+        """Add (device, previous version, status) to RID's STAGE; a device already in it keeps its row.
+        Returns the devices this call added: only those are to be ordered (another server process may
+        have taken the same devices a moment before)."""
         now = time.time()
+        added = []
         with self.db.transaction() as cur:
             for dev, previous, status in devices:
                 cur.execute(
@@ -229,6 +246,9 @@ class RolloutStore:
                     "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (rollout_id, device_id) DO NOTHING",
                     (rid, dev, stage, now, previous, status),
                 )
+                if cur.rowcount == 1:
+                    added.append(dev)
+        return added
 
     def record_device_results(self) -> None:
         """Mark pending devices updated or failed from what they reported: their last outcome event for the

@@ -9,6 +9,7 @@ import logging
 import os
 import secrets
 import shutil
+import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -89,8 +90,11 @@ class FleetServer:
         self.ingest: IngestWorker | None = None
         self.ready = False
         self._pub: Any = None
-        self.rollouts = RolloutEngine(self.db, self.set_desired)
-        self.drift = DriftMonitor(self.db, config.drift_interval_s, config.drift_window_s)
+        # Leases are held in this data directory's name: restarted after a crash, the same server takes its
+        # engine back at once instead of waiting for its old lease to expire.
+        holder = f"{socket.gethostname()}:{self._instance_id()}"
+        self.rollouts = RolloutEngine(self.db, self.set_desired, lease_holder=holder)
+        self.drift = DriftMonitor(self.db, config.drift_interval_s, config.drift_window_s, lease_holder=holder)
 
     @property
     def trusted(self) -> list[str]:
@@ -224,6 +228,18 @@ class FleetServer:
                 (m.name, m.version, sha, dest.stat().st_size, str(dest), m.canonical_bytes().decode(), time.time()),
             )
         return self.bundle_ref(m.name, m.version)
+
+    def published(self) -> list[tuple[str, str]]:
+        """(name, version) of every published bundle, oldest first per name."""
+        return [(n, v) for n, v in self.db.query("SELECT name, version FROM bundles ORDER BY name, created")]
+
+    def bundle_file(self, name: str, version: str) -> tuple[Path, int] | None:
+        """Where a published bundle's file is stored, and its size (None: not published)."""
+        rows = self.db.query("SELECT path, size FROM bundles WHERE name = ? AND version = ?", (name, version))
+        return (Path(rows[0][0]), int(rows[0][1])) if rows else None
+
+    def has_device(self, device_id: str) -> bool:
+        return bool(self.db.query("SELECT 1 FROM devices WHERE id = ?", (device_id,)))
 
     def bundle_ref(self, name: str, version: str) -> dict[str, Any]:
         rows = self.db.query("SELECT sha256, size FROM bundles WHERE name = ? AND version = ?", (name, version))
