@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | sha256sum | cu
 # Debian packages the tests run for real: the Mosquitto broker, qemu-user (aarch64 runtime tests),
 # PostgreSQL (fleet storage tests) and chromium (dashboard tests). Installed when root (CI, fresh
 # machines); otherwise they must be there.
-DEBS := mosquitto mosquitto-clients qemu-user postgresql chromium
+DEBS := mosquitto mosquitto-clients qemu-user postgresql chromium prometheus
 SYSTEM_STAMP := $(VENV)/.system-$(shell echo $(DEBS) | sha256sum | cut -c1-8)
 $(SYSTEM_STAMP):
 	@mkdir -p $(VENV)

@@ -305,6 +305,12 @@ def _rollout(args: argparse.Namespace) -> int:
         except ValueError as exc:
             raise InputError(f"--stages {args.stages!r}: use percentages like 10,50,100") from exc
         body = {"bundle": args.bundle, "selector": args.selector, "stages": stages, "gates": gates}
+        if args.after_shadow:
+            body |= {
+                "after_shadow": args.after_shadow,
+                "min_agreement": args.min_agreement,
+                "max_shadow_p95_ratio": args.max_shadow_p95_ratio,
+            }
         r = _client(args, "POST", "/api/rollouts", json.dumps(body).encode())
     elif args.action == "list":
         r = _client(args, "GET", "/api/rollouts")
@@ -478,8 +484,17 @@ def register(sub: Any) -> None:
     p.add_argument("--selector", help="device tag")
     p.add_argument("--stages", default="10,50,100", help="percentages, e.g. 10,50,100")
     p.add_argument("--gate", action="append", help="override a gate, e.g. max_p95_ratio=2 (repeatable)")
+    p.add_argument("--after-shadow", metavar="ID", help="start only if this shadow deployment of the bundle passed")
+    p.add_argument("--min-agreement", type=float, default=0.98, help="with --after-shadow: top-1 agreement needed")
+    p.add_argument(
+        "--max-shadow-p95-ratio", type=float, default=1.5, help="with --after-shadow: candidate p95 / active p95"
+    )
     _client_args(p)
     p.set_defaults(func=_rollout)
+
+    from ._cli_shadow import add_shadow_parser
+
+    add_shadow_parser(fs, _client_args, _client)
 
     p = fs.add_parser("simulate", help="run N simulated devices (real agents and runtime) against a server")
     p.add_argument("--devices", type=int, default=10)

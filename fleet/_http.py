@@ -105,10 +105,46 @@ def create_app(server: FleetServer) -> Any:
     def create_rollout(body: dict[str, Any]) -> dict[str, Any]:
         """Start a rollout: `{"bundle": "NAME:VERSION", "selector": TAG, "stages": [10, 50, 100], "gates": {...}}`."""
         stages = [float(s) for s in body.get("stages", [10, 50, 100])]
-        rid = server.rollouts.create(
-            str(body.get("bundle", "")), str(body.get("selector", "")), stages, body.get("gates")
-        )
+        bundle = str(body.get("bundle", ""))
+        after = body.get("after_shadow")
+        if after is not None:
+            from ._shadows import check_passed
+
+            check_passed(
+                server.shadows.get(str(after)),
+                bundle,
+                float(body.get("min_agreement", 0.98)),
+                float(body.get("max_shadow_p95_ratio", 1.5)),
+            )
+        rid = server.rollouts.create(bundle, str(body.get("selector", "")), stages, body.get("gates"))
+        if after is not None:
+            server.rollouts.note(rid, f"after shadow {after}: passed")
         return server.rollouts.get(rid)
+
+    @app.post("/api/shadows", dependencies=[Depends(operator)])
+    def create_shadow(body: dict[str, Any]) -> dict[str, Any]:
+        """Order a shadow deployment: `{"bundle": "NAME:VERSION", "selector": TAG, "sample_rate": 0.1,
+        "duration_s": 600, "min_samples": 0}`."""
+        sid = server.shadows.create(
+            str(body.get("bundle", "")),
+            str(body.get("selector", "")),
+            body.get("sample_rate", 0.1),
+            body.get("duration_s", 600.0),
+            body.get("min_samples", 0),
+        )
+        return server.shadows.get(sid)
+
+    @app.get("/api/shadows", dependencies=[Depends(operator)])
+    def shadows() -> list[dict[str, Any]]:
+        return server.shadows.list()
+
+    @app.get("/api/shadows/{sid}", dependencies=[Depends(operator)])
+    def shadow(sid: str) -> dict[str, Any]:
+        return server.shadows.get(sid)
+
+    @app.post("/api/shadows/{sid}/stop", dependencies=[Depends(operator)])
+    def stop_shadow(sid: str) -> dict[str, Any]:
+        return server.shadows.stop(sid)
 
     @app.get("/api/rollouts", dependencies=[Depends(operator)])
     def rollouts() -> list[dict[str, Any]]:

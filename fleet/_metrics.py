@@ -48,6 +48,7 @@ def metrics_text(server: FleetServer) -> str:
         )
     if server.broker is not None:
         lines += [
+            "# HELP edgefleet_broker_restarts_total Restarts of the embedded broker by its supervisor.",
             "# TYPE edgefleet_broker_restarts_total counter",
             f"edgefleet_broker_restarts_total {server.broker.restarts}",
         ]

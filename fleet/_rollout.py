@@ -166,6 +166,11 @@ class RolloutEngine:
                 )
         return self.get(rid)
 
+    def note(self, rid: str, note: str) -> None:
+        """Add NOTE to rollout RID's history."""
+        r = self._row(rid)
+        self.store.update(rid, (r.state, r.stage), note=note)
+
     def get(self, rid: str) -> dict[str, Any]:
         r = self._row(rid)
         devs = self.store.assigned(rid)

@@ -29,6 +29,7 @@ from ._ingest import IngestWorker
 from ._metrics import metrics_text
 from ._provision import check_tags, record_broker, register_devices, trusted_dir
 from ._rollout import RolloutEngine
+from ._shadows import ShadowDeployments
 
 __all__ = ["FleetServer", "ServerConfig"]
 
@@ -95,6 +96,7 @@ class FleetServer:
         holder = f"{socket.gethostname()}:{self._instance_id()}"
         self.rollouts = RolloutEngine(self.db, self.set_desired, lease_holder=holder)
         self.drift = DriftMonitor(self.db, config.drift_interval_s, config.drift_window_s, lease_holder=holder)
+        self.shadows = ShadowDeployments(self)
 
     @property
     def trusted(self) -> list[str]:
@@ -264,6 +266,10 @@ class FleetServer:
         if wait:
             info.wait_for_publish(10)
         return info
+
+    def publish(self, topic_name: str, payload: str, retain: bool = False) -> Any:
+        """Publish on the server's own MQTT connection (QoS 1); returns paho's handle to wait on."""
+        return self._pub.publish(topic_name, payload, qos=1, retain=retain)
 
     def register(self, device_id: str, tags: list[str]) -> dict[str, Any]:
         """Provision through the API: credentials and everything a device.toml needs."""

@@ -567,6 +567,10 @@ def test_simulated_fleet_drift_and_rollout(tmp_path: Path, server: Server, mlp_b
         alerts = json.loads(server.cli("alerts", "--json").stdout)
         assert not any(a["cohort"] == "cohort-0" and a["feature"] == "brightness" for a in alerts)
         assert _metric(server, "edgefleet_drift_alerts_open") >= 1
+        # What a Prometheus scraper reads: Prometheus' own linter passes it (help, types, names, labels).
+        _, text, _ = server.get("/metrics", token=server.token)
+        lint = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True, check=False)
+        assert lint.returncode == 0, (lint.stdout + lint.stderr).decode()
         r = server.cli(
             "rollout",
             "create",

@@ -1,0 +1,248 @@
+"""Shadow deployments ordered from the fleet: a candidate bundle runs beside the active one on a sample of
+each selected device's live inputs, and the devices' reports are merged per cohort and overall.
+
+The server sends each selected, online device a `shadow` command (docs/topics.md); the agent downloads
+and verifies the candidate, runs it on a sample of its app's calls beside the active bundle (in its own
+thread, never delaying the call by more than a queue put) and reports `shadow_report` when the duration
+is over or `min_samples` are reached. A report is the device's own word: every figure is validated, a
+device's weight in the merged agreement is capped at 4x the median device's samples (one device claiming
+millions of samples cannot outvote the fleet), and a report for a shadow or bundle it was not given is
+ignored.
+"""
+
+from __future__ import annotations
+
+import builtins
+import json
+import math
+import statistics
+import time
+import uuid
+from typing import TYPE_CHECKING, Any
+
+from edgefleet import InputError
+from edgefleet.protocol import COMMAND_SCHEMA, topic
+
+from ._db import Database
+
+if TYPE_CHECKING:
+    from ._server import FleetServer
+
+__all__ = ["ShadowDeployments", "merge_reports"]
+
+SCHEMA = [
+    """CREATE TABLE IF NOT EXISTS shadows (
+        id TEXT PRIMARY KEY, bundle_name TEXT NOT NULL, bundle_version TEXT NOT NULL, selector TEXT NOT NULL,
+        sample_rate FLOAT8 NOT NULL, duration_s FLOAT8 NOT NULL, min_samples INTEGER NOT NULL,
+        state TEXT NOT NULL, created FLOAT8 NOT NULL, ends FLOAT8 NOT NULL, devices TEXT NOT NULL)""",
+]
+_GRACE_S = 60.0  # after the duration, how long reports are waited for before the shadow counts as done
+_REPORT_FIELDS = ("active_p50_ms", "active_p95_ms", "candidate_p50_ms", "candidate_p95_ms")
+
+
+def _number(v: Any, lo: float = 0.0, hi: float = math.inf) -> float | None:
+    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and lo <= v <= hi
+    return float(v) if ok else None
+
+
+def _report(body: dict[str, Any]) -> dict[str, Any] | None:
+    """A device's shadow_report with every figure checked, or None if it is not one."""
+    samples = body.get("samples")
+    if not isinstance(samples, int) or isinstance(samples, bool) or samples < 0:
+        return None
+    agreement = _number(body.get("agreement"), 0.0, 1.0)
+    if samples and agreement is None:
+        return None
+    out: dict[str, Any] = {"samples": samples, "agreement": agreement if samples else None}
+    for k in _REPORT_FIELDS:
+        out[k] = _number(body.get(k), 0.0, 3.6e6)
+    for k in ("candidate_errors", "dropped"):
+        v = body.get(k, 0)
+        out[k] = v if isinstance(v, int) and not isinstance(v, bool) and v >= 0 else 0
+    return out
+
+
+def _median(values: list[float | None]) -> float | None:
+    vs = [v for v in values if v is not None]
+    return round(statistics.median(vs), 4) if vs else None
+
+
+def merge_reports(reports: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Devices' checked reports merged: agreement weighted by samples (each device capped at 4x the median
+    device's), and the median across devices of each latency figure."""
+    with_samples = {d: r for d, r in reports.items() if r["samples"]}
+    cap = 4 * statistics.median([r["samples"] for r in with_samples.values()]) if with_samples else 0
+    weight = {d: min(r["samples"], cap) for d, r in with_samples.items()}
+    total = sum(weight.values())
+    merged: dict[str, Any] = {
+        "devices_reported": len(reports),
+        "samples": sum(r["samples"] for r in reports.values()),
+        "agreement": round(sum(r["agreement"] * weight[d] for d, r in with_samples.items()) / total, 6)
+        if total
+        else None,
+        "min_device_agreement": min((r["agreement"] for r in with_samples.values()), default=None),
+        "candidate_errors": sum(r["candidate_errors"] for r in reports.values()),
+        "dropped": sum(r["dropped"] for r in reports.values()),
+    }
+    for k in _REPORT_FIELDS:
+        merged[k] = _median([r[k] for r in reports.values()])
+    return merged
+
+
+class ShadowDeployments:
+    """Create, list, inspect and stop shadow deployments; state in the `shadows` table."""
+
+    def __init__(self, server: FleetServer) -> None:
+        self.server = server
+        self.db: Database = server.db
+        with self.db.transaction() as cur:
+            for stmt in SCHEMA:
+                cur.execute(stmt)
+
+    def create(self, bundle: str, selector: str, sample_rate: float, duration_s: float, min_samples: int = 0) -> str:
+        name, _, version = bundle.partition(":")
+        ref = self.server.bundle_ref(name, version)  # refused unless published
+        if _number(sample_rate, 0.0, 1.0) in (None, 0.0):
+            raise InputError(f"--sample-rate must be in (0, 1], got {sample_rate}")
+        if _number(duration_s, 1.0, 7 * 86400.0) is None:
+            raise InputError(f"--duration must be between 1 s and 7 days, got {duration_s}")
+        if not isinstance(min_samples, int) or min_samples < 0:
+            raise InputError(f"--min-samples must be a whole number >= 0, got {min_samples}")
+        devices = [d for d in self.server.devices() if selector in d["tags"]]
+        if not devices:
+            raise InputError(f"selector {selector!r} matches no device")
+        online = [d["id"] for d in devices if d["online"]]
+        if not online:
+            raise InputError(
+                f"none of the {len(devices)} device(s) tagged {selector!r} is online; a shadow command reaches "
+                "only connected devices"
+            )
+        sid = "s-" + uuid.uuid4().hex[:10]
+        now = time.time()
+        self.db.execute(
+            "INSERT INTO shadows (id, bundle_name, bundle_version, selector, sample_rate, duration_s, min_samples, "
+            "state, created, ends, devices) VALUES (?, ?, ?, ?, ?, ?, ?, 'running', ?, ?, ?)",
+            (
+                sid,
+                name,
+                version,
+                selector,
+                sample_rate,
+                duration_s,
+                min_samples,
+                now,
+                now + duration_s,
+                json.dumps(online),
+            ),
+        )
+        cmd = {
+            "schema": COMMAND_SCHEMA,
+            "id": sid,
+            "command": "shadow",
+            "args": {"bundle": ref, "sample_rate": sample_rate, "duration_s": duration_s, "min_samples": min_samples},
+        }
+        body = json.dumps(cmd)
+        handles = [self.server.publish(topic(d, "commands"), body) for d in online]
+        for h in handles:
+            h.wait_for_publish(10)
+        return sid
+
+    def stop(self, sid: str) -> dict[str, Any]:
+        """Stop waiting for reports: what has arrived is the result (devices end their runs on their own)."""
+        st = self.get(sid)
+        if st["state"] != "running":
+            raise InputError(f"shadow {sid} is {st['state']}; only a running one can be stopped")
+        self.db.execute("UPDATE shadows SET state = 'stopped' WHERE id = ? AND state = 'running'", (sid,))
+        return self.get(sid)
+
+    def ids(self) -> list[str]:
+        return [s for (s,) in self.db.query("SELECT id FROM shadows ORDER BY created DESC")]
+
+    def get(self, sid: str) -> dict[str, Any]:
+        rows = self.db.query(
+            "SELECT bundle_name, bundle_version, selector, sample_rate, duration_s, min_samples, state, created, "
+            "ends, devices FROM shadows WHERE id = ?",
+            (sid,),
+        )
+        if not rows:
+            raise InputError(f"no shadow deployment {sid}")
+        name, version, selector, rate, duration, min_samples, state, created, ends, devs = rows[0]
+        devices: list[str] = json.loads(devs)
+        started, failed, reports = self._events(sid, name, version, devices)
+        if state == "running" and (len(reports) + len(failed) == len(devices) or time.time() > ends + _GRACE_S):
+            self.db.execute("UPDATE shadows SET state = 'completed' WHERE id = ? AND state = 'running'", (sid,))
+            state = "completed"
+        tags = {d["id"]: d["tags"] for d in self.server.devices()}
+        cohorts: dict[str, dict[str, Any]] = {}
+        for tag in sorted({t for d in devices for t in tags.get(d, [])} - {selector}):
+            members = {d: r for d, r in reports.items() if tag in tags.get(d, [])}
+            if members:
+                cohorts[tag] = merge_reports(members)
+        return {
+            "id": sid,
+            "bundle": f"{name}:{version}",
+            "selector": selector,
+            "sample_rate": rate,
+            "duration_s": duration,
+            "min_samples": min_samples,
+            "state": state,
+            "created": created,
+            "ends": ends,
+            "devices": {"ordered": len(devices), "started": len(started), "failed": failed, "reported": len(reports)},
+            "overall": merge_reports(reports),
+            "cohorts": cohorts,
+            "per_device": reports,
+        }
+
+    def list(self) -> builtins.list[dict[str, Any]]:
+        return [self.get(s) for s in self.ids()]
+
+    def _events(
+        self, sid: str, name: str, version: str, devices: builtins.list[str]
+    ) -> tuple[set[str], dict[str, str], dict[str, dict[str, Any]]]:
+        started: set[str] = set()
+        failed: dict[str, str] = {}
+        reports: dict[str, dict[str, Any]] = {}
+        for i in range(0, len(devices), 500):
+            chunk = devices[i : i + 500]
+            marks = ",".join("?" for _ in chunk)
+            for dev, typ, body in self.db.query(
+                f"SELECT device_id, type, body FROM events WHERE device_id IN ({marks}) "
+                "AND type IN ('shadow_started', 'shadow_failed', 'shadow_report') ORDER BY ts",
+                chunk,
+            ):
+                ev = json.loads(body)
+                if ev.get("command_id") != sid:
+                    continue
+                cand = ev.get("candidate") or {}
+                if typ != "shadow_failed" and (cand.get("name"), cand.get("version")) != (name, version):
+                    continue  # a report about another bundle than the one this shadow sent
+                if typ == "shadow_started":
+                    started.add(dev)
+                elif typ == "shadow_failed":
+                    failed[dev] = str(ev.get("reason", ""))[:300]
+                else:
+                    r = _report(ev)
+                    if r is not None:
+                        reports[dev] = r
+        return started, failed, reports
+
+
+def check_passed(shadow: dict[str, Any], bundle: str, min_agreement: float, max_p95_ratio: float) -> None:
+    """Refuse (InputError) a rollout of BUNDLE after SHADOW unless the shadow ran that bundle, is over, and
+    its merged agreement and candidate latency meet the thresholds."""
+    sid = shadow["id"]
+    if shadow["bundle"] != bundle:
+        raise InputError(f"shadow {sid} ran {shadow['bundle']}, not {bundle}")
+    if shadow["state"] == "running":
+        raise InputError(f"shadow {sid} is still running; wait for it to complete (or stop it)")
+    o = shadow["overall"]
+    if not o["samples"]:
+        raise InputError(f"shadow {sid} has no reported samples to judge {bundle} by")
+    if o["agreement"] < min_agreement:
+        raise InputError(f"shadow {sid}: agreement {o['agreement']:.4f} with the active bundle < {min_agreement}")
+    cand, act = o["candidate_p95_ms"], o["active_p95_ms"]
+    if cand is not None and act is not None and cand > act * max_p95_ratio:
+        raise InputError(
+            f"shadow {sid}: candidate p95 {cand:.3f} ms > {max_p95_ratio} x the active bundle's {act:.3f} ms"
+        )
