@@ -15,10 +15,11 @@ import numpy as np
 from edgefleet import InputError
 from edgefleet._errors import require
 
+from ._accuracy_control import keep_sensitive_in_float
 from ._data import Dataset, padded_batches, run_batched
 from ._evaluate import OnnxRunner, fixed_batch_of
-from ._gate import Budget, GateError
-from ._int8 import round_per_channel
+from ._gate import Budget
+from ._int8 import bias_shift, round_per_channel
 
 __all__ = ["quantize_onnx"]
 
@@ -277,21 +278,12 @@ def _bias_correct(src: Path, dst: Path, x: np.ndarray, skip: frozenset[str] = fr
         if n.input[0] not in sums:
             continue
         mean_in = sums[n.input[0]] / len(x)
-        w = numpy_helper.to_array(weights[n.input[1]]).astype(np.float64)
+        w = numpy_helper.to_array(weights[n.input[1]])
         b = numpy_helper.to_array(weights[n.input[2]]).astype(np.float64)
         if n.op_type == "Conv":
-            group = _int_attr(n, "group", 1)
-            dw = round_per_channel(w.astype(np.float32), 0).astype(np.float64) - w
-            per_out = dw.sum(axis=tuple(range(2, dw.ndim)))  # (C_out, C_in / group), for Conv1d/2d/3d
-            cin_g = w.shape[1]
-            shift = np.array(
-                [per_out[c] @ mean_in[(c // (w.shape[0] // group)) * cin_g :][:cin_g] for c in range(w.shape[0])]
-            )
+            shift = bias_shift(w, mean_in, _int_attr(n, "group", 1))
         else:
-            trans_b = _int_attr(n, "transB", 0) == 1
-            wt = w if trans_b else w.T  # (out, in)
-            dw = round_per_channel(wt.astype(np.float32), 0).astype(np.float64) - wt
-            shift = dw @ mean_in
+            shift = bias_shift(w if _int_attr(n, "transB", 0) == 1 else w.T, mean_in)  # Gemm: B as (out, in)
         weights[n.input[2]].CopyFrom(numpy_helper.from_array((b - shift).astype(np.float32), n.input[2]))
         done += 1
     onnx.save(model, str(dst))
@@ -317,14 +309,6 @@ def _topo_sort(model: Any) -> None:
         pending = rest
     del model.graph.node[:]
     model.graph.node.extend(ordered)
-
-
-def _exclusion_steps(n: int) -> list[int]:
-    """How many of the most sensitive nodes to keep in float, tried in this order: fine steps first,
-    because one or two nodes are often the whole story, then growing ones up to all of them."""
-    steps = [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128]
-    out = [k for k in steps if k < n] + [n]
-    return sorted(set(out))
 
 
 def quantize_onnx(
@@ -384,48 +368,34 @@ def quantize_onnx(
             )
             cand = quantize(act, [], act)
             s = score(cand)
-            tried.append({"activations": act, "excluded": 0, "score": round(s, 5)})
+            tried.append({"activations": act, "kept_in_float": 0, "score": round(s, 5)})
             candidates.append((act, cand, s))
             if not budget.exceeded(s):
                 break
         passing = [c for c in candidates if not budget.exceeded(c[2])]
         # The first passing variant in preference order, else the best scoring one (uint8 on a tie) is the
-        # one whose most sensitive nodes are kept in float below.
-        act, best, s = passing[0] if passing else max(candidates, key=lambda c: (c[2], c[0] == "uint8"))
-        excluded: list[str] = []
-        if budget.exceeded(s):
-            progress(f"quantize onnx: {budget.describe(s)} lost > {budget.allowed}; ranking nodes by sensitivity")
-            ranked = _sensitivity(
-                work / f"bc_{act}.onnx" if p.bias_correction else pre,
-                best,
-                calib.x[: min(32, len(calib))],
-                progress,
-            )
-            tried_k = 0
-            for k in _exclusion_steps(len(ranked)):
-                excluded = [n for n, _ in ranked[:k]]
-                cand = quantize(act, excluded, f"{act}_x{k}")
-                s = score(cand)
-                tried.append({"activations": act, "excluded": k, "score": round(s, 5)})
-                progress(f"quantize onnx: {k} node(s) kept in float -> score {s:.4f} ({budget.describe(s)})")
-                tried_k = k
-                if not budget.exceeded(s):
-                    best = cand
-                    break
-            else:
-                top = max(t["score"] for t in tried)
-                raise GateError(
-                    f"int8 quantization cannot meet --max-accuracy-drop {budget.max_drop}: best with up to "
-                    f"{tried_k} node(s) kept in float was {budget.describe(top)} (tried {len(tried)} variants); "
-                    "give more calibration data, another calibration method, or allow a larger drop"
-                )
-        shutil.copy(best, out)
+        # one whose most sensitive nodes are kept in float.
+        act, first, s = passing[0] if passing else max(candidates, key=lambda c: (c[2], c[0] == "uint8"))
+        probe = calib.x[: min(32, len(calib))]
+
+        class Backend:
+            fmt, unit = "onnx", "node"
+
+            def rank(self) -> list[str]:
+                base = work / f"bc_{act}.onnx" if p.bias_correction else pre
+                return [n for n, _ in _sensitivity(base, first, probe, progress)]
+
+            def quantize(self, kept_float: list[str]) -> Path:
+                return quantize(act, kept_float, f"{act}_x{len(kept_float)}")
+
+        res = keep_sensitive_in_float(Backend(), first, s, score, budget, progress, {"activations": act})
+        shutil.copy(res.path, out)
     return {
-        "precision": "mixed" if excluded else "int8",
+        "precision": "mixed" if res.kept_float else "int8",
         "activations": act,
         "calibration": p.calibration,
         "per_channel": p.per_channel,
-        "kept_in_float": excluded,
-        "tried": tried,
-        "score": round(s, 5),
+        "kept_in_float": res.kept_float,
+        "tried": tried + res.tried,
+        "score": round(res.score, 5),
     }

@@ -17,8 +17,9 @@ from edgefleet import InputError
 from edgefleet._errors import require
 from edgefleet._fs import atomic_write
 
+from ._accuracy_control import keep_sensitive_in_float
 from ._data import Dataset, padded_batches
-from ._gate import Budget, GateError
+from ._gate import Budget
 
 __all__ = ["quantize_tflite", "quantize_tflite_gated"]
 
@@ -125,48 +126,46 @@ def quantize_tflite_gated(
     """Static int8 of the float TFLite file at PATH (in place), keeping the most sensitive ops in float
     until BUDGET is met. Ops are ranked by the output error each causes when it alone is quantized."""
     from ._evaluate import TfliteRunner
-    from ._onnx_quant import _exclusion_steps
 
     calibration = _calibrate(path, calib)
     with tempfile.TemporaryDirectory() as d:
         work = Path(d)
-        cand = work / "q0.tflite"
-        cand.write_bytes(_static(path, calibration, []))
-        s = score(cand)
-        tried = [{"kept_in_float": 0, "score": round(s, 5)}]
-        kept: list[str] = []
-        if budget.exceeded(s):
-            progress(f"quantize tflite: {budget.describe(s)} lost > {budget.allowed}; ranking ops by sensitivity")
-            x = calib.x[: min(16, len(calib))]
-            ref = TfliteRunner(path).predict(x).astype(np.float64)
-            denom = float(np.mean(ref**2)) + 1e-12
-            ranked = []
-            scopes = _op_scopes(path)
-            for i, scope in enumerate(scopes):
-                if i % 10 == 0:
-                    progress(f"quantize tflite: sensitivity of op {i + 1}/{len(scopes)}")
-                one = work / "one.tflite"
-                one.write_bytes(_static(path, calibration, [], only=scope))
-                ranked.append((scope, float(np.mean((TfliteRunner(one).predict(x) - ref) ** 2)) / denom))
-            ranked.sort(key=lambda kv: -kv[1])
-            for k in _exclusion_steps(len(ranked)):
-                kept = [sc for sc, _ in ranked[:k]]
-                cand = work / f"q{k}.tflite"
-                cand.write_bytes(_static(path, calibration, kept))
-                s = score(cand)
-                tried.append({"kept_in_float": k, "score": round(s, 5)})
-                progress(f"quantize tflite: {k} op(s) kept in float -> score {s:.4f} ({budget.describe(s)})")
-                if not budget.exceeded(s):
-                    break
-            else:
-                best = max(t["score"] for t in tried)
-                raise GateError(
-                    f"TFLite int8 quantization cannot meet --max-accuracy-drop {budget.max_drop}: best with up to "
-                    f"{len(ranked)} op(s) kept in float was {budget.describe(best)}; give more calibration data "
-                    "or allow a larger drop"
-                )
-        _write(path, cand.read_bytes())
-    return {"precision": "mixed" if kept else "int8", "kept_in_float": kept, "tried": tried, "score": round(s, 5)}
+
+        class Backend:
+            fmt, unit = "tflite", "op"
+
+            def quantize(self, kept_float: list[str], only: str | None = None) -> Path:
+                cand = work / ("one.tflite" if only else f"q{len(kept_float)}.tflite")
+                cand.write_bytes(_static(path, calibration, kept_float, only=only))
+                return cand
+
+            def rank(self) -> list[str]:
+                # Each op's sensitivity: the output error when it alone is quantized.
+                x = calib.x[: min(16, len(calib))]
+                ref = TfliteRunner(path).predict(x).astype(np.float64)
+                denom = float(np.mean(ref**2)) + 1e-12
+                ranked = []
+                scopes = _op_scopes(path)
+                for i, scope in enumerate(scopes):
+                    if i % 10 == 0:
+                        progress(f"quantize tflite: sensitivity of op {i + 1}/{len(scopes)}")
+                    one = self.quantize([], only=scope)
+                    ranked.append((scope, float(np.mean((TfliteRunner(one).predict(x) - ref) ** 2)) / denom))
+                ranked.sort(key=lambda kv: -kv[1])
+                return [sc for sc, _ in ranked]
+
+        backend = Backend()
+        first = backend.quantize([])
+        s = score(first)
+        res = keep_sensitive_in_float(backend, first, s, score, budget, progress)
+        _write(path, res.path.read_bytes())
+    tried = [{"kept_in_float": 0, "score": round(s, 5)}, *res.tried]
+    return {
+        "precision": "mixed" if res.kept_float else "int8",
+        "kept_in_float": res.kept_float,
+        "tried": tried,
+        "score": round(res.score, 5),
+    }
 
 
 def _write(path: Path, data: bytes | bytearray | None) -> None:

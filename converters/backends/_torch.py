@@ -19,7 +19,7 @@ from edgefleet import InputError
 from edgefleet._errors import require
 
 from .._data import Dataset, padded_batches, run_batched
-from .._int8 import round_per_channel
+from .._int8 import bias_shift
 from . import FrameworkBackend, Gate, Progress
 
 torch = require("torch", "convert", "PyTorch models")
@@ -397,17 +397,10 @@ def _bias_correct(model: Any, x: np.ndarray) -> int:
         for m in layers:
             if id(m) not in sums:
                 continue
-            mean_in = sums[id(m)] / rows[id(m)]
-            w = m.weight.detach().double()
-            dw = torch.from_numpy(round_per_channel(w.numpy(), 0)).double() - w
-            if isinstance(m, (nn.Conv1d, nn.Conv2d)):
-                per_in = dw.sum(dim=tuple(range(2, dw.dim())))  # (out, in / groups)
-                cin = w.shape[1]
-                out_per_group = w.shape[0] // m.groups
-                idx = (torch.arange(w.shape[0]) // out_per_group)[:, None] * cin + torch.arange(cin)[None, :]
-                shift = (per_in * mean_in[idx]).sum(dim=1)
-            else:
-                shift = dw @ mean_in
+            mean_in = (sums[id(m)] / rows[id(m)]).numpy()
+            w = m.weight.detach().numpy()
+            groups = m.groups if isinstance(m, (nn.Conv1d, nn.Conv2d)) else 1
+            shift = torch.from_numpy(bias_shift(w, mean_in, groups))
             if m.bias is None:
                 m.bias = nn.Parameter(torch.zeros(w.shape[0], dtype=m.weight.dtype))
             m.bias.sub_(shift.to(m.bias.dtype))
