@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import io
 import json
 import logging
@@ -156,7 +157,51 @@ def _cmd_telemetry(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_verify(args: argparse.Namespace) -> int:
+    """`edgefleet verify` with the runtime installed: the static checks, then every model's golden sample."""
+    from edgefleet import BundleError, open_bundle
+
+    from ._model import _BACKEND_EXTRA, _BACKEND_MODULE, load
+
+    b = open_bundle(args.bundle, trusted_keys=args.key)
+    m = b.manifest
+    print(
+        f"OK: {m.name} {m.version} (format {m.format_version}), signed by {b.signed_by}, "
+        f"{len(m.files)} files hash-checked"
+    )
+    if args.no_golden:
+        return 0
+    if b.golden_inputs() is None:
+        raise BundleError(f"{args.bundle} has no golden sample to check its models with (--no-golden to skip)")
+    failed = 0
+    for e in m.models:
+        mod = _BACKEND_MODULE.get(e.format)
+        if mod is None or importlib.util.find_spec(mod) is None:
+            print(f"golden {e.id}: not run, {mod} is not installed (pip install 'edgefleet[{_BACKEND_EXTRA}]')")
+            continue
+        try:
+            with load(args.bundle, args.key, model_id=e.id) as model:
+                r = model.check_golden()
+                where = model.info.accelerator
+        except BundleError as exc:
+            failed += 1
+            print(f"golden {e.id}: FAILED: {exc}")
+            continue
+        verdict = "OK" if r.ok else "FAILED"
+        failed += not r.ok
+        print(
+            f"golden {e.id}: {verdict}, {r.count} inputs on {where}: max |diff| {r.max_abs_diff:.3g} "
+            f"(atol {r.atol:g}, rtol {r.rtol:g}), top-1 agreement {r.agreement:.4f}"
+        )
+    if failed:
+        raise BundleError(f"{failed} model(s) of {args.bundle} do not reproduce their golden outputs")
+    return 0
+
+
 def register(sub: Any) -> None:
+    verify = sub.choices.get("verify")
+    if verify is not None:
+        verify.set_defaults(func=_cmd_verify)
     p = sub.add_parser("run", help="verify a bundle and run it on an input array, or on its golden sample")
     p.add_argument("bundle")
     p.add_argument("--input", help=".npy batch (N, ...) to run")

@@ -358,3 +358,32 @@ def test_a_written_device_toml_reads_back_as_the_same_config(tmp_path: Path) -> 
 
     want = dataclasses.replace(cfg, **rel, mqtt=dataclasses.replace(cfg.mqtt, ca=str(tmp_path / "ca.pem")))
     assert back == want
+
+
+def test_verify_runs_every_models_golden_sample(tmp_path: Path, digits_bundle: Path, publisher) -> None:
+    """`edgefleet verify` runs the golden sample of each model (ONNX and TFLite here): a bundle re-signed
+    with wrong golden outputs passes every static check and fails it; `--no-golden` skips it."""
+    import io
+
+    from edgefleet._bundle import write_bundle
+    from edgefleet._signing import load_signing_key
+
+    r = run_cli("verify", str(digits_bundle), "--key", str(publisher[2]))
+    assert r.returncode == 0, r.stderr
+    golden = [ln for ln in r.stdout.splitlines() if ln.startswith("golden ")]
+    b = open_bundle(digits_bundle)
+    assert len(golden) == len(b.manifest.models) and all(": OK," in ln for ln in golden), r.stdout
+
+    entry = b.manifest.models[0]
+    wrong = b.load_array(entry.golden_outputs) + 5.0
+    buf = io.BytesIO()
+    np.save(buf, wrong.astype(np.float32), allow_pickle=False)
+    members = {n: b.read(n) for n in b.member_names if n not in ("manifest.json", "manifest.sig")}
+    members[entry.golden_outputs] = buf.getvalue()
+    bad = tmp_path / "wrong-golden.efb"
+    write_bundle(bad, b.manifest, members, load_signing_key(publisher[1]))
+    r = run_cli("verify", str(bad), "--key", str(publisher[2]))
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert f"golden {entry.id}: FAILED" in r.stdout and "do not reproduce their golden outputs" in r.stderr
+    r = run_cli("verify", str(bad), "--key", str(publisher[2]), "--no-golden")
+    assert r.returncode == 0 and "golden" not in r.stdout, r.stdout
