@@ -317,9 +317,7 @@ class IngestWorker:
         if kind == "telemetry":
             bundle = obj.get("bundle") if isinstance(obj, dict) else None
             bins = self._bins(bundle.get("name"), bundle.get("version")) if isinstance(bundle, dict) else None
-            w = check_window(obj, bins)
-            if w["device_id"] != device:
-                raise InputError(f"window names device {w['device_id']!r} but came from {device!r}")
+            w = check_window(obj, bins, device)
             params: tuple[Any, ...] = (
                 w["key"],
                 device,

@@ -61,8 +61,8 @@ def check_member_name(name: str) -> None:
         raise BundleError(f"bundle member '{name}' has an absolute path; bundles hold relative paths only")
     if "\\" in name or "\x00" in name:
         raise BundleError(f"bundle member '{name}' contains a backslash or NUL; use '/'-separated names")
-    parts = PurePosixPath(name).parts
-    if any(p in ("..", ".") for p in parts) or name.endswith("/") or "//" in name:
+    # Split by hand: PurePosixPath drops '.' components ('models/./x' has the parts 'models', 'x').
+    if any(p in ("..", ".", "") for p in name.split("/")):
         raise BundleError(f"bundle member '{name}' contains '..', '.' or an empty path component (path traversal)")
 
 

@@ -68,8 +68,9 @@ def _counts(v: Any, where: str, n: int | None = None) -> list[int]:
     return v
 
 
-def check_window(obj: Any, bins: Bins | None = None) -> dict[str, Any]:
-    """Validate a decoded window; raise InputError naming the first bad field.
+def check_window(obj: Any, bins: Bins | None = None, device_id: str | None = None) -> dict[str, Any]:
+    """Validate a decoded window; raise InputError naming the first bad field. With DEVICE_ID (the device
+    of the topic it came on), the window must name that device.
 
     Every count is a non-negative integer and the sums agree (docs/topics.md lists the rules). With BINS
     (`baseline_bins` of the bundle the window names), every histogram must be one of the baseline's
@@ -109,6 +110,8 @@ def check_window(obj: Any, bins: Bins | None = None) -> dict[str, Any]:
     summarised = obj.get("summarised", obj["samples"])
     if not _count(summarised) or summarised > obj["samples"]:
         raise InputError("telemetry window field 'summarised' must be a count no larger than 'samples'")
+    if device_id is not None and obj["device_id"] != device_id:
+        raise InputError(f"telemetry window names device {obj['device_id']!r} but came from {device_id!r}")
     for group in ("inputs", "outputs"):
         want = None if bins is None else bins.get(group, {})
         for name, v in obj[group].items():
