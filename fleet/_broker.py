@@ -79,6 +79,7 @@ class Broker:
             f"pattern write {ROOT}/devices/%u/events\n"
             f"pattern read {ROOT}/devices/%u/desired\n"
             f"pattern read {ROOT}/devices/%u/commands\n"
+            f"pattern read {ROOT}/devices/%u/refusals\n"
         )
         atomic_write(self.acl, text.encode(), mode=0o600)
 

@@ -49,6 +49,11 @@ SCHEMA = [
         device_id TEXT PRIMARY KEY, sha256 TEXT NOT NULL, created FLOAT8 NOT NULL)""",
     "CREATE INDEX IF NOT EXISTS device_tokens_sha256 ON device_tokens (sha256)",
     """CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL)""",
+    # Messages the ingest refused, per device, kind and reason (a device gets at most 50 reasons; the
+    # rest count as 'other', so a hostile device cannot grow the table without bound).
+    """CREATE TABLE IF NOT EXISTS refusals (
+        device_id TEXT NOT NULL, kind TEXT NOT NULL, reason TEXT NOT NULL, count INTEGER NOT NULL,
+        last_ts FLOAT8 NOT NULL, last_key TEXT, PRIMARY KEY (device_id, kind, reason))""",
 ]
 
 

@@ -192,6 +192,13 @@ def create_app(server: FleetServer) -> Any:
 
         return list_alerts(server.db, state)
 
+    @app.get("/api/devices/{device_id}/refusals", dependencies=[Depends(operator)])
+    def device_refusals(device_id: str) -> list[dict[str, Any]]:
+        """What the server refused from a device (per kind and reason, with counts), most recent first."""
+        if not server.has_device(device_id):
+            raise HTTPException(404, f"no device {device_id}")
+        return server.refusals(device_id)
+
     @app.get("/api/devices/{device_id}/events", dependencies=[Depends(operator)])
     def device_events(device_id: str, limit: int = 100) -> list[dict[str, Any]]:
         """A device's reported events (update transitions, rollbacks, errors), newest first."""

@@ -20,7 +20,8 @@ import time
 from typing import Any
 
 from edgefleet import InputError
-from edgefleet.protocol import ROOT, Bins, baseline_bins, check_window, parse_topic
+from edgefleet.protocol import KINDS, ROOT, Bins, Refusal, baseline_bins, check_window, parse_topic
+from edgefleet.protocol import topic as topic_of
 
 from ._db import Database
 from ._endpoint import BrokerEndpoint
@@ -39,6 +40,9 @@ _QUIET_S = 0.005
 _RECEIVE_MAX = 2 * _BATCH
 _RETRY_S = (0.5, 10.0)
 _BINS_RETRY_S = 30.0
+_MAX_REASONS = 50  # distinct refusal reasons kept per device
+_ANSWERS_PER_MIN = 20  # refusals told to one device per minute; the rest are only counted
+_SERVER_KINDS = frozenset(k for k, (direction, _, _) in KINDS.items() if direction == "server")
 
 
 def share_group(password: str | None) -> str:
@@ -88,6 +92,7 @@ class IngestWorker:
         # again after _BINS_RETRY_S) with the time it was looked up.
         self._bin_cache: dict[tuple[str, str], tuple[Bins | None, float]] = {}
         self.stats = {"received": 0, "stored": 0, "duplicates": 0, "rejected": 0, "unknown_device": 0}
+        self._answered: dict[str, tuple[int, int]] = {}  # device -> (minute, refusals answered in it)
         self._client: Any = None
         self._thread: threading.Thread | None = None
         self.connected = threading.Event()
@@ -127,7 +132,7 @@ class IngestWorker:
         self.connected.set()
 
     def _on_message(self, client: Any, userdata: Any, msg: Any) -> None:
-        if msg.topic.endswith(("/desired", "/commands")):
+        if msg.topic.rsplit("/", 1)[-1] in _SERVER_KINDS:
             client.ack(msg.mid, msg.qos)
             return  # the server's own messages to devices
         now = time.monotonic()
@@ -244,6 +249,7 @@ class IngestWorker:
         # Parse and check everything before the transaction: SQLite has one writer at a time, and what
         # happens under its lock is what several workers cannot do side by side.
         ops: list[tuple[str, str, tuple[Any, ...]]] = []
+        refused: list[tuple[str, str, str | None, str]] = []  # device, kind, key, reason
         for topic, payload in batch:
             counts["received"] += 1
             parsed = parse_topic(topic)
@@ -254,6 +260,7 @@ class IngestWorker:
             if not self._is_known(device):
                 counts["unknown_device"] += 1
                 continue
+            obj = None
             try:
                 if len(payload) > MAX_PAYLOAD:
                     raise InputError(f"payload of {len(payload)} bytes is over {MAX_PAYLOAD}")
@@ -262,6 +269,9 @@ class IngestWorker:
             except (InputError, ValueError, KeyError, TypeError) as exc:
                 log.warning("dropped %s message from %s: %s", kind, device, exc)
                 counts["rejected"] += 1
+                key = obj.get("key") if isinstance(obj, dict) else None
+                reason = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
+                refused.append((device, kind, key if isinstance(key, str) else None, reason))
                 continue
             if op is None:
                 counts["duplicates"] += 1  # nothing new to store
@@ -277,8 +287,11 @@ class IngestWorker:
             # once per device and batch, not per window
             for device in sorted(seen):
                 cur.execute("UPDATE devices SET last_seen = ? WHERE id = ?", (now, device))
+            self._record_refusals(cur, refused, now)
             counts_named = dict(counts)
             counts_named[f"worker_{self.name}_received"] = counts["received"]
+            for _, kind, _, _ in refused:
+                counts_named[f"refused_{kind}"] = counts_named.get(f"refused_{kind}", 0) + 1
             for k, v in counts_named.items():
                 if v:
                     cur.execute(
@@ -288,6 +301,37 @@ class IngestWorker:
                     )
         for k, v in counts.items():
             self.stats[k] += v
+        self._answer(refused, now)
+
+    def _record_refusals(self, cur: Any, refused: list[tuple[str, str, str | None, str]], now: float) -> None:
+        for device, kind, key, reason in refused:
+            cur.execute("SELECT COUNT(*) FROM refusals WHERE device_id = ?", (device,))
+            if cur.fetchall()[0][0] >= _MAX_REASONS:
+                reason = "other"
+            cur.execute(
+                "INSERT INTO refusals (device_id, kind, reason, count, last_ts, last_key) VALUES (?, ?, ?, 1, ?, ?) "
+                "ON CONFLICT (device_id, kind, reason) DO UPDATE SET count = refusals.count + 1, last_ts = ?, "
+                "last_key = ?",
+                (device, kind, reason, now, key, now, key),
+            )
+
+    def _answer(self, refused: list[tuple[str, str, str | None, str]], now: float) -> None:
+        """Tell each device what of its messages was refused (at most _ANSWERS_PER_MIN a minute each): it was
+        acknowledged, so the device would otherwise never know its windows were dropped."""
+        client = self._client
+        if client is None or not refused:
+            return
+        minute = int(now // 60)
+        for device, kind, key, reason in refused:
+            seen = self._answered.get(device)
+            n = seen[1] + 1 if seen is not None and seen[0] == minute else 1
+            self._answered[device] = (minute, n)
+            if n > _ANSWERS_PER_MIN:
+                continue
+            body = json.dumps(Refusal(kind, key, reason, now).to_dict(device))
+            client.publish(topic_of(device, "refusals"), body, qos=1)
+        if len(self._answered) > 100_000:
+            self._answered.clear()
 
     def _bins(self, name: Any, version: Any) -> Bins | None:
         """The bins windows of bundle NAME:VERSION must have, from its published manifest (None: not known)."""

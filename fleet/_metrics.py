@@ -24,6 +24,12 @@ def metrics_text(server: FleetServer) -> str:
     ]
     for k in ("received", "stored", "duplicates", "rejected", "unknown_device"):
         lines.append(f'edgefleet_ingest_messages_total{{outcome="{k}"}} {c.get("ingest_" + k, 0)}')
+    lines += [
+        "# HELP edgefleet_ingest_refused_total Device messages refused (and answered on the device's refusals topic).",
+        "# TYPE edgefleet_ingest_refused_total counter",
+    ]
+    for kind in ("telemetry", "events", "state", "status"):
+        lines.append(f'edgefleet_ingest_refused_total{{kind="{kind}"}} {c.get("ingest_refused_" + kind, 0)}')
     alerts = server.db.query(
         "SELECT bundle_name, bundle_version, cohort, feature FROM alerts WHERE state = 'open' ORDER BY 1, 2, 3, 4"
     )

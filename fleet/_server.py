@@ -321,6 +321,14 @@ class FleetServer:
             out.append(d)
         return out
 
+    def refusals(self, device_id: str) -> list[dict[str, Any]]:
+        """What the ingest refused from DEVICE_ID, per kind and reason, most recent first."""
+        rows = self.db.query(
+            "SELECT kind, reason, count, last_ts, last_key FROM refusals WHERE device_id = ? ORDER BY last_ts DESC",
+            (device_id,),
+        )
+        return [{"kind": k, "reason": r, "count": int(n), "last": t, "last_key": key} for k, r, n, t, key in rows]
+
     def events(self, device_id: str, limit: int = 100) -> list[dict[str, Any]]:
         rows = self.db.query(
             "SELECT ts, type, body FROM events WHERE device_id = ? ORDER BY ts DESC LIMIT ?", (device_id, limit)

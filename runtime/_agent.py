@@ -225,6 +225,7 @@ class Agent:
                 "refused": st.refused,
             },
             "buffer": self._buffer_stats(),
+            "refused_by_fleet": {"count": self.link.refused, "last": self.link.last_refusal},
             "ts": time.time(),
         }
 

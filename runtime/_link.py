@@ -16,7 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 from edgefleet._errors import require
-from edgefleet.protocol import STATUS_SCHEMA, Command, Desired, parse_command, parse_desired, topic
+from edgefleet.protocol import STATUS_SCHEMA, Command, Desired, parse_command, parse_desired, parse_refusal, topic
 
 from ._config import MqttConfig
 from ._export import MqttExporter
@@ -51,6 +51,9 @@ class MqttLink:
         self.connected = threading.Event()
         self.on_connected: Callable[[], None] | None = None
         self._client: Any = None
+        # What the fleet refused of this device's messages (they were acknowledged: nothing to send again).
+        self.refused = 0
+        self.last_refusal: dict[str, Any] | None = None
 
     def status(self, online: bool) -> bytes:
         return json.dumps(
@@ -119,7 +122,7 @@ class MqttLink:
             log.warning("MQTT connection refused: %s", reason_code)
             return
         self.exporter.connected(client)
-        client.subscribe([(topic(self.device_id, "desired"), 1), (topic(self.device_id, "commands"), 1)])
+        client.subscribe([(topic(self.device_id, k), 1) for k in ("desired", "commands", "refusals")])
         client.publish(topic(self.device_id, "status"), self.status(True), qos=1, retain=True)
         self.connected.set()
         if self.on_connected is not None:
@@ -136,6 +139,12 @@ class MqttLink:
             if not msg.payload:
                 return  # a cleared retained message
             obj = json.loads(msg.payload)
+            if kind == "refusals":
+                r = parse_refusal(obj)
+                log.warning("the fleet refused this device's %s message %s: %s", r.kind, r.key or "", r.reason)
+                self.refused += 1
+                self.last_refusal = {"kind": r.kind, "key": r.key, "reason": r.reason, "ts": r.ts}
+                return
             self.inbox.put(("desired", parse_desired(obj)) if kind == "desired" else ("command", parse_command(obj)))
             self.wake.set()
         except Exception as exc:  # anything off the network; paho's network thread must survive it

@@ -20,15 +20,18 @@ __all__ = [
     "DESIRED_SCHEMA",
     "DEVICE_ID",
     "EVENT_SCHEMA",
+    "REFUSAL_SCHEMA",
     "ROOT",
     "STATE_SCHEMA",
     "STATUS_SCHEMA",
     "BundleRef",
     "Command",
     "Desired",
+    "Refusal",
     "check_device_id",
     "parse_command",
     "parse_desired",
+    "parse_refusal",
     "parse_topic",
     "topic",
 ]
@@ -44,6 +47,7 @@ KINDS = {
     "events": ("device", False, 1),  # update transitions, rollbacks, shadow reports, buffer resets
     "desired": ("server", True, 1),  # the bundle this device should run
     "commands": ("server", False, 1),  # one-off orders: shadow, flush, report
+    "refusals": ("server", False, 1),  # a device's message the server refused, and why
 }
 
 STATUS_SCHEMA = "edgefleet.status/1"
@@ -51,6 +55,7 @@ STATE_SCHEMA = "edgefleet.state/1"
 EVENT_SCHEMA = "edgefleet.event/1"
 DESIRED_SCHEMA = "edgefleet.desired/1"
 COMMAND_SCHEMA = "edgefleet.command/1"
+REFUSAL_SCHEMA = "edgefleet.refusal/1"
 COMMANDS = ("shadow", "flush", "report")
 
 
@@ -193,3 +198,35 @@ def _number(args: dict[str, Any], key: str, default: float, lo: float, hi: float
         kind = "an integer" if integer else "a number"
         raise InputError(f"shadow command argument '{key}' must be {kind} in [{lo:g}, {hi:g}], got {v!r}")
     return float(v)
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """The server's answer to a device message it refused: which (`kind`, and `key` when the message had
+    one) and why. The message was acknowledged and will not be stored; sending it again is pointless."""
+
+    kind: str
+    key: str | None
+    reason: str
+    ts: float
+
+    def to_dict(self, device_id: str) -> dict[str, Any]:
+        return {
+            "schema": REFUSAL_SCHEMA,
+            "device_id": device_id,
+            "kind": self.kind,
+            "key": self.key,
+            "reason": self.reason,
+            "ts": self.ts,
+        }
+
+
+def parse_refusal(obj: Any) -> Refusal:
+    r = _check_schema(obj, REFUSAL_SCHEMA, "refusal")
+    key = r.get("key")
+    if key is not None and not isinstance(key, str):
+        raise InputError("refusal field 'key' must be a string or null")
+    ts = r.get("ts", 0.0)
+    if not isinstance(ts, (int, float)) or isinstance(ts, bool):
+        raise InputError("refusal field 'ts' must be a number")
+    return Refusal(_field(r, "kind", str, "refusal"), key, _field(r, "reason", str, "refusal")[:500], float(ts))

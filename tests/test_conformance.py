@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from edgefleet import BundleError, EdgefleetError, open_bundle
-from edgefleet.protocol import check_window, parse_command, parse_desired
+from edgefleet.protocol import check_window, parse_command, parse_desired, parse_refusal
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs" / "conformance"
@@ -47,6 +47,8 @@ def _receive(v: dict) -> None:
         parse_desired(v["payload"])
     elif v["kind"] == "command":
         parse_command(v["payload"])
+    elif v["kind"] == "refusal":
+        parse_refusal(v["payload"])
     else:
         check_window(v["payload"], v["bins"], v["device_id"])
 

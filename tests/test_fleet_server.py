@@ -821,6 +821,9 @@ def test_poisoned_windows_are_refused_and_never_reach_the_fleet_statistics(
     n_in, n_cls = len(base["inputs"][0]["proportions"]), len(base["outputs"]["predicted_class"]["proportions"])
     pw = _provision(server, tmp_path, "dev-p")
     c, _ = _client(server.mqtt, "dev-p", pw)
+    answers: list[dict] = []
+    c.on_message = lambda cl, u, msg: answers.append(json.loads(msg.payload))
+    c.subscribe(topic("dev-p", "refusals"), qos=1)
     good = {**_window("dev-p", "dev-p:good"), "start": time.time() - 60, "end": time.time()}
     good["inputs"] = {feature: [0] * (n_in - 1) + [4]}
     good["outputs"] = {"predicted_class": [4] + [0] * (n_cls - 1)}
@@ -846,6 +849,16 @@ def test_poisoned_windows_are_refused_and_never_reach_the_fleet_statistics(
         "every poisoned window refused",
     )
     _wait(lambda: _metric(server, 'edgefleet_ingest_messages_total{outcome="stored"}') >= 1, 20, "good one stored")
+    # Each refused window is answered to its device, with its key and the reason (it was acknowledged, so
+    # the device would otherwise delete it believing it delivered); the good one is not.
+    _wait(lambda: len(answers) >= len(poisoned), 20, "refusals answered")
+    assert sorted(a["key"] for a in answers) == sorted(f"dev-p:bad:{i}" for i in range(len(poisoned)))
+    assert all(a["schema"] == "edgefleet.refusal/1" and a["kind"] == "telemetry" and a["reason"] for a in answers)
+    two_bins = next(a for a in answers if a["key"] == "dev-p:bad:0")
+    assert "bins" in two_bins["reason"] or "counts" in two_bins["reason"], two_bins
+    assert _metric(server, 'edgefleet_ingest_refused_total{kind="telemetry"}') >= len(poisoned)
+    status, body, _ = server.get("/api/devices/dev-p/refusals", token=server.token)
+    assert status == 200 and sum(r["count"] for r in json.loads(body)) == len(poisoned)
     c.loop_stop()
     c.disconnect()
     r = server.cli("drift", "--bundle", "mlp:1.0.0", "--json")

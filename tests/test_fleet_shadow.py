@@ -132,6 +132,21 @@ def test_a_shadow_deployment_reports_the_agreement_of_the_same_inputs_offline(
         r = server.cli(*base, "--min-agreement", "0.1", "--json")
         assert r.returncode == 0, r.stderr
         assert json.loads(r.stdout)["history"][0]["note"] == f"after shadow {sid}: passed"
+
+        # A refusal from the fleet reaches the agent, which logs it and says so in its state document.
+        srv = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="test-server-side", protocol=mqtt.MQTTv5)
+        srv.username_pw_set(
+            "edgefleet-server", (tmp_path / "fleet" / "mosquitto" / "server.secret").read_text().strip()
+        )
+        srv.connect("127.0.0.1", server.mqtt)
+        srv.loop_start()
+        refusal = {"schema": "edgefleet.refusal/1", "device_id": "sh-a", "kind": "telemetry", "key": "k-1",
+                   "reason": "telemetry window lacks field 'calls'", "ts": time.time()}  # fmt: skip
+        srv.publish(topic("sh-a", "refusals"), json.dumps(refusal), 1).wait_for_publish(5)
+        _wait(lambda: agents[0].link.refused == 1, 20, "refusal received")
+        doc = agents[0].state_doc()["refused_by_fleet"]
+        assert doc["count"] == 1 and doc["last"]["key"] == "k-1" and "lacks field" in doc["last"]["reason"]
+        srv.loop_stop()
     finally:
         if liar is not None:
             liar.loop_stop()

@@ -356,6 +356,17 @@ def message_vectors() -> list[dict[str, Any]]:
         "refuse",
         "sample_rate",
     )
+    refusal = {
+        "schema": "edgefleet.refusal/1",
+        "device_id": "cam-7",
+        "kind": "telemetry",
+        "key": "cam-7:1700000000000:0123456789ab",
+        "reason": "telemetry window lacks field 'calls'",
+        "ts": 1700000061.5,
+    }
+    add("refusal", "refusal-valid", refusal, "accept")
+    add("refusal", "refusal-no-key", {**refusal, "key": None}, "accept")
+    add("refusal", "refusal-no-reason", {k: v for k, v in refusal.items() if k != "reason"}, "refuse", "reason")
     ctx = {"bins": _BINS, "device_id": "cam-7"}
     add("telemetry", "window-valid", _window(), "accept", **ctx)
     add("telemetry", "window-newer-minor-field", _window(future={"x": 1}), "accept", **ctx)
