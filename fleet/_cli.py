@@ -277,12 +277,48 @@ def _alerts(args: argparse.Namespace) -> int:
         return 0
     import time
 
-    print(f"{'opened (UTC)':<20} {'state':<7} {'bundle':<16} {'cohort':<14} {'feature':<28} {'psi':>7}")
+    print(f"{'opened (UTC)':<20} {'state':<7} {'kind':<10} {'bundle':<16} {'cohort':<14} {'feature':<28} value")
     for a in rows:
         opened = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(a["opened"]))
+        value = (
+            f"accuracy {a['accuracy']:.3f} (expected {a['reference']:.3f})"
+            if a["feature"] == "accuracy" and a.get("accuracy") is not None
+            else f"psi {a['psi'] if a['psi'] is not None else float('nan'):.3f}"
+        )
         print(
-            f"{opened:<20} {a['state']:<7} {a['bundle']:<16} {a['cohort']:<14} {a['feature']:<28} "
-            f"{a['psi'] if a['psi'] is not None else float('nan'):>7.3f}"
+            f"{opened:<20} {a['state']:<7} {a['kind']:<10} {a['bundle']:<16} {a['cohort']:<14} {a['feature']:<28} "
+            f"{value}"
+        )
+    return 0
+
+
+def _accuracy(args: argparse.Namespace) -> int:
+    import urllib.parse
+
+    q = {
+        "bundle": args.bundle,
+        **({"tag": args.tag} if args.tag else {}),
+        **({"since": args.since} if args.since else {}),
+    }
+    r = _client(args, "GET", "/api/accuracy?" + urllib.parse.urlencode(q))
+    if args.json:
+        print(json.dumps(r, indent=1))
+        return 0
+    if not r["labelled"]:
+        print(f"{r['bundle']}: no labelled predictions yet (devices report them with Agent.feedback)")
+        return 0
+    lo, hi = r["ci95"]
+    ref = r["reference_accuracy"]
+    print(
+        f"{r['bundle']}{' cohort ' + args.tag if args.tag else ''}: accuracy {r['accuracy']:.4f} "
+        f"(95% {lo:.4f}-{hi:.4f}) on {r['labelled']} labelled predictions"
+        + (f"; {ref:.4f} at build" if ref is not None else "")
+    )
+    print(f"  {'class':<12} {'support':>8} {'precision':>9} {'recall':>7} {'f1':>7}")
+    fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
+    for c in r["per_class"]:
+        print(
+            f"  {c['class']!s:<12} {c['support']:>8} {fmt(c['precision']):>9} {fmt(c['recall']):>7} {fmt(c['f1']):>7}"
         )
     return 0
 
@@ -524,6 +560,13 @@ def register(sub: Any) -> None:
     p.add_argument("--since", type=float, help="only windows that started after this Unix time")
     _client_args(p)
     p.set_defaults(func=_drift)
+
+    p = fs.add_parser("accuracy", help="accuracy from labels the devices fed back (per class; a cohort with --tag)")
+    p.add_argument("--bundle", required=True, help="NAME:VERSION")
+    p.add_argument("--tag", help="only devices with this tag")
+    p.add_argument("--since", type=float, help="only windows from this Unix time on")
+    _client_args(p)
+    p.set_defaults(func=_accuracy)
 
     p = fs.add_parser("alerts", help="drift alerts the server has raised")
     p.add_argument("--state", default="open", choices=["open", "closed", "all"])

@@ -15,6 +15,7 @@ import numpy as np
 from edgefleet import InputError, Manifest
 from edgefleet._drift import chi2_two_sample, js_distance, ks_binned, psi
 
+from ._accuracy import CONCEPT_THRESHOLDS, accuracy_figures, concept_drift, reference_accuracy
 from ._db import Database
 from ._lease import Lease
 
@@ -36,7 +37,7 @@ DEFAULT_THRESHOLDS = {"psi": 0.25, "p_value": 1e-4, "min_samples": 200}
 
 
 def empty_merge() -> dict[str, Any]:
-    return {"calls": 0, "samples": 0, "summarised": 0, "inputs": {}, "outputs": {}}
+    return {"calls": 0, "samples": 0, "summarised": 0, "inputs": {}, "outputs": {}, "confusion": None}
 
 
 def add_counts(total: np.ndarray | None, counts: np.ndarray) -> np.ndarray:
@@ -59,6 +60,9 @@ def accumulate(acc: dict[str, Any], w: dict[str, Any]) -> dict[str, Any]:
         dst = acc[group]
         for k, v in w[group].items():
             dst[k] = add_counts(dst.get(k), np.asarray(v, dtype=np.int64))
+    fb = w.get("confusion") if "confusion" in w else (w.get("feedback") or {}).get("confusion")
+    if fb is not None:
+        acc["confusion"] = add_counts(acc.get("confusion"), np.asarray(fb, dtype=np.int64))
     return acc
 
 
@@ -219,6 +223,8 @@ class DriftMonitor:
         self.window_s = window_s
         self.th = {**DEFAULT_THRESHOLDS, **(thresholds or {})}
         self.last: dict[tuple[str, str, str], float] = {}
+        self.accuracy: dict[tuple[str, str], float] = {}  # (bundle, cohort) -> accuracy at the last check
+        self._references: dict[tuple[str, str], float | None] = {}
         self._baselines: dict[tuple[str, str], dict[str, Any] | None] = {}
         self._buckets: dict[tuple[str, str, str], dict[int, dict[str, Any]]] = {}
         self._seen: dict[str, float] = {}
@@ -254,6 +260,11 @@ class DriftMonitor:
             except InputError:
                 self._baselines[(name, version)] = None
         return self._baselines[(name, version)]
+
+    def _reference(self, name: str, version: str) -> float | None:
+        if (name, version) not in self._references:
+            self._references[(name, version)] = reference_accuracy(self.db, name, version)
+        return self._references[(name, version)]
 
     def _ingest_new(self, now: float) -> None:
         # Only windows received since the last check are read and added to per-interval buckets per
@@ -291,6 +302,7 @@ class DriftMonitor:
         self._ingest_new(now)
         seen: dict[tuple[str, str, str, str], dict[str, Any]] = {}
         last: dict[tuple[str, str, str], float] = {}
+        accuracy: dict[tuple[str, str], float] = {}
         for (name, version, cohort), per in self._buckets.items():
             baseline = self._baseline(name, version)
             if baseline is None:
@@ -308,7 +320,20 @@ class DriftMonitor:
                     last[(f"{name}:{version}", cohort, feature)] = st["psi"]
                 if st["drifted"] and st["samples"] >= self.th["min_samples"]:
                     seen[(name, version, cohort, feature)] = st
+            acc = accuracy_figures(merged["confusion"])
+            if acc["labelled"]:
+                accuracy[(f"{name}:{version}", cohort)] = acc["accuracy"]
+            cd = concept_drift(acc, self._reference(name, version), CONCEPT_THRESHOLDS)
+            if cd is not None:
+                moved = any(
+                    st["drifted"] and st["samples"] >= self.th["min_samples"]
+                    for f, st in stats.items()
+                    if not f.startswith("output:")
+                )
+                kind = "accuracy" if moved else "concept"
+                seen[(name, version, cohort, "accuracy")] = {"psi": None, "samples": cd["labelled"], **cd, "kind": kind}
         self.last = last
+        self.accuracy = accuracy
         with self.db.transaction() as cur:
             cur.execute("SELECT id, bundle_name, bundle_version, cohort, feature FROM alerts WHERE state = 'open'")
             open_now = {(r[1], r[2], r[3], r[4]): r[0] for r in cur.fetchall()}
@@ -325,7 +350,7 @@ class DriftMonitor:
                         "psi, p_value, samples, detail, updated) VALUES (?, ?, ?, ?, ?, 'open', ?, ?, ?, ?, ?, ?)",
                         ("a-" + uuid.uuid4().hex[:12], *key, now, *vals),
                     )
-                    log.warning("drift alert: %s:%s cohort %s feature %s psi %.3f", *key, st["psi"])
+                    log.warning("drift alert: %s:%s cohort %s feature %s psi %s", *key, st["psi"])
             for key, aid in open_now.items():
                 if key not in seen:
                     cur.execute(
@@ -342,8 +367,8 @@ def list_alerts(db: Database, state: str = "open", limit: int = 500) -> list[dic
     if state not in ("open", "closed", "all"):
         raise InputError(f"alert state {state!r}: use open, closed or all")
     sql = (
-        "SELECT id, bundle_name, bundle_version, cohort, feature, state, opened, closed, psi, p_value, samples "
-        "FROM alerts"
+        "SELECT id, bundle_name, bundle_version, cohort, feature, state, opened, closed, psi, p_value, samples, "
+        "detail FROM alerts"
     )
     params: list[Any] = []
     if state != "all":
@@ -353,5 +378,14 @@ def list_alerts(db: Database, state: str = "open", limit: int = 500) -> list[dic
     params.append(limit)
     out = []
     for r in db.query(sql, params):
-        out.append(dict(zip(ALERT_FIELDS, (r[0], f"{r[1]}:{r[2]}", *r[3:]), strict=True)))
+        a = dict(zip(ALERT_FIELDS, (r[0], f"{r[1]}:{r[2]}", *r[3:11]), strict=True))
+        # Which drift it is: the inputs moved (data), the outputs moved (prediction), or accuracy fell while
+        # the inputs did not (concept; 'accuracy' when the inputs moved as well).
+        if a["feature"] == "accuracy":
+            detail = json.loads(r[11] or "{}")
+            a["kind"] = detail.get("kind", "concept")
+            a["accuracy"], a["reference"] = detail.get("accuracy"), detail.get("reference")
+        else:
+            a["kind"] = "prediction" if str(a["feature"]).startswith("output:") else "data"
+        out.append(a)
     return out

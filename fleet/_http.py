@@ -185,6 +185,16 @@ def create_app(server: FleetServer) -> Any:
             }
         return rep
 
+    @app.get("/api/accuracy", dependencies=[Depends(operator)])
+    def accuracy(bundle: str, tag: str | None = None, since: float | None = None) -> dict[str, Any]:
+        """Accuracy of BUNDLE (NAME:VERSION) on the labels devices fed back: overall with its 95% interval,
+        precision, recall and F1 per class; `tag` limits it to one cohort."""
+        from ._accuracy import accuracy_report
+
+        name, _, version = bundle.partition(":")
+        devices = [d["id"] for d in server.devices() if tag in d["tags"]] if tag else None
+        return accuracy_report(server.db, name, version, devices=devices, since=since)
+
     @app.get("/api/alerts", dependencies=[Depends(operator)])
     def alerts(state: str = "open") -> list[dict[str, Any]]:
         """Drift alerts (state open, closed or all), newest first."""

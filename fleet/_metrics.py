@@ -45,6 +45,12 @@ def metrics_text(server: FleetServer) -> str:
             f'edgefleet_drift_alert{{bundle="{n}:{v}",cohort="{_label(cohort)}",feature="{_label(feature)}"}} 1'
         )
     lines += [
+        "# HELP edgefleet_accuracy Accuracy on fed-back labels at the last drift check (cohort '*': all devices).",
+        "# TYPE edgefleet_accuracy gauge",
+    ]
+    for (b, cohort), value in sorted(server.drift.accuracy.items()):
+        lines.append(f'edgefleet_accuracy{{bundle="{b}",cohort="{_label(cohort)}"}} {value}')
+    lines += [
         "# HELP edgefleet_drift_psi PSI against the bundle's baseline at the last drift check.",
         "# TYPE edgefleet_drift_psi gauge",
     ]

@@ -169,6 +169,20 @@ class Agent:
             sh.offer(np.asarray(x), y, ms)
         return y
 
+    @property
+    def last_call_id(self) -> int | None:
+        """The id of this thread's last `predict`, for `feedback` (None unless `feedback_calls` is set)."""
+        m = self.active.model
+        return None if m is None else m.last_call_id
+
+    def feedback(self, call_id: int, labels: Any) -> None:
+        """The true class(es) of an earlier `predict`, learnt later (see `Model.feedback`). Calls made before
+        an update switched bundles are unknown to the new one: their feedback is refused."""
+        m = self.active.model
+        if m is None:
+            raise BundleError(f"device {self.device_id} has no active bundle")
+        m.feedback(call_id, labels)
+
     def start(self) -> None:
         """Recover from any interrupted update, then run the agent in a background thread. Refused (InputError)
         while another agent runs on the same data directory."""
@@ -246,6 +260,7 @@ class Agent:
             device_id=self.device_id,
             window_s=self.config.window_s,
             capture_per_hour=self.config.capture_per_hour,
+            feedback_calls=self.config.feedback_calls,
         )
 
     def _fetch(self, ref: BundleRef, directory: Path) -> Path:

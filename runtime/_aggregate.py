@@ -8,6 +8,7 @@ sink (the durable `TelemetryBuffer`).
 from __future__ import annotations
 
 import collections
+import itertools
 import threading
 import time
 import uuid
@@ -16,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from edgefleet import InputError
 from edgefleet._drift import window_counts
 from edgefleet.protocol import LATENCY_EDGES_MS, WINDOW_SCHEMA
 
@@ -74,6 +76,8 @@ class WindowAggregator:
         capture_sink: Callable[[float, np.ndarray, np.ndarray], None] | None = None,
         clock: Callable[[], float] = time.time,
         summary_budget: float | None = SUMMARY_BUDGET,
+        feedback_calls: int = 0,
+        feedback_ttl_s: float = 86400.0,
     ) -> None:
         self._sink = sink
         self.device_id = device_id
@@ -93,7 +97,56 @@ class WindowAggregator:
         self._fast = self._capture is None
         self._start = self._window_start(clock())
         self._end = self._start + self.window_s
+        # Ground truth that arrives later: the predicted classes of the last FEEDBACK_CALLS calls, by call id.
+        self.feedback_calls, self.feedback_ttl_s = int(feedback_calls), float(feedback_ttl_s)
+        self._kept: collections.OrderedDict[int, tuple[float, np.ndarray]] = collections.OrderedDict()
+        self._ids = itertools.count(1)
+        self._fb_lock = threading.Lock()
+        self._classes = len(((baseline or {}).get("outputs") or {}).get("predicted_class", {}).get("proportions", []))
+        self._confusion: np.ndarray | None = None
         self._reset()
+
+    def remember(self, y: np.ndarray) -> int | None:
+        """Keep the predicted class of each row of a call's output Y; its call id (None: feedback is off)."""
+        if not self.feedback_calls:
+            return None
+        cid = next(self._ids)
+        pred = y.reshape(len(y), -1).argmax(1).astype(np.int32)
+        if not self._classes:
+            self._classes = int(y.reshape(len(y), -1).shape[1])
+        with self._fb_lock:
+            self._kept[cid] = (self._clock(), pred)
+            while len(self._kept) > self.feedback_calls:
+                self._kept.popitem(last=False)
+        return cid
+
+    def feedback(self, call_id: int, labels: Any) -> None:
+        """The true class of each row of call CALL_ID, counted once into the current window's confusion
+        matrix (rows: true class, columns: predicted)."""
+        if not self.feedback_calls:
+            raise InputError("feedback is off for this model: attach telemetry with feedback_calls > 0")
+        with self._fb_lock:
+            kept = self._kept.get(call_id) if isinstance(call_id, int) else None
+        if kept is None or self._clock() - kept[0] > self.feedback_ttl_s:
+            raise InputError(
+                f"call id {call_id!r} is unknown, already given feedback, or expired (the last "
+                f"{self.feedback_calls} calls of the last {self.feedback_ttl_s:g} s are kept)"
+            )
+        pred = kept[1]
+        true = np.asarray(labels)
+        if true.ndim == 0:
+            true = true.reshape(1)
+        if true.shape != pred.shape or not np.issubdtype(true.dtype, np.integer):
+            raise InputError(f"feedback for call {call_id} needs {len(pred)} integer class label(s), got {labels!r}")
+        if true.min() < 0 or true.max() >= self._classes:
+            raise InputError(f"feedback label outside the model's {self._classes} classes (0..{self._classes - 1})")
+        with self._fb_lock:
+            if self._kept.pop(call_id, None) is None:  # another thread gave it first: count it once
+                raise InputError(f"call id {call_id!r} was already given feedback")
+        with self._lock:
+            if self._confusion is None:
+                self._confusion = np.zeros((self._classes, self._classes), np.int64)
+            np.add.at(self._confusion, (true, pred), 1)
 
     def _window_start(self, now: float) -> float:
         return now - (now % self.window_s)
@@ -111,6 +164,7 @@ class WindowAggregator:
         self._infer_s = 0.0
         self._summary_s = 0.0
         self._counts: dict[str, Any] | None = None
+        self._confusion = None
 
     def record(self, x: np.ndarray | None, y: np.ndarray | None, latency_s: float, error: str | None = None) -> None:
         """One predict call: its float input and output batches, or the kind of error it raised."""
@@ -228,9 +282,9 @@ class WindowAggregator:
 
     def _close(self) -> dict[str, Any] | None:
         self._summarise()
-        if not self._lat:
+        if not self._lat and self._confusion is None:
             return None
-        lat = np.asarray(self._lat)
+        lat = np.asarray(self._lat, dtype=np.float64)
         hist = np.bincount(np.searchsorted(_LAT_EDGES_S, lat, side="right"), minlength=len(_LAT_EDGES_S) + 1)
         counts = self._counts or {"inputs": {}, "predicted_class": [], "confidence": []}
         return {
@@ -251,10 +305,15 @@ class WindowAggregator:
             "latency_ms": {
                 "counts": hist.tolist(),
                 "sum": round(float(lat.sum()) * 1000, 6),
-                "max": round(float(lat.max()) * 1000, 6),
+                "max": round(float(lat.max()) * 1000, 6) if len(lat) else 0.0,
             },
             "inputs": counts["inputs"],
             "outputs": {"predicted_class": counts["predicted_class"], "confidence": counts["confidence"]},
+            **(
+                {}
+                if self._confusion is None
+                else {"feedback": {"labelled": int(self._confusion.sum()), "confusion": self._confusion.tolist()}}
+            ),
         }
 
     def seconds_left(self) -> float:

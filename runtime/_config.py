@@ -67,6 +67,8 @@ class AgentConfig:
     # Built-in traffic for a standalone agent: run the bundle's golden inputs at this rate (0: off).
     self_test_hz: float = 0.0
     tags: list[str] = field(default_factory=list)
+    # Ground truth: keep the predicted class of this many recent calls for Agent.feedback (0: off).
+    feedback_calls: int = 0
 
     def __post_init__(self) -> None:
         check_device_id(self.device_id)

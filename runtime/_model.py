@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import math
 import os
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -119,6 +120,7 @@ class Model:
             c is None and o.dtype != "float16" for c, o in zip(self._codecs_out, self._out, strict=True)
         )
         self._telemetry: WindowAggregator | None = None
+        self._last = threading.local()  # each app thread's last call id
         self.info = ModelInfo(
             bundle=self.manifest.name,
             version=self.manifest.version,
@@ -148,9 +150,11 @@ class Model:
         window_s: float = 60.0,
         capture_per_hour: float = 0.0,
         summary_budget: float | None = SUMMARY_BUDGET,
+        feedback_calls: int = 0,
     ) -> WindowAggregator:
         """Record every `predict` into windows stored in BUFFER (see `TelemetryBuffer`); input histograms
-        take at most SUMMARY_BUDGET of the inference time (None: every input)."""
+        take at most SUMMARY_BUDGET of the inference time (None: every input). FEEDBACK_CALLS > 0 keeps
+        the predicted classes of that many recent calls, so `feedback` can count them against true labels."""
         bundle = {"name": self.info.bundle, "version": self.info.version, "model_id": self.info.model_id}
         agg = WindowAggregator(
             buffer.add,
@@ -164,6 +168,7 @@ class Model:
             capture_per_hour=capture_per_hour,
             capture_sink=lambda ts, x, y: buffer.add_sample(ts, f"{self.info.bundle}:{self.info.version}", x, y),
             summary_budget=summary_budget,
+            feedback_calls=feedback_calls,
         )
         self._telemetry = agg
         return agg
@@ -172,6 +177,20 @@ class Model:
         """Hand the last window to the buffer and stop recording."""
         self.flush_telemetry()
         self._telemetry = None
+
+    @property
+    def last_call_id(self) -> int | None:
+        """The id of this thread's last `predict` (with telemetry and feedback on), for `feedback`."""
+        return getattr(self._last, "call_id", None)
+
+    def feedback(self, call_id: int, labels: Any) -> None:
+        """The true class (or one per row) of call CALL_ID, learnt later: counted into the telemetry window's
+        confusion matrix, so the fleet can compute accuracy. Unknown, expired or repeated ids and labels
+        outside the model's classes are refused (InputError)."""
+        tel = self._telemetry
+        if tel is None:
+            raise InputError("feedback needs telemetry: attach_telemetry(..., feedback_calls=N) first")
+        tel.feedback(call_id, labels)
 
     def telemetry_due_s(self) -> float | None:
         """Seconds until the telemetry window closes (None without telemetry)."""
@@ -274,6 +293,8 @@ class Model:
             raise
         if tel is not None:
             tel.record(arr, outs[0], time.perf_counter() - t0)
+            if tel.feedback_calls:
+                self._last.call_id = tel.remember(outs[0])
         return outs
 
     def timed_run(self, x: Any) -> tuple[list[np.ndarray], float]:

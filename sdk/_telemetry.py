@@ -48,6 +48,21 @@ _REQUIRED: dict[str, type | tuple[type, ...]] = {
 }
 
 
+def _check_feedback(fb: Any, classes: int | None) -> None:
+    """A window's `feedback`: a square confusion matrix of counts (rows true class, columns predicted) whose
+    total is `labelled`, with one row per class of the bundle's baseline when that is known."""
+    if not isinstance(fb, dict) or not _count(fb.get("labelled")) or not isinstance(fb.get("confusion"), list):
+        raise InputError("telemetry window field 'feedback' needs 'labelled' (a count) and 'confusion' (a list)")
+    rows = fb["confusion"]
+    n = len(rows)
+    if not n or (classes is not None and n != classes):
+        raise InputError(f"telemetry window feedback.confusion must have one row per class ({classes or 'n'})")
+    if not all(isinstance(r, list) and len(r) == n and all(_count(v) for v in r) for r in rows):
+        raise InputError("telemetry window feedback.confusion must be a square matrix of non-negative integer counts")
+    if sum(sum(r) for r in rows) != fb["labelled"]:
+        raise InputError("telemetry window feedback.confusion does not add up to feedback.labelled")
+
+
 def baseline_bins(baseline: dict[str, Any]) -> Bins:
     """The histogram sizes a bundle's drift baseline defines (manifest `drift_baseline`)."""
     inputs = {str(f["name"]): len(f["proportions"]) for f in baseline.get("inputs", []) if isinstance(f, dict)}
@@ -110,6 +125,8 @@ def check_window(obj: Any, bins: Bins | None = None, device_id: str | None = Non
     summarised = obj.get("summarised", obj["samples"])
     if not _count(summarised) or summarised > obj["samples"]:
         raise InputError("telemetry window field 'summarised' must be a count no larger than 'samples'")
+    if "feedback" in obj:
+        _check_feedback(obj["feedback"], None if bins is None else bins.get("outputs", {}).get("predicted_class"))
     if device_id is not None and obj["device_id"] != device_id:
         raise InputError(f"telemetry window names device {obj['device_id']!r} but came from {device_id!r}")
     for group in ("inputs", "outputs"):

@@ -383,6 +383,17 @@ def message_vectors() -> list[dict[str, Any]]:
     lat = [0] * (len(LATENCY_EDGES_MS) + 1)
     lat[3] = 4
     add("telemetry", "window-latency-sum", _window(latency_ms={"counts": lat}), "refuse", "latency", **ctx)
+    fb = {"labelled": 5, "confusion": [[2, 0, 0], [1, 1, 0], [0, 0, 1]]}
+    add("telemetry", "window-with-feedback", _window(feedback=fb), "accept", **ctx)
+    add(
+        "telemetry",
+        "window-feedback-not-square",
+        _window(feedback={"labelled": 2, "confusion": [[1, 1], [0, 0]]}),
+        "refuse",
+        "one row per class",
+        **ctx,
+    )
+    add("telemetry", "window-feedback-sum", _window(feedback={**fb, "labelled": 6}), "refuse", "add up", **ctx)
     add("telemetry", "window-missing-key", {k: v for k, v in _window().items() if k != "key"}, "refuse", "key", **ctx)
     return out
 
