@@ -32,7 +32,7 @@ from edgefleet.protocol import latency_regressed
 
 __all__ = ["DEFAULT_GATES", "Cohort", "Gates", "StageDevices", "Verdict", "evaluate"]
 
-_WHOLE = ("min_devices", "reliable_p95_calls", "min_prediction_samples")
+_WHOLE = ("min_devices", "reliable_p95_calls", "min_prediction_samples", "min_labelled")
 
 
 @dataclass(frozen=True)
@@ -51,6 +51,11 @@ class Gates:
     prediction_p_value: float = 0.001
     min_stage_s: float = 10.0
     stage_timeout_s: float = 300.0
+    # Accuracy on labels devices fed back: judged once both sides have this many, failing when the canary
+    # is more than max_accuracy_drop below the control and a one-sided two-proportion test agrees.
+    max_accuracy_drop: float = 0.02
+    min_labelled: int = 100
+    accuracy_p_value: float = 0.01
 
     @classmethod
     def parse(cls, given: Mapping[str, Any] | None) -> Gates:
@@ -87,6 +92,8 @@ class Cohort:
     classes: np.ndarray | None = field(default=None, compare=False)  # predicted-class counts
     windows: int = 0
     reporting: int = 0  # devices with at least one call
+    labelled: int = 0  # predictions the devices' apps fed the true class back for
+    correct: int = 0  # of those, predicted right
 
 
 @dataclass(frozen=True)
@@ -173,6 +180,19 @@ def evaluate(new: Cohort, control: Cohort, stage: StageDevices, gates: Gates) ->
                 f"prediction PSI {values['prediction_psi']} > {gates.max_prediction_psi} "
                 f"(chi-square p {values['prediction_p_value']:.2g}, {n} predictions)"
             )
+    if new.labelled and control.labelled:
+        a_new, a_ctl = new.correct / new.labelled, control.correct / control.labelled
+        values |= {"accuracy": round(a_new, 4), "control_accuracy": round(a_ctl, 4), "labelled": new.labelled}
+        if min(new.labelled, control.labelled) >= gates.min_labelled and a_ctl - a_new > gates.max_accuracy_drop:
+            pooled = (new.correct + control.correct) / (new.labelled + control.labelled)
+            se = math.sqrt(max(pooled * (1 - pooled), 1e-12) * (1 / new.labelled + 1 / control.labelled))
+            p = 0.5 * math.erfc(((a_ctl - a_new) / se) / math.sqrt(2))
+            values["accuracy_p_value"] = p
+            if p < gates.accuracy_p_value:
+                failed.append(
+                    f"accuracy {a_new:.4f} < control {a_ctl:.4f} - {gates.max_accuracy_drop} "
+                    f"(p {p:.2g}, {new.labelled} labelled)"
+                )
     # With a control cohort to compare against, too few predictions means: watch the stage longer.
     wait = stage.has_control and values["prediction_samples"] < gates.min_prediction_samples
     silent = stage.updated > 0 and new.reporting < min(gates.min_devices, stage.updated)

@@ -79,6 +79,8 @@ class _WindowSummary(NamedTuple):
     errors: int
     latency: np.ndarray
     classes: np.ndarray | None
+    labelled: int = 0
+    correct: int = 0
 
 
 class _WindowSummaries:
@@ -103,12 +105,16 @@ class _WindowSummaries:
             ):
                 w = json.loads(body)
                 cls = (w.get("outputs") or {}).get("predicted_class")
+                fb = w.get("feedback") or {}
+                conf = np.asarray(fb.get("confusion") or [[0]], dtype=np.int64)
                 s = _WindowSummary(
                     device,
                     int(w["calls"]),
                     sum(int(v) for v in w["errors"].values()) + int(w["nan_outputs"]),
                     np.asarray(w["latency_ms"]["counts"], dtype=np.int64),
                     None if cls is None else np.asarray(cls, dtype=np.int64),
+                    int(conf.sum()),
+                    int(np.trace(conf)) if conf.ndim == 2 and conf.shape[0] == conf.shape[1] else 0,
                 )
                 self._by_key[key] = s
                 self._values += s.latency.size + (0 if s.classes is None else s.classes.size)
@@ -314,4 +320,6 @@ class RolloutStore:
             classes=classes,
             windows=len(found),
             reporting=len({w.device for w in found if w.calls}),
+            labelled=sum(w.labelled for w in found),
+            correct=sum(w.correct for w in found),
         )

@@ -341,3 +341,19 @@ def test_every_rollout_state_change_is_a_move_of_the_table() -> None:
     ended = {"rolled_back", "completed", "aborted"}
     assert not any(s in ended for s, _ in MOVES), "an ended rollout has no way out"
     assert {n for n in MOVES.values()} >= ended | {"paused", "halted", "running"}
+
+
+def test_the_accuracy_gate_needs_labels_on_both_sides_a_real_drop_and_significance() -> None:
+    ctl = Cohort(calls=2000, p95_ms=2.0, p50_ms=1.0, reporting=4, labelled=500, correct=475)  # 0.95
+    stage = StageDevices(4, 4, 0, True)
+    worse = Cohort(calls=2000, p95_ms=2.0, p50_ms=1.0, reporting=4, labelled=200, correct=160)  # 0.80
+    v = evaluate(worse, ctl, stage, Gates.parse({"min_prediction_samples": 0}))
+    assert not v.ok and v.failed_gates[0].startswith("accuracy 0.8000 < control 0.9500 - 0.02"), v.failed_gates
+    assert v.values["accuracy"] == 0.8 and v.values["control_accuracy"] == 0.95 and v.values["labelled"] == 200
+    few = Cohort(calls=2000, p95_ms=2.0, p50_ms=1.0, reporting=4, labelled=40, correct=32)  # 0.80 on 40 labels
+    assert evaluate(few, ctl, stage, Gates.parse({"min_prediction_samples": 0})).ok  # too few labels to judge
+    close = Cohort(calls=2000, p95_ms=2.0, p50_ms=1.0, reporting=4, labelled=200, correct=187)  # 0.935
+    assert evaluate(close, ctl, stage, Gates.parse({"min_prediction_samples": 0})).ok  # within the allowed drop
+    noisy = Cohort(calls=2000, p95_ms=2.0, p50_ms=1.0, reporting=4, labelled=100, correct=91)  # 0.91: p ~ 0.07
+    v = evaluate(noisy, ctl, stage, Gates.parse({"min_prediction_samples": 0}))
+    assert v.ok and v.values["accuracy_p_value"] > 0.01, v.values
