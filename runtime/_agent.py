@@ -119,6 +119,7 @@ class Agent:
             fetch=self._fetch,
             emit=self._event,
             max_watch_restarts=config.health.max_restarts,
+            wake=self._wake.set,
         )
         self.exporter = MqttExporter(self.device_id, _MAX_INFLIGHT, on_room=self._wake.set)
         self.drain = BufferDrain(self.buffer, self.exporter, config.drain_bytes_per_s)
@@ -203,6 +204,7 @@ class Agent:
         if self._thread is not None:
             self._thread.join(timeout)
         self.active.flush()
+        self.updater.close()
         self.watch.end()
         self.active.drop_staged()
         self.link.close()
@@ -263,7 +265,7 @@ class Agent:
             feedback_calls=self.config.feedback_calls,
         )
 
-    def _fetch(self, ref: BundleRef, directory: Path) -> Path:
+    def _fetch(self, ref: BundleRef, directory: Path, cancel: threading.Event | None = None) -> Path:
         directory.mkdir(parents=True, exist_ok=True)
         dest = directory / f"{ref.sha256}.efb"
         if dest.exists():
@@ -279,6 +281,7 @@ class Agent:
             max_size=self.config.max_bundle_bytes,
             # A device capped below the stall limit must still finish: half its own cap is not a stall.
             min_bytes_per_s=min(1024.0, 0.5 * (self.config.download_bytes_per_s or 2048.0)),
+            cancel=cancel,
         )
 
     def _token_for(self, url: str) -> bool:
@@ -390,7 +393,9 @@ class Agent:
             due += [0.5, self.watch.due_s(now)]
             return max(0.0, min(due))
         if st != UpdateState.IDLE:
-            return 0.02
+            # A download runs in its own thread and wakes the loop when it ends; meanwhile telemetry and orders
+            # are due as when idle (the loop is not held up, so nothing else waits on it).
+            return 0.5 if self.updater.downloading else 0.02
         # Idle: it sleeps until a window closes, a self-test call or a bandwidth-capped send is due (a
         # thousand idle agents share a host in the simulator, and a device's CPU is better spent on its app).
         if self.drain.retry_at > now:  # one in the past was tried in this very loop pass

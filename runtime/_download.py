@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -89,11 +90,13 @@ def download(
     max_bytes_per_s: float | None = None,
     max_size: int = DEFAULT_MAX_BUNDLE_BYTES,
     min_bytes_per_s: float = _MIN_RATE_BYTES_PER_S,
+    cancel: threading.Event | None = None,
 ) -> Path:
     """Fetch URL to DEST, resuming DEST.part with a Range request; DEST appears only when complete and right.
 
     TOKEN is sent only when TOKEN_FOR(url) allows it. TIMEOUT bounds each wait for data; a transfer slower
-    than MIN_BYTES_PER_S over a 30 s window is cut off (DownloadError; the next attempt resumes).
+    than MIN_BYTES_PER_S over a 30 s window is cut off (DownloadError; the next attempt resumes). Setting
+    CANCEL stops it between chunks (DownloadError; the part file stays for a resume).
     """
     try:
         origin(url)
@@ -149,6 +152,8 @@ def download(
                         have += len(chunk)
                         f.flush()
                         failpoint("download.mid")
+                        if cancel is not None and cancel.is_set():
+                            raise DownloadError(f"download of {url} was cancelled at {have}/{size} bytes")
                         now = time.monotonic()
                         if now - win_t >= _RATE_WINDOW_S:
                             rate = (have - win_have) / (now - win_t)
@@ -161,7 +166,10 @@ def download(
                         if max_bytes_per_s:
                             ahead = (have - sent0) / max_bytes_per_s - (now - t0)
                             if ahead > 0:
-                                time.sleep(ahead)
+                                if cancel is not None:
+                                    cancel.wait(ahead)
+                                else:
+                                    time.sleep(ahead)
                 except (OSError, TimeoutError) as exc:
                     raise DownloadError(f"download of {url} was interrupted at {have}/{size} bytes: {exc}") from exc
                 finally:

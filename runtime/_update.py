@@ -8,6 +8,7 @@ its handler again), and ends in one `fire` of the machine or a retry. The active
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -50,6 +51,33 @@ def _key(ref: BundleRef | None) -> str:
     return f"{ref.name}:{ref.version}" if ref else "?"
 
 
+class _Download:
+    """One bundle download in its own thread, so the agent's loop keeps sending telemetry and answering
+    orders meanwhile (a slow server could otherwise hold it for minutes)."""
+
+    def __init__(self, fetch: Callable[..., Path], ref: BundleRef, directory: Path, on_done: Callable[[], None]):
+        self.ref = ref
+        self.cancel = threading.Event()
+        self.superseded = False  # cancelled for a newer order: not a failed attempt
+        self.result: Path | None = None
+        self.error: BaseException | None = None
+        self._fetch, self._dir, self._on_done = fetch, directory, on_done
+        self.thread = threading.Thread(target=self._run, name="edgefleet-download", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            self.result = self._fetch(self.ref, self._dir, self.cancel)
+        except BaseException as exc:  # handed to the loop thread, which decides what it means
+            self.error = exc
+        finally:
+            self._on_done()
+
+    def stop(self) -> None:
+        self.superseded = True
+        self.cancel.set()
+
+
 class Updater:
     """Runs the update machine against the slots: `consider` offers, `step` does a state's work."""
 
@@ -65,11 +93,14 @@ class Updater:
         fetch: Callable[[BundleRef, Path], Path],
         emit: Emit,
         max_watch_restarts: int,
+        wake: Callable[[], None] = lambda: None,
     ) -> None:
         self.machine, self.slots, self.downloads = machine, slots, downloads
         self.active, self.watch = active, watch
         self._load, self._fetch, self._emit = load, fetch, emit
         self._max_watch_restarts = max_watch_restarts
+        self._wake = wake
+        self._job: _Download | None = None
         self.backoff_until = 0.0
         self._handlers: dict[UpdateState, Callable[[Desired], None]] = {
             S.DOWNLOADING: self._downloading,
@@ -99,10 +130,14 @@ class Updater:
                     # retries have run out (about 90 s of back-off).
                     self.machine.update(target=d, attempts=0)
                     self.backoff_until = 0.0
+                    if self._job is not None:
+                        self._job.stop()  # the old URL's transfer ends; the next step starts the new one
                 return
             if st.state not in BEFORE_SWITCH:
                 return  # finish the health window first; the latest desired is looked at again when idle
             self._emit("update_superseded", old=target.version if target else None, new=ref.version)
+            if self._job is not None:
+                self._job.stop()
             self.machine.fire(E.SUPERSEDED, target=None, target_slot=None, attempts=0)
         active = self.slots.active()
         if active is not None and active.sha256 == ref.sha256:
@@ -226,9 +261,20 @@ class Updater:
             # Still in the inactive slot from an earlier try; the smoke test's load verifies it again.
             self.machine.fire(E.ALREADY_STAGED, target_slot=kept)
             return
-        try:
-            self._fetch(ref, self.downloads)
-        except DownloadError as exc:
+        job = self._job
+        if job is not None and job.ref != ref and not job.superseded:
+            job.stop()  # another target or URL: that transfer is no longer wanted
+        if job is None or (job.superseded and not job.thread.is_alive()):
+            # One transfer at a time: a cancelled one may still be writing the same part file.
+            self._job = _Download(self._fetch, ref, self.downloads, self._wake)
+            return
+        if job.thread.is_alive():
+            return
+        self._job = None
+        if job.superseded:
+            return
+        exc = job.error
+        if isinstance(exc, DownloadError):
             attempts = self.record.attempts + 1
             if attempts >= _DOWNLOAD_RETRIES:
                 self.fail(f"download failed {attempts} times: {exc}")
@@ -236,10 +282,24 @@ class Updater:
                 self.machine.update(attempts=attempts)
                 self.backoff_until = time.monotonic() + min(30.0, 0.5 * 2**attempts)
             return
-        except BundleError as exc:
+        if isinstance(exc, BundleError):
             self.fail(str(exc))
             return
+        if exc is not None:
+            raise exc  # a bug or a full disk: the loop reports it and retries the step
         self.machine.fire(E.DOWNLOADED)
+
+    @property
+    def downloading(self) -> bool:
+        """Whether a transfer is under way in its thread."""
+        return self._job is not None and self._job.thread.is_alive()
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Stop a transfer under way (its part file stays for a resume)."""
+        job, self._job = self._job, None
+        if job is not None:
+            job.stop()
+            job.thread.join(timeout)
 
     def _verifying(self, d: Desired) -> None:
         ref = d.bundle

@@ -240,6 +240,31 @@ def test_interrupted_download_resumes_with_range(
         dev.stop()
 
 
+def test_telemetry_keeps_flowing_during_a_slow_download(
+    tmp_path: Path, broker: Mosquitto, files: FileServer, observer: Observer, mlp_bundles: dict, publisher
+) -> None:
+    """The download runs in its own thread: at 4 KiB/s the 16 KiB bundle takes about 4 s, during which the
+    device's windows still arrive (the loop used to sit in the download, and they waited for its end)."""
+    dev = Device(
+        tmp_path / "d", "dev-slow", broker, publisher, mlp_bundles["1.0.0"], window_s=0.25, download_bytes_per_s=4096
+    )
+    dev.start()
+    try:
+        observer.wait(lambda: _idle_on(observer, "dev-slow", "1.0.0"), 30, "v1 installed")
+        observer.desire("dev-slow", bundle_ref(mlp_bundles["2.0.0"], files.url), "r1")
+        observer.wait(lambda: observer.state("dev-slow").get("update", {}).get("state") == "downloading", 20, "dl")
+        during = len(observer.windows("dev-slow"))
+        t0 = time.monotonic()
+        observer.wait(lambda: observer.state("dev-slow").get("update", {}).get("state") != "downloading", 30, "done")
+        took = time.monotonic() - t0
+        arrived = len(observer.windows("dev-slow")) - during
+        assert took > 2.0, took  # it was slow
+        assert arrived >= 4, (arrived, took)  # and windows kept coming meanwhile
+        observer.wait(lambda: _idle_on(observer, "dev-slow", "2.0.0"), 60, "v2 committed")
+    finally:
+        dev.stop()
+
+
 def test_bad_downloads_never_reach_a_slot(
     tmp_path: Path, broker: Mosquitto, files: FileServer, observer: Observer, mlp_bundles: dict, publisher
 ) -> None:
