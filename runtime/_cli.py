@@ -159,16 +159,13 @@ def _cmd_telemetry(args: argparse.Namespace) -> int:
 
 def _cmd_verify(args: argparse.Namespace) -> int:
     """`edgefleet verify` with the runtime installed: the static checks, then every model's golden sample."""
-    from edgefleet import BundleError, open_bundle
+    from edgefleet import BundleError
+    from edgefleet._cli import verify_static
 
     from ._model import _BACKEND_EXTRA, _BACKEND_MODULE, load
 
-    b = open_bundle(args.bundle, trusted_keys=args.key)
+    b = verify_static(args.bundle, args.key)
     m = b.manifest
-    print(
-        f"OK: {m.name} {m.version} (format {m.format_version}), signed by {b.signed_by}, "
-        f"{len(m.files)} files hash-checked"
-    )
     if args.no_golden:
         return 0
     if b.golden_inputs() is None:

@@ -33,13 +33,19 @@ def _cmd_sign(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_verify(args: argparse.Namespace) -> int:
-    b = open_bundle(args.bundle, trusted_keys=args.key)
+def verify_static(bundle: str, keys: list[str]) -> Any:
+    """`edgefleet verify`'s checks that need no runtime: open BUNDLE with KEYS and say what passed."""
+    b = open_bundle(bundle, trusted_keys=keys)
     m = b.manifest
     print(
         f"OK: {m.name} {m.version} (format {m.format_version}), signed by {b.signed_by}, "
         f"{len(m.files)} files hash-checked"
     )
+    return b
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    verify_static(args.bundle, args.key)
     if not args.no_golden:
         # The runtime extra replaces this command with one that also runs the golden sample.
         print("golden sample not run: that needs the runtime (pip install 'edgefleet[runtime]'); --no-golden to skip")
