@@ -292,6 +292,21 @@ def _alerts(args: argparse.Namespace) -> int:
     return 0
 
 
+def _command(args: argparse.Namespace) -> int:
+    from edgefleet import InputError
+
+    if bool(args.device) == bool(args.selector):
+        raise InputError("give one DEVICE or --selector TAG")
+    body = {"command": args.command, **({"device": args.device} if args.device else {"selector": args.selector})}
+    r = _client(args, "POST", "/api/commands", json.dumps(body).encode())
+    if args.json:
+        print(json.dumps(r, indent=1))
+    else:
+        for dev, cid in r["ids"].items():
+            print(f"{cid}: {args.command} sent to {dev}")
+    return 0
+
+
 def _accuracy(args: argparse.Namespace) -> int:
     import urllib.parse
 
@@ -560,6 +575,13 @@ def register(sub: Any) -> None:
     p.add_argument("--since", type=float, help="only windows that started after this Unix time")
     _client_args(p)
     p.set_defaults(func=_drift)
+
+    p = fs.add_parser("command", help="send a one-off command (flush, report) to a device or every device of a tag")
+    p.add_argument("command", choices=["flush", "report"])
+    p.add_argument("device", nargs="?")
+    p.add_argument("--selector", help="every device with this tag, instead of one device")
+    _client_args(p)
+    p.set_defaults(func=_command)
 
     p = fs.add_parser("accuracy", help="accuracy from labels the devices fed back (per class; a cohort with --tag)")
     p.add_argument("--bundle", required=True, help="NAME:VERSION")

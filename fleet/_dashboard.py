@@ -23,6 +23,7 @@ from fastapi.templating import Jinja2Templates
 from edgefleet import InputError, Manifest
 from edgefleet._drift import psi
 
+from ._accuracy import accuracy_report
 from ._drift import drift_report, list_alerts
 from ._server import FleetServer
 
@@ -183,7 +184,23 @@ def mount_dashboard(app: FastAPI, server: FleetServer) -> None:
                 f"{b.get('from_state')} → {b.get('to_state')}" if typ == "update_state" else ""
             )
             events.append({"time": time.strftime("%H:%M:%S", time.gmtime(ts)), "type": typ, "detail": detail})
-        return page(request, "device.html", d=d, events=events)
+        refusals = server.refusals(device_id)
+        for r in refusals:
+            r["time"] = time.strftime("%H:%M:%S", time.gmtime(r["last"]))
+        commands = server.commands(device_id, 20)
+        for c in commands:
+            c["time"] = time.strftime("%H:%M:%S", time.gmtime(c["sent"]))
+        return page(request, "device.html", d=d, events=events, refusals=refusals, commands=commands)
+
+    @app.get("/shadows", response_class=HTMLResponse, include_in_schema=False)
+    @signed_in
+    def shadows(request: Request) -> Response:
+        items = server.shadows.list()
+        for s in items:
+            s["created_text"] = time.strftime("%Y-%m-%d %H:%M", time.gmtime(s["created"]))
+        return page(
+            request, "shadows.html", shadows=items, refresh=5 if any(s["state"] == "running" for s in items) else None
+        )
 
     @app.get("/rollouts", response_class=HTMLResponse, include_in_schema=False)
     @signed_in
@@ -240,10 +257,14 @@ def mount_dashboard(app: FastAPI, server: FleetServer) -> None:
     def drift(request: Request, bundle: str | None = None, tag: str | None = None) -> Response:
         bundles = _bundles()
         bundle = bundle or (bundles[-1] if bundles else None)
-        report = hist = series = None
+        report = hist = series = accuracy = None
         if bundle:
             name, _, version = bundle.partition(":")
             devices = [d["id"] for d in server.devices() if tag in d["tags"]] if tag else None
+            try:
+                accuracy = accuracy_report(server.db, name, version, devices=devices)
+            except InputError:
+                accuracy = None
             try:
                 report = drift_report(server.db, name, version, devices=devices)
             except InputError:
@@ -269,5 +290,13 @@ def mount_dashboard(app: FastAPI, server: FleetServer) -> None:
                 for k in refs:
                     series.setdefault(k, '<span class="muted">-</span>')
         return page(
-            request, "drift.html", bundles=bundles, bundle=bundle, tag=tag, report=report, hist=hist, series=series
+            request,
+            "drift.html",
+            bundles=bundles,
+            bundle=bundle,
+            tag=tag,
+            report=report,
+            hist=hist,
+            series=series,
+            accuracy=accuracy,
         )

@@ -49,6 +49,11 @@ SCHEMA = [
         device_id TEXT PRIMARY KEY, sha256 TEXT NOT NULL, created FLOAT8 NOT NULL)""",
     "CREATE INDEX IF NOT EXISTS device_tokens_sha256 ON device_tokens (sha256)",
     """CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL)""",
+    # Commands the server sent (an audit: who asked, when, what).
+    """CREATE TABLE IF NOT EXISTS commands (
+        id TEXT PRIMARY KEY, device_id TEXT NOT NULL, command TEXT NOT NULL, args TEXT NOT NULL,
+        sent FLOAT8 NOT NULL, sent_by TEXT NOT NULL)""",
+    "CREATE INDEX IF NOT EXISTS commands_device ON commands (device_id, sent)",
     # Messages the ingest refused, per device, kind and reason (a device gets at most 50 reasons; the
     # rest count as 'other', so a hostile device cannot grow the table without bound).
     """CREATE TABLE IF NOT EXISTS refusals (

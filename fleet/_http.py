@@ -202,6 +202,30 @@ def create_app(server: FleetServer) -> Any:
 
         return list_alerts(server.db, state)
 
+    @app.post("/api/commands", dependencies=[Depends(operator)])
+    def send_command(body: dict[str, Any]) -> dict[str, Any]:
+        """Send a one-off command: `{"command": "flush"|"report", "device": ID}` or `{..., "selector": TAG}`;
+        `args` optional. Audited; returns the command ids."""
+        cmd, args = str(body.get("command", "")), body.get("args") or {}
+        if not isinstance(args, dict):
+            raise InputError("'args' must be an object")
+        if body.get("device"):
+            devices = [str(body["device"])]
+        elif body.get("selector"):
+            devices = [d["id"] for d in server.devices() if str(body["selector"]) in d["tags"]]
+            if not devices:
+                raise InputError(f"selector {body['selector']!r} matches no device")
+        else:
+            raise InputError("give 'device' or 'selector'")
+        return {"command": cmd, "ids": dict(zip(devices, server.send_command(cmd, args, devices), strict=True))}
+
+    @app.get("/api/devices/{device_id}/commands", dependencies=[Depends(operator)])
+    def device_commands(device_id: str) -> list[dict[str, Any]]:
+        """Commands sent to a device, newest first (the audit)."""
+        if not server.has_device(device_id):
+            raise HTTPException(404, f"no device {device_id}")
+        return server.commands(device_id)
+
     @app.get("/api/devices/{device_id}/refusals", dependencies=[Depends(operator)])
     def device_refusals(device_id: str) -> list[dict[str, Any]]:
         """What the server refused from a device (per kind and reason, with counts), most recent first."""

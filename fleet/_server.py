@@ -18,7 +18,7 @@ from typing import Any
 from edgefleet import EdgefleetError, InputError, open_bundle
 from edgefleet._bundle import sha256_file
 from edgefleet._fs import atomic_copy, atomic_write
-from edgefleet.protocol import BundleRef, Desired, topic
+from edgefleet.protocol import COMMAND_SCHEMA, BundleRef, Desired, parse_command, topic
 
 from ._auth import may_download, may_operate
 from ._broker import SERVER_USER, Broker
@@ -320,6 +320,40 @@ class FleetServer:
             d["online"] = bool(d["online"])
             out.append(d)
         return out
+
+    def send_command(self, command: str, args: dict[str, Any], devices: list[str], by: str = "operator") -> list[str]:
+        """Send COMMAND (flush or report; shadows go through `shadows`) to each of DEVICES, recorded in the
+        `commands` audit table; returns the command ids. A command reaches only devices online now."""
+        if command == "shadow":
+            raise InputError("shadow commands are ordered with 'edgefleet fleet shadow create' (merged reports)")
+        if not devices:
+            raise InputError("no device to send the command to")
+        unknown = [d for d in devices if not self.has_device(d)]
+        if unknown:
+            raise InputError(
+                f"no device {unknown[0]}" + (f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else "")
+            )
+        ids, handles, now = [], [], time.time()
+        for d in devices:
+            cid = "c-" + secrets.token_hex(5)
+            doc = {"schema": COMMAND_SCHEMA, "id": cid, "command": command, "args": args}
+            parse_command(doc)  # the same check a device makes: an unknown command or bad args stop here
+            self.db.execute(
+                "INSERT INTO commands (id, device_id, command, args, sent, sent_by) VALUES (?, ?, ?, ?, ?, ?)",
+                (cid, d, command, json.dumps(args, sort_keys=True), now, by),
+            )
+            handles.append(self.publish(topic(d, "commands"), json.dumps(doc)))
+            ids.append(cid)
+        for h in handles:
+            h.wait_for_publish(10)
+        return ids
+
+    def commands(self, device_id: str, limit: int = 50) -> list[dict[str, Any]]:
+        rows = self.db.query(
+            "SELECT id, command, args, sent, sent_by FROM commands WHERE device_id = ? ORDER BY sent DESC LIMIT ?",
+            (device_id, limit),
+        )
+        return [{"id": i, "command": c, "args": json.loads(a), "sent": s, "by": b} for i, c, a, s, b in rows]
 
     def refusals(self, device_id: str) -> list[dict[str, Any]]:
         """What the ingest refused from DEVICE_ID, per kind and reason, most recent first."""

@@ -128,6 +128,22 @@ def test_create_a_rollout_by_clicking_and_watch_it_complete(
         page.goto(server.url + "/devices")
         assert page.locator("#devices tr").count() == 5 and "mlp 2.0.0" in page.inner_text("#devices")
         page.screenshot(path=str(ARTIFACTS / "devices.png"), full_page=True)
+        page.goto(server.url + "/devices/ui-0")
+        assert "nothing refused" in page.inner_text("#refusals")
+        # A shadow of v1 beside v2 on every device: the shadows page shows it and, once reported, its figures.
+        r = server.cli("shadow", "create", "--bundle", "mlp:1.0.0", "--selector", "ui", "--sample-rate", "1",
+                       "--duration", "3", "--json")  # fmt: skip
+        assert r.returncode == 0, r.stderr
+        sid = json.loads(r.stdout)["id"]
+
+        def reported() -> bool:
+            page.goto(server.url + "/shadows")
+            text = page.inner_text("main")
+            return sid in text and "4/4 device(s) reported" in text
+
+        _wait(reported, 60, "shadow reported on the page")
+        assert "mlp:1.0.0" in page.inner_text("h2.shadow") and "overall" in page.inner_text("main")
+        page.screenshot(path=str(ARTIFACTS / "shadows.png"), full_page=True)
         page.goto(server.url + "/drift?bundle=mlp:2.0.0")
         page.wait_for_selector("#features")
         assert "brightness" in page.inner_text("#features") and page.locator("#features svg").count() >= 4

@@ -133,6 +133,19 @@ def test_a_shadow_deployment_reports_the_agreement_of_the_same_inputs_offline(
         assert r.returncode == 0, r.stderr
         assert json.loads(r.stdout)["history"][0]["note"] == f"after shadow {sid}: passed"
 
+        # One-off commands, audited: to one device, to a tag; refused for unknown devices and for shadows.
+        r = server.cli("command", "flush", "sh-a", "--json")
+        assert r.returncode == 0, r.stderr
+        assert list(json.loads(r.stdout)["ids"]) == ["sh-a"]
+        r = server.cli("command", "report", "--selector", "sh", "--json")
+        assert r.returncode == 0 and sorted(json.loads(r.stdout)["ids"]) == ["sh-a", "sh-b", "sh-liar"], r.stderr
+        status, body, _ = server.get("/api/devices/sh-a/commands", token=server.token)
+        assert status == 200 and [c["command"] for c in json.loads(body)] == ["report", "flush"]
+        r = server.cli("command", "flush", "nobody")
+        assert r.returncode != 0 and "no device nobody" in r.stderr and "Traceback" not in r.stderr
+        r = server.cli("command", "flush")
+        assert r.returncode != 0 and "give one DEVICE or --selector TAG" in r.stderr
+
         # A refusal from the fleet reaches the agent, which logs it and says so in its state document.
         srv = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="test-server-side", protocol=mqtt.MQTTv5)
         srv.username_pw_set(
