@@ -8,8 +8,8 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | sha256sum | cu
 .PHONY: demo test lint bench clean system
 
 # Debian packages the tests run for real: the Mosquitto broker, qemu-user (aarch64 runtime tests),
-# PostgreSQL (fleet storage tests) and chromium (dashboard tests). Installed when root (CI, fresh
-# machines); otherwise they must be there.
+# PostgreSQL (fleet storage tests), chromium (dashboard tests) and prometheus (promtool checks /metrics).
+# Installed when root (CI, fresh machines); otherwise they must be there.
 DEBS := mosquitto mosquitto-clients qemu-user postgresql chromium prometheus
 SYSTEM_STAMP := $(VENV)/.system-$(shell echo $(DEBS) | sha256sum | cut -c1-8)
 $(SYSTEM_STAMP):
@@ -20,6 +20,7 @@ $(SYSTEM_STAMP):
 	command -v qemu-aarch64 >/dev/null || missing="$$missing qemu-user"; \
 	ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 || missing="$$missing postgresql"; \
 	command -v chromium >/dev/null || missing="$$missing chromium"; \
+	command -v promtool >/dev/null || missing="$$missing prometheus"; \
 	if [ -z "$$missing" ]; then :; \
 	elif [ "$$(id -u)" = 0 ]; then \
 	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing; \
@@ -50,6 +51,9 @@ lint: $(STAMP)
 test: $(STAMP) $(SYSTEM_STAMP) lint
 	# The aarch64 Python under qemu (cached in .cache/aarch64; downloads arm64 debs and aarch64 wheels once)
 	PYTHON=$(PY) bash tools/aarch64-env.sh
+	# ONNX Runtime's OpenVINO build beside (not instead of) the normal one: it replaces the onnxruntime
+	# module, so it lives in its own directory and the accelerator tests put it first on PYTHONPATH.
+	test -d .cache/openvino/onnxruntime || $(PY) -m pip install -q --no-deps --target .cache/openvino onnxruntime-openvino==1.24.1
 	$(PY) -m pytest -q -ra $(PYTEST_ARGS)
 
 bench: $(STAMP) $(SYSTEM_STAMP)

@@ -1,4 +1,11 @@
-"""ONNX Runtime backend: execution providers by name in priority order, CPU as the last resort."""
+"""ONNX Runtime backend: execution providers in priority order, CPU as the last resort.
+
+An accelerator is a provider's name, or its name with options: `OpenVINOExecutionProvider:device_type=NPU`
+(`NAME:KEY=VALUE[,KEY=VALUE]`). The same provider may come more than once with other options (NPU, then
+GPU, then CPU): ONNX Runtime takes each provider once per session and, when one cannot start (a device
+type the machine lacks), silently leaves it out, so each is tried in turn and the one that took the model
+is reported with its options, the others in `fallbacks` with the reason.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +21,24 @@ from edgefleet._manifest import version_tuple
 from . import Session, SessionOptions
 
 CPU = "CPUExecutionProvider"
+
+
+def parse_accelerator(spec: str) -> tuple[str, dict[str, str]]:
+    """`NAME[:KEY=VALUE[,KEY=VALUE...]]` -> (NAME, options); BundleError for a malformed one."""
+    name, _, rest = spec.partition(":")
+    opts: dict[str, str] = {}
+    for part in filter(None, rest.split(",")):
+        k, eq, v = part.partition("=")
+        if not eq or not k.strip():
+            raise BundleError(f"accelerator {spec!r}: options are KEY=VALUE pairs separated by ',' after ':'")
+        opts[k.strip()] = v.strip()
+    if not name.strip():
+        raise BundleError(f"accelerator {spec!r} has no provider name")
+    return name.strip(), opts
+
+
+def _spec(name: str, opts: dict[str, str]) -> str:
+    return name + (":" + ",".join(f"{k}={v}" for k, v in opts.items()) if opts else "")
 
 
 def _first_line(exc: BaseException) -> str:
@@ -37,7 +62,9 @@ class OrtSession(Session):
 
     def __init__(self, entry: ModelEntry, data: bytes, options: SessionOptions) -> None:
         ort: Any = require("onnxruntime", "runtime", "running ONNX models")
-        self.backend_version = version("onnxruntime")
+        # The module's own version: onnxruntime-openvino (or -gpu) installs the same module under another
+        # distribution name, and the metadata of 'onnxruntime' would describe a different install.
+        self.backend_version = str(getattr(ort, "__version__", "") or version("onnxruntime"))
         check_requirements(entry, self.backend_version)
         so = ort.SessionOptions()
         so.log_severity_level = 3
@@ -47,32 +74,46 @@ class OrtSession(Session):
         available = set(ort.get_available_providers())
         requested = list(options.accelerators if options.accelerators is not None else entry.accelerators) or [CPU]
         self.fallbacks = []
-        providers = []
-        for name in requested:
+        wanted: list[tuple[str, dict[str, str]]] = []
+        for spec in requested:
+            name, opts = parse_accelerator(spec)
             if name in available:
-                providers.append(name)
+                wanted.append((name, opts))
             else:
-                self.fallbacks.append(f"{name} is not available in onnxruntime {self.backend_version}")
-        if CPU not in providers:
-            providers.append(CPU)
-        try:
-            self._s = ort.InferenceSession(data, so, providers=providers)
-        except Exception as exc:
-            if providers == [CPU]:
-                raise BundleError(
-                    f"onnxruntime {self.backend_version} cannot load model '{entry.id}': {_first_line(exc)}"
-                ) from exc
-            self.fallbacks.append(f"{providers[0]} failed to initialise: {_first_line(exc)}")
+                self.fallbacks.append(f"{spec} is not available in onnxruntime {self.backend_version}")
+        # Each try: the first untried entry, the later providers of other names after it, CPU last.
+        sess: Any = None
+        while wanted:
+            first = wanted[0]
+            providers: list[Any] = [first]
+            seen = {first[0]}
+            for name, opts in wanted[1:]:
+                if name not in seen and name != CPU:
+                    providers.append((name, opts))
+                    seen.add(name)
+            if CPU not in seen:
+                providers.append((CPU, {}))
             try:
-                self._s = ort.InferenceSession(data, so, providers=[CPU])
+                s = ort.InferenceSession(data, so, providers=providers)
+            except Exception as exc:
+                self.fallbacks.append(f"{_spec(*first)} failed to initialise: {_first_line(exc)}")
+                wanted.pop(0)
+                continue
+            if s.get_providers()[0] == first[0]:
+                sess, self.accelerator = s, _spec(*first)
+                break
+            self.fallbacks.append(f"{_spec(*first)} did not take the model; onnxruntime left it out")
+            wanted.pop(0)
+        if sess is None:
+            try:
+                sess = ort.InferenceSession(data, so, providers=[CPU])
             except Exception as exc2:
                 raise BundleError(
                     f"onnxruntime {self.backend_version} cannot load model '{entry.id}': {_first_line(exc2)}"
                 ) from exc2
-        active = self._s.get_providers()[0]
-        if providers[0] != active and not any(providers[0] in f for f in self.fallbacks):
-            self.fallbacks.append(f"{providers[0]} did not take the model; onnxruntime chose {active}")
-        self.accelerator = active
+            self.accelerator = CPU
+        self._s = sess
+        active = sess.get_providers()[0]
         self._in = [i.name for i in self._s.get_inputs()]
         self._out = [o.name for o in self._s.get_outputs()]
         shape = self._s.get_inputs()[0].shape
