@@ -279,13 +279,17 @@ class RolloutEngine:
                 r.id, r.stage, [(d.id, d.version, "updated" if d.version == r.version else "pending") for d in take]
             )
         )
-        _wait_all(
-            [
-                self.set_desired(d.id, r.name, r.version, r.id, "update", wait=False)
-                for d in take
-                if d.id in added and d.version != r.version
-            ]
-        )
+        handles = []
+        for d in take:
+            if d.id not in added or d.version == r.version:
+                continue
+            try:
+                handles.append(self.set_desired(d.id, r.name, r.version, r.id, "update", wait=False))
+            except InputError as exc:
+                # A device that cannot run the bundle (no runtime for its model files) counts as failed.
+                self.store.mark(r.id, d.id, "failed")
+                log.warning("rollout %s: not ordering %s: %s", r.id, d.id, exc)
+        _wait_all(handles)
         self.store.record_device_results()
         mine = self.store.assigned(r.id)
         pending = [m for m in mine if m.status == "pending"]

@@ -256,6 +256,11 @@ class RolloutStore:
                     added.append(dev)
         return added
 
+    def mark(self, rid: str, device: str, status: str) -> None:
+        self.db.execute(
+            "UPDATE rollout_devices SET status = ? WHERE rollout_id = ? AND device_id = ?", (status, rid, device)
+        )
+
     def record_device_results(self) -> None:
         """Mark pending devices updated or failed from what they reported: their last outcome event for the
         rollout, or being on its version with no update under way."""

@@ -4,6 +4,7 @@ REST API, bundle downloads (with Range) and Prometheus `/metrics`."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -261,6 +262,7 @@ class FleetServer:
         """Publish DEVICE's desired bundle (retained, QoS 1). Without WAIT the caller waits on the returned
         handle (`wait_for_publish`), so a stage's hundreds of orders go out pipelined, not one round trip each."""
         ref = BundleRef.parse(self.bundle_ref(name, version), f"bundle {name}:{version}")
+        self.check_runnable(device, name, version)
         doc = Desired(ref, action, rollout, time.time()).to_dict()
         info = self._pub.publish(topic(device, "desired"), json.dumps(doc), qos=1, retain=True)
         if wait:
@@ -299,7 +301,7 @@ class FleetServer:
     def devices(self) -> list[dict[str, Any]]:
         rows = self.db.query(
             "SELECT id, tags, online, bundle_name, bundle_version, staged_version, accelerator, agent_version, "
-            "update_state, last_seen FROM devices ORDER BY id"
+            "update_state, last_seen, state FROM devices ORDER BY id"
         )
         keys = (
             "id",
@@ -315,11 +317,33 @@ class FleetServer:
         )
         out = []
         for r in rows:
-            d = dict(zip(keys, r, strict=True))
+            d = dict(zip(keys, r[:-1], strict=True))
             d["tags"] = json.loads(d["tags"])
             d["online"] = bool(d["online"])
+            d["capabilities"] = _capabilities(r[-1])
             out.append(d)
         return out
+
+    @functools.lru_cache(maxsize=256)  # noqa: B019 - one server per process; a bundle's models never change
+    def _formats(self, name: str, version: str) -> frozenset[str]:
+        rows = self.db.query("SELECT manifest FROM bundles WHERE name = ? AND version = ?", (name, version))
+        models = json.loads(rows[0][0]).get("models", []) if rows else []
+        return frozenset(m["format"] for m in models if isinstance(m, dict) and "format" in m)
+
+    def check_runnable(self, device: str, name: str, version: str) -> None:
+        """Refuse (InputError) to order DEVICE onto a bundle none of whose model files a runtime the device
+        reported can load (a device that reported nothing yet is not refused)."""
+        rows = self.db.query("SELECT state FROM devices WHERE id = ?", (device,))
+        caps = _capabilities(rows[0][0]) if rows else None
+        if not caps or not isinstance(caps.get("runtimes"), dict):
+            return
+        formats = self._formats(name, version)
+        have = {k for k, v in caps["runtimes"].items() if isinstance(v, dict) and not v.get("error")}
+        if formats and not formats & have:
+            raise InputError(
+                f"device {device} cannot run {name}:{version}: its models are {', '.join(sorted(formats))}, and the "
+                f"device has runtimes for {', '.join(sorted(have)) or 'none'}"
+            )
 
     def send_command(self, command: str, args: dict[str, Any], devices: list[str], by: str = "operator") -> list[str]:
         """Send COMMAND (flush or report; shadows go through `shadows`) to each of DEVICES, recorded in the
@@ -368,3 +392,13 @@ class FleetServer:
             "SELECT ts, type, body FROM events WHERE device_id = ? ORDER BY ts DESC LIMIT ?", (device_id, limit)
         )
         return [{"device_id": device_id, "ts": ts, "type": t, "body": json.loads(b)} for ts, t, b in rows]
+
+
+def _capabilities(state: str | None) -> dict[str, Any] | None:
+    """The capabilities a device's last state document reported (None: none yet, or not an object)."""
+    try:
+        doc = json.loads(state) if state else None
+    except ValueError:
+        return None
+    caps = doc.get("capabilities") if isinstance(doc, dict) else None
+    return caps if isinstance(caps, dict) else None

@@ -29,6 +29,7 @@ from edgefleet import BundleError, EdgefleetError, InputError, __version__
 from edgefleet.protocol import EVENT_SCHEMA, STATE_SCHEMA, BundleRef, Command, Desired
 
 from ._active import ActiveModel
+from ._capabilities import capabilities
 from ._config import AgentConfig
 from ._download import download, origin
 from ._export import BufferDrain, MqttExporter
@@ -242,6 +243,7 @@ class Agent:
             },
             "buffer": self._buffer_stats(),
             "refused_by_fleet": {"count": self.link.refused, "last": self.link.last_refusal},
+            "capabilities": capabilities(),
             "ts": time.time(),
         }
 

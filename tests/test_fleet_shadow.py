@@ -133,6 +133,24 @@ def test_a_shadow_deployment_reports_the_agreement_of_the_same_inputs_offline(
         assert r.returncode == 0, r.stderr
         assert json.loads(r.stdout)["history"][0]["note"] == f"after shadow {sid}: passed"
 
+        # Devices say what they can run; an order for a bundle none of whose files a device's runtimes load
+        # is refused (the lying device claims only LiteRT; the mlp bundles are ONNX only).
+        caps = agents[0].state_doc()["capabilities"]
+        assert (
+            caps["runtimes"]["onnx"]["version"] and "CPUExecutionProvider" in caps["runtimes"]["onnx"]["accelerators"]
+        )
+        liar_state = {"schema": "edgefleet.state/1", "device_id": "sh-liar",
+                      "capabilities": {"machine": "aarch64", "runtimes": {"tflite": {"version": "2.1.0"}}}}  # fmt: skip
+        liar.publish(topic("sh-liar", "state"), json.dumps(liar_state), 1, True).wait_for_publish(5)
+
+        def caps_of(dev: str) -> dict | None:
+            return next(d for d in json.loads(server.cli("devices", "--json").stdout) if d["id"] == dev)["capabilities"]
+
+        _wait(lambda: (caps_of("sh-liar") or {}).get("machine") == "aarch64", 20, "capabilities stored")
+        assert caps_of("sh-a")["runtimes"]["onnx"]["accelerators"]
+        r = server.cli("desire", "sh-liar", "--bundle", "mlp:2.0.0")
+        assert r.returncode != 0 and "cannot run mlp:2.0.0: its models are onnx" in r.stderr, r.stderr
+
         # One-off commands, audited: to one device, to a tag; refused for unknown devices and for shadows.
         r = server.cli("command", "flush", "sh-a", "--json")
         assert r.returncode == 0, r.stderr
