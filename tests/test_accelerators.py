@@ -80,3 +80,35 @@ def test_openvino_cpu_runs_and_npu_gpu_fall_back_with_reasons(mlp_bundles: dict,
     for run in res["runs"]:
         assert run["golden_ok"], run  # every route reproduces the golden sample within the int8 tolerance
         assert run["top1_agree"] == 1.0, run
+
+
+def test_two_onnxruntime_builds_in_one_directory_are_refused_with_what_to_do(
+    tmp_path: Path, mlp_bundles: dict, publisher
+) -> None:
+    """pip installs onnxruntime and onnxruntime-openvino into the same package directory, each over the
+    other's files. A directory holding both (the OpenVINO package beside the normal build's metadata) is
+    refused at load with one line naming both and the fix, not a crash somewhere in a session."""
+    import shutil
+    from importlib.metadata import distribution
+
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "onnxruntime").symlink_to(OPENVINO / "onnxruntime", target_is_directory=True)
+    for d in OPENVINO.glob("onnxruntime_openvino-*.dist-info"):
+        (site / d.name).symlink_to(d, target_is_directory=True)
+    plain = distribution("onnxruntime")
+    shutil.copytree(Path(str(plain.locate_file(""))) / f"onnxruntime-{plain.version}.dist-info",
+                    site / f"onnxruntime-{plain.version}.dist-info")  # fmt: skip
+    code = (
+        "import sys, edgefleet.runtime as rt\n"
+        "try:\n    rt.load(sys.argv[1], [sys.argv[2]], backend='onnx')\n"
+        "except rt.BundleError as e:\n    print('REFUSED', e); sys.exit(3)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(site)}
+    r = subprocess.run(
+        [sys.executable, "-c", code, str(mlp_bundles["1.0.0"]), str(publisher[2])],
+        capture_output=True, text=True, env=env, timeout=300, check=False,
+    )  # fmt: skip
+    assert r.returncode == 3, r.stdout + r.stderr[-2000:]
+    assert "onnxruntime and onnxruntime-openvino are both installed" in r.stdout
+    assert "pip uninstall onnxruntime onnxruntime-openvino" in r.stdout

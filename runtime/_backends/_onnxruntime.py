@@ -9,7 +9,9 @@ is reported with its options, the others in `fallbacks` with the reason.
 
 from __future__ import annotations
 
+import functools
 from importlib.metadata import version
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -57,11 +59,30 @@ def check_requirements(entry: ModelEntry, ort_version: str) -> None:
         )
 
 
+_BUILDS = ("onnxruntime", "onnxruntime-gpu", "onnxruntime-openvino", "onnxruntime-directml", "onnxruntime-qnn")
+
+
+@functools.cache
+def _check_one_build(module_file: str) -> None:
+    """Refuse a directory holding two builds of ONNX Runtime: each installs the same `onnxruntime` package,
+    so the second overwrote part of the first and neither is whole (the session may crash or lack ops)."""
+    from importlib.metadata import distributions
+
+    site = str(Path(module_file).absolute().parent.parent)
+    found = sorted({(d.metadata["Name"] or "").lower() for d in distributions(path=[site])} & set(_BUILDS))
+    if len(found) > 1:
+        raise BundleError(
+            f"{' and '.join(found)} are both installed in {site}: they overwrite each other's onnxruntime "
+            f"package. Uninstall all of them (pip uninstall {' '.join(found)}) and install one"
+        )
+
+
 class OrtSession(Session):
     backend = "onnxruntime"
 
     def __init__(self, entry: ModelEntry, data: bytes, options: SessionOptions) -> None:
         ort: Any = require("onnxruntime", "runtime", "running ONNX models")
+        _check_one_build(str(getattr(ort, "__file__", "") or "."))
         # The module's own version: onnxruntime-openvino (or -gpu) installs the same module under another
         # distribution name, and the metadata of 'onnxruntime' would describe a different install.
         self.backend_version = str(getattr(ort, "__version__", "") or version("onnxruntime"))
