@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -571,6 +572,10 @@ def test_simulated_fleet_drift_and_rollout(tmp_path: Path, server: Server, mlp_b
         _, text, _ = server.get("/metrics", token=server.token)
         lint = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True, check=False)
         assert lint.returncode == 0, (lint.stdout + lint.stderr).decode()
+        from .test_monitoring import used_series
+
+        exported = set(re.findall(r"^# TYPE (edgefleet_[a-z_]+) ", text.decode(), re.M))
+        assert used_series() <= exported, used_series() - exported  # deploy/ queries only what is served
         r = server.cli(
             "rollout",
             "create",
