@@ -72,14 +72,20 @@ def merged_confusion(bodies: list[dict[str, Any]]) -> np.ndarray | None:
     return total
 
 
-def reference_accuracy(db: Database, name: str, version: str) -> float | None:
-    """What the bundle scored on its build's labelled evaluation set (the best of its models), if known."""
+def _manifest(db: Database, name: str, version: str) -> Manifest | None:
     rows = db.query("SELECT manifest FROM bundles WHERE name = ? AND version = ?", (name, version))
-    if not rows:
-        return None
-    m = Manifest.from_bytes(rows[0][0].encode())
+    return Manifest.from_bytes(rows[0][0].encode()) if rows else None
+
+
+def _build_accuracy(m: Manifest) -> float | None:
     scores = [float(e.metrics["accuracy"]) for e in m.models if isinstance(e.metrics.get("accuracy"), (int, float))]
     return max(scores) if scores else None
+
+
+def reference_accuracy(db: Database, name: str, version: str) -> float | None:
+    """What the bundle scored on its build's labelled evaluation set (the best of its models), if known."""
+    m = _manifest(db, name, version)
+    return None if m is None else _build_accuracy(m)
 
 
 def concept_drift(acc: dict[str, Any], reference: float | None, th: dict[str, float]) -> dict[str, Any] | None:
@@ -100,10 +106,8 @@ def accuracy_report(
     """Accuracy of bundle NAME:VERSION on the labels fed back from DEVICES (all) since SINCE."""
     from ._drift import _bodies
 
-    if not db.query("SELECT 1 FROM bundles WHERE name = ? AND version = ?", (name, version)):
+    m = _manifest(db, name, version)
+    if m is None:
         raise InputError(f"bundle {name}:{version} is not published")
-    rows = db.query("SELECT manifest FROM bundles WHERE name = ? AND version = ?", (name, version))
-    labels = Manifest.from_bytes(rows[0][0].encode()).labels or None
-    fig = accuracy_figures(merged_confusion(_bodies(db, name, version, devices, since)), labels)
-    ref = reference_accuracy(db, name, version)
-    return {"bundle": f"{name}:{version}", **fig, "reference_accuracy": ref}
+    fig = accuracy_figures(merged_confusion(_bodies(db, name, version, devices, since)), m.labels or None)
+    return {"bundle": f"{name}:{version}", **fig, "reference_accuracy": _build_accuracy(m)}
