@@ -15,6 +15,7 @@ import numpy as np
 from edgefleet import InputError, Manifest
 
 from ._db import Database
+from ._rollups import ALL, read
 
 __all__ = ["CONCEPT_THRESHOLDS", "accuracy_figures", "accuracy_report", "concept_drift", "reference_accuracy"]
 
@@ -58,20 +59,6 @@ def accuracy_figures(confusion: np.ndarray | None, labels: list[str] | None = No
     return {"labelled": n, "accuracy": round(correct / n, 6), "ci95": _wilson(correct, n), "per_class": per}
 
 
-def merged_confusion(bodies: list[dict[str, Any]]) -> np.ndarray | None:
-    total: np.ndarray | None = None
-    for w in bodies:
-        fb = w.get("feedback")
-        if not fb:
-            continue
-        m = np.asarray(fb["confusion"], dtype=np.int64)
-        if total is None:
-            total = m
-        elif total.shape == m.shape:
-            total = total + m
-    return total
-
-
 def _manifest(db: Database, name: str, version: str) -> Manifest | None:
     rows = db.query("SELECT manifest FROM bundles WHERE name = ? AND version = ?", (name, version))
     return Manifest.from_bytes(rows[0][0].encode()) if rows else None
@@ -101,13 +88,11 @@ def concept_drift(acc: dict[str, Any], reference: float | None, th: dict[str, fl
 
 
 def accuracy_report(
-    db: Database, name: str, version: str, *, devices: list[str] | None = None, since: float | None = None
+    db: Database, name: str, version: str, *, cohort: str = ALL, since: float | None = None
 ) -> dict[str, Any]:
-    """Accuracy of bundle NAME:VERSION on the labels fed back from DEVICES (all) since SINCE."""
-    from ._drift import _bodies
-
+    """Accuracy of bundle NAME:VERSION on the labels fed back from COHORT (a tag; `*`: all) since SINCE."""
     m = _manifest(db, name, version)
     if m is None:
         raise InputError(f"bundle {name}:{version} is not published")
-    fig = accuracy_figures(merged_confusion(_bodies(db, name, version, devices, since)), m.labels or None)
+    fig = accuracy_figures(read(db, name, version, cohort, since)["confusion"], m.labels or None)
     return {"bundle": f"{name}:{version}", **fig, "reference_accuracy": _build_accuracy(m)}

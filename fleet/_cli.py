@@ -26,6 +26,7 @@ def _serve(args: argparse.Namespace) -> int:
     uvicorn: Any = require("uvicorn", "fleet", "the fleet server")
 
     from ._http import create_app
+    from ._retention import Retention
     from ._server import FleetServer, ServerConfig
 
     cfg = ServerConfig(
@@ -44,6 +45,7 @@ def _serve(args: argparse.Namespace) -> int:
         drift_window_s=args.drift_window,
         metrics_open=args.metrics_open,
         mqtt_bind=args.mqtt_bind,
+        retention=Retention(windows_s=args.keep_windows_days * 86400, rollups_s=args.keep_rollups_days * 86400),
     )
     server = FleetServer(cfg)
     server.start()
@@ -422,6 +424,15 @@ def register(sub: Any) -> None:
     p.add_argument("--trusted-key", action="append", help="public key bundles must be signed with (repeatable)")
     p.add_argument("--drift-interval", type=float, default=30.0, help="seconds between drift alert checks")
     p.add_argument("--drift-window", type=float, default=900.0, help="seconds of telemetry a drift check covers")
+    p.add_argument(
+        "--keep-windows-days", type=float, default=7.0, help="days raw telemetry windows are kept (default 7)"
+    )
+    p.add_argument(
+        "--keep-rollups-days",
+        type=float,
+        default=400.0,
+        help="days the per-minute/hour/day telemetry rollups are kept (default 400)",
+    )
     p.set_defaults(func=_serve)
 
     p = fs.add_parser("ingest", help="run an extra ingest worker (scale-out over a shared subscription)")

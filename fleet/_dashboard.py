@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import html
-import json
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -25,6 +24,8 @@ from edgefleet._drift import psi
 
 from ._accuracy import accuracy_report
 from ._drift import drift_report, list_alerts
+from ._rollups import ALL, Rollup, accumulate, empty_merge
+from ._rollups import series as rollup_series
 from ._server import FleetServer
 
 __all__ = ["mount_dashboard"]
@@ -66,34 +67,26 @@ def _svg_line(values: list[float | None], threshold: float) -> str:
     )
 
 
-def _series(
-    server: FleetServer, name: str, version: str, devices: list[str] | None, baseline: dict[str, Any], buckets: int = 12
-) -> dict[str, list[float | None]]:
-    rows = server.db.query(
-        "SELECT device_id, start, body FROM windows WHERE bundle_name = ? AND bundle_version = ? ORDER BY start",
-        (name, version),
-    )
-    rows = [r for r in rows if devices is None or r[0] in devices]
+def _series(rows: list[Rollup], baseline: dict[str, Any], buckets: int = 12) -> dict[str, list[float | None]]:
+    """PSI against the baseline per feature in BUCKETS equal spans of the rollup rows' time."""
     if not rows:
         return {}
-    t0, t1 = rows[0][1], rows[-1][1] + 1e-9
+    t0, t1 = rows[0].bucket, rows[-1].bucket + 1e-9
     width = (t1 - t0) / buckets or 1.0
-    acc: list[dict[str, np.ndarray]] = [{} for _ in range(buckets)]
-    for _, start, body in rows:
-        b = min(buckets - 1, int((start - t0) / width))
-        w = json.loads(body)
-        for k, v in {**w["inputs"], **{f"output:{k}": v for k, v in w["outputs"].items()}}.items():
-            a = np.asarray(v, dtype=np.int64)
-            acc[b][k] = acc[b][k] + a if k in acc[b] else a
+    acc = [empty_merge() for _ in range(buckets)]
+    for r in rows:
+        accumulate(acc[min(buckets - 1, int((r.bucket - t0) / width))], r.counts)
     refs = {f["name"]: f["proportions"] for f in baseline["inputs"]}
     for k in ("predicted_class", "confidence"):
         refs[f"output:{k}"] = baseline["outputs"][k]["proportions"]
     out: dict[str, list[float | None]] = {}
     for k, ref in refs.items():
-        out[k] = [
-            round(psi(ref, bucket[k]), 4) if k in bucket and bucket[k].sum() and len(bucket[k]) == len(ref) else None
-            for bucket in acc
-        ]
+        group, _, key = k.rpartition(":")
+        vals = []
+        for m in acc:
+            c = m["outputs" if group else "inputs"].get(key)
+            vals.append(round(psi(ref, c), 4) if c is not None and c.sum() and len(c) == len(ref) else None)
+        out[k] = vals
     return out
 
 
@@ -260,13 +253,13 @@ def mount_dashboard(app: FastAPI, server: FleetServer) -> None:
         report = hist = series = accuracy = None
         if bundle:
             name, _, version = bundle.partition(":")
-            devices = [d["id"] for d in server.devices() if tag in d["tags"]] if tag else None
+            cohort = tag or ALL
             try:
-                accuracy = accuracy_report(server.db, name, version, devices=devices)
+                accuracy = accuracy_report(server.db, name, version, cohort=cohort)
             except InputError:
                 accuracy = None
             try:
-                report = drift_report(server.db, name, version, devices=devices)
+                report = drift_report(server.db, name, version, cohort=cohort)
             except InputError:
                 report = None
             if report is not None:
@@ -276,17 +269,14 @@ def mount_dashboard(app: FastAPI, server: FleetServer) -> None:
                 refs.update(
                     {f"output:{k}": baseline["outputs"][k]["proportions"] for k in ("predicted_class", "confidence")}
                 )
-                from ._drift import merge_windows
-
-                where = "SELECT device_id, body FROM windows WHERE bundle_name = ? AND bundle_version = ?"
-                bodies = [
-                    json.loads(b) for d, b in server.db.query(where, (name, version)) if devices is None or d in devices
-                ]
-                merged = merge_windows(bodies)
+                buckets = rollup_series(server.db, name, version, cohort)
+                merged = empty_merge()
+                for r in buckets:
+                    accumulate(merged, r.counts)
                 live = {**merged["inputs"], **{f"output:{k}": v for k, v in merged["outputs"].items()}}
                 hist = {k: _svg_bars(ref, live.get(k)) for k, ref in refs.items()}
                 th = report["thresholds"]["psi"]
-                series = {k: _svg_line(v, th) for k, v in _series(server, name, version, devices, baseline).items()}
+                series = {k: _svg_line(v, th) for k, v in _series(buckets, baseline).items()}
                 for k in refs:
                     series.setdefault(k, '<span class="muted">-</span>')
         return page(

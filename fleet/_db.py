@@ -59,6 +59,19 @@ SCHEMA = [
     """CREATE TABLE IF NOT EXISTS refusals (
         device_id TEXT NOT NULL, kind TEXT NOT NULL, reason TEXT NOT NULL, count INTEGER NOT NULL,
         last_ts FLOAT8 NOT NULL, last_key TEXT, PRIMARY KEY (device_id, kind, reason))""",
+    "CREATE INDEX IF NOT EXISTS windows_start ON windows (start)",
+    # Telemetry summed per bundle version, cohort and time bucket (see _rollups), and per device and
+    # version when it last reported.
+    """CREATE TABLE IF NOT EXISTS rollups (
+        bundle_name TEXT NOT NULL, bundle_version TEXT NOT NULL, cohort TEXT NOT NULL, bucket FLOAT8 NOT NULL,
+        width INTEGER NOT NULL, windows INTEGER NOT NULL, body TEXT NOT NULL, updated FLOAT8 NOT NULL,
+        PRIMARY KEY (bundle_name, bundle_version, cohort, bucket, width))""",
+    "CREATE INDEX IF NOT EXISTS rollups_age ON rollups (width, bucket)",
+    """CREATE TABLE IF NOT EXISTS window_devices (
+        bundle_name TEXT NOT NULL, bundle_version TEXT NOT NULL, device_id TEXT NOT NULL,
+        first_start FLOAT8 NOT NULL, last_start FLOAT8 NOT NULL, last_called FLOAT8,
+        windows INTEGER NOT NULL, calls INTEGER NOT NULL, PRIMARY KEY (bundle_name, bundle_version, device_id))""",
+    "CREATE INDEX IF NOT EXISTS window_devices_age ON window_devices (last_start)",
 ]
 
 

@@ -18,6 +18,7 @@ from edgefleet._drift import chi2_two_sample, js_distance, ks_binned, psi
 from ._accuracy import CONCEPT_THRESHOLDS, accuracy_figures, concept_drift, reference_accuracy
 from ._db import Database
 from ._lease import Lease
+from ._rollups import ALL, accumulate, add_counts, empty_merge, merge_windows, read, series
 
 log = logging.getLogger("edgefleet.fleet.drift")
 
@@ -34,44 +35,7 @@ __all__ = [
 # A feature drifts when its PSI passes this (0.1: watch, 0.25: act, the usual reading) or the chi-square
 # p-value falls below P_VALUE with enough samples to mean something.
 DEFAULT_THRESHOLDS = {"psi": 0.25, "p_value": 1e-4, "min_samples": 200}
-
-
-def empty_merge() -> dict[str, Any]:
-    return {"calls": 0, "samples": 0, "summarised": 0, "inputs": {}, "outputs": {}, "confusion": None}
-
-
-def add_counts(total: np.ndarray | None, counts: np.ndarray) -> np.ndarray:
-    """TOTAL + COUNTS on the same bins. Counts on other bins are left out and the total kept: ingest refuses
-    windows that do not fit their bundle's baseline, so these can only be windows stored before it did,
-    and one of them must not throw away what every other device reported."""
-    if total is None or not total.size:
-        return counts
-    if not counts.size:
-        return total
-    return total + counts if total.shape == counts.shape else total
-
-
-def accumulate(acc: dict[str, Any], w: dict[str, Any]) -> dict[str, Any]:
-    """Add window (or merged windows) W's counts into ACC, in place; returns ACC."""
-    acc["calls"] += int(w["calls"])
-    acc["samples"] += int(w["samples"])
-    acc["summarised"] += int(w.get("summarised", w["samples"]))
-    for group in ("inputs", "outputs"):
-        dst = acc[group]
-        for k, v in w[group].items():
-            dst[k] = add_counts(dst.get(k), np.asarray(v, dtype=np.int64))
-    fb = w.get("confusion") if "confusion" in w else (w.get("feedback") or {}).get("confusion")
-    if fb is not None:
-        acc["confusion"] = add_counts(acc.get("confusion"), np.asarray(fb, dtype=np.int64))
-    return acc
-
-
-def merge_windows(bodies: list[dict[str, Any]]) -> dict[str, Any]:
-    """Sum the counts of telemetry windows (same bundle, so the same bins)."""
-    acc = empty_merge()
-    for w in bodies:
-        accumulate(acc, w)
-    return acc
+_SKEW_S = 3600.0  # windows stamped this far ahead of the server's clock still count as recent
 
 
 def _feature(
@@ -130,19 +94,20 @@ def drift_report(
     name: str,
     version: str,
     *,
-    devices: list[str] | None = None,
+    cohort: str = ALL,
     since: float | None = None,
     thresholds: dict[str, float] | None = None,
 ) -> dict[str, Any]:
-    """Per input feature and for the predicted-class distribution: PSI, JS, KS, chi-square against the baseline."""
+    """Per input feature and for the predicted-class distribution: PSI, JS, KS, chi-square against the
+    baseline, for COHORT (a tag; `*`: all devices) since SINCE (rounded down to its rollup bucket)."""
     th = {**DEFAULT_THRESHOLDS, **(thresholds or {})}
     baseline = baseline_of(db, name, version)
-    bodies = _bodies(db, name, version, devices, since)
-    merged = merge_windows(bodies)
+    merged = read(db, name, version, cohort, since)
     features = feature_stats(baseline, merged, th)
     return {
         "bundle": f"{name}:{version}",
-        "windows": len(bodies),
+        "cohort": cohort,
+        "windows": merged["windows"],
         "calls": merged["calls"],
         "samples": merged["samples"],
         "thresholds": th,
@@ -151,23 +116,9 @@ def drift_report(
     }
 
 
-def _bodies(
-    db: Database, name: str, version: str, devices: list[str] | None, since: float | None
-) -> list[dict[str, Any]]:
-    sql = "SELECT device_id, body FROM windows WHERE bundle_name = ? AND bundle_version = ?"
-    params: list[Any] = [name, version]
-    if since is not None:
-        sql += " AND start >= ?"
-        params.append(since)
-    wanted = None if devices is None else set(devices)
-    return [json.loads(b) for d, b in db.query(sql, params) if wanted is None or d in wanted]
-
-
-def cohort_report(
-    db: Database, name: str, version: str, a: list[str], b: list[str], since: float | None = None
-) -> dict[str, Any]:
-    """Cohort A against cohort B (device lists) on the same bundle version, per feature."""
-    ma, mb = (merge_windows(_bodies(db, name, version, devs, since)) for devs in (a, b))
+def cohort_report(db: Database, name: str, version: str, a: str, b: str, since: float | None = None) -> dict[str, Any]:
+    """Cohort A against cohort B (tags) on the same bundle version, per feature."""
+    ma, mb = (read(db, name, version, c, since) for c in (a, b))
     return {"samples": [ma["samples"], mb["samples"]], "features": compare_cohorts(ma, mb)}
 
 
@@ -226,9 +177,6 @@ class DriftMonitor:
         self.accuracy: dict[tuple[str, str], float] = {}  # (bundle, cohort) -> accuracy at the last check
         self._references: dict[tuple[str, str], float | None] = {}
         self._baselines: dict[tuple[str, str], dict[str, Any] | None] = {}
-        self._buckets: dict[tuple[str, str, str], dict[int, dict[str, Any]]] = {}
-        self._seen: dict[str, float] = {}
-        self._since = 0.0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         # Held across checks: it must outlast the interval between them.
@@ -266,51 +214,22 @@ class DriftMonitor:
             self._references[(name, version)] = reference_accuracy(self.db, name, version)
         return self._references[(name, version)]
 
-    def _ingest_new(self, now: float) -> None:
-        # Only windows received since the last check are read and added to per-interval buckets per
-        # (bundle, cohort): a check costs what arrived meanwhile, not the whole look-back window.
-        rows = self.db.query(
-            "SELECT key, device_id, bundle_name, bundle_version, start, body, received FROM windows "
-            "WHERE received >= ? AND start >= ?",
-            (self._since - 5.0, now - self.window_s),
-        )
-        tags = {d: json.loads(t) for d, t in self.db.query("SELECT id, tags FROM devices")}
-        newest = self._since
-        for key, dev, name, version, start, body, received in rows:
-            if key in self._seen:
-                continue
-            self._seen[key] = received
-            newest = max(newest, received)
-            w = json.loads(body)
-            slot = int(start // self.interval_s)
-            for cohort in ("*", *tags.get(dev, [])):
-                per = self._buckets.setdefault((name, version, cohort), {})
-                accumulate(per.setdefault(slot, empty_merge()), w)
-        self._since = newest
-        self._seen = {k: r for k, r in self._seen.items() if r >= self._since - 10.0}
-        oldest = int((now - self.window_s) // self.interval_s)
-        for key in list(self._buckets):
-            per = self._buckets[key]
-            for slot in [s for s in per if s < oldest]:
-                del per[slot]
-            if not per:
-                del self._buckets[key]
-
     def check(self, now: float | None = None) -> list[dict[str, Any]]:
         """One pass; returns the alerts open afterwards."""
         now = time.time() if now is None else now
-        self._ingest_new(now)
+        # The rollups of the look-back window, every bundle version and cohort: a check costs
+        # versions x cohorts x buckets, whatever the number of devices.
+        merged_by: dict[tuple[str, str, str], dict[str, Any]] = {}
+        for r in series(self.db, cohort=None, since=now - self.window_s, until=now + _SKEW_S):
+            accumulate(merged_by.setdefault((*r.bundle, r.cohort), empty_merge()), r.counts)
         seen: dict[tuple[str, str, str, str], dict[str, Any]] = {}
         last: dict[tuple[str, str, str], float] = {}
         accuracy: dict[tuple[str, str], float] = {}
-        for (name, version, cohort), per in self._buckets.items():
+        for (name, version, cohort), merged in sorted(merged_by.items()):
             baseline = self._baseline(name, version)
             if baseline is None:
                 continue
             try:
-                merged = empty_merge()
-                for part in per.values():
-                    accumulate(merged, part)
                 stats = feature_stats(baseline, merged, self.th)
             except Exception:  # one bundle's bad data must not stop the checks of every other bundle
                 log.exception("drift check of %s:%s cohort %s failed", name, version, cohort)

@@ -14,6 +14,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from edgefleet import BundleError, InputError
 
+from ._rollups import ALL
 from ._server import MAX_BUNDLE_BYTES, FleetServer
 
 __all__ = ["create_app"]
@@ -170,18 +171,14 @@ def create_app(server: FleetServer) -> Any:
         from ._drift import cohort_report, drift_report
 
         name, _, version = bundle.partition(":")
-
-        def members(t: str) -> list[str]:
-            return [d["id"] for d in server.devices() if t in d["tags"]]
-
-        rep = drift_report(server.db, name, version, devices=members(tag) if tag else None, since=since)
+        rep = drift_report(server.db, name, version, cohort=tag or ALL, since=since)
         if against:
             if not tag:
                 raise InputError("'against' compares two cohorts: give 'tag' as well")
             rep["cohorts"] = {
                 "a": tag,
                 "b": against,
-                **cohort_report(server.db, name, version, members(tag), members(against), since),
+                **cohort_report(server.db, name, version, tag, against, since),
             }
         return rep
 
@@ -192,8 +189,7 @@ def create_app(server: FleetServer) -> Any:
         from ._accuracy import accuracy_report
 
         name, _, version = bundle.partition(":")
-        devices = [d["id"] for d in server.devices() if tag in d["tags"]] if tag else None
-        return accuracy_report(server.db, name, version, devices=devices, since=since)
+        return accuracy_report(server.db, name, version, cohort=tag or ALL, since=since)
 
     @app.get("/api/alerts", dependencies=[Depends(operator)])
     def alerts(state: str = "open") -> list[dict[str, Any]]:

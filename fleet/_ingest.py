@@ -25,6 +25,7 @@ from edgefleet.protocol import topic as topic_of
 
 from ._db import Database
 from ._endpoint import BrokerEndpoint
+from ._rollups import StoredWindow, add_windows, insert_window
 
 __all__ = ["SHARE_GROUP", "IngestWorker", "share_group"]
 
@@ -41,6 +42,7 @@ _RECEIVE_MAX = 2 * _BATCH
 _RETRY_S = (0.5, 10.0)
 _BINS_RETRY_S = 30.0
 _MAX_REASONS = 50  # distinct refusal reasons kept per device
+_TAGS_S = 30.0
 _ANSWERS_PER_MIN = 20  # refusals told to one device per minute; the rest are only counted
 _SERVER_KINDS = frozenset(k for k, (direction, _, _) in KINDS.items() if direction == "server")
 
@@ -87,7 +89,9 @@ class IngestWorker:
         self._write_lock = threading.Lock()
         self._wake = threading.Event()
         self._stop = threading.Event()
-        self._known: set[str] = set()
+        # device -> (its tags, when read): windows are added to the rollups of the tags a device carries,
+        # read again after _TAGS_S, so a changed tag applies to windows stored from then on.
+        self._known: dict[str, tuple[list[str], float]] = {}
         # (name, version) -> the histogram sizes of its published baseline, or None (not published: checked
         # again after _BINS_RETRY_S) with the time it was looked up.
         self._bin_cache: dict[tuple[str, str], tuple[Bins | None, float]] = {}
@@ -163,14 +167,34 @@ class IngestWorker:
             self._client.loop_stop()
         self._flush(final=True)  # what arrived meanwhile: stored, its acknowledgement no longer matters
 
+    def _refresh(self, topics: list[str]) -> None:
+        """Read the tags of the devices on TOPICS not read within _TAGS_S (and whether they are registered:
+        a device registered a moment ago says 'online' first of all), in one query per 500."""
+        now = time.monotonic()
+        stale = sorted(
+            {
+                p[0]
+                for p in map(parse_topic, topics)
+                if p is not None and now - self._known.get(p[0], ([], -_TAGS_S))[1] >= _TAGS_S
+            }
+        )
+        if len(self._known) + len(stale) > 200_000:
+            self._known.clear()
+        for i in range(0, len(stale), 500):
+            chunk = stale[i : i + 500]
+            marks = ", ".join("?" * len(chunk))
+            for dev, tags in self.db.query(f"SELECT id, tags FROM devices WHERE id IN ({marks})", chunk):
+                self._known[dev] = (list(json.loads(tags)), now)
+            for dev in chunk:
+                if dev in self._known and self._known[dev][1] != now:
+                    del self._known[dev]  # deregistered meanwhile
+
     def _is_known(self, device: str) -> bool:
-        if device in self._known:
-            return True
-        # Not cached: ask the database (a device registered a moment ago says 'online' first of all).
-        if self.db.query("SELECT 1 FROM devices WHERE id = ?", (device,)):
-            self._known.add(device)
-            return True
-        return False
+        return device in self._known
+
+    def _tags(self, device: str) -> list[str]:
+        hit = self._known.get(device)
+        return [] if hit is None else hit[0]
 
     def _flush(self, due_only: bool = False, final: bool = False) -> None:
         """Write what is pending and acknowledge it. DUE_ONLY (the timer): only once no message has come
@@ -250,6 +274,7 @@ class IngestWorker:
         # happens under its lock is what several workers cannot do side by side.
         ops: list[tuple[str, str, tuple[Any, ...]]] = []
         refused: list[tuple[str, str, str | None, str]] = []  # device, kind, key, reason
+        self._refresh([t for t, _ in batch])
         for topic, payload in batch:
             counts["received"] += 1
             parsed = parse_topic(topic)
@@ -279,11 +304,20 @@ class IngestWorker:
             ops.append(op)
         with self.db.transaction() as cur:
             seen: set[str] = set()
+            windows: list[StoredWindow] = []
             for kind, device, params in ops:
-                stored = self._apply(cur, kind, device, params)
+                if kind == "telemetry":
+                    w, body = params
+                    stored = insert_window(cur, device, w, body, now)
+                    if stored:
+                        windows.append(StoredWindow(device, self._tags(device), w))
+                else:
+                    stored = self._apply(cur, kind, device, params)
                 counts["stored" if stored else "duplicates"] += 1
                 if stored and kind in ("telemetry", "events"):
                     seen.add(device)
+            # the same transaction: a window is in the rollups exactly when it is stored
+            add_windows(cur, self.db.kind == "postgresql", windows)
             # once per device and batch, not per window
             for device in sorted(seen):
                 cur.execute("UPDATE devices SET last_seen = ? WHERE id = ?", (now, device))
@@ -362,20 +396,7 @@ class IngestWorker:
             bundle = obj.get("bundle") if isinstance(obj, dict) else None
             bins = self._bins(bundle.get("name"), bundle.get("version")) if isinstance(bundle, dict) else None
             w = check_window(obj, bins, device)
-            params: tuple[Any, ...] = (
-                w["key"],
-                device,
-                w["bundle"]["name"],
-                w["bundle"]["version"],
-                float(w["start"]),
-                w["calls"],
-                w["samples"],
-                sum(int(v) for v in w["errors"].values()),
-                w["nan_outputs"],
-                payload.decode(),  # checked JSON already; stored as the device sent it
-                now,
-            )
-            return kind, device, params
+            return kind, device, (w, payload.decode())  # checked JSON already; stored as the device sent it
         if kind == "events":
             if not isinstance(obj, dict) or not isinstance(obj.get("key"), str) or not isinstance(obj.get("type"), str):
                 raise InputError("event needs a string 'key' and 'type'")
@@ -409,14 +430,7 @@ class IngestWorker:
 
     @staticmethod
     def _apply(cur: Any, kind: str, device: str, params: tuple[Any, ...]) -> bool:
-        """Run one prepared statement; False when it was a duplicate."""
-        if kind == "telemetry":
-            cur.execute(
-                "INSERT INTO windows (key, device_id, bundle_name, bundle_version, start, calls, samples, errors, "
-                "nan_outputs, body, received) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (key) DO NOTHING",
-                params,
-            )
-            return bool(cur.rowcount)
+        """Run one prepared statement (not telemetry); False when it was a duplicate."""
         if kind == "events":
             cur.execute(
                 "INSERT INTO events (key, device_id, type, ts, body) VALUES (?, ?, ?, ?, ?) "

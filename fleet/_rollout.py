@@ -244,8 +244,10 @@ class RolloutEngine:
         since = min((m.assigned for m in mine), default=time.time())
         control = [d.id for d in self.store.selected(r.selector) if d.id not in ids and d.version != r.version]
         stage = StageDevices(len(mine), len(updated), sum(1 for m in mine if m.status == "failed"), bool(control))
-        new = self.store.cohort(r.name, updated, r.version, since)
-        ctl = self.store.cohort(r.name, control, None, since)
+        # The canary: what the selected devices reported on the new version; the control: what they
+        # reported on any other, over the same time (which includes the stage's devices before they updated).
+        new = self.store.cohort(r.name, r.selector, since, version=r.version, reporting_of=updated)
+        ctl = self.store.cohort(r.name, r.selector, since, exclude_version=r.version)
         return evaluate(new, ctl, stage, r.gates)
 
     def _row(self, rid: str) -> RolloutRow:

@@ -1,4 +1,5 @@
-"""Where rollouts live: the `rollouts` and `rollout_devices` tables, and the telemetry their gates read.
+"""Where rollouts live: the `rollouts` and `rollout_devices` tables, and the telemetry their gates read
+(from the rollups, so a tick costs the same on a fleet of 100 or 100,000 devices).
 
 All of the rollout engine's SQL is here; rows come back as typed records, never tuples read by position.
 """
@@ -8,7 +9,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 
@@ -16,8 +17,8 @@ from edgefleet._manifest import semver_key
 from edgefleet.protocol import latency_quantile
 
 from ._db import Database
-from ._drift import add_counts
 from ._gates import Cohort, Gates
+from ._rollups import read, reporting_devices
 
 __all__ = ["AssignedDevice", "RolloutRow", "RolloutStore", "SelectedDevice"]
 
@@ -71,63 +72,12 @@ class SelectedDevice:
     tags: list[str]
 
 
-class _WindowSummary(NamedTuple):
-    """What the gates read from one stored telemetry window."""
-
-    device: str
-    calls: int
-    errors: int
-    latency: np.ndarray
-    classes: np.ndarray | None
-    labelled: int = 0
-    correct: int = 0
-
-
-class _WindowSummaries:
-    """Parsed windows by key, bounded by the counts they hold (a 1,000-class model's window holds 1,000)."""
-
-    MAX_VALUES = 16_000_000  # about 128 MB of counts; past it the cache starts over
-
-    def __init__(self) -> None:
-        self._by_key: dict[str, _WindowSummary] = {}
-        self._values = 0
-
-    def fetch(self, db: Database, keys: list[str]) -> list[_WindowSummary]:
-        """The summaries of the windows KEYS (in that order), parsing only those not seen before."""
-        if self._values > self.MAX_VALUES:
-            self._by_key.clear()
-            self._values = 0
-        missing = [k for k in keys if k not in self._by_key]
-        for i in range(0, len(missing), _CHUNK):
-            chunk = missing[i : i + _CHUNK]
-            for key, device, body in db.query(
-                f"SELECT key, device_id, body FROM windows WHERE key IN ({_marks(chunk)})", chunk
-            ):
-                w = json.loads(body)
-                cls = (w.get("outputs") or {}).get("predicted_class")
-                fb = w.get("feedback") or {}
-                conf = np.asarray(fb.get("confusion") or [[0]], dtype=np.int64)
-                s = _WindowSummary(
-                    device,
-                    int(w["calls"]),
-                    sum(int(v) for v in w["errors"].values()) + int(w["nan_outputs"]),
-                    np.asarray(w["latency_ms"]["counts"], dtype=np.int64),
-                    None if cls is None else np.asarray(cls, dtype=np.int64),
-                    int(conf.sum()),
-                    int(np.trace(conf)) if conf.ndim == 2 and conf.shape[0] == conf.shape[1] else 0,
-                )
-                self._by_key[key] = s
-                self._values += s.latency.size + (0 if s.classes is None else s.classes.size)
-        return [w for w in map(self._by_key.get, keys) if w is not None]
-
-
 class RolloutStore:
     def __init__(self, db: Database) -> None:
         self.db = db
         with db.transaction() as cur:
             for stmt in SCHEMA:
                 cur.execute(stmt)
-        self._summaries = _WindowSummaries()
 
     # -- rollouts ----------------------------------------------------------------------------------
     def bundle_published(self, name: str, version: str) -> bool:
@@ -300,31 +250,33 @@ class RolloutStore:
                     cur.execute("UPDATE rollout_devices SET status = ? WHERE rollout_id = ? AND device_id = ?", change)
 
     # -- telemetry ---------------------------------------------------------------------------------
-    def cohort(self, name: str, devices: list[str], version: str | None, since: float) -> Cohort:
-        """DEVICES' telemetry on bundle NAME (at VERSION, or any) since SINCE, merged."""
-        if not devices:
-            return Cohort()
-        sql = f"SELECT key FROM windows WHERE bundle_name = ? AND device_id IN ({_marks(devices)}) AND start >= ?"
-        params: list[Any] = [name, *devices, since]
-        if version is not None:
-            sql += " AND bundle_version = ?"
-            params.append(version)
-        keys = [k for (k,) in self.db.query(sql, params)]
-        # Windows never change once stored: each is parsed once, not on every tick of a long stage.
-        found = self._summaries.fetch(self.db, keys)
-        lat = np.sum([w.latency for w in found], axis=0).tolist() if found else None
-        classes: np.ndarray | None = None
-        for w in found:
-            if w.classes is not None:
-                classes = add_counts(classes, w.classes)
+    def cohort(
+        self,
+        name: str,
+        selector: str,
+        since: float,
+        *,
+        version: str | None = None,
+        exclude_version: str | None = None,
+        reporting_of: list[str] | None = None,
+    ) -> Cohort:
+        """The telemetry of bundle NAME from devices tagged SELECTOR since SINCE (rounded down to its rollup
+        bucket), merged from the rollups: at VERSION, or at every version but EXCLUDE_VERSION. `reporting`
+        counts those of REPORTING_OF that made calls on VERSION meanwhile."""
+        m = read(self.db, name, version, selector, since, exclude_version=exclude_version)
+        lat = None if m["latency"] is None else m["latency"].tolist()
+        conf = m["confusion"]
+        square = conf is not None and conf.ndim == 2 and conf.shape[0] == conf.shape[1]
         return Cohort(
-            calls=sum(w.calls for w in found),
-            errors=sum(w.errors for w in found),
+            calls=m["calls"],
+            errors=m["errors"] + m["nan_outputs"],
             p95_ms=latency_quantile(lat, 0.95) if lat is not None else None,
             p50_ms=latency_quantile(lat, 0.5) if lat is not None else None,
-            classes=classes,
-            windows=len(found),
-            reporting=len({w.device for w in found if w.calls}),
-            labelled=sum(w.labelled for w in found),
-            correct=sum(w.correct for w in found),
+            classes=m["outputs"].get("predicted_class"),
+            windows=m["windows"],
+            reporting=reporting_devices(self.db, name, version, reporting_of, since)
+            if version is not None and reporting_of
+            else 0,
+            labelled=int(conf.sum()) if conf is not None else 0,
+            correct=int(np.trace(conf)) if square else 0,
         )

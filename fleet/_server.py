@@ -29,7 +29,9 @@ from ._endpoint import BrokerEndpoint
 from ._ingest import IngestWorker
 from ._metrics import metrics_text
 from ._provision import check_tags, record_broker, register_devices, trusted_dir
+from ._retention import Housekeeper, Retention
 from ._rollout import RolloutEngine
+from ._rollups import rebuild
 from ._shadows import ShadowDeployments
 
 __all__ = ["FleetServer", "ServerConfig"]
@@ -60,6 +62,7 @@ class ServerConfig:
     # /metrics shows device counts, bundle names, tags and drift: behind an API token unless opened.
     metrics_open: bool = False
     mqtt_bind: str = "0.0.0.0"  # the embedded broker's listen address
+    retention: Retention = field(default_factory=Retention)
 
     @property
     def db(self) -> str:
@@ -83,6 +86,9 @@ class FleetServer:
         for k in config.trusted_keys:
             shutil.copy(k, tdir / Path(k).name)
         self.db = Database(config.db)
+        added = rebuild(self.db)  # once, for a database from before rollups
+        if added:
+            log.info("rolled up %d stored telemetry windows", added)
         self.external: BrokerEndpoint | None = None
         if config.broker_url != "embedded":
             self.external = BrokerEndpoint.parse(
@@ -97,6 +103,7 @@ class FleetServer:
         holder = f"{socket.gethostname()}:{self._instance_id()}"
         self.rollouts = RolloutEngine(self.db, self.set_desired, lease_holder=holder)
         self.drift = DriftMonitor(self.db, config.drift_interval_s, config.drift_window_s, lease_holder=holder)
+        self.housekeeper = Housekeeper(self.db, config.retention, lease_holder=holder)
         self.shadows = ShadowDeployments(self)
 
     @property
@@ -142,6 +149,7 @@ class FleetServer:
             )
         self.rollouts.start()
         self.drift.start()
+        self.housekeeper.start()
         self.ready = True
 
     def _record_external(self, ext: BrokerEndpoint) -> None:
@@ -186,6 +194,7 @@ class FleetServer:
         self.ready = False
         self.rollouts.stop()
         self.drift.stop()
+        self.housekeeper.stop()
         if self.ingest is not None:
             self.ingest.stop()
         if self._pub is not None:

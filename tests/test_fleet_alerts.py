@@ -15,6 +15,7 @@ from edgefleet import open_bundle
 from edgefleet._drift import window_counts
 from edgefleet.fleet._db import Database
 from edgefleet.fleet._drift import DriftMonitor, cohort_report, drift_report, list_alerts
+from edgefleet.fleet._rollups import record_windows
 
 pytestmark = pytest.mark.slow
 
@@ -54,23 +55,9 @@ def _windows(bundle, x: np.ndarray, device: str, start: float, n: int = 4) -> li
 
 def _store(db: Database, bundle, windows: list[dict]) -> None:
     m = bundle.manifest
-    with db.transaction() as cur:
-        for w in windows:
-            cur.execute(
-                "INSERT INTO windows (key, device_id, bundle_name, bundle_version, start, calls, samples, errors, "
-                "nan_outputs, body, received) VALUES (?, ?, ?, ?, ?, ?, ?, 0, 0, ?, ?)",
-                (
-                    w["key"],
-                    w["device_id"],
-                    m.name,
-                    m.version,
-                    w["start"],
-                    w["calls"],
-                    w["samples"],
-                    json.dumps(w),
-                    time.time(),
-                ),
-            )
+    for w in windows:
+        w |= {"bundle": {"name": m.name, "version": m.version}, "errors": {}, "nan_outputs": 0}
+    record_windows(db, [(w["device_id"], w) for w in windows])
 
 
 def test_alerts_open_for_the_drifting_cohort_and_close_when_it_ends(db: Database, mlp_bundles: dict, digits) -> None:
@@ -80,7 +67,7 @@ def test_alerts_open_for_the_drifting_cohort_and_close_when_it_ends(db: Database
         "INSERT INTO bundles (name, version, sha256, size, path, manifest, created) VALUES (?, ?, ?, ?, ?, ?, ?)",
         (m.name, m.version, "x", 1, "x", m.canonical_bytes().decode(), time.time()),
     )
-    for dev, tags in (("d0", ["site-a"]), ("d1", ["site-a"]), ("d2", ["site-b"]), ("d3", ["site-b"])):
+    for dev, tags in (("d0", ["site-a", "cam-0"]), ("d1", ["site-a", "cam-1"]), ("d2", ["site-b"]), ("d3", ["site-b"])):
         db.execute("INSERT INTO devices (id, tags, created) VALUES (?, ?, ?)", (dev, json.dumps(tags), time.time()))
     x = digits["eval"][0]
     now = time.time()
@@ -104,11 +91,11 @@ def test_alerts_open_for_the_drifting_cohort_and_close_when_it_ends(db: Database
     assert {a["id"] for a in list_alerts(db, "open")} == first
     assert mon.last[(f"{m.name}:{m.version}", "site-b", "brightness")] > 0.25
     # the report agrees, per cohort and cohort against cohort
-    rep = drift_report(db, m.name, m.version, devices=["d2", "d3"])
+    rep = drift_report(db, m.name, m.version, cohort="site-b")
     assert "brightness" in rep["drifted"]
-    vs = cohort_report(db, m.name, m.version, ["d2", "d3"], ["d0", "d1"])
+    vs = cohort_report(db, m.name, m.version, "site-b", "site-a")
     assert vs["features"]["brightness"]["drifted"] and vs["features"]["brightness"]["psi"] > 0.25
-    same = cohort_report(db, m.name, m.version, ["d0"], ["d1"])
+    same = cohort_report(db, m.name, m.version, "cam-0", "cam-1")
     assert not same["features"]["brightness"]["drifted"]
     # the look-back window passes with nothing new: every alert closes
     mon.check(now + 400)

@@ -14,6 +14,7 @@ import pytest
 from edgefleet.fleet._db import Database
 from edgefleet.fleet._lease import Lease
 from edgefleet.fleet._rollout import RolloutEngine
+from edgefleet.fleet._rollups import record_windows
 
 from .test_rollout_gates import _window
 
@@ -81,11 +82,7 @@ def _devices_obey(db: Database, orders: list[tuple[str, str, str]], lock: thread
             v = version if d == dev else "1.0.0"
             w = _window(d, v, {0.4: 200}, now)
             w["key"] += f":{dev}:{len(orders)}"
-            db.execute(
-                "INSERT INTO windows (key, device_id, bundle_name, bundle_version, start, calls, samples, errors, "
-                "nan_outputs, body, received) VALUES (?, ?, 'm', ?, ?, ?, ?, 0, 0, ?, ?) ON CONFLICT (key) DO NOTHING",
-                (w["key"], d, v, now, w["calls"], w["samples"], json.dumps(w), now),
-            )
+            record_windows(db, [(d, w)])
 
     def carry_out() -> None:
         while later:

