@@ -13,7 +13,16 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 OUT = ROOT / "benchmarks" / "RESULTS.md"
-ORDER = ("compression", "int8_peers", "zoo", "runtime_overhead", "accelerators", "fleet_ingest", "fleet_rollout")
+ORDER = (
+    "compression",
+    "int8_peers",
+    "zoo",
+    "runtime_overhead",
+    "accelerators",
+    "fleet_ingest",
+    "fleet_rollout",
+    "fleet_scale",
+)
 
 
 def _plt() -> Any:

@@ -88,11 +88,19 @@ def concept_drift(acc: dict[str, Any], reference: float | None, th: dict[str, fl
 
 
 def accuracy_report(
-    db: Database, name: str, version: str, *, cohort: str = ALL, since: float | None = None
+    db: Database,
+    name: str,
+    version: str,
+    *,
+    cohort: str = ALL,
+    since: float | None = None,
+    merged: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Accuracy of bundle NAME:VERSION on the labels fed back from COHORT (a tag; `*`: all) since SINCE."""
+    """Accuracy of bundle NAME:VERSION on the labels fed back from COHORT (a tag; `*`: all) since SINCE
+    (MERGED: those rollups, already read)."""
     m = _manifest(db, name, version)
     if m is None:
         raise InputError(f"bundle {name}:{version} is not published")
-    fig = accuracy_figures(read(db, name, version, cohort, since)["confusion"], m.labels or None)
+    merged = read(db, name, version, cohort, since) if merged is None else merged
+    fig = accuracy_figures(merged["confusion"], m.labels or None)
     return {"bundle": f"{name}:{version}", **fig, "reference_accuracy": _build_accuracy(m)}

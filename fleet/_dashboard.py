@@ -90,6 +90,10 @@ def _series(rows: list[Rollup], baseline: dict[str, Any], buckets: int = 12) -> 
     return out
 
 
+# The drift page's time ranges (the query's `hours`): seconds back from now; '' is everything kept.
+_RANGES: dict[str, float | None] = {"": None, "1": 3600.0, "6": 6 * 3600.0, "24": 86400.0, "168": 7 * 86400.0}
+
+
 def mount_dashboard(app: FastAPI, server: FleetServer) -> None:
     templates = Jinja2Templates(directory=str(Path(__file__).parent / "templates"))
 
@@ -247,19 +251,25 @@ def mount_dashboard(app: FastAPI, server: FleetServer) -> None:
 
     @app.get("/drift", response_class=HTMLResponse, include_in_schema=False)
     @signed_in
-    def drift(request: Request, bundle: str | None = None, tag: str | None = None) -> Response:
+    def drift(request: Request, bundle: str | None = None, tag: str | None = None, hours: str = "") -> Response:
         bundles = _bundles()
         bundle = bundle or (bundles[-1] if bundles else None)
         report = hist = series = accuracy = None
+        span = _RANGES.get(hours)
         if bundle:
             name, _, version = bundle.partition(":")
             cohort = tag or ALL
+            # The rollups are read once; the report, accuracy, bars and lines are all made from them.
+            buckets = rollup_series(server.db, name, version, cohort, None if span is None else time.time() - span)
+            merged = empty_merge()
+            for r in buckets:
+                accumulate(merged, r.counts)
             try:
-                accuracy = accuracy_report(server.db, name, version, cohort=cohort)
+                accuracy = accuracy_report(server.db, name, version, cohort=cohort, merged=merged)
             except InputError:
                 accuracy = None
             try:
-                report = drift_report(server.db, name, version, cohort=cohort)
+                report = drift_report(server.db, name, version, cohort=cohort, merged=merged)
             except InputError:
                 report = None
             if report is not None:
@@ -269,10 +279,6 @@ def mount_dashboard(app: FastAPI, server: FleetServer) -> None:
                 refs.update(
                     {f"output:{k}": baseline["outputs"][k]["proportions"] for k in ("predicted_class", "confidence")}
                 )
-                buckets = rollup_series(server.db, name, version, cohort)
-                merged = empty_merge()
-                for r in buckets:
-                    accumulate(merged, r.counts)
                 live = {**merged["inputs"], **{f"output:{k}": v for k, v in merged["outputs"].items()}}
                 hist = {k: _svg_bars(ref, live.get(k)) for k, ref in refs.items()}
                 th = report["thresholds"]["psi"]
@@ -285,6 +291,8 @@ def mount_dashboard(app: FastAPI, server: FleetServer) -> None:
             bundles=bundles,
             bundle=bundle,
             tag=tag,
+            hours=hours,
+            ranges=list(_RANGES),
             report=report,
             hist=hist,
             series=series,

@@ -8,6 +8,7 @@ import logging
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -97,12 +98,14 @@ def drift_report(
     cohort: str = ALL,
     since: float | None = None,
     thresholds: dict[str, float] | None = None,
+    merged: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Per input feature and for the predicted-class distribution: PSI, JS, KS, chi-square against the
-    baseline, for COHORT (a tag; `*`: all devices) since SINCE (rounded down to its rollup bucket)."""
+    baseline, for COHORT (a tag; `*`: all devices) since SINCE (rounded down to its rollup bucket).
+    MERGED: those rollups already read and merged (a page that shows them in other ways too)."""
     th = {**DEFAULT_THRESHOLDS, **(thresholds or {})}
     baseline = baseline_of(db, name, version)
-    merged = read(db, name, version, cohort, since)
+    merged = read(db, name, version, cohort, since) if merged is None else merged
     features = feature_stats(baseline, merged, th)
     return {
         "bundle": f"{name}:{version}",
@@ -177,6 +180,8 @@ class DriftMonitor:
         self.accuracy: dict[tuple[str, str], float] = {}  # (bundle, cohort) -> accuracy at the last check
         self._references: dict[tuple[str, str], float | None] = {}
         self._baselines: dict[tuple[str, str], dict[str, Any] | None] = {}
+        # Called with the alerts a check opened (after they are stored): armed captures listen here.
+        self.on_open: Callable[[list[dict[str, Any]]], None] | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         # Held across checks: it must outlast the interval between them.
@@ -253,6 +258,7 @@ class DriftMonitor:
                 seen[(name, version, cohort, "accuracy")] = {"psi": None, "samples": cd["labelled"], **cd, "kind": kind}
         self.last = last
         self.accuracy = accuracy
+        opened: list[dict[str, Any]] = []
         with self.db.transaction() as cur:
             cur.execute("SELECT id, bundle_name, bundle_version, cohort, feature FROM alerts WHERE state = 'open'")
             open_now = {(r[1], r[2], r[3], r[4]): r[0] for r in cur.fetchall()}
@@ -264,17 +270,24 @@ class DriftMonitor:
                         (*vals, open_now[key]),
                     )
                 else:
+                    aid = "a-" + uuid.uuid4().hex[:12]
                     cur.execute(
                         "INSERT INTO alerts (id, bundle_name, bundle_version, cohort, feature, state, opened, "
                         "psi, p_value, samples, detail, updated) VALUES (?, ?, ?, ?, ?, 'open', ?, ?, ?, ?, ?, ?)",
-                        ("a-" + uuid.uuid4().hex[:12], *key, now, *vals),
+                        (aid, *key, now, *vals),
                     )
+                    opened.append({"id": aid, "bundle": f"{key[0]}:{key[1]}", "cohort": key[2], "feature": key[3]})
                     log.warning("drift alert: %s:%s cohort %s feature %s psi %s", *key, st["psi"])
             for key, aid in open_now.items():
                 if key not in seen:
                     cur.execute(
                         "UPDATE alerts SET state = 'closed', closed = ?, updated = ? WHERE id = ?", (now, now, aid)
                     )
+        if opened and self.on_open is not None:
+            try:
+                self.on_open(opened)
+            except Exception:  # what listens must not stop the checks
+                log.exception("drift alert listener failed")
         return list_alerts(self.db, "open")
 
 

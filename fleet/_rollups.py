@@ -164,14 +164,16 @@ class StoredWindow:
 
 def add_windows(cur: Any, postgres: bool, stored: Sequence[StoredWindow]) -> None:
     """Add STORED (windows inserted by this transaction, none twice) to the rollups and `window_devices`."""
-    deltas: dict[tuple[str, str, str, float, int], dict[str, Any]] = {}
+    # Windows are summed once per (bundle, bucket, set of tags), then each sum is added to its cohorts:
+    # devices mostly share a few tag sets, so a window costs one addition, not one per tag.
+    groups: dict[tuple[str, str, float, tuple[str, ...]], dict[str, Any]] = {}
     devices: dict[tuple[str, str, str], list[Any]] = {}
     for s in stored:
         w = s.window
         name, version = w["bundle"]["name"], w["bundle"]["version"]
         b = bucket_of(float(w["start"]))
-        for cohort in dict.fromkeys((ALL, *s.tags)):
-            accumulate(deltas.setdefault((name, version, cohort, b, MINUTE), empty_merge()), w)
+        cohorts = tuple(dict.fromkeys((ALL, *s.tags)))
+        accumulate(groups.setdefault((name, version, b, cohorts), empty_merge()), w)
         start, calls = float(w["start"]), int(w["calls"])
         d = devices.setdefault((name, version, s.device), [start, start, None, 0, 0])
         d[0], d[1] = min(d[0], start), max(d[1], start)
@@ -179,6 +181,10 @@ def add_windows(cur: Any, postgres: bool, stored: Sequence[StoredWindow]) -> Non
             d[2] = start if d[2] is None else max(d[2], start)
         d[3] += 1
         d[4] += calls
+    deltas: dict[tuple[str, str, str, float, int], dict[str, Any]] = {}
+    for (name, version, b, cohorts), acc in groups.items():
+        for cohort in cohorts:
+            accumulate(deltas.setdefault((name, version, cohort, b, MINUTE), empty_merge()), acc)
     _merge_rows(cur, postgres, deltas)
     for key in sorted(devices):
         first, last, called, n, calls = devices[key]

@@ -75,7 +75,8 @@ def _count(v: Any) -> bool:
 
 
 def _counts(v: Any, where: str, n: int | None = None) -> list[int]:
-    if not isinstance(v, list) or not all(_count(c) for c in v):
+    # type() is int: exactly int, so neither bool nor float (this runs on every bin of every window)
+    if not isinstance(v, list) or not all(type(c) is int and c >= 0 for c in v):
         raise InputError(f"telemetry window field '{where}' must be a list of non-negative integer counts")
     # Empty: nothing counted (every call of the window failed or gave NaN), which the runtime sends as [].
     if n is not None and v and len(v) != n:
