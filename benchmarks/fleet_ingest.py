@@ -222,7 +222,7 @@ def ingest_rate(tmp: Path, total: int, devices: int, workers: int, backlog: bool
         for w in range(workers - 1):
             extra.append(
                 subprocess.Popen(
-                    [EXE, "fleet", "ingest", "--data-dir", str(data), "--mqtt-port", str(mq), "--name", f"extra-{w}"],
+                    [EXE, "fleet", "ingest", "--data-dir", str(data), "--name", f"extra-{w}"],
                     stdout=log,
                     stderr=log,
                 )

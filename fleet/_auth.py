@@ -36,6 +36,13 @@ def may_operate(db: Database, header: str | None) -> bool:
     return h is not None and bool(db.query("SELECT 1 FROM tokens WHERE sha256 = ?", (h,)))
 
 
+def device_of(db: Database, header: str | None) -> str | None:
+    """The device whose download token HEADER carries (None: not a device's token)."""
+    h = _bearer(header)
+    rows = db.query("SELECT device_id FROM device_tokens WHERE sha256 = ?", (h,)) if h is not None else []
+    return str(rows[0][0]) if rows else None
+
+
 def may_download(db: Database, header: str | None) -> bool:
     """Whether HEADER's token may download bundles: a device's (from its device.toml) or an operator's."""
     h = _bearer(header)

@@ -1,8 +1,11 @@
 """The embedded broker: a supervised Mosquitto with a generated configuration.
 
 Anonymous access is off; every device has its own password, and the ACL lets a device publish and
-subscribe only under `edgefleet/v1/devices/<its id>/`. The server's own user may read and write the
-whole tree (and subscribe through `$share/...` for ingest workers).
+subscribe only under `edgefleet/v1/devices/<its id>/`. Devices connect to the public listener, where
+a client's id is replaced by its username (`use_username_as_clientid`): a device's credentials cannot
+take over another device's session, nor a server client's. The server's own clients connect to a second
+listener on loopback that only the server user may use (its own password and ACL files); there it may
+read and write the whole tree (and subscribe through `$share/...` for ingest workers).
 
 With an external broker the same password and ACL files are kept (for a Mosquitto you run yourself
 to read) and a reload command of your choice runs after every change instead of SIGHUP.
@@ -41,14 +44,30 @@ def _mosquitto() -> str:
 
 
 class Broker:
-    def __init__(self, directory: Path, port: int, host: str = "0.0.0.0", reload_command: str | None = None) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        port: int,
+        host: str = "0.0.0.0",
+        reload_command: str | None = None,
+        *,
+        embedded: bool = False,
+        server_port: int | None = None,
+    ) -> None:
+        """EMBEDDED: this broker is the server's own (`start` runs it), and the server user lives only in
+        the server listener's password file, on SERVER_PORT (loopback). Otherwise (an external broker) it
+        is also kept in the devices' password file, for a broker with one listener."""
         self.dir = directory
+        self.embedded = embedded
+        self.server_port = server_port
         self.reload_command = reload_command
         self.dir.mkdir(parents=True, exist_ok=True)
         self.port = port
         self.host = host
         self.passwd = self.dir / "passwd"
         self.acl = self.dir / "acl"
+        self.server_passwd = self.dir / "server-passwd"
+        self.server_acl = self.dir / "server-acl"
         self.conf = self.dir / "mosquitto.conf"
         self.pidfile = self.dir / "mosquitto.pid"
         self._reload_lock = threading.Lock()
@@ -59,20 +78,26 @@ class Broker:
         if not secret.exists():
             atomic_write(secret, secrets.token_urlsafe(24).encode(), mode=0o600)
         self.server_password = secret.read_text().strip()
-        if not self.passwd.exists():
-            self.passwd.touch(mode=0o600)
-        self.set_password(SERVER_USER, self.server_password)
+        for f in (self.passwd, self.server_passwd):
+            if not f.exists():
+                f.touch(mode=0o600)
+        self._edit_passwd([["-b", SERVER_USER, self.server_password]], path=self.server_passwd, reload=False)
+        if embedded:
+            self._edit_passwd([["-D", SERVER_USER]], check=False, reload=False)  # from before the split
+        else:
+            self._edit_passwd([["-b", SERVER_USER, self.server_password]], reload=False)
         self._write_acl()
-        self._write_conf()
         self.proc: subprocess.Popen[bytes] | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.restarts = 0
 
     def _write_acl(self) -> None:
+        server = f"user {SERVER_USER}\ntopic readwrite {ROOT}/#\n"
+        atomic_write(self.server_acl, server.encode(), mode=0o600)
         # %u is the username, which is the device id: a device sees only its own prefix.
         text = (
-            f"user {SERVER_USER}\ntopic readwrite {ROOT}/#\n\n"
+            f"{'' if self.embedded else server}\n"
             f"pattern write {ROOT}/devices/%u/status\n"
             f"pattern write {ROOT}/devices/%u/state\n"
             f"pattern write {ROOT}/devices/%u/telemetry\n"
@@ -83,21 +108,33 @@ class Broker:
         )
         atomic_write(self.acl, text.encode(), mode=0o600)
 
+    def listener_lines(self, port: int | str, server_port: int | str, host: str = "", server_host: str = "") -> str:
+        """The two listeners: devices (client id = username) and the server's clients."""
+        return (
+            "per_listener_settings true\n"
+            f"listener {port}{' ' + host if host else ''}\n"
+            "allow_anonymous false\n"
+            "use_username_as_clientid true\n"
+            f"password_file {self.passwd.resolve()}\n"
+            f"acl_file {self.acl.resolve()}\n"
+            f"listener {server_port}{' ' + server_host if server_host else ''}\n"
+            "allow_anonymous false\n"
+            f"password_file {self.server_passwd.resolve()}\n"
+            f"acl_file {self.server_acl.resolve()}\n"
+        )
+
     def _write_conf(self) -> None:
+        assert self.server_port is not None
         text = (
             f"user {getpass.getuser()}\n"
             f"pid_file {self.pidfile}\n"
-            f"listener {self.port} {self.host}\n"
-            "allow_anonymous false\n"
-            f"password_file {self.passwd}\n"
-            f"acl_file {self.acl}\n"
             "persistence true\n"
             f"persistence_location {self.dir}/\n"
             "max_queued_messages 100000\n"
             "max_inflight_messages 100\n"
             "log_type error\nlog_type warning\n"
             f"log_dest file {self.dir / 'mosquitto.log'}\n"
-        )
+        ) + self.listener_lines(self.port, self.server_port, self.host, "127.0.0.1")
         atomic_write(self.conf, text.encode())
 
     def set_password(self, user: str, password: str) -> threading.Event:
@@ -106,24 +143,32 @@ class Broker:
 
     def set_passwords(self, users: dict[str, str]) -> threading.Event:
         for user in users:
-            if user != SERVER_USER:
-                check_device_id(user)
+            if user == SERVER_USER:
+                raise EdgefleetError(f"{SERVER_USER} is the fleet server's own user, not a device")
+            check_device_id(user)
         return self._edit_passwd([["-b", u, pw] for u, pw in users.items()])
 
     def remove_user(self, user: str) -> threading.Event:
         return self._edit_passwd([["-D", user]], check=False)
 
-    def _edit_passwd(self, edits: list[list[str]], check: bool = True) -> threading.Event:
+    def _edit_passwd(
+        self, edits: list[list[str]], check: bool = True, path: Path | None = None, reload: bool = True
+    ) -> threading.Event:
         # mosquitto_passwd rewrites the file in place; a reload (SIGHUP) that reads it half-written drops,
         # and disconnects, every device past that point. Edit a copy and rename it over the file instead.
+        path = path or self.passwd
         with _PASSWD_LOCK:
-            tmp = self.passwd.with_name(self.passwd.name + ".tmp")
-            shutil.copyfile(self.passwd, tmp)
+            tmp = path.with_name(path.name + ".tmp")
+            shutil.copyfile(path, tmp)
             os.chmod(tmp, 0o600)
             for args in edits:
                 subprocess.run(["mosquitto_passwd", args[0], str(tmp), *args[1:]], check=check, capture_output=True)
-            os.replace(tmp, self.passwd)
+            os.replace(tmp, path)
             fsync_dir(self.dir)
+        if not reload:
+            done = threading.Event()
+            done.set()
+            return done
         return self.reload_soon()
 
     def reload_soon(self, delay: float = 0.2) -> threading.Event:
@@ -180,6 +225,7 @@ class Broker:
     def start(self, timeout: float = 10.0) -> None:
         import socket
 
+        self._write_conf()
         self._spawn()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -39,6 +39,7 @@ def _serve(args: argparse.Namespace) -> int:
         broker_username=args.broker_username,
         broker_password=args.broker_password,
         broker_reload=args.broker_reload,
+        broker_device_url=args.broker_device_url,
         public_host=args.public_host,
         trusted_keys=[Path(k) for k in args.trusted_key or []],
         drift_interval_s=args.drift_interval,
@@ -119,6 +120,12 @@ def _ingest(args: argparse.Namespace) -> int:
     # Explicit flags first, then how the server in --data-dir runs its broker, then the default port.
     explicit = f"mqtt://{args.mqtt_host or '127.0.0.1'}:{args.mqtt_port or 1883}"
     given = args.mqtt_host is not None or args.mqtt_port is not None
+    rec = recorded_broker(data) or {}
+    if rec.get("embedded") and args.mqtt_port is not None and args.mqtt_port == rec.get("port") and not args.broker:
+        raise InputError(
+            f"port {args.mqtt_port} is the embedded broker's listener for devices; the server's clients use "
+            f"{rec.get('url')} (leave out --mqtt-port to use it)"
+        )
     url = args.broker or (explicit if given else (recorded_broker(data) or {}).get("url") or explicit)
     endpoint = BrokerEndpoint.parse(url, ca=args.broker_ca, username=args.username, password=args.password)
     if not endpoint.password:
@@ -146,9 +153,13 @@ def _broker_auth(args: argparse.Namespace) -> int:
 
     b = Broker(Path(args.data_dir) / "mosquitto", 0)
     print(
-        "# Add to your mosquitto.conf; the fleet server adds devices to these files, and runs\n"
+        "# Add to your mosquitto.conf (Mosquitto 2.0). The fleet server adds devices to these files and runs\n"
         "# 'fleet serve --broker-reload CMD' after each change (e.g. kill -HUP of the broker).\n"
-        f"allow_anonymous false\npassword_file {b.passwd.resolve()}\nacl_file {b.acl.resolve()}"
+        "# Devices use the first listener, where a client's id is replaced by its username, so one device's\n"
+        "# credentials cannot take over another device's session or the server's; the server's clients use\n"
+        "# the second (only its user may): fleet serve --broker mqtt[s]://HOST:SERVER_PORT\n"
+        "#   --broker-device-url mqtt[s]://PUBLIC_HOST:PORT. Put each listener's TLS lines (certfile,\n"
+        "# keyfile, cafile) right after its 'listener' line.\n" + b.listener_lines(args.port, args.server_port).rstrip()
     )
     return 0
 
@@ -179,8 +190,14 @@ def _provision(args: argparse.Namespace) -> int:
 
 
 def _client(
-    args: argparse.Namespace, method: str, path: str, body: bytes | None = None, ctype: str = "application/json"
+    args: argparse.Namespace,
+    method: str,
+    path: str,
+    body: bytes | None = None,
+    ctype: str = "application/json",
+    raw: bool = False,
 ) -> Any:
+    """Call the server's API: the decoded JSON answer (RAW: the bytes), or an InputError saying why not."""
     from edgefleet import InputError
 
     server = args.server or os.environ.get("EDGEFLEET_SERVER")
@@ -193,7 +210,8 @@ def _client(
         req.add_header("Content-Type", ctype)
     try:
         with urllib.request.urlopen(req, timeout=120) as resp:
-            return json.loads(resp.read() or b"null")
+            data = resp.read()
+            return data if raw else json.loads(data or b"null")
     except urllib.error.HTTPError as exc:
         try:
             detail = json.loads(exc.read()).get("detail", exc.reason)
@@ -411,6 +429,10 @@ def register(sub: Any) -> None:
         "--broker", default="embedded", help="embedded (default), or an external broker: mqtt[s]://[USER@]HOST:PORT"
     )
     p.add_argument("--broker-ca", help="CA certificate of an mqtts:// broker (default: the system's CAs)")
+    p.add_argument(
+        "--broker-device-url",
+        help="mqtt[s]://HOST:PORT devices are given when their listener is not --broker's (see fleet broker-auth)",
+    )
     p.add_argument("--broker-username", help="the server's user on an external broker (default: edgefleet-server)")
     p.add_argument(
         "--broker-password",
@@ -457,6 +479,8 @@ def register(sub: Any) -> None:
 
     p = fs.add_parser("broker-auth", help="password and ACL files for an external Mosquitto, and its config lines")
     p.add_argument("--data-dir", default="fleet-data")
+    p.add_argument("--port", type=int, default=8883, help="the devices' listener (default 8883)")
+    p.add_argument("--server-port", type=int, default=8884, help="the server clients' listener (default 8884)")
     p.set_defaults(func=_broker_auth)
 
     p = fs.add_parser("token", help="operator API tokens")
@@ -544,6 +568,10 @@ def register(sub: Any) -> None:
     from ._cli_ops import add_ops_parsers
 
     add_ops_parsers(fs, _client_args, _client)
+
+    from ._cli_capture import add_capture_parsers
+
+    add_capture_parsers(fs, _client_args, _client)
 
     p = fs.add_parser("alerts", help="drift alerts the server has raised")
     p.add_argument("--state", default="open", choices=["open", "closed", "all"])

@@ -14,6 +14,8 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from edgefleet import BundleError, InputError
 
+from ._auth import device_of
+from ._captures import MAX_UPLOAD_BYTES
 from ._rollups import ALL
 from ._server import MAX_BUNDLE_BYTES, FleetServer
 
@@ -88,6 +90,53 @@ def create_app(server: FleetServer) -> Any:
                         raise HTTPException(413, f"upload is larger than the {MAX_BUNDLE_BYTES}-byte limit")
                     f.write(chunk)
             return server.publish_bundle(tmp)
+
+    @app.post("/api/captures", dependencies=[Depends(operator)])
+    def create_capture(body: dict[str, Any]) -> dict[str, Any]:
+        """Ask a cohort for captured samples: `{"selector": TAG, "samples": N, "when_alert": false, "alert_id": null}`.
+        Devices that opted in (`capture_upload = true`) upload them with the labels fed back for them."""
+        return server.captures.create(
+            str(body.get("selector") or ""),
+            body.get("samples", 100),
+            alert_id=body.get("alert_id"),
+            when_alert=bool(body.get("when_alert", False)),
+        )
+
+    @app.get("/api/captures", dependencies=[Depends(operator)])
+    def list_captures() -> list[dict[str, Any]]:
+        return server.captures.list()
+
+    @app.get("/api/captures/{cid}", dependencies=[Depends(operator)])
+    def get_capture(cid: str) -> dict[str, Any]:
+        """A capture: what was asked, each device's upload (samples, labelled, bundle), refusals."""
+        return server.captures.get(cid)
+
+    @app.get("/api/captures/{cid}/dataset.npz", dependencies=[Depends(operator)])
+    def export_capture(cid: str, labelled_only: bool = False) -> Response:
+        """The capture as one .npz (`x`, `y` = fed-back labels or -1, `device`, `bundle`, `ts`)."""
+        return Response(server.captures.export(cid, labelled_only), media_type="application/octet-stream")
+
+    @app.post("/api/captures/{cid}/upload")
+    async def upload_capture(cid: str, request: Request) -> dict[str, Any]:
+        """A device's answer to a capture, with its own download token (see runtime/_upload.py)."""
+        device = device_of(server.db, request.headers.get("authorization"))
+        if device is None:
+            raise HTTPException(401, "a capture upload needs the device's own token (http_token in device.toml)")
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > MAX_UPLOAD_BYTES:
+            raise HTTPException(413, f"upload of {declared} bytes is larger than the {MAX_UPLOAD_BYTES}-byte limit")
+        chunks, total = [], 0
+        async for chunk in request.stream():
+            total += len(chunk)
+            if total > MAX_UPLOAD_BYTES:
+                raise HTTPException(413, f"upload is larger than the {MAX_UPLOAD_BYTES}-byte limit")
+            chunks.append(chunk)
+        return server.captures.upload(cid, device, b"".join(chunks))
+
+    @app.delete("/api/devices/{device_id}/captures", dependencies=[Depends(operator)])
+    def delete_captures(device_id: str) -> dict[str, Any]:
+        """Delete every sample captured from DEVICE_ID."""
+        return {"device": device_id, "uploads_deleted": server.captures.delete_device(device_id)}
 
     @app.get("/api/bundles", dependencies=[Depends(operator)])
     def bundles() -> list[dict[str, Any]]:

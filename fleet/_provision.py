@@ -134,7 +134,10 @@ def recorded_broker(data_dir: Path) -> dict[str, Any] | None:
                 doc = json.loads(p.read_text())
             except (OSError, ValueError):
                 continue
-            return doc if isinstance(doc, dict) else None
+            if not isinstance(doc, dict):
+                return None
+            doc.setdefault("embedded", name == _EMBEDDED)
+            return doc
     return None
 
 
@@ -165,7 +168,7 @@ def provision(
     host = mqtt_host or ext.get("host", "127.0.0.1")
     port = mqtt_port or int(ext.get("port", 1883))
     db = Database(db_url or f"sqlite:///{data_dir / 'fleet.db'}")
-    broker = Broker(data_dir / "mosquitto", port, reload_command=ext.get("reload"))
+    broker = Broker(data_dir / "mosquitto", port, reload_command=ext.get("reload"), embedded=bool(ext.get("embedded")))
     creds = register_device(db, broker, device_id, tags)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from edgefleet import InputError
@@ -33,9 +34,10 @@ class Retention:
     rollups_s: float = 400 * DAY
     minutes_s: float = 6 * HOUR  # minute rollups older than this become hours
     hours_s: float = 14 * DAY  # hour rollups older than this become days
+    captures_s: float = 90 * DAY  # captured samples (datasets)
 
     def __post_init__(self) -> None:
-        for name in ("windows_s", "rollups_s", "minutes_s", "hours_s"):
+        for name in ("windows_s", "rollups_s", "minutes_s", "hours_s", "captures_s"):
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and v > 0):
                 raise InputError(f"retention {name} must be a positive number of seconds, got {v!r}")
@@ -79,6 +81,7 @@ class Housekeeper:
         self.keep = keep or Retention()
         self.interval_s = interval_s
         self.last: dict[str, int] = {}
+        self.also: Callable[[float], dict[str, int]] | None = None  # more to sweep (the server's captures)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.lease = Lease(db, "housekeeping", max(10.0, 3 * interval_s), lease_holder)
@@ -98,7 +101,10 @@ class Housekeeper:
         while True:
             try:
                 if self.lease.acquire():
-                    self.last = sweep(self.db, time.time(), self.keep)
+                    now = time.time()
+                    self.last = sweep(self.db, now, self.keep)
+                    if self.also is not None:
+                        self.last |= self.also(now)
                     if any(self.last.values()):
                         log.info("housekeeping: %s", self.last)
             except Exception:

@@ -23,6 +23,7 @@ from edgefleet.protocol import COMMAND_SCHEMA, BundleRef, Desired, parse_command
 
 from ._auth import may_download, may_operate
 from ._broker import SERVER_USER, Broker
+from ._captures import Captures
 from ._db import Database
 from ._drift import DriftMonitor
 from ._endpoint import BrokerEndpoint
@@ -54,6 +55,9 @@ class ServerConfig:
     broker_username: str | None = None
     broker_password: str | None = None
     broker_reload: str | None = None
+    # Where devices reach the external broker when it is not where the server's clients do (a listener
+    # of its own for devices, see `fleet broker-auth`); default: broker_url.
+    broker_device_url: str | None = None
     public_host: str = "127.0.0.1"
     trusted_keys: list[Path] = field(default_factory=list)
     # Drift alerts: how often they are checked and over how much recent telemetry.
@@ -63,6 +67,8 @@ class ServerConfig:
     metrics_open: bool = False
     mqtt_bind: str = "0.0.0.0"  # the embedded broker's listen address
     retention: Retention = field(default_factory=Retention)
+    # The embedded broker's listener for the server's own clients (127.0.0.1; None: a free port).
+    mqtt_server_port: int | None = None
 
     @property
     def db(self) -> str:
@@ -71,6 +77,12 @@ class ServerConfig:
     @property
     def base_url(self) -> str:
         return f"http://{self.public_host}:{self.http_port}"
+
+
+def _free_loopback_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 class FleetServer:
@@ -90,9 +102,15 @@ class FleetServer:
         if added:
             log.info("rolled up %d stored telemetry windows", added)
         self.external: BrokerEndpoint | None = None
+        self.device_broker: BrokerEndpoint | None = None  # where devices reach an external broker
         if config.broker_url != "embedded":
             self.external = BrokerEndpoint.parse(
                 config.broker_url, ca=config.broker_ca, username=config.broker_username, password=config.broker_password
+            )
+            self.device_broker = (
+                BrokerEndpoint.parse(config.broker_device_url, ca=config.broker_ca)
+                if config.broker_device_url
+                else self.external
             )
         self.broker: Broker | None = None
         self.ingest: IngestWorker | None = None
@@ -105,6 +123,9 @@ class FleetServer:
         self.drift = DriftMonitor(self.db, config.drift_interval_s, config.drift_window_s, lease_holder=holder)
         self.housekeeper = Housekeeper(self.db, config.retention, lease_holder=holder)
         self.shadows = ShadowDeployments(self)
+        self.captures = Captures(self)
+        self.drift.on_open = self.captures.on_alerts
+        self.housekeeper.also = lambda now: {"captures": self.captures.expire(now, config.retention.captures_s)}
 
     @property
     def trusted(self) -> list[str]:
@@ -116,10 +137,18 @@ class FleetServer:
 
         ext = self.external
         if ext is None:
-            self.broker = Broker(self.dir / "mosquitto", self.config.mqtt_port, host=self.config.mqtt_bind)
+            # The server's clients use a listener of their own on loopback (see _broker).
+            server_port = self.config.mqtt_server_port or _free_loopback_port()
+            self.broker = Broker(
+                self.dir / "mosquitto",
+                self.config.mqtt_port,
+                host=self.config.mqtt_bind,
+                embedded=True,
+                server_port=server_port,
+            )
             self.broker.start()
-            endpoint = BrokerEndpoint("127.0.0.1", self.config.mqtt_port, False, None, SERVER_USER, "")
-            self._record_embedded()
+            endpoint = BrokerEndpoint("127.0.0.1", server_port, False, None, SERVER_USER, "")
+            self._record_embedded(server_port)
         else:
             # Device credentials are still kept in Mosquitto's file format, for the broker to read.
             self.broker = Broker(self.dir / "mosquitto", ext.port, reload_command=self.config.broker_reload)
@@ -153,22 +182,27 @@ class FleetServer:
         self.ready = True
 
     def _record_external(self, ext: BrokerEndpoint) -> None:
-        """Remember the external broker, so offline `fleet provision` writes device configs for it."""
+        """Remember the external broker, so offline `fleet provision` writes device configs for it: `url`
+        for server clients, the rest (devices' listener) for devices."""
+        dev = self.device_broker or ext
         doc = {
             "url": ext.url(),
-            "host": ext.host,
-            "port": ext.port,
-            "tls": ext.tls,
-            "ca_pem": Path(ext.ca).read_text() if ext.ca else None,
+            "host": dev.host,
+            "port": dev.port,
+            "tls": dev.tls,
+            "ca_pem": Path(dev.ca).read_text() if dev.ca else None,
+            "embedded": False,
             "reload": self.config.broker_reload,
             "http_url": self.config.base_url,
         }
         record_broker(self.dir, doc, external=True)
 
-    def _record_embedded(self) -> None:
-        """Remember the embedded broker's port and the host devices reach it by (see `recorded_broker`)."""
+    def _record_embedded(self, server_port: int) -> None:
+        """Remember the embedded broker's ports and the host devices reach it by (see `recorded_broker`):
+        `url` is the server clients' listener, `port` the devices'."""
         doc = {
-            "url": f"mqtt://127.0.0.1:{self.config.mqtt_port}",
+            "url": f"mqtt://127.0.0.1:{server_port}",
+            "embedded": True,
             "host": self.config.public_host,
             "port": self.config.mqtt_port,
             "tls": False,
@@ -182,12 +216,12 @@ class FleetServer:
         """How devices reach the broker: host, port, and with TLS the CA's PEM (None: the system's CAs)."""
         if self.external is None:
             return {"host": self.config.public_host, "port": self.config.mqtt_port, "tls": False, "ca_pem": None}
-        ext = self.external
+        dev = self.device_broker or self.external
         return {
-            "host": ext.host,
-            "port": ext.port,
-            "tls": ext.tls,
-            "ca_pem": Path(ext.ca).read_text() if ext.ca else None,
+            "host": dev.host,
+            "port": dev.port,
+            "tls": dev.tls,
+            "ca_pem": Path(dev.ca).read_text() if dev.ca else None,
         }
 
     def stop(self) -> None:

@@ -42,6 +42,7 @@ from ._slots import SlotStore
 from ._telemetry import TelemetryBuffer
 from ._update import Updater
 from ._update_machine import UpdateMachine, UpdateRecord, UpdateState, UpdateStore
+from ._upload import upload_samples
 
 __all__ = ["Agent", "UpdateState"]
 
@@ -105,6 +106,7 @@ class Agent:
         self._next_self_test = 0.0
         self._desired: Desired | None = None
         self._shadow: Shadow | None = None
+        self._upload: threading.Thread | None = None
 
         store = UpdateStore(root / "agent.json")
         self.machine = UpdateMachine(store, store.load(self.slots.active), self._on_move)
@@ -342,6 +344,40 @@ class Agent:
             self._state_dirty = True
         elif c.command == "shadow":
             self._start_shadow(c)
+        elif c.command == "capture":
+            self._start_upload(c)
+
+    def _start_upload(self, c: Command) -> None:
+        """Upload captured samples the fleet asked for, off the loop thread; refused unless opted in."""
+        cap = str(c.args["capture_id"])
+        if not self.config.capture_upload:
+            self._event("capture_refused", command_id=c.id, capture_id=cap, reason="capture_upload is off")
+            return
+        if not self.config.http_token or not self._token_for(c.args["url"]):
+            self._event("capture_refused", command_id=c.id, capture_id=cap, reason="upload URL not of the fleet")
+            return
+        if self._upload is not None and self._upload.is_alive():
+            self._event("capture_refused", command_id=c.id, capture_id=cap, reason="an upload is under way")
+            return
+        self._upload = threading.Thread(target=self._run_upload, args=(c,), name="edgefleet-upload", daemon=True)
+        self._upload.start()
+
+    def _run_upload(self, c: Command) -> None:
+        cap = str(c.args["capture_id"])
+        m = self.active.model
+        try:
+            got = upload_samples(
+                self.buffer,
+                c.args["url"],
+                str(self.config.http_token),
+                limit=int(c.args["samples"]),
+                max_bytes=self.config.capture_upload_max_bytes,
+                bundle_name=None if m is None else m.info.bundle,
+            )
+        except EdgefleetError as exc:
+            self._event("capture_failed", command_id=c.id, capture_id=cap, reason=str(exc))
+            return
+        self._event("capture_uploaded", command_id=c.id, capture_id=cap, **got)
 
     def _start_shadow(self, c: Command) -> None:
         try:

@@ -73,7 +73,8 @@ class WindowAggregator:
         fallbacks: list[str],
         window_s: float = 60.0,
         capture_per_hour: float = 0.0,
-        capture_sink: Callable[[float, np.ndarray, np.ndarray], None] | None = None,
+        capture_sink: Callable[[float, np.ndarray, np.ndarray, str | None], None] | None = None,
+        label_sink: Callable[[str, int], None] | None = None,
         clock: Callable[[], float] = time.time,
         summary_budget: float | None = SUMMARY_BUDGET,
         feedback_calls: int = 0,
@@ -90,6 +91,10 @@ class WindowAggregator:
         self._clock = clock
         self._capture = _RateLimit(capture_per_hour, clock) if capture_per_hour > 0 and capture_sink else None
         self._capture_sink = capture_sink
+        # A captured sample is keyed by its call (this aggregator's run and call id), so the label fed back
+        # for that call later labels the sample too.
+        self._label_sink = label_sink
+        self._run = uuid.uuid4().hex[:12]
         self._budget = summary_budget
         self._lock = threading.Lock()
         self._q: collections.deque[tuple[float, float, np.ndarray, np.ndarray]] = collections.deque()
@@ -147,6 +152,8 @@ class WindowAggregator:
             if self._confusion is None:
                 self._confusion = np.zeros((self._classes, self._classes), np.int64)
             np.add.at(self._confusion, (true, pred), 1)
+        if self._label_sink is not None:
+            self._label_sink(f"{self._run}:{call_id}", int(true[0]))  # a captured sample is the call's first row
 
     def _window_start(self, now: float) -> float:
         return now - (now % self.window_s)
@@ -166,8 +173,16 @@ class WindowAggregator:
         self._counts: dict[str, Any] | None = None
         self._confusion = None
 
-    def record(self, x: np.ndarray | None, y: np.ndarray | None, latency_s: float, error: str | None = None) -> None:
-        """One predict call: its float input and output batches, or the kind of error it raised."""
+    def record(
+        self,
+        x: np.ndarray | None,
+        y: np.ndarray | None,
+        latency_s: float,
+        error: str | None = None,
+        call_id: int | None = None,
+    ) -> None:
+        """One predict call: its float input and output batches, or the kind of error it raised; CALL_ID
+        (from `remember`) keys a captured sample of it."""
         if self._fast and error is None and x is not None and y is not None and x.nbytes <= _COPY_LIMIT_BYTES:
             # The common call: one append, no lock (deque appends are atomic); it is sorted into its
             # window with the others of its batch. Measured between two ORT runs of a tiny model, this
@@ -203,7 +218,8 @@ class WindowAggregator:
                 if self._pending >= _BATCH_SAMPLES:
                     self._summarise()
             if self._capture is not None and self._capture.allow() and self._capture_sink is not None:
-                self._capture_sink(now, x[:1].copy(), y[:1].copy())
+                call = None if call_id is None else f"{self._run}:{call_id}"
+                self._capture_sink(now, x[:1].copy(), y[:1].copy(), call)
 
     def _absorb(self) -> None:
         """File the queued fast-path calls into their windows (closing a window a call is past)."""

@@ -69,6 +69,10 @@ class AgentConfig:
     tags: list[str] = field(default_factory=list)
     # Ground truth: keep the predicted class of this many recent calls for Agent.feedback (0: off).
     feedback_calls: int = 0
+    # Opt-in: captured samples (capture_per_hour) and the labels fed back for them may be uploaded to the
+    # fleet server when it asks (a `capture` command), at most this many bytes per request.
+    capture_upload: bool = False
+    capture_upload_max_bytes: int = 4 << 20
 
     def __post_init__(self) -> None:
         check_device_id(self.device_id)

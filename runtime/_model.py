@@ -166,7 +166,10 @@ class Model:
             fallbacks=list(self.info.fallbacks),
             window_s=window_s,
             capture_per_hour=capture_per_hour,
-            capture_sink=lambda ts, x, y: buffer.add_sample(ts, f"{self.info.bundle}:{self.info.version}", x, y),
+            capture_sink=lambda ts, x, y, call: buffer.add_sample(
+                ts, f"{self.info.bundle}:{self.info.version}", x, y, call
+            ),
+            label_sink=buffer.label_sample,
             summary_budget=summary_budget,
             feedback_calls=feedback_calls,
         )
@@ -292,9 +295,11 @@ class Model:
                 tel.record(None, None, time.perf_counter() - t0, "runtime")
             raise
         if tel is not None:
-            tel.record(arr, outs[0], time.perf_counter() - t0)
-            if tel.feedback_calls:
-                self._last.call_id = tel.remember(outs[0])
+            latency = time.perf_counter() - t0
+            cid = tel.remember(outs[0]) if tel.feedback_calls else None
+            tel.record(arr, outs[0], latency, call_id=cid)
+            if cid is not None:
+                self._last.call_id = cid
         return outs
 
     def timed_run(self, x: Any) -> tuple[list[np.ndarray], float]:

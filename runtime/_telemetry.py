@@ -121,6 +121,10 @@ class TelemetryBuffer:
             if row is None or row[0] != "ok":
                 raise sqlite3.DatabaseError(f"quick_check: {row[0] if row else 'no answer'}")
             db.executescript(_SCHEMA)
+            cols = {r[1] for r in db.execute("PRAGMA table_info(samples)")}
+            if "label" not in cols:  # a buffer from before labelled capture
+                db.execute("ALTER TABLE samples ADD COLUMN call TEXT")
+                db.execute("ALTER TABLE samples ADD COLUMN label INTEGER")
         except sqlite3.DatabaseError:
             db.close()
             raise
@@ -282,8 +286,9 @@ class TelemetryBuffer:
         except sqlite3.OperationalError:
             self._rollback()
 
-    def add_sample(self, ts: float, bundle: str, x: np.ndarray, y: np.ndarray) -> None:
-        """Keep one raw input/output pair (opt-in capture), oldest dropped beyond `sample_max_bytes`."""
+    def add_sample(self, ts: float, bundle: str, x: np.ndarray, y: np.ndarray, call: str | None = None) -> None:
+        """Keep one raw input/output pair (opt-in capture), oldest dropped beyond `sample_max_bytes`; CALL
+        (the call's key) lets a label fed back later find it (`label_sample`)."""
         bx, by = io.BytesIO(), io.BytesIO()
         np.save(bx, x, allow_pickle=False)
         np.save(by, y, allow_pickle=False)
@@ -300,8 +305,8 @@ class TelemetryBuffer:
                     self._db.execute("DELETE FROM samples WHERE seq = ?", (row[0],))
                     self._sample_bytes -= row[1]
                 self._db.execute(
-                    "INSERT INTO samples (ts, bundle, input, output, size) VALUES (?, ?, ?, ?, ?)",
-                    (ts, bundle, bx.getvalue(), by.getvalue(), size),
+                    "INSERT INTO samples (ts, bundle, input, output, size, call) VALUES (?, ?, ?, ?, ?, ?)",
+                    (ts, bundle, bx.getvalue(), by.getvalue(), size, call),
                 )
                 self._db.execute("COMMIT")
                 self._sample_bytes += size
@@ -309,6 +314,48 @@ class TelemetryBuffer:
                 self._rollback()
                 if not _is_full(exc):
                     raise
+
+    def label_sample(self, call: str, label: int) -> None:
+        """The true class of the captured sample of call CALL, when one was captured."""
+        with self._lock:
+            try:
+                self._db.execute("UPDATE samples SET label = ? WHERE call = ?", (int(label), call))
+            except sqlite3.OperationalError as exc:
+                if not _is_full(exc):
+                    raise
+
+    def take_samples(
+        self, limit: int, max_bytes: int, bundle_name: str | None = None
+    ) -> list[tuple[int, float, str, np.ndarray, np.ndarray, int | None]]:
+        """Up to LIMIT captured samples (of bundle BUNDLE_NAME, any version), at most MAX_BYTES of them,
+        oldest first: (seq, ts, bundle, input, output, label or None). They stay until `drop_samples`."""
+        with self._lock:
+            rows = self._db.execute("SELECT seq, ts, bundle, input, output, size, label FROM samples ORDER BY seq")
+            out: list[tuple[int, float, str, np.ndarray, np.ndarray, int | None]] = []
+            total = 0
+            for seq, ts, bundle, bx, by, size, label in rows:
+                if bundle_name is not None and str(bundle).rpartition(":")[0] != bundle_name:
+                    continue
+                if len(out) >= limit or total + int(size) > max_bytes:
+                    break
+                total += int(size)
+                x = np.load(io.BytesIO(bx), allow_pickle=False)
+                y = np.load(io.BytesIO(by), allow_pickle=False)
+                out.append((int(seq), float(ts), str(bundle), x, y, None if label is None else int(label)))
+        return out
+
+    def drop_samples(self, seqs: list[int]) -> None:
+        """Forget the captured samples SEQS (uploaded)."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                for s in seqs:
+                    rows = self._db.execute("DELETE FROM samples WHERE seq = ? RETURNING size", (s,)).fetchall()
+                    self._sample_bytes -= sum(int(r[0]) for r in rows)
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._rollback()
+                raise
 
     def pending(self, limit: int = 100, after_seq: int = 0) -> list[tuple[int, str, str, bytes]]:
         """Oldest first: (seq, kind, key, JSON body) of records not yet acknowledged."""

@@ -56,7 +56,8 @@ EVENT_SCHEMA = "edgefleet.event/1"
 DESIRED_SCHEMA = "edgefleet.desired/1"
 COMMAND_SCHEMA = "edgefleet.command/1"
 REFUSAL_SCHEMA = "edgefleet.refusal/1"
-COMMANDS = ("shadow", "flush", "report")
+COMMANDS = ("shadow", "flush", "report", "capture")
+MAX_CAPTURE_SAMPLES = 10_000
 
 
 def check_device_id(device_id: str) -> str:
@@ -187,16 +188,34 @@ def parse_command(obj: Any) -> Command:
             raise InputError("shadow command argument 'sample_rate' must be in (0, 1], got 0")
         _number(args, "duration_s", 60.0, 0.0, 7 * 86400.0)
         _number(args, "min_samples", 0, 0.0, 1e9, integer=True)
+    if name == "capture":
+        for k in ("capture_id", "url"):
+            if not isinstance(args.get(k), str) or not args[k]:
+                raise InputError(f"capture command argument '{k}' must be a non-empty string")
+        if not args["url"].startswith(("http://", "https://")):
+            raise InputError("capture command argument 'url' must be an http(s) URL")
+        if "samples" not in args:
+            raise InputError("capture command needs argument 'samples'")
+        _number(args, "samples", 0, 1.0, MAX_CAPTURE_SAMPLES, integer=True, command=name)
     return Command(_field(c, "id", str, "command"), name, args)
 
 
-def _number(args: dict[str, Any], key: str, default: float, lo: float, hi: float, *, integer: bool = False) -> float:
+def _number(
+    args: dict[str, Any],
+    key: str,
+    default: float,
+    lo: float,
+    hi: float,
+    *,
+    integer: bool = False,
+    command: str = "shadow",
+) -> float:
     """A numeric command argument within [LO, HI], or an InputError naming it."""
     v = args.get(key, default)
     ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and lo <= v <= hi
     if not ok or (integer and float(v) != int(v)):
         kind = "an integer" if integer else "a number"
-        raise InputError(f"shadow command argument '{key}' must be {kind} in [{lo:g}, {hi:g}], got {v!r}")
+        raise InputError(f"{command} command argument '{key}' must be {kind} in [{lo:g}, {hi:g}], got {v!r}")
     return float(v)
 
 

@@ -30,15 +30,16 @@ pytestmark = pytest.mark.slow
 class OwnBroker:
     """The operator's Mosquitto: TLS only, no anonymous access, auth from the fleet server's files."""
 
-    def __init__(self, d: Path, auth_lines: str, ca: CA) -> None:
+    def __init__(self, d: Path, auth_lines: str, ca: CA, port: int, server_port: int) -> None:
         crt, key = ca.issue("broker", server=True)
-        self.port = free_port()
+        self.port, self.server_port = port, server_port
         self.pidfile = d / "mosquitto.pid"
         conf = d / "mosquitto.conf"
-        conf.write_text(
-            f"user {getpass.getuser()}\npid_file {self.pidfile}\npersistence false\n"
-            f"listener {self.port} 127.0.0.1\ncafile {ca.crt}\ncertfile {crt}\nkeyfile {key}\n{auth_lines}\n"
-        )
+        # The lines `fleet broker-auth` printed, with TLS on both listeners, as its comment says.
+        tls = f"cafile {ca.crt}\ncertfile {crt}\nkeyfile {key}\n"
+        for p in (port, server_port):
+            auth_lines = auth_lines.replace(f"listener {p}\n", f"listener {p} 127.0.0.1\n{tls}")
+        conf.write_text(f"user {getpass.getuser()}\npid_file {self.pidfile}\npersistence false\n{auth_lines}\n")
         self.proc = subprocess.Popen(
             ["/usr/sbin/mosquitto", "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=open(d / "broker.log", "wb")
         )
@@ -52,11 +53,12 @@ class OwnBroker:
 @pytest.fixture
 def own_broker(tmp_path: Path):
     data = tmp_path / "fleet"
-    r = run_cli("fleet", "broker-auth", "--data-dir", str(data))
+    port, server_port = free_port(), free_port()
+    r = run_cli("fleet", "broker-auth", "--data-dir", str(data), "--port", str(port), "--server-port", str(server_port))
     assert r.returncode == 0, r.stderr
-    assert "password_file" in r.stdout and "acl_file" in r.stdout
+    assert "use_username_as_clientid true" in r.stdout and r.stdout.count("password_file") == 2
     ca = CA(tmp_path / "ca")
-    b = OwnBroker(tmp_path, r.stdout, ca)
+    b = OwnBroker(tmp_path, r.stdout, ca, port, server_port)
     yield data, b, ca
     b.stop()
 
@@ -65,9 +67,10 @@ def test_server_devices_and_rollouts_over_an_external_tls_broker(
     tmp_path: Path, own_broker, publisher, mlp_bundles: dict
 ) -> None:
     data, broker, ca = own_broker
-    url = f"mqtts://127.0.0.1:{broker.port}"
+    url = f"mqtts://127.0.0.1:{broker.server_port}"
     reload = f"kill -HUP $(cat {broker.pidfile})"
-    server = Server(data, publisher, extra=("--broker", url, "--broker-ca", str(ca.crt), "--broker-reload", reload))
+    extra = ("--broker", url, "--broker-device-url", f"mqtts://127.0.0.1:{broker.port}", "--broker-ca", str(ca.crt))
+    server = Server(data, publisher, extra=(*extra, "--broker-reload", reload))
     agent = None
     try:
         assert server.cli("publish", str(mlp_bundles["1.0.0"])).returncode == 0
@@ -168,18 +171,21 @@ def test_bad_external_broker_settings_fail_with_one_line(tmp_path: Path, own_bro
         (["--broker", "http://127.0.0.1:1"], "is not valid"),
         (["--broker", "mqtt://127.0.0.1:1", "--broker-ca", str(ca.crt)], "mqtts://"),
         (["--broker", "mqtts://127.0.0.1:x"], "invalid port"),
-        (["--broker", f"mqtts://127.0.0.1:{broker.port}", "--broker-ca", str(tmp_path / "none.pem")], "does not exist"),
+        (
+            ["--broker", f"mqtts://127.0.0.1:{broker.server_port}", "--broker-ca", str(tmp_path / "none.pem")],
+            "does not exist",
+        ),
     ]:
         r = subprocess.run(base + args, capture_output=True, text=True, timeout=60)
         assert r.returncode != 0 and expected in r.stderr and r.stderr.count("\n") == 1, (args, r.stderr)
     # The system's CAs do not trust the test CA: the TLS handshake fails, and the server says where it tried.
     t0 = time.monotonic()
     r = subprocess.run(
-        [*base, "--broker", f"mqtts://127.0.0.1:{broker.port}"],
+        [*base, "--broker", f"mqtts://127.0.0.1:{broker.server_port}"],
         capture_output=True,
         text=True,
         timeout=90,
     )
     assert r.returncode != 0 and r.stderr.count("\n") == 1, r.stderr
-    assert f"mqtts://127.0.0.1:{broker.port}" in r.stderr and "TLS" in r.stderr
+    assert f"mqtts://127.0.0.1:{broker.server_port}" in r.stderr and "TLS" in r.stderr
     assert time.monotonic() - t0 < 60

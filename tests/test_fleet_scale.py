@@ -33,8 +33,6 @@ def test_two_workers_lose_nothing_and_count_nothing_twice(tmp_path: Path, publis
             "ingest",
             "--data-dir",
             str(server.data),
-            "--mqtt-port",
-            str(server.mqtt),
             "--name",
             "second",
             *(["--db", db_url] if db_url else []),

@@ -329,6 +329,44 @@ def test_a_device_cannot_join_the_ingest_workers_shared_subscription(tmp_path: P
         c.disconnect()
 
 
+def test_device_credentials_cannot_take_over_another_session(tmp_path: Path, server: Server) -> None:
+    """Client ids are bound to usernames on the devices' listener: dev-a's credentials with dev-b's client id,
+    or with the server's ingest worker's, disconnect nobody; the server user cannot log in there, and device
+    credentials are refused on the server's own (loopback) listener. Before, the real dev-b was disconnected
+    and the server's durable ingest session was taken over (half the fleet's windows acknowledged, never
+    stored)."""
+    creds = {dev: _provision(server, tmp_path, dev) for dev in ("dev-a", "dev-b")}
+    b, _ = _client(server.mqtt, "dev-b", creds["dev-b"])
+    drops: list = []
+    b.on_disconnect = lambda *a: drops.append(a)
+    instance = (server.data / "instance-id").read_text().strip()
+    impostors = []
+    for cid in ("dev-b", f"edgefleet-server-{instance}", f"edgefleet-server-{server.proc.pid}"):
+        c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=cid, protocol=mqtt.MQTTv5)
+        c.username_pw_set("dev-a", creds["dev-a"])
+        c.connect("127.0.0.1", server.mqtt)
+        c.loop_start()
+        impostors.append(c)
+    time.sleep(1.0)
+    assert drops == [] and b.is_connected()
+    # the server's ingest still stores everything dev-b sends
+    before = _metric(server, 'edgefleet_ingest_messages_total{outcome="stored"}')
+    _send_windows(b, "dev-b", [], 30)
+    _wait(lambda: _metric(server, 'edgefleet_ingest_messages_total{outcome="stored"}') >= before + 30, 20, "stored")
+    secret = (server.data / "mosquitto" / "server.secret").read_text().strip()
+    _, got = _client(server.mqtt, "edgefleet-server", secret)
+    assert got["connected"].is_failure  # the server user is not a device
+    server_url = json.loads((server.data / "mosquitto" / "embedded.json").read_text())["url"]
+    server_port = int(server_url.rsplit(":", 1)[1])
+    _, got = _client(server_port, "dev-a", creds["dev-a"])
+    assert got["connected"].is_failure  # nor is a device a server client
+    ok, got = _client(server_port, "edgefleet-server", secret)
+    assert not got["connected"].is_failure
+    for c in (*impostors, b, ok):
+        c.loop_stop()
+        c.disconnect()
+
+
 def _window(device: str, key: str) -> dict:
     from edgefleet.protocol import LATENCY_EDGES_MS, WINDOW_SCHEMA
 
@@ -719,7 +757,8 @@ def test_worker_killed_with_windows_not_yet_written_loses_none(tmp_path: Path, p
         return subprocess.Popen(
             [
                 *(str(Path(sys.executable).parent / "edgefleet"), "fleet", "ingest"),
-                *("--data-dir", str(server.data), "--mqtt-port", str(server.mqtt), "--name", "w2", "--durable"),
+                # no --mqtt-port: the server's clients have a listener of their own, recorded in the data dir
+                *("--data-dir", str(server.data), "--name", "w2", "--durable"),
             ],
             stdout=log,
             stderr=log,

@@ -169,7 +169,8 @@ def test_a_shadow_deployment_reports_the_agreement_of_the_same_inputs_offline(
         srv.username_pw_set(
             "edgefleet-server", (tmp_path / "fleet" / "mosquitto" / "server.secret").read_text().strip()
         )
-        srv.connect("127.0.0.1", server.mqtt)
+        server_url = json.loads((tmp_path / "fleet" / "mosquitto" / "embedded.json").read_text())["url"]
+        srv.connect("127.0.0.1", int(server_url.rsplit(":", 1)[1]))  # the server clients' own listener
         srv.loop_start()
         refusal = {"schema": "edgefleet.refusal/1", "device_id": "sh-a", "kind": "telemetry", "key": "k-1",
                    "reason": "telemetry window lacks field 'calls'", "ts": time.time()}  # fmt: skip

@@ -356,6 +356,27 @@ def message_vectors() -> list[dict[str, Any]]:
         "refuse",
         "sample_rate",
     )
+    capture = {
+        "schema": COMMAND_SCHEMA,
+        "id": "c-3",
+        "command": "capture",
+        "args": {"capture_id": "cap-1", "samples": 100, "url": "https://fleet.example/api/captures/cap-1/upload"},
+    }
+    add("command", "command-capture", capture, "accept")
+    add(
+        "command",
+        "command-capture-no-samples",
+        {**capture, "args": {**capture["args"], "samples": 0}},
+        "refuse",
+        "samples",
+    )
+    add(
+        "command",
+        "command-capture-file-url",
+        {**capture, "args": {**capture["args"], "url": "file:///etc/passwd"}},
+        "refuse",
+        "url",
+    )
     refusal = {
         "schema": "edgefleet.refusal/1",
         "device_id": "cam-7",
