@@ -53,6 +53,7 @@ class Broker:
         *,
         embedded: bool = False,
         server_port: int | None = None,
+        tls: tuple[Path, Path, Path | None] | None = None,
     ) -> None:
         """EMBEDDED: this broker is the server's own (`start` runs it), and the server user lives only in
         the server listener's password file, on SERVER_PORT (loopback). Otherwise (an external broker) it
@@ -60,6 +61,7 @@ class Broker:
         self.dir = directory
         self.embedded = embedded
         self.server_port = server_port
+        self.tls = tls  # (cert, key, CA or None) for the devices' listener
         self.reload_command = reload_command
         self.dir.mkdir(parents=True, exist_ok=True)
         self.port = port
@@ -110,9 +112,15 @@ class Broker:
 
     def listener_lines(self, port: int | str, server_port: int | str, host: str = "", server_host: str = "") -> str:
         """The two listeners: devices (client id = username) and the server's clients."""
+        tls = ""
+        if self.tls is not None:
+            cert, key, ca = self.tls
+            tls = f"certfile {Path(cert).resolve()}\nkeyfile {Path(key).resolve()}\n"
+            tls += f"cafile {Path(ca).resolve()}\n" if ca else ""
         return (
             "per_listener_settings true\n"
             f"listener {port}{' ' + host if host else ''}\n"
+            f"{tls}"
             "allow_anonymous false\n"
             "use_username_as_clientid true\n"
             f"password_file {self.passwd.resolve()}\n"

@@ -18,6 +18,7 @@ def _serve(args: argparse.Namespace) -> int:
     import signal
     import threading
 
+    from edgefleet import InputError
     from edgefleet._errors import require
 
     # Named before anything imports them, so a runtime-only install gets the extra to install, not a traceback.
@@ -47,11 +48,17 @@ def _serve(args: argparse.Namespace) -> int:
         metrics_open=args.metrics_open,
         mqtt_bind=args.mqtt_bind,
         retention=Retention(windows_s=args.keep_windows_days * 86400, rollups_s=args.keep_rollups_days * 86400),
+        tls_cert=_existing(args.tls_cert, "--tls-cert"),
+        tls_key=_existing(args.tls_key, "--tls-key"),
+        tls_ca=_existing(args.tls_ca, "--tls-ca"),
     )
+    if (cfg.tls_cert is None) != (cfg.tls_key is None):
+        raise InputError("--tls-cert and --tls-key go together (the server's certificate and its private key)")
     server = FleetServer(cfg)
     server.start()
     app = create_app(server)
-    ucfg = uvicorn.Config(app, host=args.host, port=args.http_port, log_level="warning")
+    tls = {"ssl_certfile": str(cfg.tls_cert), "ssl_keyfile": str(cfg.tls_key)} if cfg.tls_cert else {}
+    ucfg = uvicorn.Config(app, host=args.host, port=args.http_port, log_level="warning", **tls)
     userver = uvicorn.Server(ucfg)
     stop = threading.Event()
 
@@ -62,7 +69,7 @@ def _serve(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, _term)
     signal.signal(signal.SIGINT, _term)
     print(
-        f"edgefleet fleet server: http://{args.public_host}:{args.http_port}  mqtt port {args.mqtt_port}  "
+        f"edgefleet fleet server: {cfg.base_url}  mqtt{'s' if cfg.tls_cert else ''} port {args.mqtt_port}  "
         f"data {cfg.data_dir}",
         file=sys.stderr,
         flush=True,
@@ -87,18 +94,30 @@ def _loopback(host: str) -> bool:
         return False
 
 
+def _existing(path: str | None, flag: str) -> Path | None:
+    from edgefleet import InputError
+
+    if path is None:
+        return None
+    if not Path(path).is_file():
+        raise InputError(f"{flag} {path} does not exist")
+    return Path(path)
+
+
 def _plaintext_warnings(args: argparse.Namespace) -> list[str]:
     """What this server sends unencrypted beyond this machine: tokens and passwords travel in the clear."""
-    out = []
+    out: list[str] = []
+    if args.tls_cert:
+        return out
     if not _loopback(args.host):
         out.append(
             f"HTTP on {args.host}:{args.http_port} is plaintext (API tokens, device download tokens and bundles "
-            "travel unencrypted): put a TLS proxy in front, or --host 127.0.0.1 for this machine only"
+            "travel unencrypted): --tls-cert/--tls-key, a TLS proxy in front, or --host 127.0.0.1 for this machine only"
         )
     if args.broker == "embedded" and not _loopback(args.mqtt_bind):
         out.append(
             f"the embedded broker on {args.mqtt_bind}:{args.mqtt_port} is plaintext (device passwords travel "
-            "unencrypted): use --broker mqtts://... with a TLS broker, or --mqtt-bind 127.0.0.1 for this machine only"
+            "unencrypted): --tls-cert/--tls-key, --broker mqtts://... with a TLS broker, or --mqtt-bind 127.0.0.1"
         )
     return out
 
@@ -444,6 +463,11 @@ def register(sub: Any) -> None:
         "DATA_DIR/mosquitto/passwd and acl), e.g. 'systemctl reload mosquitto'",
     )
     p.add_argument("--trusted-key", action="append", help="public key bundles must be signed with (repeatable)")
+    p.add_argument("--tls-cert", help="PEM certificate: HTTPS, and TLS on the embedded broker's devices' listener")
+    p.add_argument("--tls-key", help="its private key (PEM)")
+    p.add_argument(
+        "--tls-ca", help="the CA certificate devices are given to check the server with (default: system CAs)"
+    )
     p.add_argument("--drift-interval", type=float, default=30.0, help="seconds between drift alert checks")
     p.add_argument("--drift-window", type=float, default=900.0, help="seconds of telemetry a drift check covers")
     p.add_argument(

@@ -95,6 +95,7 @@ def device_toml(
     ca_name: str | None = None,
     http_url: str | None = None,
     self_test_hz: float = 0.0,
+    http_ca: str | None = None,
 ) -> str:
     """DEVICE_ID's device.toml, rendered from the agent's own `AgentConfig` (so it always loads)."""
     cfg = AgentConfig(
@@ -107,6 +108,7 @@ def device_toml(
         token_origins=[http_url] if http_url else [],
         # A device with no app traffic of its own sends no telemetry; its golden inputs can stand in.
         self_test_hz=self_test_hz,
+        http_ca=http_ca,
         mqtt=MqttConfig(host=host, port=port, username=device_id, password=creds.password, tls=tls, ca=ca_name),
     )
     return dump_config(cfg)
@@ -189,6 +191,8 @@ def provision(
         ca_name,
         ext.get("http_url"),
         self_test_hz,
+        # An https:// server with the embedded broker's CA: downloads trust the same CA.
+        ca_name if ca_name and str(ext.get("http_url", "")).startswith("https://") and ext.get("embedded") else None,
     )
     atomic_write(out, text.encode(), mode=0o600)
     return out

@@ -69,6 +69,11 @@ class ServerConfig:
     retention: Retention = field(default_factory=Retention)
     # The embedded broker's listener for the server's own clients (127.0.0.1; None: a free port).
     mqtt_server_port: int | None = None
+    # TLS for HTTPS and the embedded broker's devices' listener (PEM files); TLS_CA: the CA devices are told
+    # to trust (None: the system's CAs).
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_ca: Path | None = None
 
     @property
     def db(self) -> str:
@@ -76,7 +81,11 @@ class ServerConfig:
 
     @property
     def base_url(self) -> str:
-        return f"http://{self.public_host}:{self.http_port}"
+        return f"{'https' if self.tls_cert else 'http'}://{self.public_host}:{self.http_port}"
+
+    @property
+    def tls_ca_pem(self) -> str | None:
+        return Path(self.tls_ca).read_text() if self.tls_ca else None
 
 
 def _free_loopback_port() -> int:
@@ -145,6 +154,11 @@ class FleetServer:
                 host=self.config.mqtt_bind,
                 embedded=True,
                 server_port=server_port,
+                tls=(
+                    (self.config.tls_cert, self.config.tls_key, self.config.tls_ca)
+                    if self.config.tls_cert and self.config.tls_key
+                    else None
+                ),
             )
             self.broker.start()
             endpoint = BrokerEndpoint("127.0.0.1", server_port, False, None, SERVER_USER, "")
@@ -205,8 +219,8 @@ class FleetServer:
             "embedded": True,
             "host": self.config.public_host,
             "port": self.config.mqtt_port,
-            "tls": False,
-            "ca_pem": None,
+            "tls": self.config.tls_cert is not None,
+            "ca_pem": self.config.tls_ca_pem if self.config.tls_cert else None,
             "reload": None,
             "http_url": self.config.base_url,
         }
@@ -215,7 +229,13 @@ class FleetServer:
     def device_mqtt(self) -> dict[str, Any]:
         """How devices reach the broker: host, port, and with TLS the CA's PEM (None: the system's CAs)."""
         if self.external is None:
-            return {"host": self.config.public_host, "port": self.config.mqtt_port, "tls": False, "ca_pem": None}
+            tls = self.config.tls_cert is not None
+            return {
+                "host": self.config.public_host,
+                "port": self.config.mqtt_port,
+                "tls": tls,
+                "ca_pem": self.config.tls_ca_pem if tls else None,
+            }
         dev = self.device_broker or self.external
         return {
             "host": dev.host,

@@ -222,6 +222,10 @@ class Simulation:
                 tags=[*self.tags, cohort],
                 http_token=reg.get("http_token"),
                 token_origins=list(reg.get("token_origins") or []),
+                # a server on https:// with the broker's own CA (the embedded broker with --tls-cert)
+                http_ca=Path(ca)
+                if ca and any(o.startswith("https://") for o in reg.get("token_origins") or [])
+                else None,
             )
             agent = Agent(cfg, session_factory=standin_factory() if self.standin else None, network=self._network)
             agent.start()

@@ -286,6 +286,7 @@ class Agent:
             # A device capped below the stall limit must still finish: half its own cap is not a stall.
             min_bytes_per_s=min(1024.0, 0.5 * (self.config.download_bytes_per_s or 2048.0)),
             cancel=cancel,
+            ca=self.config.http_ca,
         )
 
     def _token_for(self, url: str) -> bool:
@@ -373,6 +374,7 @@ class Agent:
                 limit=int(c.args["samples"]),
                 max_bytes=self.config.capture_upload_max_bytes,
                 bundle_name=None if m is None else m.info.bundle,
+                ca=None if self.config.http_ca is None else str(self.config.http_ca),
             )
         except EdgefleetError as exc:
             self._event("capture_failed", command_id=c.id, capture_id=cap, reason=str(exc))

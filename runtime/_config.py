@@ -62,6 +62,8 @@ class AgentConfig:
     # Empty (configs written before it existed): any URL of the server's desired states. A redirect to
     # another origin never gets it.
     token_origins: list[str] = field(default_factory=list)
+    # CA certificate (PEM) the fleet server's https:// URLs are checked against (default: the system's).
+    http_ca: Path | None = None
     max_bundle_bytes: int = 2 << 30
     initial_bundle: Path | None = None
     # Built-in traffic for a standalone agent: run the bundle's golden inputs at this rate (0: off).
@@ -116,8 +118,9 @@ def load_config(path: str | os.PathLike[str]) -> AgentConfig:
             raise InputError(f"agent config {p} lacks '{k}'")
     data["data_dir"] = rel(data["data_dir"])
     data["trusted_keys"] = [rel(k) for k in data["trusted_keys"]]
-    if data.get("initial_bundle"):
-        data["initial_bundle"] = rel(data["initial_bundle"])
+    for k in ("initial_bundle", "http_ca"):
+        if data.get(k):
+            data[k] = rel(data[k])
     cfg: AgentConfig = _section(AgentConfig, {**data, "mqtt": mqtt, "health": health}, str(p))
     return cfg
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import ssl
 import threading
 import time
 import urllib.error
@@ -64,6 +65,11 @@ class _NoTokenAcrossOrigins(urllib.request.HTTPRedirectHandler):
 _opener = urllib.request.build_opener(_NoTokenAcrossOrigins)
 
 
+def https_handler(ca: str | os.PathLike[str] | None) -> urllib.request.HTTPSHandler:
+    """HTTPS checked against CA (a PEM file) instead of the system's CAs (None: the system's)."""
+    return urllib.request.HTTPSHandler(context=ssl.create_default_context(cafile=str(ca) if ca else None))
+
+
 class DownloadError(BundleError):
     """The download failed or was interrupted; the `.part` file stays for a Range resume."""
 
@@ -91,12 +97,14 @@ def download(
     max_size: int = DEFAULT_MAX_BUNDLE_BYTES,
     min_bytes_per_s: float = _MIN_RATE_BYTES_PER_S,
     cancel: threading.Event | None = None,
+    ca: str | os.PathLike[str] | None = None,
 ) -> Path:
     """Fetch URL to DEST, resuming DEST.part with a Range request; DEST appears only when complete and right.
 
     TOKEN is sent only when TOKEN_FOR(url) allows it. TIMEOUT bounds each wait for data; a transfer slower
     than MIN_BYTES_PER_S over a 30 s window is cut off (DownloadError; the next attempt resumes). Setting
-    CANCEL stops it between chunks (DownloadError; the part file stays for a resume).
+    CANCEL stops it between chunks (DownloadError; the part file stays for a resume). CA: the PEM file
+    https:// URLs are checked against (default: the system's CAs).
     """
     try:
         origin(url)
@@ -125,7 +133,8 @@ def download(
         if have:
             req.add_header("Range", f"bytes={have}-")
         try:
-            resp = _opener.open(req, timeout=timeout)
+            opener = _opener if ca is None else urllib.request.build_opener(_NoTokenAcrossOrigins, https_handler(ca))
+            resp = opener.open(req, timeout=timeout)
         except urllib.error.HTTPError as exc:
             if exc.code == 416:
                 part.unlink(missing_ok=True)

@@ -12,6 +12,7 @@ import numpy as np
 
 from edgefleet import EdgefleetError
 
+from ._download import https_handler
 from ._telemetry import TelemetryBuffer
 
 __all__ = ["encode_samples", "upload_samples"]
@@ -50,6 +51,7 @@ def upload_samples(
     max_bytes: int,
     bundle_name: str | None = None,
     timeout_s: float = 60.0,
+    ca: str | None = None,
 ) -> dict[str, int]:
     """Send up to LIMIT captured samples (at most MAX_BYTES) to URL; they are dropped from BUFFER once the
     server answers 2xx. Returns what was sent; raises EdgefleetError naming what went wrong."""
@@ -64,7 +66,7 @@ def upload_samples(
         headers={"Authorization": f"Bearer {token}", "Content-Type": "application/octet-stream"},
     )
     try:
-        with urllib.request.build_opener(_NoRedirect).open(req, timeout=timeout_s) as r:
+        with urllib.request.build_opener(_NoRedirect, https_handler(ca)).open(req, timeout=timeout_s) as r:
             r.read()
     except urllib.error.HTTPError as exc:
         detail = exc.read()[:300].decode(errors="replace")
