@@ -43,6 +43,17 @@ def _mosquitto() -> str:
     return exe
 
 
+def _raise_fd_limit() -> None:
+    """In the broker's process before it starts: one file descriptor per connected device, and the usual
+    soft limit (1024) would refuse the thousand-and-first; raise it to the hard limit."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = hard if hard != resource.RLIM_INFINITY else 1 << 20
+    if soft < want:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+
+
 class Broker:
     def __init__(
         self,
@@ -227,7 +238,10 @@ class Broker:
 
     def _spawn(self) -> None:
         self.proc = subprocess.Popen(
-            [_mosquitto(), "-c", str(self.conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+            [_mosquitto(), "-c", str(self.conf)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            preexec_fn=_raise_fd_limit,
         )
 
     def start(self, timeout: float = 10.0) -> None:

@@ -986,3 +986,26 @@ def test_listen_addresses_plaintext_warning_and_open_metrics(tmp_path: Path, ser
         assert f"listener {local.mqtt} 127.0.0.1" in conf
     finally:
         local.stop()
+
+
+def test_embedded_broker_can_hold_more_devices_than_the_default_descriptor_limit(tmp_path: Path) -> None:
+    """Each connected device holds one descriptor in Mosquitto: started under the usual soft limit of 1024,
+    the embedded broker raises its own to the hard limit (before, the 1,021st device was refused)."""
+    import resource
+
+    from edgefleet.fleet._broker import Broker
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(1024, hard), hard))
+    try:
+        b = Broker(tmp_path / "mq", free_port(), host="127.0.0.1", embedded=True, server_port=free_port())
+        b.start()
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    try:
+        assert b.proc is not None
+        limits = Path(f"/proc/{b.proc.pid}/limits").read_text()
+        line = next(x for x in limits.splitlines() if x.startswith("Max open files")).split()
+        assert int(line[3]) == (hard if hard != resource.RLIM_INFINITY else 1 << 20) > 1024, line
+    finally:
+        b.stop()
