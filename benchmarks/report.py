@@ -22,6 +22,7 @@ ORDER = (
     "fleet_ingest",
     "fleet_rollout",
     "fleet_scale",
+    "install_size",
 )
 
 

@@ -60,7 +60,13 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def register(sub: Any) -> None:
-    p = sub.add_parser("build", help="distill / prune / quantize a model into a signed bundle with a report")
+    from edgefleet._errors import missing_note
+
+    p = sub.add_parser(
+        "build",
+        help="distill / prune / quantize a model into a signed bundle with a report"
+        + missing_note(("onnx", "onnxruntime"), "convert"),
+    )
     p.add_argument("model", help="model file: .onnx, .pt2 (torch.export) or .keras")
     p.add_argument("-o", "--output", required=True, help="bundle to write (.efb)")
     p.add_argument("--recipe", help="TOML recipe with [[steps]] and bundle metadata")

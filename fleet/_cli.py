@@ -427,7 +427,11 @@ def _client_args(p: argparse.ArgumentParser) -> None:
 
 
 def register(sub: Any) -> None:
-    fleet = sub.add_parser("fleet", help="run and operate the fleet server")
+    from edgefleet._errors import missing_note
+
+    fleet = sub.add_parser(
+        "fleet", help="run and operate the fleet server" + missing_note(("fastapi", "uvicorn", "jinja2"), "fleet")
+    )
     fs = fleet.add_subparsers(dest="fleet_command", metavar="COMMAND")
     fs.required = True
 

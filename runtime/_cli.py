@@ -174,7 +174,8 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     for e in m.models:
         mod = _BACKEND_MODULE.get(e.format)
         if mod is None or importlib.util.find_spec(mod) is None:
-            print(f"golden {e.id}: not run, {mod} is not installed (pip install 'edgefleet[{_BACKEND_EXTRA}]')")
+            extra = _BACKEND_EXTRA.get(e.format, "runtime")
+            print(f"golden {e.id}: not run, {mod} is not installed (pip install 'edgefleet[{extra}]')")
             continue
         try:
             with load(args.bundle, args.key, model_id=e.id) as model:
@@ -199,7 +200,10 @@ def register(sub: Any) -> None:
     verify = sub.choices.get("verify")
     if verify is not None:
         verify.set_defaults(func=_cmd_verify)
-    p = sub.add_parser("run", help="verify a bundle and run it on an input array, or on its golden sample")
+    from edgefleet._errors import missing_note
+
+    backends = missing_note(("onnxruntime", "ai_edge_litert"), "runtime-onnx", "runtime-tflite", any_of=True)
+    p = sub.add_parser("run", help="verify a bundle and run it on an input array, or on its golden sample" + backends)
     p.add_argument("bundle")
     p.add_argument("--input", help=".npy batch (N, ...) to run")
     p.add_argument("--output", help="write the outputs here (.npy)")
@@ -215,7 +219,11 @@ def register(sub: Any) -> None:
     p.add_argument("--threads", type=int)
     p.set_defaults(func=_cmd_run)
 
-    p = sub.add_parser("agent", help="run the device agent (MQTT link, telemetry upload, A/B updates)")
+    p = sub.add_parser(
+        "agent",
+        help="run the device agent (MQTT link, telemetry upload, A/B updates)"
+        + (backends or missing_note(("paho",), "runtime-onnx")),
+    )
     p.add_argument("--config", required=True, help="device.toml")
     p.add_argument("-v", "--verbose", action="store_true")
     p.set_defaults(func=_cmd_agent)

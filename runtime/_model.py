@@ -25,7 +25,7 @@ from ._telemetry import TelemetryBuffer
 __all__ = ["GoldenResult", "Model", "ModelInfo", "SessionFactory", "load"]
 
 _BACKEND_MODULE = {"onnx": "onnxruntime", "tflite": "ai_edge_litert"}
-_BACKEND_EXTRA = "runtime"
+_BACKEND_EXTRA = {"onnx": "runtime-onnx", "tflite": "runtime-tflite"}  # the extra that installs each
 Key: TypeAlias = PublicKey | str | os.PathLike[str] | bytes
 # Makes the inference session for one model of a verified bundle, instead of the installed backend.
 SessionFactory: TypeAlias = Callable[[Bundle, ModelEntry, SessionOptions], Session]
@@ -490,7 +490,8 @@ def load(
     for entry in _candidates(bundle, backend, model_id):
         mod = _BACKEND_MODULE[entry.format]
         if session_factory is None and importlib.util.find_spec(mod) is None:
-            reasons.append(f"{entry.id}: {mod} is not installed (pip install 'edgefleet[{_BACKEND_EXTRA}]')")
+            extra = _BACKEND_EXTRA[entry.format]
+            reasons.append(f"{entry.id}: {mod} is not installed (pip install 'edgefleet[{extra}]')")
             continue
         try:
             model = _open_checked(

@@ -3,9 +3,18 @@
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from types import ModuleType
 
-__all__ = ["BundleError", "EdgefleetError", "InputError", "MissingDependencyError", "SignatureError", "require"]
+__all__ = [
+    "BundleError",
+    "EdgefleetError",
+    "InputError",
+    "MissingDependencyError",
+    "SignatureError",
+    "missing_note",
+    "require",
+]
 
 
 class EdgefleetError(Exception):
@@ -37,3 +46,17 @@ def require(module: str, extra: str, purpose: str = "") -> ModuleType:
         raise MissingDependencyError(
             f"{module} is needed{why} but is not installed: pip install 'edgefleet[{extra}]' ({exc})"
         ) from exc
+
+
+def missing_note(modules: tuple[str, ...], *extras: str, any_of: bool = False) -> str:
+    """'' when MODULES are installed (ANY_OF: one of them), else a note for a command's help naming the
+    EXTRAS that install them. Looks modules up without importing them: `edgefleet --help` stays fast."""
+
+    def there(m: str) -> bool:
+        try:
+            return importlib.util.find_spec(m) is not None
+        except (ImportError, ValueError):
+            return False
+
+    ok = any(map(there, modules)) if any_of else all(map(there, modules))
+    return "" if ok else " [not installed: pip install " + " or ".join(f"'edgefleet[{e}]'" for e in extras) + "]"

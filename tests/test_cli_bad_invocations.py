@@ -215,3 +215,21 @@ def test_fleet_simulate_against_an_unreachable_server_is_one_line(tmp_path: Path
                 "--devices", "2", "--duration", "1", "--workdir", str(tmp_path / "sim"))  # fmt: skip
     assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
     assert "cannot reach the fleet server" in r.stderr and "--server" in r.stderr
+
+
+def test_help_names_the_extra_of_a_command_whose_packages_are_missing(monkeypatch, capsys) -> None:
+    """On a device with the runtime only, `edgefleet --help` still lists `build` and `fleet`, marked with
+    the extra that installs them; with one backend of two, `run` and `agent` are not marked."""
+    import importlib.util
+
+    from edgefleet import _cli
+
+    real = importlib.util.find_spec
+    absent = {"fastapi", "uvicorn", "jinja2", "onnx", "ai_edge_litert"}
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in absent else real(name, *a))
+    with pytest.raises(SystemExit):
+        _cli.build_parser().parse_args(["--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "run and operate the fleet server [not installed: pip install 'edgefleet[fleet]']" in out
+    assert "with a report [not installed: pip install 'edgefleet[convert]']" in out
+    assert "golden sample [" not in out and "A/B updates) [" not in out
