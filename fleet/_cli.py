@@ -385,6 +385,12 @@ def _rollout(args: argparse.Namespace) -> int:
                 print(f"    halted: {g['halt']}")
         if r["state"] in ("halted", "rolled_back", "aborted") and r.get("history"):
             print(f"  last: {r['history'][-1]['note']}")
+        trouble = [d for d in r.get("devices", []) if d["status"] != "updated" or d.get("reason")]
+        for d in trouble[:20]:
+            reason = f": {d['reason']}" if d.get("reason") else ""
+            print(f"  {d['id']} (stage {d['stage']}, from {d['previous_version'] or '-'}) {d['status']}{reason}")
+        if len(trouble) > 20:
+            print(f"  ... and {len(trouble) - 20} more device(s) not updated (--json lists every device)")
     return 0
 
 

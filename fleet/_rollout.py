@@ -201,7 +201,23 @@ class RolloutEngine:
             "created": r.created,
             "updated": r.updated,
             "history": r.detail.get("history", []),
+            "devices": self._devices(r, devs),
         }
+
+    def _devices(self, r: RolloutRow, devs: builtins.list[AssignedDevice]) -> builtins.list[dict[str, Any]]:
+        """Each assigned device: stage, status, the version it came from, and why it failed when it did
+        (its latest update_failed / rolled_back / update_refused event for this rollout)."""
+        why = self.store.failure_reasons(r.id, r.created)
+        return [
+            {
+                "id": d.device_id,
+                "stage": d.stage,
+                "status": d.status,
+                "previous_version": d.previous_version,
+                **({"reason": why[d.device_id]} if d.device_id in why else {}),
+            }
+            for d in sorted(devs, key=lambda d: (d.stage, d.device_id))
+        ]
 
     def list(self) -> builtins.list[dict[str, Any]]:
         return [self.get(rid) for rid in self.store.ids()]

@@ -182,6 +182,19 @@ class RolloutStore:
                     continue
         return sorted(out)
 
+    def failure_reasons(self, rid: str, since: float) -> dict[str, str]:
+        """Per device, the reason of its latest update_failed / rolled_back / update_refused event for RID."""
+        out: dict[str, str] = {}
+        for dev, kind, body in self.db.query(
+            "SELECT device_id, type, body FROM events WHERE type IN ('update_failed', 'rolled_back', "
+            "'update_refused') AND ts >= ? ORDER BY ts",
+            (since - 60.0,),
+        ):
+            b = json.loads(body)
+            if b.get("rollout") == rid:
+                out[dev] = f"{kind}: {b.get('reason') or ''}".rstrip(": ")
+        return out
+
     def assigned(self, rid: str) -> list[AssignedDevice]:
         rows = self.db.query(
             "SELECT device_id, stage, status, previous_version, assigned FROM rollout_devices WHERE rollout_id = ?",

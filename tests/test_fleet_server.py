@@ -551,6 +551,10 @@ def test_canary_rollouts_complete_and_roll_back_by_themselves(
         # the human-readable status names the failed gate and how the rollout ended
         text = server.cli("rollout", "status", rid3).stdout
         assert "failed gate: update failure rate" in text and "last: gates failed" in text, text
+        # ...and each device that did not update, with its own reason
+        failed = [d for d in st3["devices"] if d["status"] == "failed"]
+        assert len(failed) == 2 and all(d["reason"].startswith("rolled_back: ") for d in failed), st3["devices"]
+        assert all(f"{d['id']} (stage 0, from 2.0.0) failed: rolled_back: " in text for d in failed), text
         _wait(lambda: set(versions().values()) == {"2.0.0"}, 60, "everyone back on v2")
         r = server.cli("rollout", "pause", rid3)
         assert r.returncode == 1 and "cannot be paused" in r.stderr
