@@ -230,7 +230,7 @@ def mount_dashboard(app: FastAPI, server: FleetServer) -> None:
         except InputError:
             return HTMLResponse(f"no rollout {html.escape(rid)}", status_code=404)
         for h in r["history"]:
-            h["time"] = time.strftime("%H:%M:%S", time.gmtime(h["ts"]))
+            h["time"] = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(h["ts"]))
         actions = [
             ("pause", r["state"] == "running"),
             ("resume", r["state"] in ("paused", "halted")),

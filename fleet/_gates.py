@@ -10,7 +10,8 @@ The canary (a stage's updated devices, on the new version) is compared with the 
 - p95 latency <= max(control x `max_p95_ratio`, control + `p95_slack_ms`); while the canary has made
   fewer than `reliable_p95_calls` calls its p95 is a handful of calls (a scheduling hiccup can make
   it), so the median must be slower too (the rule devices apply in their health window:
-  `edgefleet.protocol.latency_regressed`);
+  `edgefleet.protocol.latency_regressed`); when the devices ran on different accelerators, latency is
+  judged per accelerator both sides used (like with like), and overall only when they share none;
 - prediction drift: PSI of the predicted-class distribution against the control <= `max_prediction_psi`,
   judged once both sides have `min_prediction_samples` predictions and only when the difference is
   also significant (chi-square p < `prediction_p_value`).
@@ -28,7 +29,7 @@ import numpy as np
 
 from edgefleet import InputError
 from edgefleet._drift import chi2_two_sample, psi
-from edgefleet.protocol import latency_regressed
+from edgefleet.protocol import latency_quantile, latency_regressed
 
 __all__ = ["DEFAULT_GATES", "Cohort", "Gates", "StageDevices", "Verdict", "evaluate"]
 
@@ -94,6 +95,8 @@ class Cohort:
     reporting: int = 0  # devices with at least one call
     labelled: int = 0  # predictions the devices' apps fed the true class back for
     correct: int = 0  # of those, predicted right
+    # latency histogram per accelerator the calls ran on (the windows' `accelerator`)
+    latency_by_accel: dict[str, list[int]] = field(default_factory=dict, compare=False)
 
 
 @dataclass(frozen=True)
@@ -128,6 +131,15 @@ def _round(v: float | None) -> float | None:
     return None if v is None else round(v, 4)
 
 
+def _like_with_like(new: Cohort, control: Cohort) -> dict[str, tuple[list[int], list[int]]] | None:
+    """Per accelerator both sides ran on, their latency histograms; None when both ran on one and the same
+    accelerator (or say nothing of it): the overall comparison is then like with like already."""
+    a, b = new.latency_by_accel, control.latency_by_accel
+    if not a or not b or (len(a) == 1 and a.keys() == b.keys()):
+        return None
+    return {k: (a[k], b[k]) for k in sorted(a.keys() & b.keys())}
+
+
 def evaluate(new: Cohort, control: Cohort, stage: StageDevices, gates: Gates) -> Verdict:
     """The verdict of GATES on the canary NEW against CONTROL (see the module's docstring)."""
     values: dict[str, Any] = {
@@ -150,7 +162,36 @@ def evaluate(new: Cohort, control: Cohort, stage: StageDevices, gates: Gates) ->
         base = values["control_error_rate"] or 0.0
         if values["error_rate"] > base + gates.max_error_increase:
             failed.append(f"error rate {values['error_rate']} > control {base} + {gates.max_error_increase}")
-    if values["p95_ms"] is not None and values["control_p95_ms"] is not None:
+    pairs = _like_with_like(new, control)
+    if pairs == {}:
+        # No accelerator in common: the canary as a whole against the control as a whole (a bundle that no
+        # longer runs on the NPU is slower for its users, whatever the reason).
+        values["latency_compared"] = (
+            f"overall: canary on {sorted(new.latency_by_accel)}, control on {sorted(control.latency_by_accel)}"
+        )
+        pairs = None
+    if pairs is not None:
+        # Devices ran on different accelerators (an NPU here, a CPU fallback there): latency is compared per
+        # accelerator both sides used, never a canary's CPU calls against a control's NPU calls.
+        values["latency_by_accelerator"] = {}
+        for accel, (hn, hc) in pairs.items():
+            n95, c95 = latency_quantile(hn, 0.95), latency_quantile(hc, 0.95)
+            if n95 is None or c95 is None:
+                continue
+            n50, c50 = latency_quantile(hn, 0.5), latency_quantile(hc, 0.5)
+            small = sum(hn) < gates.reliable_p95_calls
+            slow, limit = latency_regressed(
+                n95,
+                c95,
+                ratio=gates.max_p95_ratio,
+                slack_ms=gates.p95_slack_ms,
+                median=n50 if small else None,
+                control_median=c50 if small else None,
+            )
+            values["latency_by_accelerator"][accel] = {"p95_ms": _round(n95), "control_p95_ms": _round(c95)}
+            if slow:
+                failed.append(f"p95 on {accel} {n95:.3f} ms > {limit:.3f} ms (control {c95:.3f} ms)")
+    elif values["p95_ms"] is not None and values["control_p95_ms"] is not None:
         ctl_p95 = values["control_p95_ms"]
         small = new.calls < gates.reliable_p95_calls and control.p50_ms is not None and new.p50_ms is not None
         slow, limit = latency_regressed(

@@ -292,4 +292,5 @@ class RolloutStore:
             else 0,
             labelled=int(conf.sum()) if conf is not None else 0,
             correct=int(np.trace(conf)) if square else 0,
+            latency_by_accel={k: v.tolist() for k, v in m["latency_by_accel"].items()},
         )

@@ -62,6 +62,7 @@ def empty_merge() -> dict[str, Any]:
         "errors": 0,
         "nan_outputs": 0,
         "latency": None,
+        "latency_by_accel": {},  # accelerator -> latency histogram: gates compare like with like
         "inputs": {},
         "outputs": {},
         "confusion": None,
@@ -92,6 +93,13 @@ def accumulate(acc: dict[str, Any], w: dict[str, Any]) -> dict[str, Any]:
     lat = w["latency"] if merged else (w.get("latency_ms") or {}).get("counts")
     if lat is not None:
         acc["latency"] = add_counts(acc["latency"], np.asarray(lat, dtype=np.int64))
+    by = acc["latency_by_accel"]
+    if merged:
+        for k, v in (w.get("latency_by_accel") or {}).items():
+            by[k] = add_counts(by.get(k), np.asarray(v, dtype=np.int64))
+    elif lat is not None:
+        k = str(w.get("accelerator") or "unknown")
+        by[k] = add_counts(by.get(k), np.asarray(lat, dtype=np.int64))
     for group in ("inputs", "outputs"):
         dst = acc[group]
         for k, v in w[group].items():
@@ -116,6 +124,7 @@ def _dump(acc: dict[str, Any]) -> str:
 
     out = {k: acc[k] for k in ("windows", "calls", "samples", "summarised", "errors", "nan_outputs")}
     out["latency"] = lst(acc["latency"])
+    out["latency_by_accel"] = {k: v.tolist() for k, v in acc["latency_by_accel"].items()}
     out["confusion"] = lst(acc["confusion"])
     for group in ("inputs", "outputs"):
         out[group] = {k: v.tolist() for k, v in acc[group].items()}

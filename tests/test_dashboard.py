@@ -124,6 +124,9 @@ def test_create_a_rollout_by_clicking_and_watch_it_complete(
         assert page.inner_text("#stages").count("passed") == 2
         page.screenshot(path=str(ARTIFACTS / "rollout-completed.png"), full_page=True)
         assert versions() == {"2.0.0"}
+        # every device of the rollout, by stage (numbered from 0, as in its history and the API)
+        assert page.locator("#rollout-devices tr").count() == 5 and "updated" in page.inner_text("#rollout-devices")
+        assert page.inner_text("#stages").split("\n")[1].startswith("0 (50")
 
         page.goto(server.url + "/devices")
         assert page.locator("#devices tr").count() == 5 and "mlp 2.0.0" in page.inner_text("#devices")

@@ -363,3 +363,67 @@ def test_the_accuracy_gate_needs_labels_on_both_sides_a_real_drop_and_significan
     noisy = Cohort(calls=2000, p95_ms=2.0, p50_ms=1.0, reporting=4, labelled=100, correct=91)  # 0.91: p ~ 0.07
     v = evaluate(noisy, ctl, stage, Gates.parse({"min_prediction_samples": 0}))
     assert v.ok and v.values["accuracy_p_value"] > 0.01, v.values
+
+
+def _hist(ms: float, n: int) -> list[int]:
+    counts = [0] * (len(LATENCY_EDGES_MS) + 1)
+    counts[_bin(ms)] = n
+    return counts
+
+
+def test_latency_is_compared_like_with_like_across_accelerators() -> None:
+    """A canary whose calls ran on the CPU (an NPU fallback) is not judged against a control on the NPU: each
+    accelerator both used is compared on its own, and a canary slower on the same accelerator still fails."""
+    import numpy as np
+
+    from edgefleet.protocol import latency_quantile
+
+    def cohort(by: dict[str, list[int]]) -> Cohort:
+        total = np.sum(list(by.values()), axis=0).tolist()
+        return Cohort(
+            calls=sum(total),
+            p95_ms=latency_quantile(total, 0.95),
+            p50_ms=latency_quantile(total, 0.5),
+            reporting=4,
+            latency_by_accel=by,
+        )
+
+    control = cohort({"NPU": _hist(0.5, 1950), "CPU": _hist(4.0, 50)})
+    gates = Gates.parse({"min_prediction_samples": 0})
+    canary_cpu = cohort({"CPU": _hist(4.0, 2000)})  # all on the CPU, as fast there as the control's CPU calls
+    v = _verdict_with(canary_cpu, control, gates)
+    cpu = v.values["latency_by_accelerator"]["CPU"]
+    assert v.ok and cpu["control_p95_ms"] == cpu["p95_ms"], v
+    # the same figures without the split fail: 4 ms against a control whose p95 is an NPU call's
+    merged = [Cohort(calls=c.calls, p95_ms=c.p95_ms, p50_ms=c.p50_ms, reporting=4) for c in (canary_cpu, control)]
+    assert not evaluate(merged[0], merged[1], _ALL_UPDATED, gates).ok
+    slower = cohort({"NPU": _hist(2.0, 1950), "CPU": _hist(4.0, 50)})
+    v = _verdict_with(slower, control, gates)
+    assert not v.ok and any(g.startswith("p95 on NPU") for g in v.failed_gates), v.failed_gates
+    # nothing in common: the whole canary against the whole control, as before
+    apart = _verdict_with(cohort({"GPU": _hist(9.0, 2000)}), cohort({"NPU": _hist(0.5, 2000)}), gates)
+    assert not apart.ok and apart.values["latency_compared"] == "overall: canary on ['GPU'], control on ['NPU']"
+
+
+def _verdict_with(new: Cohort, control: Cohort, gates: Gates):
+    return evaluate(new, control, _ALL_UPDATED, gates)
+
+
+def test_rollups_keep_latency_per_accelerator(db: Database) -> None:
+    now = time.time()
+    with db.transaction() as cur:
+        for i in range(4):
+            cur.execute("INSERT INTO devices (id, tags, created) VALUES (?, ?, ?)", (f"d{i}", json.dumps(["g"]), now))
+    windows = []
+    for i in range(4):
+        w = _window(f"d{i}", "2.0.0" if i < 2 else "1.0.0", {4.0 if i == 0 else 0.5: 100}, now)
+        w["accelerator"] = "CPU" if i == 0 else "NPU"
+        windows.append((f"d{i}", w))
+    record_windows(db, windows)
+    engine = RolloutEngine(db, lambda *a, **k: None)
+    new = engine.store.cohort("m", "g", now - 1, version="2.0.0", reporting_of=["d0", "d1"])
+    ctl = engine.store.cohort("m", "g", now - 1, exclude_version="2.0.0")
+    assert set(new.latency_by_accel) == {"CPU", "NPU"} and set(ctl.latency_by_accel) == {"NPU"}
+    assert sum(new.latency_by_accel["CPU"]) == 100 and sum(ctl.latency_by_accel["NPU"]) == 200
+    v = evaluate(new, ctl, StageDevices(2, 2, 0, True), Gates.parse({"min_prediction_samples": 0}))
+    assert v.ok and list(v.values["latency_by_accelerator"]) == ["NPU"], v.values
