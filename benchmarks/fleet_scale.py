@@ -227,7 +227,8 @@ def run(
 ) -> dict[str, Any]:
     bare = ingest_without_rollups(bare_url, manifests, devices, minutes)
     fleet = Fleet(url, manifests, devices, minutes)
-    res: dict[str, Any] = {"db": kind, "devices": devices, "minutes": minutes, "ingest": fleet.ingest()}
+    res: dict[str, Any] = {"db": kind, "devices": devices, "minutes": minutes, "run": time.strftime("%Y-%m-%d %H:%M")}
+    res["ingest"] = fleet.ingest()
     res["ingest_without_rollups"] = bare
     name = manifests["1.0.0"].name
     recent = fleet.t_end - 900
@@ -308,6 +309,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", default="1000:1440,10000:120,100000:10", help="DEVICES:MINUTES,...")
     ap.add_argument("--db", default="sqlite,postgresql", help="sqlite, postgresql or both (comma-separated)")
+    ap.add_argument(
+        "--append", action="store_true", help="keep the results of earlier runs (other sizes or databases) in the files"
+    )
     args = ap.parse_args(argv)
     from examples.digits.data import load_splits
     from examples.digits.mlp import build_mlp_bundle
@@ -344,6 +348,11 @@ def main(argv: list[str] | None = None) -> int:
         if pg is not None:
             pg.close()
     RESULTS.mkdir(exist_ok=True)
+    old = RESULTS / "fleet_scale.json"
+    if args.append and old.exists():
+        ran = {(r["db"], r["devices"], r["minutes"]) for r in results}
+        kept = [r for r in json.loads(old.read_text())["results"] if (r["db"], r["devices"], r["minutes"]) not in ran]
+        results = kept + results
     doc = {
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
         "targets": TARGETS,

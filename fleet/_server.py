@@ -409,7 +409,7 @@ class FleetServer:
             )
 
     def send_command(self, command: str, args: dict[str, Any], devices: list[str], by: str = "operator") -> list[str]:
-        """Send COMMAND (flush or report; shadows go through `shadows`) to each of DEVICES, recorded in the
+        """Send COMMAND (flush, report, capture; shadows go through `shadows`) to each of DEVICES, recorded in the
         `commands` audit table; returns the command ids. A command reaches only devices online now."""
         if command == "shadow":
             raise InputError("shadow commands are ordered with 'edgefleet fleet shadow create' (merged reports)")
