@@ -186,7 +186,8 @@ def _broker_auth(args: argparse.Namespace) -> int:
 def _token(args: argparse.Namespace) -> int:
     from ._auth import create_token
 
-    print(create_token(Path(args.data_dir), args.name, args.db))
+    token = create_token(Path(args.data_dir), args.name, args.db)
+    print(json.dumps({"name": args.name, "token": token}) if args.json else token)
     return 0
 
 
@@ -204,7 +205,10 @@ def _provision(args: argparse.Namespace) -> int:
         args.db,
         args.self_test_hz,
     )
-    print(str(out))
+    if args.json:
+        print(json.dumps({"device_id": args.device_id, "config": str(out), "tags": sorted(set(tags))}))
+    else:
+        print(str(out))
     return 0
 
 
@@ -522,10 +526,12 @@ def register(sub: Any) -> None:
     p.add_argument("--data-dir", default="fleet-data")
     p.add_argument("--name", default="operator")
     p.add_argument("--db")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=_token)
 
     p = fs.add_parser("provision", help="register a device and write its device.toml")
     p.add_argument("device_id")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--tags", help="comma-separated")
     p.add_argument("--data-dir", default="fleet-data")
     p.add_argument("--out", help="where to write the config (default DEVICE_ID.toml)")

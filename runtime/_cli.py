@@ -160,22 +160,29 @@ def _cmd_telemetry(args: argparse.Namespace) -> int:
 def _cmd_verify(args: argparse.Namespace) -> int:
     """`edgefleet verify` with the runtime installed: the static checks, then every model's golden sample."""
     from edgefleet import BundleError
-    from edgefleet._cli import verify_static
+    from edgefleet._cli import static_report, verify_static
 
     from ._model import _BACKEND_EXTRA, _BACKEND_MODULE, load
 
-    b = verify_static(args.bundle, args.key)
+    b = verify_static(args.bundle, args.key, quiet=args.json)
     m = b.manifest
+    doc: dict[str, Any] = {**static_report(b), "golden": None}
+    say = (lambda _line: None) if args.json else print
     if args.no_golden:
+        if args.json:
+            print(json.dumps(doc))
         return 0
     if b.golden_inputs() is None:
         raise BundleError(f"{args.bundle} has no golden sample to check its models with (--no-golden to skip)")
     failed = 0
+    doc["golden"] = []
     for e in m.models:
         mod = _BACKEND_MODULE.get(e.format)
         if mod is None or importlib.util.find_spec(mod) is None:
             extra = _BACKEND_EXTRA.get(e.format, "runtime")
-            print(f"golden {e.id}: not run, {mod} is not installed (pip install 'edgefleet[{extra}]')")
+            why = f"{mod} is not installed (pip install 'edgefleet[{extra}]')"
+            doc["golden"].append({"model": e.id, "ran": False, "reason": why})
+            say(f"golden {e.id}: not run, {why}")
             continue
         try:
             with load(args.bundle, args.key, model_id=e.id) as model:
@@ -183,14 +190,30 @@ def _cmd_verify(args: argparse.Namespace) -> int:
                 where = model.info.accelerator
         except BundleError as exc:
             failed += 1
-            print(f"golden {e.id}: FAILED: {exc}")
+            doc["golden"].append({"model": e.id, "ran": True, "ok": False, "reason": str(exc)})
+            say(f"golden {e.id}: FAILED: {exc}")
             continue
-        verdict = "OK" if r.ok else "FAILED"
         failed += not r.ok
-        print(
-            f"golden {e.id}: {verdict}, {r.count} inputs on {where}: max |diff| {r.max_abs_diff:.3g} "
-            f"(atol {r.atol:g}, rtol {r.rtol:g}), top-1 agreement {r.agreement:.4f}"
+        doc["golden"].append(
+            {
+                "model": e.id,
+                "ran": True,
+                "ok": r.ok,
+                "inputs": r.count,
+                "accelerator": where,
+                "max_abs_diff": r.max_abs_diff,
+                "atol": r.atol,
+                "rtol": r.rtol,
+                "agreement": r.agreement,
+            }
         )
+        say(
+            f"golden {e.id}: {'OK' if r.ok else 'FAILED'}, {r.count} inputs on {where}: max |diff| "
+            f"{r.max_abs_diff:.3g} (atol {r.atol:g}, rtol {r.rtol:g}), top-1 agreement {r.agreement:.4f}"
+        )
+    doc["ok"] = not failed
+    if args.json:
+        print(json.dumps(doc))
     if failed:
         raise BundleError(f"{failed} model(s) of {args.bundle} do not reproduce their golden outputs")
     return 0

@@ -22,31 +22,54 @@ __all__ = ["main"]
 
 def _cmd_keygen(args: argparse.Namespace) -> int:
     key = generate_keypair(args.key, overwrite=args.force)
-    print(f"wrote private key {args.key} and public key {args.key}.pub (key id {key.key_id})")
+    if args.json:
+        print(json.dumps({"private_key": str(args.key), "public_key": f"{args.key}.pub", "key_id": key.key_id}))
+    else:
+        print(f"wrote private key {args.key} and public key {args.key}.pub (key id {key.key_id})")
     return 0
 
 
 def _cmd_sign(args: argparse.Namespace) -> int:
     key = load_signing_key(args.key)
     m = sign_bundle(args.bundle, key, args.output)
-    print(f"signed {m.name} {m.version} with key {key.key_id} -> {args.output or args.bundle}")
+    out = args.output or args.bundle
+    if args.json:
+        print(json.dumps({"bundle": m.name, "version": m.version, "key_id": key.key_id, "output": str(out)}))
+    else:
+        print(f"signed {m.name} {m.version} with key {key.key_id} -> {out}")
     return 0
 
 
-def verify_static(bundle: str, keys: list[str]) -> Any:
+def verify_static(bundle: str, keys: list[str], quiet: bool = False) -> Any:
     """`edgefleet verify`'s checks that need no runtime: open BUNDLE with KEYS and say what passed."""
     b = open_bundle(bundle, trusted_keys=keys)
     m = b.manifest
-    print(
-        f"OK: {m.name} {m.version} (format {m.format_version}), signed by {b.signed_by}, "
-        f"{len(m.files)} files hash-checked"
-    )
+    if not quiet:
+        print(
+            f"OK: {m.name} {m.version} (format {m.format_version}), signed by {b.signed_by}, "
+            f"{len(m.files)} files hash-checked"
+        )
     return b
 
 
+def static_report(b: Any) -> dict[str, Any]:
+    """What `verify --json` says of the checks `verify_static` made."""
+    m = b.manifest
+    return {
+        "ok": True,
+        "bundle": m.name,
+        "version": m.version,
+        "format": m.format_version,
+        "signed_by": b.signed_by,
+        "files_checked": len(m.files),
+    }
+
+
 def _cmd_verify(args: argparse.Namespace) -> int:
-    verify_static(args.bundle, args.key)
-    if not args.no_golden:
+    b = verify_static(args.bundle, args.key, quiet=args.json)
+    if args.json:
+        print(json.dumps({**static_report(b), "golden": None}))
+    elif not args.no_golden:
         # The runtime extra replaces this command with one that also runs the golden sample.
         print("golden sample not run: that needs the runtime (pip install 'edgefleet[runtime]'); --no-golden to skip")
     return 0
@@ -106,18 +129,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("keygen", help="create an Ed25519 signing key (KEY) and its public key (KEY.pub)")
     p.add_argument("key")
     p.add_argument("--force", action="store_true", help="overwrite existing key files")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=_cmd_keygen)
 
     p = sub.add_parser("sign", help="sign (or re-sign) a bundle")
     p.add_argument("bundle")
     p.add_argument("--key", required=True, help="private key written by 'edgefleet keygen'")
     p.add_argument("-o", "--output", help="write the signed bundle here instead of in place")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=_cmd_sign)
 
     p = sub.add_parser("verify", help="check a bundle's signature, hashes and manifest; exit 0 only if all pass")
     p.add_argument("bundle")
     p.add_argument("--key", required=True, action="append", help="trusted public key (repeatable)")
     p.add_argument("--no-golden", action="store_true", help="skip running the golden sample on each model")
+    p.add_argument("--json", action="store_true", help="machine-readable output (one object)")
     p.set_defaults(func=_cmd_verify)
 
     p = sub.add_parser("inspect", help="show what a bundle holds")

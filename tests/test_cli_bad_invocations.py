@@ -233,3 +233,29 @@ def test_help_names_the_extra_of_a_command_whose_packages_are_missing(monkeypatc
     assert "run and operate the fleet server [not installed: pip install 'edgefleet[fleet]']" in out
     assert "with a report [not installed: pip install 'edgefleet[convert]']" in out
     assert "golden sample [" not in out and "A/B updates) [" not in out
+
+
+def test_json_output_of_key_sign_verify_and_token_commands(tmp_path: Path) -> None:
+    """The commands that print data take --json and print one object with the fields of their text."""
+    import json
+
+    key = tmp_path / "release.key"
+    r = run_cli("keygen", str(key), "--json")
+    assert r.returncode == 0, r.stderr
+    k = json.loads(r.stdout)
+    assert k["public_key"] == f"{key}.pub" and len(k["key_id"]) == 16
+    src = Path(__file__).resolve().parent.parent / "docs" / "conformance" / "bundles" / "valid.efb"
+    signed = tmp_path / "signed.efb"
+    r = run_cli("sign", str(src), "--key", str(key), "-o", str(signed), "--json")
+    assert r.returncode == 0 and json.loads(r.stdout) == {
+        "bundle": "conformance", "version": "1.0.0", "key_id": k["key_id"], "output": str(signed)
+    }  # fmt: skip
+    r = run_cli("verify", str(signed), "--key", f"{key}.pub", "--no-golden", "--json")
+    assert r.returncode == 0 and json.loads(r.stdout)["signed_by"] == k["key_id"]
+    # the conformance bundle's model file is a placeholder: the golden check fails, in the JSON too
+    r = run_cli("verify", str(signed), "--key", f"{key}.pub", "--json")
+    doc = json.loads(r.stdout)
+    assert r.returncode == 1 and doc["ok"] is False and doc["golden"][0]["ok"] is False
+    assert "do not reproduce" in r.stderr and "Traceback" not in r.stderr
+    r = run_cli("fleet", "token", "create", "--data-dir", str(tmp_path / "fleet"), "--name", "ci", "--json")
+    assert r.returncode == 0 and json.loads(r.stdout)["token"].startswith("eft_")
