@@ -15,8 +15,15 @@ __all__ = ["register"]
 
 
 def _serve(args: argparse.Namespace) -> int:
+    import logging
     import signal
     import threading
+
+    # Every server line with its time (alerts, broker restarts, failures); -v adds the INFO lines.
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
 
     from edgefleet import InputError
     from edgefleet._errors import require
@@ -451,6 +458,7 @@ def register(sub: Any) -> None:
     p.add_argument("--mqtt-port", type=int, default=1883)
     p.add_argument("--host", default="0.0.0.0", help="HTTP listen address")
     p.add_argument("--mqtt-bind", default="0.0.0.0", help="the embedded broker's listen address")
+    p.add_argument("-v", "--verbose", action="store_true", help="log INFO lines too (rollout moves, housekeeping)")
     p.add_argument("--public-host", default="127.0.0.1", help="host name devices use to reach this server")
     p.add_argument(
         "--metrics-open",

@@ -5,6 +5,7 @@ while its inputs did not raises a concept-drift alert and no data-drift alert.""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -93,6 +94,11 @@ def test_feedback_gives_accuracy_per_cohort_and_a_concept_drift_alert(
         assert concept[0]["feature"] == "accuracy" and concept[0]["accuracy"] < 0.2 < 0.9 < concept[0]["reference"]
         assert not [al for al in mine if al["kind"] in ("data", "prediction")], mine  # the inputs did not move
         assert 0 <= _metric(server, 'edgefleet_accuracy{bundle="mlp:1.0.0",cohort="site-flip"}') < 0.2
+        # the server's log lines carry their time and where they come from
+        log = (tmp_path / "server.log").read_text()
+        assert re.search(
+            r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ WARNING edgefleet\.fleet\.drift: drift alert", log, re.M
+        ), log
     finally:
         for ag in agents.values():
             ag.stop()
