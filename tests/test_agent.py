@@ -178,7 +178,11 @@ def update_scenario(tmp_path, broker, files, observer, mlp_bundles, publisher, p
         v3_name = "/" + mlp_bundles["3.0.0"].name
         v3_gets = len([r for r in files.requests if r[0] == v3_name])
         observer.desire(device, v3, "r2b")
-        observer.wait(lambda: len(observer.events(device, "rolled_back")) == 2, 60, "v3 tried again in a new rollout")
+        # download, verify, stage, smoke test and a health window again: under qemu on a busy host, minutes
+        again = 60 if python is None else 180
+        observer.wait(
+            lambda: len(observer.events(device, "rolled_back")) == 2, again, "v3 tried again in a new rollout"
+        )
         # it was still in the inactive slot: verified again, not downloaded again
         assert len([r for r in files.requests if r[0] == v3_name]) == v3_gets
 
@@ -446,8 +450,13 @@ def test_kill_9_during_update_leaves_a_consistent_device(
 def kill_case(tmp_path, broker, files, observer, mlp_bundles, publisher, failpoint, offer, final, python=None):
     """SIGKILL at FAILPOINT while updating v1 -> OFFER; on disk it must be old or new, and settle on FINAL."""
     dev_id = "k-" + failpoint.replace(".", "-").replace("_", "-") + "-" + offer[0] + ("-arm" if python else "")
-    # Under qemu every instruction is emulated: latencies there are noisy and about 50x native.
-    health = {"window_s": 1.0} if python is None else {"window_s": 3.0, "max_p95_ratio": 3.0, "p95_slack_ms": 5.0}
+    # Under qemu every instruction is emulated: latencies there are noisy and about 50x native. Natively, the
+    # kills on the commit path test crash consistency, not the latency verdict: a loaded host must not turn
+    # their commit into a rollback (the rollback path keeps the strict window: v3 must be judged slow).
+    if python is not None:
+        health = {"window_s": 3.0, "max_p95_ratio": 3.0, "p95_slack_ms": 5.0}
+    else:
+        health = {"window_s": 1.0, **({"max_p95_ratio": 3.0, "p95_slack_ms": 5.0} if final == offer else {})}
     dev = Device(tmp_path / "d", dev_id, broker, publisher, mlp_bundles["1.0.0"], python=python, health=health)
     dev.start()  # install v1 first, so the kill points are hit by the update, not the first install
     observer.wait(lambda: _idle_on(observer, dev_id, "1.0.0"), 30, "v1 installed")
