@@ -290,7 +290,10 @@ def table(results: list[dict[str, Any]]) -> str:
         def pair(x: dict[str, Any]) -> str:
             raw = x["raw"]
             rv = raw["p95_ms"] if raw.get("p95_ms") is not None else raw["p50_ms"]
-            mark = " (extrapolated)" if raw.get("extrapolated_from") else ""
+            # extrapolated from fewer windows than in range (the same number: measured on exactly these)
+            mark = (
+                " (extrapolated)" if raw.get("extrapolated_from", x["windows_in_range"]) < x["windows_in_range"] else ""
+            )
             return f"{x['rollups']['p95_ms']:.1f} / {rv:,.0f} ms{mark}"
 
         g = r["gate"]
