@@ -25,7 +25,7 @@ from edgefleet.protocol import topic as topic_of
 
 from ._db import Database
 from ._endpoint import BrokerEndpoint
-from ._rollups import StoredWindow, add_windows, insert_window
+from ._rollups import StoredWindow, add_windows, insert_windows
 
 __all__ = ["SHARE_GROUP", "IngestWorker", "share_group"]
 
@@ -305,11 +305,13 @@ class IngestWorker:
         with self.db.transaction() as cur:
             seen: set[str] = set()
             windows: list[StoredWindow] = []
+            new = insert_windows(cur, [(d, p[0], p[1]) for k, d, p in ops if k == "telemetry"], now)
             for kind, device, params in ops:
                 if kind == "telemetry":
-                    w, body = params
-                    stored = insert_window(cur, device, w, body, now)
+                    w = params[0]
+                    stored = w["key"] in new
                     if stored:
+                        new.discard(w["key"])  # the same window twice in a batch is stored, and counted, once
                         windows.append(StoredWindow(device, self._tags(device), w))
                 else:
                     stored = self._apply(cur, kind, device, params)

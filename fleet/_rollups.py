@@ -195,11 +195,13 @@ def add_windows(cur: Any, postgres: bool, stored: Sequence[StoredWindow]) -> Non
         for cohort in cohorts:
             accumulate(deltas.setdefault((name, version, cohort, b, MINUTE), empty_merge()), acc)
     _merge_rows(cur, postgres, deltas)
-    for key in sorted(devices):
-        first, last, called, n, calls = devices[key]
+    keys = sorted(devices)
+    for i in range(0, len(keys), 200):  # a statement per 200 devices, not one per device
+        chunk = keys[i : i + 200]
+        params = [v for key in chunk for v in (*key, *devices[key])]
         cur.execute(
             "INSERT INTO window_devices (bundle_name, bundle_version, device_id, first_start, last_start, "
-            "last_called, windows, calls) VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
+            f"last_called, windows, calls) VALUES {', '.join(['(?, ?, ?, ?, ?, ?, ?, ?)'] * len(chunk))} "
             "ON CONFLICT (bundle_name, bundle_version, device_id) DO UPDATE SET "
             "first_start = CASE WHEN excluded.first_start < window_devices.first_start "
             "THEN excluded.first_start ELSE window_devices.first_start END, "
@@ -209,8 +211,39 @@ def add_windows(cur: Any, postgres: bool, stored: Sequence[StoredWindow]) -> Non
             "window_devices.last_called THEN COALESCE(excluded.last_called, window_devices.last_called) "
             "ELSE window_devices.last_called END, "
             "windows = window_devices.windows + excluded.windows, calls = window_devices.calls + excluded.calls",
-            (*key, first, last, called, n, calls),
+            params,
         )
+
+
+def insert_windows(cur: Any, items: Sequence[tuple[str, dict[str, Any], str]], received: float) -> set[str]:
+    """Insert checked (device, window, body) ITEMS into `windows`, a statement per 200 (a round trip per row
+    is what bounds a PostgreSQL writer); returns the keys that were new."""
+    new: set[str] = set()
+    for i in range(0, len(items), 200):
+        chunk = items[i : i + 200]
+        params: list[Any] = []
+        for device, w, body in chunk:
+            params += [
+                w["key"],
+                device,
+                w["bundle"]["name"],
+                w["bundle"]["version"],
+                float(w["start"]),
+                int(w["calls"]),
+                int(w["samples"]),
+                sum(int(v) for v in w["errors"].values()),
+                int(w["nan_outputs"]),
+                body,
+                received,
+            ]
+        rows = ", ".join(["(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"] * len(chunk))
+        cur.execute(
+            "INSERT INTO windows (key, device_id, bundle_name, bundle_version, start, calls, samples, errors, "
+            f"nan_outputs, body, received) VALUES {rows} ON CONFLICT (key) DO NOTHING RETURNING key",
+            params,
+        )
+        new.update(str(k) for (k,) in cur.fetchall())
+    return new
 
 
 def insert_window(cur: Any, device: str, w: dict[str, Any], body: str, received: float) -> bool:
