@@ -154,13 +154,11 @@ class Captures:
         ]
         out["total_samples"] = sum(u["samples"] for u in out["uploads"])
         out["total_labelled"] = sum(u["labelled"] for u in out["uploads"])
-        out["refused"] = [
-            {"device": dev, "reason": json.loads(body).get("reason")}
-            for dev, body in self.db.query(
-                "SELECT device_id, body FROM events WHERE type IN ('capture_refused', 'capture_failed') ORDER BY ts"
-            )
-            if json.loads(body).get("capture_id") == cid
-        ]
+        events = self.db.query(
+            "SELECT device_id, body FROM events WHERE type IN ('capture_refused', 'capture_failed') ORDER BY ts"
+        )
+        bodies = [(dev, json.loads(body)) for dev, body in events]
+        out["refused"] = [{"device": dev, "reason": b.get("reason")} for dev, b in bodies if b.get("capture_id") == cid]
         return out
 
     def list(self) -> list[dict[str, Any]]:

@@ -19,11 +19,11 @@ from fastapi import FastAPI, Form, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 
-from edgefleet import InputError, Manifest
+from edgefleet import InputError
 from edgefleet._drift import psi
 
 from ._accuracy import accuracy_report
-from ._drift import drift_report, list_alerts
+from ._drift import baseline_of, drift_report, list_alerts
 from ._rollups import ALL, Rollup, accumulate, empty_merge
 from ._rollups import series as rollup_series
 from ._server import FleetServer
@@ -273,8 +273,7 @@ def mount_dashboard(app: FastAPI, server: FleetServer) -> None:
             except InputError:
                 report = None
             if report is not None:
-                rows = server.db.query("SELECT manifest FROM bundles WHERE name = ? AND version = ?", (name, version))
-                baseline = Manifest.from_bytes(rows[0][0].encode()).drift_baseline
+                baseline = baseline_of(server.db, name, version)
                 refs = {f["name"]: f["proportions"] for f in baseline["inputs"]}
                 refs.update(
                     {f"output:{k}": baseline["outputs"][k]["proportions"] for k in ("predicted_class", "confidence")}

@@ -246,28 +246,6 @@ def insert_windows(cur: Any, items: Sequence[tuple[str, dict[str, Any], str]], r
     return new
 
 
-def insert_window(cur: Any, device: str, w: dict[str, Any], body: str, received: float) -> bool:
-    """Insert one checked window into `windows`; False when its key is stored already."""
-    cur.execute(
-        "INSERT INTO windows (key, device_id, bundle_name, bundle_version, start, calls, samples, errors, "
-        "nan_outputs, body, received) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (key) DO NOTHING",
-        (
-            w["key"],
-            device,
-            w["bundle"]["name"],
-            w["bundle"]["version"],
-            float(w["start"]),
-            int(w["calls"]),
-            int(w["samples"]),
-            sum(int(v) for v in w["errors"].values()),
-            int(w["nan_outputs"]),
-            body,
-            received,
-        ),
-    )
-    return bool(cur.rowcount)
-
-
 def record_windows(db: Database, windows: Sequence[tuple[str, dict[str, Any]]]) -> int:
     """Store (device, window) pairs the way the ingest does (windows, rollups, `window_devices`) in one
     transaction, with each device's current tags; returns how many were new. For tools and tests: the
@@ -275,9 +253,12 @@ def record_windows(db: Database, windows: Sequence[tuple[str, dict[str, Any]]]) 
     tags = _tags(db, sorted({d for d, _ in windows}))
     now = time.time()
     with db.transaction() as cur:
-        stored = [
-            StoredWindow(d, tags.get(d, []), w) for d, w in windows if insert_window(cur, d, w, json.dumps(w), now)
-        ]
+        new = insert_windows(cur, [(d, w, json.dumps(w)) for d, w in windows], now)
+        stored = []
+        for d, w in windows:
+            if w["key"] in new:
+                new.discard(w["key"])  # the same window twice is stored, and counted, once
+                stored.append(StoredWindow(d, tags.get(d, []), w))
         add_windows(cur, db.kind == "postgresql", stored)
     return len(stored)
 
