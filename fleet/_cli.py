@@ -61,6 +61,18 @@ def _serve(args: argparse.Namespace) -> int:
     )
     if (cfg.tls_cert is None) != (cfg.tls_key is None):
         raise InputError("--tls-cert and --tls-key go together (the server's certificate and its private key)")
+    if cfg.tls_cert is not None:
+        import ssl
+
+        try:  # before the broker and HTTPS fail on them later with less to say
+            ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(cfg.tls_cert, cfg.tls_key)
+            if cfg.tls_ca is not None:
+                ssl.create_default_context(cafile=str(cfg.tls_ca))
+        except (ssl.SSLError, OSError) as exc:
+            raise InputError(
+                f"--tls-cert {cfg.tls_cert} / --tls-key {cfg.tls_key} / --tls-ca: not a usable PEM certificate, "
+                f"key and CA ({exc})"
+            ) from exc
     server = FleetServer(cfg)
     server.start()
     app = create_app(server)

@@ -35,6 +35,12 @@ def test_https_and_mqtts_without_a_proxy(tmp_path: Path, publisher, mlp_bundles:
     crt, key = ca.issue("fleet", server=True)
     http, port = free_port(), free_port()
     data = tmp_path / "fleet"
+    # a certificate that is not one: one line naming the files, at once (before: 15 s, then "could not connect")
+    junk = tmp_path / "junk.pem"
+    junk.write_text("junk\n")
+    bad = [EXE, "fleet", "serve", "--data-dir", str(tmp_path / "bad"), "--tls-cert", str(junk), "--tls-key", str(key)]
+    r = subprocess.run(bad, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and "not a usable PEM certificate" in r.stderr and r.stderr.count("\n") == 1, r.stderr
     log = tmp_path / "server.log"
     proc = subprocess.Popen(
         [
