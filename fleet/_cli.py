@@ -444,6 +444,9 @@ def _simulate(args: argparse.Namespace) -> int:
         inputs=Path(args.inputs) if args.inputs else None,
         standin=args.standin,
         replace=args.replace,
+        feedback=args.feedback,
+        capture_per_hour=args.capture_per_hour,
+        capture_upload=args.capture_upload,
     )
     run(sim, args.duration)
     return 0
@@ -608,6 +611,14 @@ def register(sub: Any) -> None:
         "--replace", action="store_true", help="take over devices of this prefix that another simulator runs"
     )
     p.add_argument("--inputs", help=".npz with inputs 'x' the devices see (default: the bundle's golden inputs)")
+    p.add_argument(
+        "--feedback",
+        type=float,
+        default=0.0,
+        help="share of calls whose true label (the --inputs file's 'y') the devices feed back (0-1)",
+    )
+    p.add_argument("--capture-per-hour", type=float, default=0.0, help="raw samples each device keeps per hour")
+    p.add_argument("--capture-upload", action="store_true", help="devices send captured samples when the fleet asks")
     p.add_argument("--duration", type=float, help="seconds (default: until Ctrl-C)")
     p.add_argument(
         "--standin", action="store_true", help="a fast stand-in predictor instead of the real runtime (large N)"

@@ -21,11 +21,15 @@ def _show(s: dict[str, Any]) -> None:
         f"{d['reported']}/{d['ordered']} device(s) reported, {len(d['failed'])} failed"
     )
     rows = [("overall", o), *sorted(s["cohorts"].items())]
-    print(f"  {'cohort':<16} {'samples':>8} {'agreement':>9} {'active p95':>10} {'cand. p95':>10} {'errors':>6}")
+    print(
+        f"  {'cohort':<16} {'samples':>8} {'agreement':>9} {'active p95':>10} {'cand. p95':>10} {'errors':>6} "
+        f"{'labelled':>8} {'active acc':>10} {'cand. acc':>9}"
+    )
     for name, m in rows:
         print(
             f"  {name:<16} {m['samples']:>8} {_fmt(m['agreement']):>9} {_fmt(m['active_p95_ms'], '.3f'):>10} "
-            f"{_fmt(m['candidate_p95_ms'], '.3f'):>10} {m['candidate_errors']:>6}"
+            f"{_fmt(m['candidate_p95_ms'], '.3f'):>10} {m['candidate_errors']:>6} {m.get('labelled', 0):>8} "
+            f"{_fmt(m.get('active_accuracy')):>10} {_fmt(m.get('candidate_accuracy')):>9}"
         )
     for dev, why in d["failed"].items():
         print(f"  {dev} failed: {why}")

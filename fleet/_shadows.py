@@ -59,6 +59,14 @@ def _report(body: dict[str, Any]) -> dict[str, Any] | None:
     for k in ("candidate_errors", "dropped"):
         v = body.get(k, 0)
         out[k] = v if isinstance(v, int) and not isinstance(v, bool) and v >= 0 else 0
+    # Labels fed back for sampled calls (absent from older agents: none). Counts that do not add up make
+    # the device's accuracy figures count for nothing rather than the whole report being dropped.
+    counts = [body.get(k, 0) for k in ("labelled", "active_correct", "candidate_correct")]
+    whole = all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in counts)
+    if whole and counts[1] <= counts[0] and counts[2] <= counts[0] and counts[0] <= max(samples, 0) * 1024:
+        out["labelled"], out["active_correct"], out["candidate_correct"] = counts
+    else:
+        out["labelled"] = out["active_correct"] = out["candidate_correct"] = 0
     return out
 
 
@@ -69,7 +77,8 @@ def _median(values: list[float | None]) -> float | None:
 
 def merge_reports(reports: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """Devices' checked reports merged: agreement weighted by samples (each device capped at 4x the median
-    device's), and the median across devices of each latency figure."""
+    device's), the median across devices of each latency figure, and the accuracy of both bundles on the
+    calls labels were fed back for (each device's labels capped the same way)."""
     with_samples = {d: r for d, r in reports.items() if r["samples"]}
     cap = 4 * statistics.median([r["samples"] for r in with_samples.values()]) if with_samples else 0
     weight = {d: min(r["samples"], cap) for d, r in with_samples.items()}
@@ -86,6 +95,14 @@ def merge_reports(reports: dict[str, dict[str, Any]]) -> dict[str, Any]:
     }
     for k in _REPORT_FIELDS:
         merged[k] = _median([r[k] for r in reports.values()])
+    labelled = {d: r for d, r in reports.items() if r["labelled"]}
+    lcap = 4 * statistics.median([r["labelled"] for r in labelled.values()]) if labelled else 0
+    share = {d: min(r["labelled"], lcap) / r["labelled"] for d, r in labelled.items()}
+    n = sum(r["labelled"] * share[d] for d, r in labelled.items())
+    merged["labelled"] = round(n)
+    for side in ("active", "candidate"):
+        right = sum(r[f"{side}_correct"] * share[d] for d, r in labelled.items())
+        merged[f"{side}_accuracy"] = round(right / n, 6) if n else None
     return merged
 
 
@@ -228,9 +245,19 @@ class ShadowDeployments:
         return started, failed, reports
 
 
+# Labelled shadow calls from which ground truth, not agreement, judges the candidate's answers.
+SHADOW_MIN_LABELLED = 100
+SHADOW_MAX_ACCURACY_DROP = 0.02
+
+
 def check_passed(shadow: dict[str, Any], bundle: str, min_agreement: float, max_p95_ratio: float) -> None:
     """Refuse (InputError) a rollout of BUNDLE after SHADOW unless the shadow ran that bundle, is over, and
-    its merged agreement and candidate latency meet the thresholds."""
+    its answers and candidate latency meet the thresholds.
+
+    Answers are judged by agreement with the active bundle, unless labels were fed back for at least
+    SHADOW_MIN_LABELLED shadowed calls: then by accuracy (the candidate at most SHADOW_MAX_ACCURACY_DROP
+    below the active bundle on the same calls). A candidate that disagrees because the active bundle is
+    wrong - the reason to retrain - is not held back, and one that agrees but is worse is."""
     sid = shadow["id"]
     if shadow["bundle"] != bundle:
         raise InputError(f"shadow {sid} ran {shadow['bundle']}, not {bundle}")
@@ -239,7 +266,14 @@ def check_passed(shadow: dict[str, Any], bundle: str, min_agreement: float, max_
     o = shadow["overall"]
     if not o["samples"]:
         raise InputError(f"shadow {sid} has no reported samples to judge {bundle} by")
-    if o["agreement"] < min_agreement:
+    ca, aa = o.get("candidate_accuracy"), o.get("active_accuracy")
+    if o.get("labelled", 0) >= SHADOW_MIN_LABELLED and ca is not None and aa is not None:
+        if ca < aa - SHADOW_MAX_ACCURACY_DROP:
+            raise InputError(
+                f"shadow {sid}: candidate accuracy {ca:.4f} < the active bundle's {aa:.4f} - "
+                f"{SHADOW_MAX_ACCURACY_DROP} on {o['labelled']} labelled calls"
+            )
+    elif o["agreement"] < min_agreement:
         raise InputError(f"shadow {sid}: agreement {o['agreement']:.4f} with the active bundle < {min_agreement}")
     cand, act = o["candidate_p95_ms"], o["active_p95_ms"]
     if cand is not None and act is not None and cand > act * max_p95_ratio:

@@ -104,6 +104,12 @@ class Simulation:
     standin: bool = False
     # Take over devices of this prefix that are online (another simulator's): new credentials cut it off.
     replace: bool = False
+    # Share of calls whose true label (the inputs' 'y') the device's app feeds back, as an app that learns
+    # the outcome does (agent.feedback); needs --inputs with labels.
+    feedback: float = 0.0
+    # Raw samples kept on each device per hour, and whether devices send them when the fleet asks.
+    capture_per_hour: float = 0.0
+    capture_upload: bool = False
 
     def _api(self, method: str, path: str, body: Any = None) -> Any:
         data = None if body is None else json.dumps(body).encode()
@@ -154,6 +160,26 @@ class Simulation:
 
         if not 0 <= self.fail_rate < 1:
             raise InputError("--fail-rate must be in [0, 1)")
+        if not 0 <= self.feedback <= 1:
+            raise InputError("--feedback must be a share of calls in [0, 1]")
+        if self.capture_per_hour < 0:
+            raise InputError("--capture-per-hour must be >= 0")
+        self._data: np.ndarray | None = None
+        self._labels: np.ndarray | None = None
+        if self.inputs is not None:
+            try:
+                with np.load(self.inputs, allow_pickle=False) as npz:
+                    self._data = npz["x"].astype(np.float32)
+                    if "y" in npz.files:
+                        self._labels = npz["y"].astype(np.int64).reshape(-1)
+            except (OSError, KeyError, ValueError) as exc:
+                raise InputError(f"--inputs {self.inputs}: need an .npz with an array 'x' ({exc})") from exc
+            if self._labels is not None and len(self._labels) != len(self._data):
+                raise InputError(
+                    f"--inputs {self.inputs}: 'y' has {len(self._labels)} labels for {len(self._data)} inputs"
+                )
+        if self.feedback and self._labels is None:
+            raise InputError("--feedback needs --inputs with the true labels as an array 'y'")
         if self.devices > PER_PROCESS:
             raise InputError(
                 f"{self.devices} devices in one process is more than {PER_PROCESS}: "
@@ -220,6 +246,9 @@ class Simulation:
                 threads=1,
                 initial_bundle=initial,
                 tags=[*self.tags, cohort],
+                feedback_calls=1000 if self.feedback else 0,
+                capture_per_hour=self.capture_per_hour,
+                capture_upload=self.capture_upload,
                 http_token=reg.get("http_token"),
                 token_origins=list(reg.get("token_origins") or []),
                 # a server on https:// with the broker's own CA (the embedded broker with --tls-cert)
@@ -231,12 +260,6 @@ class Simulation:
             agent.start()
             self.agents.append(agent)
             self.cohort_of[dev] = cohort
-        self._data: np.ndarray | None = None
-        if self.inputs is not None:
-            try:
-                self._data = np.load(self.inputs, allow_pickle=False)["x"].astype(np.float32)
-            except (OSError, KeyError, ValueError) as exc:
-                raise InputError(f"--inputs {self.inputs}: need an .npz with an array 'x' ({exc})") from exc
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._traffic, name="edgefleet-sim-traffic", daemon=True)
         self._thread.start()
@@ -262,6 +285,10 @@ class Simulation:
                         a.predict(x[:, :0])  # a malformed call: counted as an error in telemetry
                     else:
                         a.predict(x)
+                        if self._labels is not None and self.feedback and rng.random() < self.feedback:
+                            call = a.last_call_id
+                            if call is not None:
+                                a.feedback(call, int(self._labels[i]))
                 except Exception:
                     pass
             self._stop.wait(max(0.0, period - (time.monotonic() - t0)))

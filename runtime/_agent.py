@@ -170,7 +170,7 @@ class Agent:
         self.watch.record_call(ms, False, not bool(np.isfinite(y).all()))
         sh = self._shadow
         if sh is not None:
-            sh.offer(np.asarray(x), y, ms)
+            sh.offer(np.asarray(x), y, ms, model.last_call_id)
         return y
 
     @property
@@ -186,6 +186,9 @@ class Agent:
         if m is None:
             raise BundleError(f"device {self.device_id} has no active bundle")
         m.feedback(call_id, labels)
+        sh = self._shadow
+        if sh is not None:
+            sh.label(call_id, labels)
 
     def start(self) -> None:
         """Recover from any interrupted update, then run the agent in a background thread. Refused (InputError)

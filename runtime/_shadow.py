@@ -2,6 +2,10 @@
 
 The app's call only offers its input and output to a bounded queue (dropped, and counted, when the
 candidate falls behind), so a shadow never slows the call it samples by more than a queue put.
+
+Labels the app feeds back for a sampled call (`label`) score both bundles on the same calls: where the two
+disagree, ground truth says which one was right. A label may arrive before the candidate has run the call,
+so labels wait in a bounded table for it.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ import queue
 import random
 import threading
 import time
+from collections import OrderedDict
 from typing import Any
 
 import numpy as np
@@ -22,6 +27,8 @@ from ._model import Model
 
 __all__ = ["Shadow"]
 
+_KEPT = 4096  # sampled calls (and early labels) remembered for labels fed back later
+
 
 class Shadow:
     def __init__(
@@ -31,21 +38,47 @@ class Shadow:
         self.command_id = command_id
         self.min_samples = min_samples
         self.deadline = time.monotonic() + duration_s
-        self.q: queue.Queue[tuple[np.ndarray, np.ndarray, float]] = queue.Queue(maxsize=64)
+        self.q: queue.Queue[tuple[np.ndarray, np.ndarray, float, int | None]] = queue.Queue(maxsize=64)
         self.samples = self.agree = self.dropped = self.errors = 0
+        self.labelled = self.active_correct = self.candidate_correct = 0
+        self._lock = threading.Lock()
+        # call id -> (active classes, candidate classes) of calls run; call id -> labels not yet matched
+        self._classes: OrderedDict[int, tuple[np.ndarray, np.ndarray]] = OrderedDict()
+        self._labels: OrderedDict[int, np.ndarray] = OrderedDict()
         self.active_ms: list[float] = []
         self.cand_ms: list[float] = []
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, name="edgefleet-shadow", daemon=True)
         self.thread.start()
 
-    def offer(self, x: np.ndarray, y: np.ndarray, ms: float) -> None:
+    def offer(self, x: np.ndarray, y: np.ndarray, ms: float, call_id: int | None = None) -> None:
         if random.random() >= self.rate:
             return
         try:
-            self.q.put_nowait((x, y, ms))
+            self.q.put_nowait((x, y, ms, call_id))
         except queue.Full:
             self.dropped += 1
+
+    def label(self, call_id: int, labels: Any) -> None:
+        """The true class(es) of call CALL_ID (already checked by the model's own feedback): counted for both
+        bundles if the call was sampled; kept until the candidate has run it if it has not yet."""
+        truth = np.asarray(labels, np.int64).reshape(-1)
+        with self._lock:
+            seen = self._classes.pop(call_id, None)
+            if seen is None:
+                self._labels[call_id] = truth
+                while len(self._labels) > _KEPT:
+                    self._labels.popitem(last=False)
+                return
+            self._score(seen, truth)
+
+    def _score(self, seen: tuple[np.ndarray, np.ndarray], truth: np.ndarray) -> None:
+        active, cand = seen
+        if len(truth) != len(active):
+            return  # the model's feedback accepted it for another call shape: not this call's labels
+        self.labelled += len(truth)
+        self.active_correct += int((active == truth).sum())
+        self.candidate_correct += int((cand == truth).sum())
 
     def done(self, now: float) -> bool:
         return now >= self.deadline or bool(self.min_samples and self.samples >= self.min_samples)
@@ -53,7 +86,7 @@ class Shadow:
     def _run(self) -> None:
         while not self.stop.is_set():
             try:
-                x, y, ms = self.q.get(timeout=0.1)
+                x, y, ms, call_id = self.q.get(timeout=0.1)
             except queue.Empty:
                 continue
             t0 = time.perf_counter()
@@ -65,8 +98,18 @@ class Shadow:
             self.cand_ms.append((time.perf_counter() - t0) * 1000)
             self.active_ms.append(ms)
             n = len(x)
+            cand, active = yc.reshape(n, -1).argmax(1), y.reshape(n, -1).argmax(1)
             self.samples += n
-            self.agree += int((yc.reshape(n, -1).argmax(1) == y.reshape(n, -1).argmax(1)).sum())
+            self.agree += int((cand == active).sum())
+            if call_id is not None:
+                with self._lock:
+                    truth = self._labels.pop(call_id, None)
+                    if truth is not None:
+                        self._score((active, cand), truth)
+                    else:
+                        self._classes[call_id] = (active, cand)
+                        while len(self._classes) > _KEPT:
+                            self._classes.popitem(last=False)
 
     def report(self) -> dict[str, Any]:
         """Stop the run and close the candidate; the `shadow_report` event's fields."""
@@ -84,4 +127,7 @@ class Shadow:
             "candidate_p95_ms": quantile(self.cand_ms, 0.95),
             "candidate_errors": self.errors,
             "dropped": self.dropped,
+            "labelled": self.labelled,
+            "active_correct": self.active_correct,
+            "candidate_correct": self.candidate_correct,
         }

@@ -328,9 +328,12 @@ class TelemetryBuffer:
         self, limit: int, max_bytes: int, bundle_name: str | None = None
     ) -> list[tuple[int, float, str, np.ndarray, np.ndarray, int | None]]:
         """Up to LIMIT captured samples (of bundle BUNDLE_NAME, any version), at most MAX_BYTES of them,
-        oldest first: (seq, ts, bundle, input, output, label or None). They stay until `drop_samples`."""
+        newest first: (seq, ts, bundle, input, output, label or None). They stay until `drop_samples`.
+
+        Newest first because the fleet asks when something changed (a drift alert): what it needs is the
+        cohort as it is now, not the oldest samples the byte cap has kept."""
         with self._lock:
-            rows = self._db.execute("SELECT seq, ts, bundle, input, output, size, label FROM samples ORDER BY seq")
+            rows = self._db.execute("SELECT seq, ts, bundle, input, output, size, label FROM samples ORDER BY seq DESC")
             out: list[tuple[int, float, str, np.ndarray, np.ndarray, int | None]] = []
             total = 0
             for seq, ts, bundle, bx, by, size, label in rows:

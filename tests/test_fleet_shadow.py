@@ -29,7 +29,9 @@ def _device(server: Server, tmp_path: Path, dev: str, tags: str, initial: Path) 
     )
     assert r.returncode == 0, r.stderr
     shutil.copy(initial, cfg.parent / "v1.efb")
-    cfg.write_text(cfg.read_text().replace("[mqtt]", 'initial_bundle = "v1.efb"\nwindow_s = 1.0\n\n[mqtt]'))
+    cfg.write_text(
+        cfg.read_text().replace("[mqtt]", 'initial_bundle = "v1.efb"\nwindow_s = 1.0\nfeedback_calls = 1000\n\n[mqtt]')
+    )
     return cfg
 
 
@@ -101,12 +103,20 @@ def test_a_shadow_deployment_reports_the_agreement_of_the_same_inputs_offline(
             1,
         ).wait_for_publish(5)  # fmt: skip
 
-        # The apps' own calls: 150 different inputs per device, slowly enough that none is dropped.
-        x = digits["eval"][0]
+        # The apps' own calls: 150 different inputs per device, slowly enough that none is dropped. sh-a's
+        # app learns the true class of its first 60 calls and feeds it back (some before the candidate has
+        # run the call, some after).
+        x, y = digits["eval"]
         rows = {"sh-a": x[:150], "sh-b": x[150:300]}
         for a in agents:
             for i in range(150):
                 a.predict(rows[a.device_id][i : i + 1])
+                if a.device_id == "sh-a" and i < 60:
+                    call = a.last_call_id
+                    assert call is not None
+                    if i % 2:
+                        time.sleep(0.02)
+                    a.feedback(call, int(y[i]))
                 time.sleep(0.004)
         _wait(lambda: st()["state"] == "completed", 60, "all three reported")
         s = st()
@@ -118,6 +128,13 @@ def test_a_shadow_deployment_reports_the_agreement_of_the_same_inputs_offline(
             assert rep["agreement"] == round(float((v1[d] == v2[d]).mean()), 6), (d, rep)
             assert rep["active_p95_ms"] > 0 and rep["candidate_p95_ms"] > 0
         assert s["cohorts"]["site-a"]["agreement"] == s["per_device"]["sh-a"]["agreement"]
+        # Both bundles scored on the 60 labelled calls, as offline on the same inputs.
+        la = s["per_device"]["sh-a"]
+        assert la["labelled"] == 60 and s["per_device"]["sh-b"]["labelled"] == 0
+        assert la["active_correct"] == int((v1["sh-a"][:60] == y[:60]).sum())
+        assert la["candidate_correct"] == int((v2["sh-a"][:60] == y[:60]).sum())
+        assert s["overall"]["labelled"] == 60
+        assert s["overall"]["candidate_accuracy"] == round(la["candidate_correct"] / 60, 6)
         # The liar's 10^9 samples weigh as much as 4x the median device's (150): 600, not a billion.
         honest = sum(int((v1[d] == v2[d]).sum()) for d in rows)
         assert s["overall"]["agreement"] == round(honest / (150 + 150 + 600), 6)

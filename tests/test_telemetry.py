@@ -210,6 +210,20 @@ def test_raw_sample_capture_is_rate_limited_and_capped(mlp_bundles: dict, publis
     assert buf2.stats().samples == 0
 
 
+def test_captured_samples_leave_newest_first(tmp_path: Path) -> None:
+    """The fleet asks for samples when something changed (a drift alert): an upload of N takes the newest N,
+    not the oldest the byte cap kept, and bundle filtering and the byte limit still apply."""
+    buf = rt.TelemetryBuffer(tmp_path / "telemetry.db")
+    for i in range(10):
+        buf.add_sample(
+            1000.0 + i, "m:1.0.0" if i != 8 else "other:1.0.0", np.full((1, 4), i, np.float32), np.zeros((1, 2))
+        )
+    got = buf.take_samples(3, 1 << 20, "m")
+    assert [r[1] for r in got] == [1009.0, 1007.0, 1006.0]  # newest first, the other bundle's skipped
+    one = buf.take_samples(10, 400, None)
+    assert len(one) == 1 and one[0][1] == 1009.0  # the byte limit holds: each sample is over 200 bytes
+
+
 def test_cli_show_and_export(mlp_bundles: dict, publisher, tmp_path: Path) -> None:
     m, buf, _ = _model(mlp_bundles, publisher, tmp_path)
     for _ in range(3):

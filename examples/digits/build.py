@@ -68,6 +68,54 @@ def build_digits(
 
     Returns the build result, the trained teacher and the data splits written as .npz files."""
     splits = load_splits(train_fraction=train_fraction)
+    result, teacher, paths = _build(out, key, version, splits, epochs, formats, echo_table, progress)
+    return result, teacher, paths
+
+
+def build_retrained(
+    out: Path,
+    key: SigningKey,
+    captured: tuple[np.ndarray, np.ndarray],
+    version: str = "4.0.0",
+    epochs: int = 15,
+    train_fraction: float = 0.7,
+    progress: Callable[[str], None] | None = None,
+) -> tuple[BuildResult, dict[str, int]]:
+    """The release for a cohort whose inputs changed: retrained on the original training split plus 40% of
+    the labelled samples its devices captured after the change (CAPTURED: x, y; repeated so that they weigh
+    as much as the original data), calibrated on 20% and evaluated on the other 40% of them. The build's
+    accuracy gate, the bundle's reference accuracy and its drift baseline are then the cohort's inputs as
+    they are now. Returns the build result and how many captured samples went where."""
+    x, y = captured
+    if len(x) < 50:
+        raise ValueError(f"{len(x)} captured samples are too few to retrain on (at least 50)")
+    order = np.random.default_rng(0).permutation(len(x))
+    x, y = x[order].astype(np.float32), y[order].astype(np.int64)
+    n_train, n_calib = int(len(x) * 0.4), int(len(x) * 0.2)
+    base = load_splits(train_fraction=train_fraction)["train"]
+    times = max(1, len(base[0]) // max(n_train, 1))
+    splits = {
+        "train": (
+            np.concatenate([base[0], np.repeat(x[:n_train], times, axis=0)]),
+            np.concatenate([base[1], np.repeat(y[:n_train], times)]),
+        ),
+        "calib": (x[n_train : n_train + n_calib], y[n_train : n_train + n_calib]),
+        "eval": (x[n_train + n_calib :], y[n_train + n_calib :]),
+    }
+    result, _, _ = _build(out, key, version, splits, epochs, ("onnx", "tflite"), False, progress)
+    return result, {"train": n_train, "calib": n_calib, "eval": len(x) - n_train - n_calib, "original": len(base[0])}
+
+
+def _build(
+    out: Path,
+    key: SigningKey,
+    version: str,
+    splits: dict[str, tuple[np.ndarray, np.ndarray]],
+    epochs: int,
+    formats: tuple[str, ...],
+    echo_table: bool,
+    progress: Callable[[str], None] | None,
+) -> tuple[BuildResult, nn.Module, dict[str, Path]]:
     paths = save_npz(splits, out / "data")
     teacher = train_teacher(*splits["train"], epochs=epochs)
     # The teacher is also written as a torch.export program, the file a build pipeline would pass on.

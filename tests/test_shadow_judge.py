@@ -1,0 +1,77 @@
+"""Judging a shadow deployment from its merged reports (pure functions, no broker): agreement when no labels
+came back, ground truth when enough did; a device's labels weigh at most 4x the median device's."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from edgefleet import InputError
+from edgefleet.fleet._shadows import _report, check_passed, merge_reports
+
+
+def _dev(samples: int, agreement: float, labelled: int = 0, active: int = 0, cand: int = 0) -> dict[str, Any]:
+    body = {"samples": samples, "agreement": agreement, "active_p95_ms": 1.0, "candidate_p95_ms": 1.1}
+    if labelled:
+        body |= {"labelled": labelled, "active_correct": active, "candidate_correct": cand}
+    r = _report(body)
+    assert r is not None
+    return r
+
+
+def _shadow(reports: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    return {"id": "s-1", "bundle": "m:2.0.0", "state": "completed", "overall": merge_reports(reports)}
+
+
+def test_without_labels_agreement_judges() -> None:
+    s = _shadow({"a": _dev(200, 0.90), "b": _dev(200, 0.92)})
+    assert s["overall"]["labelled"] == 0 and s["overall"]["candidate_accuracy"] is None
+    with pytest.raises(InputError, match=r"agreement 0\.9100 with the active bundle < 0\.98"):
+        check_passed(s, "m:2.0.0", 0.98, 1.5)
+    check_passed(s, "m:2.0.0", 0.9, 1.5)
+
+
+def test_with_enough_labels_the_candidate_that_is_right_where_the_active_is_wrong_passes() -> None:
+    # The retraining case: 11% disagreement, all of it where the active bundle is wrong.
+    s = _shadow({"a": _dev(200, 0.89, 150, 133, 149), "b": _dev(200, 0.89, 150, 134, 148)})
+    o = s["overall"]
+    assert o["labelled"] == 300
+    assert o["active_accuracy"] == round(267 / 300, 6) and o["candidate_accuracy"] == round(297 / 300, 6)
+    check_passed(s, "m:2.0.0", 0.98, 1.5)  # agreement 0.89 < 0.98 does not matter: ground truth does
+
+
+def test_with_enough_labels_a_candidate_that_agrees_but_is_worse_is_held_back() -> None:
+    s = _shadow({"a": _dev(200, 0.99, 120, 118, 110)})
+    with pytest.raises(InputError, match=r"candidate accuracy 0.9167 < the active bundle's 0.9833 - 0.02 on 120"):
+        check_passed(s, "m:2.0.0", 0.98, 1.5)
+
+
+def test_too_few_labels_leave_it_to_agreement() -> None:
+    s = _shadow({"a": _dev(200, 0.99, 60, 60, 40)})  # 60 < 100 labelled calls
+    check_passed(s, "m:2.0.0", 0.98, 1.5)
+
+
+def test_one_device_cannot_outvote_the_fleet_with_labels() -> None:
+    honest = {d: _dev(200, 0.99, 100, 90, 98) for d in ("a", "b", "c")}
+    liar = _dev(10**4, 0.99, 10**6, 10**6, 0)  # claims a million labels, the candidate never right
+    o = merge_reports({**honest, "liar": liar})
+    # the liar weighs as 4 x 100 labelled calls: (3 * 98 + 0) / 700 and (3 * 90 + 400) / 700
+    assert o["labelled"] == 700
+    assert o["candidate_accuracy"] == round(294 / 700, 6) and o["active_accuracy"] == round(670 / 700, 6)
+
+
+@pytest.mark.parametrize(
+    "labels",
+    [
+        {"labelled": 10, "active_correct": 11, "candidate_correct": 0},  # more right than labelled
+        {"labelled": -1, "active_correct": 0, "candidate_correct": 0},
+        {"labelled": 5.5, "active_correct": 1, "candidate_correct": 1},
+        {"labelled": True, "active_correct": 1, "candidate_correct": 1},
+        {"labelled": "10", "active_correct": 1, "candidate_correct": 1},
+    ],
+)
+def test_label_counts_that_do_not_add_up_count_for_nothing(labels: dict[str, Any]) -> None:
+    r = _report({"samples": 20, "agreement": 1.0, **labels})
+    assert r is not None and r["samples"] == 20  # the rest of the report stands
+    assert (r["labelled"], r["active_correct"], r["candidate_correct"]) == (0, 0, 0)
