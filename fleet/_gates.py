@@ -117,6 +117,9 @@ class Verdict:
     values: dict[str, Any]
     wait_for_predictions: bool  # too few predictions to judge drift against the control yet
     wait_for_telemetry: bool  # updated devices that have not reported on the new version yet
+    # The only failure is a prediction shift, and labels are coming in on both sides but too few yet to
+    # say whether the canary's changed answers are right: watch longer (until stage_timeout_s).
+    wait_for_labels: bool = False
     halt: str | None = None
     ts: float = field(default_factory=time.time)
 
@@ -206,6 +209,25 @@ def evaluate(new: Cohort, control: Cohort, stage: StageDevices, gates: Gates) ->
             values["p50_ms"], values["control_p50_ms"] = _round(new.p50_ms), _round(control.p50_ms)
         if slow:
             failed.append(f"p95 {values['p95_ms']:.3f} ms > {limit:.3f} ms (control {ctl_p95:.3f} ms)")
+    # Ground truth, where devices feed labels back: it judges accuracy, and it decides whether a shift in
+    # the predicted classes (the proxy for accuracy without labels) is a regression.
+    accuracy_failed = False
+    labelled_both = min(new.labelled, control.labelled) >= gates.min_labelled
+    if new.labelled and control.labelled:
+        a_new, a_ctl = new.correct / new.labelled, control.correct / control.labelled
+        values |= {"accuracy": round(a_new, 4), "control_accuracy": round(a_ctl, 4), "labelled": new.labelled}
+        if labelled_both and a_ctl - a_new > gates.max_accuracy_drop:
+            pooled = (new.correct + control.correct) / (new.labelled + control.labelled)
+            se = math.sqrt(max(pooled * (1 - pooled), 1e-12) * (1 / new.labelled + 1 / control.labelled))
+            p = 0.5 * math.erfc(((a_ctl - a_new) / se) / math.sqrt(2))
+            values["accuracy_p_value"] = p
+            if p < gates.accuracy_p_value:
+                accuracy_failed = True
+                failed.append(
+                    f"accuracy {a_new:.4f} < control {a_ctl:.4f} - {gates.max_accuracy_drop} "
+                    f"(p {p:.2g}, {new.labelled} labelled)"
+                )
+    wait_labels = False
     nc, cc = new.classes, control.classes
     if nc is not None and cc is not None and nc.sum() and cc.sum():
         n = int(min(nc.sum(), cc.sum()))
@@ -217,24 +239,17 @@ def evaluate(new: Cohort, control: Cohort, stage: StageDevices, gates: Gates) ->
             and n >= gates.min_prediction_samples
             and values["prediction_p_value"] < gates.prediction_p_value
         ):
-            failed.append(
-                f"prediction PSI {values['prediction_psi']} > {gates.max_prediction_psi} "
-                f"(chi-square p {values['prediction_p_value']:.2g}, {n} predictions)"
-            )
-    if new.labelled and control.labelled:
-        a_new, a_ctl = new.correct / new.labelled, control.correct / control.labelled
-        values |= {"accuracy": round(a_new, 4), "control_accuracy": round(a_ctl, 4), "labelled": new.labelled}
-        if min(new.labelled, control.labelled) >= gates.min_labelled and a_ctl - a_new > gates.max_accuracy_drop:
-            pooled = (new.correct + control.correct) / (new.labelled + control.labelled)
-            se = math.sqrt(max(pooled * (1 - pooled), 1e-12) * (1 / new.labelled + 1 / control.labelled))
-            p = 0.5 * math.erfc(((a_ctl - a_new) / se) / math.sqrt(2))
-            values["accuracy_p_value"] = p
-            if p < gates.accuracy_p_value:
+            if labelled_both and not accuracy_failed:
+                # The canary answers differently and the labels say it is no less often right: a model
+                # retrained for inputs the control gets wrong changes exactly those answers.
+                values["prediction_shift_judged_by_accuracy"] = True
+            else:
                 failed.append(
-                    f"accuracy {a_new:.4f} < control {a_ctl:.4f} - {gates.max_accuracy_drop} "
-                    f"(p {p:.2g}, {new.labelled} labelled)"
+                    f"prediction PSI {values['prediction_psi']} > {gates.max_prediction_psi} "
+                    f"(chi-square p {values['prediction_p_value']:.2g}, {n} predictions)"
                 )
+                wait_labels = len(failed) == 1 and bool(new.labelled and control.labelled) and not labelled_both
     # With a control cohort to compare against, too few predictions means: watch the stage longer.
     wait = stage.has_control and values["prediction_samples"] < gates.min_prediction_samples
     silent = stage.updated > 0 and new.reporting < min(gates.min_devices, stage.updated)
-    return Verdict(not failed, failed, values, wait, silent)
+    return Verdict(not failed, failed, values, wait, silent, wait_for_labels=wait_labels)

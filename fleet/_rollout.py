@@ -320,6 +320,8 @@ class RolloutEngine:
         if pending:
             verdict.ok = False
             verdict.halt = f"{len(pending)} device(s) did not report within {gates.stage_timeout_s} s"
+        if verdict.wait_for_labels and not pending and elapsed < gates.stage_timeout_s:
+            return False  # a prediction shift the labels coming in may yet show to be right: watch longer
         waiting = verdict.wait_for_predictions or verdict.wait_for_telemetry
         if verdict.ok and waiting and elapsed < gates.stage_timeout_s:
             return False  # too few predictions yet to judge prediction drift, or no telemetry at all: watch longer

@@ -365,6 +365,31 @@ def test_the_accuracy_gate_needs_labels_on_both_sides_a_real_drop_and_significan
     assert v.ok and v.values["accuracy_p_value"] > 0.01, v.values
 
 
+def test_a_prediction_shift_is_judged_by_ground_truth_where_labels_come_back() -> None:
+    """A model retrained for inputs the control gets wrong changes exactly those answers: the predicted
+    classes move. Without labels that fails the stage; with enough labels on both sides, accuracy decides;
+    with labels arriving but too few, the stage waits for them."""
+    import numpy as np
+
+    stage = StageDevices(4, 4, 0, True)
+
+    def side(classes: list[int], labelled: int = 0, correct: int = 0) -> Cohort:
+        return Cohort(calls=2000, p95_ms=2.0, p50_ms=1.0, reporting=4, classes=np.array(classes),
+                      labelled=labelled, correct=correct)  # fmt: skip
+
+    ctl, moved = [500, 500], [800, 200]
+    v = evaluate(side(moved), side(ctl), stage, Gates())  # no labels: the proxy decides
+    assert not v.ok and v.failed_gates[0].startswith("prediction PSI") and not v.wait_for_labels
+    v = evaluate(side(moved, 300, 297), side(ctl, 300, 240), stage, Gates())  # right where the control is wrong
+    assert v.ok and v.values["prediction_shift_judged_by_accuracy"], v
+    v = evaluate(side(moved, 300, 230), side(ctl, 300, 285), stage, Gates())  # shifted and worse: both fail
+    assert not v.ok and len(v.failed_gates) == 2 and not v.wait_for_labels, v.failed_gates
+    v = evaluate(side(moved, 300, 285), side(ctl, 300, 285), stage, Gates.parse({"max_accuracy_drop": 0.0}))
+    assert v.ok  # equally often right: no regression
+    v = evaluate(side(moved, 40, 40), side(ctl, 300, 240), stage, Gates())  # labels coming, 40 < 100
+    assert not v.ok and v.wait_for_labels and v.failed_gates[0].startswith("prediction PSI")
+
+
 def _hist(ms: float, n: int) -> list[int]:
     counts = [0] * (len(LATENCY_EDGES_MS) + 1)
     counts[_bin(ms)] = n
