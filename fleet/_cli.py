@@ -442,6 +442,7 @@ def _simulate(args: argparse.Namespace) -> int:
         prefix=args.prefix,
         workdir=Path(args.workdir) if args.workdir else None,
         inputs=Path(args.inputs) if args.inputs else None,
+        golden_inputs=args.golden_inputs,
         standin=args.standin,
         replace=args.replace,
         feedback=args.feedback,
@@ -610,7 +611,12 @@ def register(sub: Any) -> None:
     p.add_argument(
         "--replace", action="store_true", help="take over devices of this prefix that another simulator runs"
     )
-    p.add_argument("--inputs", help=".npz with inputs 'x' the devices see (default: the bundle's golden inputs)")
+    p.add_argument("--inputs", help=".npz with the inputs 'x' the devices see (and labels 'y' for --feedback)")
+    p.add_argument(
+        "--golden-inputs",
+        action="store_true",
+        help="no --inputs: replay the bundle's few golden inputs (a smoke test; drift statistics will show drift)",
+    )
     p.add_argument(
         "--feedback",
         type=float,

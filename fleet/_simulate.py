@@ -98,8 +98,10 @@ class Simulation:
     cohorts: int = 2
     workdir: Path | None = None
     health: dict[str, float] = field(default_factory=dict)
-    # Inputs the devices see, drawn at random (an .npz with 'x'); without it, the bundle's golden inputs.
+    # Inputs the devices see, drawn at random (an .npz with 'x', and 'y' for --feedback).
     inputs: Path | None = None
+    # Without inputs: replay the bundle's few golden inputs (a smoke test; drift statistics show drift).
+    golden_inputs: bool = False
     # A fast stand-in predictor instead of the real runtime backend, for fleets of thousands.
     standin: bool = False
     # Take over devices of this prefix that are online (another simulator's): new credentials cut it off.
@@ -153,11 +155,6 @@ class Simulation:
     def start(self) -> None:
         from edgefleet.runtime import Agent, AgentConfig, HealthPolicy, MqttConfig, NetworkLoop
 
-        if not self.replace:
-            self._check_not_running()
-        # All devices of this process share one MQTT network thread (a device runs its own).
-        self._network = NetworkLoop("edgefleet-sim-mqtt")
-
         if not 0 <= self.fail_rate < 1:
             raise InputError("--fail-rate must be in [0, 1)")
         if not 0 <= self.feedback <= 1:
@@ -180,11 +177,31 @@ class Simulation:
                 )
         if self.feedback and self._labels is None:
             raise InputError("--feedback needs --inputs with the true labels as an array 'y'")
+        if self._data is None and not (self.standin or self.golden_inputs):
+            # A bundle's golden sample is a handful of inputs: replayed, its histograms are spikes the drift
+            # monitor rightly calls drift on every feature of every cohort.
+            raise InputError(
+                "fleet simulate needs --inputs X.npz: inputs like the bundle's evaluation data (the --eval file "
+                "of edgefleet build, e.g. build/demo/v1/data/eval.npz after make demo); --golden-inputs replays "
+                "the bundle's few golden inputs instead, which the fleet's drift statistics will flag as drift"
+            )
+        cohort_tags = {f"cohort-{i}" for i in range(min(self.cohorts, self.devices))}
+        carried = set(self.tags) | cohort_tags
+        for tag in self.drift:
+            if tag not in carried:
+                raise InputError(
+                    f"--drift {tag}: no simulated device carries tag '{tag}' (they carry "
+                    f"{', '.join(sorted(carried))}); give it to every device with --tags, or shift a cohort"
+                )
         if self.devices > PER_PROCESS:
             raise InputError(
                 f"{self.devices} devices in one process is more than {PER_PROCESS}: "
                 "use 'edgefleet fleet simulate', which splits larger fleets over processes"
             )
+        if not self.replace:
+            self._check_not_running()
+        # All devices of this process share one MQTT network thread (a device runs its own).
+        self._network = NetworkLoop("edgefleet-sim-mqtt")
         self.dir = Path(self.workdir or tempfile.mkdtemp(prefix="edgefleet-sim-"))
         self.dir.mkdir(parents=True, exist_ok=True)
         initial = None

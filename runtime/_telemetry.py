@@ -327,8 +327,8 @@ class TelemetryBuffer:
     def take_samples(
         self, limit: int, max_bytes: int, bundle_name: str | None = None
     ) -> list[tuple[int, float, str, np.ndarray, np.ndarray, int | None]]:
-        """Up to LIMIT captured samples (of bundle BUNDLE_NAME, any version), at most MAX_BYTES of them,
-        newest first: (seq, ts, bundle, input, output, label or None). They stay until `drop_samples`.
+        """The newest LIMIT captured samples (of bundle BUNDLE_NAME, any version), at most MAX_BYTES of them,
+        in the order they were taken: (seq, ts, bundle, input, output, label or None). They stay until `drop_samples`.
 
         Newest first because the fleet asks when something changed (a drift alert): what it needs is the
         cohort as it is now, not the oldest samples the byte cap has kept."""
@@ -345,6 +345,7 @@ class TelemetryBuffer:
                 x = np.load(io.BytesIO(bx), allow_pickle=False)
                 y = np.load(io.BytesIO(by), allow_pickle=False)
                 out.append((int(seq), float(ts), str(bundle), x, y, None if label is None else int(label)))
+        out.reverse()  # in the order they were taken
         return out
 
     def drop_samples(self, seqs: list[int]) -> None:

@@ -211,10 +211,32 @@ def test_fleet_simulate_against_an_unreachable_server_is_one_line(tmp_path: Path
     with socket.socket() as s:  # a loopback port nobody listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    r = run_cli("fleet", "simulate", "--server", f"http://127.0.0.1:{port}", "--token", "t", "--bundle", "a:1.0.0",
-                "--devices", "2", "--duration", "1", "--workdir", str(tmp_path / "sim"))  # fmt: skip
+    base = ("fleet", "simulate", "--server", f"http://127.0.0.1:{port}", "--token", "t", "--bundle", "a:1.0.0",
+            "--devices", "2", "--duration", "1", "--workdir", str(tmp_path / "sim"))  # fmt: skip
+    r = run_cli(*base, "--golden-inputs")
     assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
     assert "cannot reach the fleet server" in r.stderr and "--server" in r.stderr
+
+
+def test_fleet_simulate_refuses_traffic_that_would_lie(tmp_path: Path) -> None:
+    """Issue 16: replaying a bundle's few golden inputs raised drift alerts on an unshifted cohort, and
+    `--drift night:0.3` shifted nobody when no device carried 'night'. Both are refused before anything is
+    registered, naming what to pass."""
+    base = ("fleet", "simulate", "--server", "http://127.0.0.1:9", "--token", "t", "--bundle", "a:1.0.0",
+            "--devices", "2", "--workdir", str(tmp_path / "sim"))  # fmt: skip
+    r = run_cli(*base)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert "needs --inputs X.npz" in r.stderr and "--golden-inputs" in r.stderr
+    r = run_cli(*base, "--golden-inputs", "--drift", "night:0.3")
+    assert r.returncode == 1 and "no simulated device carries tag 'night'" in r.stderr, r.stderr
+    assert "cohort-0, cohort-1" in r.stderr and "--tags" in r.stderr
+    npz = tmp_path / "x.npz"
+    np.savez(npz, x=np.zeros((4, 3), np.float32))
+    r = run_cli(*base, "--inputs", str(npz), "--feedback", "0.5")
+    assert r.returncode == 1 and "--feedback needs --inputs with the true labels" in r.stderr, r.stderr
+    # with the tag given to the devices the spec is fine: the next error is the unreachable server
+    r = run_cli(*base, "--golden-inputs", "--tags", "night", "--drift", "night:0.3", "--duration", "1")
+    assert r.returncode == 1 and "cannot reach the fleet server" in r.stderr, r.stderr
 
 
 def test_help_names_the_extra_of_a_command_whose_packages_are_missing(monkeypatch, capsys) -> None:

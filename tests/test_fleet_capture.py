@@ -81,25 +81,26 @@ def test_capture_upload_export_and_build(tmp_path: Path, publisher, mlp_bundles:
 
         _wait(lambda: status()["uploads"] and status()["refused"], 60, "an upload and a refusal")
         s = status()
+        # the newest 50 of its 60 samples (calls 10-59), 30 of them labelled (calls 10-39)
         assert [(u["device"], u["samples"], u["labelled"], u["bundle"]) for u in s["uploads"]] == [
-            ("cap-in", 50, 40, "mlp:1.0.0")
+            ("cap-in", 50, 30, "mlp:1.0.0")
         ]
         assert s["refused"] == [{"device": "cap-out", "reason": "capture_upload is off"}]
-        assert "50 sample(s), 40 labelled" in server.cli("capture", "status", cid).stdout
-        # the uploaded samples left the device's buffer; the 10 not asked for stay
+        assert "50 sample(s), 30 labelled" in server.cli("capture", "status", cid).stdout
+        # the uploaded samples left the device's buffer; the 10 oldest, not asked for, stay
         assert agents["cap-in"].buffer.stats().samples == 10
 
         # the export: the inputs exactly as the device saw them, the labels its app fed back
         out = tmp_path / "captured.npz"
         r = server.cli("dataset", "export", cid, "-o", str(out), "--labelled-only")
-        assert r.returncode == 0 and "40 sample(s), 40 labelled" in r.stdout, r.stderr
+        assert r.returncode == 0 and "30 sample(s), 30 labelled" in r.stdout, r.stderr
         with np.load(out) as z:
-            assert np.array_equal(z["x"], x[:40]) and np.array_equal(z["y"], y[:40])
+            assert np.array_equal(z["x"], x[10:40]) and np.array_equal(z["y"], y[10:40])
             assert set(z["device"]) == {"cap-in"} and set(z["bundle"]) == {"mlp:1.0.0"}
         everything = tmp_path / "all.npz"
         assert server.cli("dataset", "export", cid, "-o", str(everything)).returncode == 0
         with np.load(everything) as z:
-            assert len(z["x"]) == 50 and (z["y"] == -1).sum() == 10
+            assert len(z["x"]) == 50 and (z["y"] == -1).sum() == 20 and np.array_equal(z["x"], x[10:60])
         # ...which `edgefleet build` takes as it is
         r = run_cli(
             "build", str(mlp_onnx), "--calibration", str(out), "--eval", str(out), "--quantize", "int8",

