@@ -1,0 +1,156 @@
+"""The README's "Run a fleet" journey, run as a newcomer types it: the commands are read from the README
+itself (so the test follows the README when it changes), in a shell, from an empty directory.
+
+What the test changes, and only that: the ports (free loopback ports instead of 8080 / 1883), the bundle
+(the session's signed `mlp` bundle 2.0.0 stands in for digits-2.0.0.efb, so `digits:2.0.0` reads
+`mlp:2.0.0`), and `keys/release.pub` is the key that bundle is signed with. The agent runs as printed,
+with its defaults (60 s telemetry windows), so the journey takes a couple of minutes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+pytestmark = pytest.mark.slow
+
+
+def _block(section: str) -> list[str]:
+    """The first ```sh block under README heading SECTION, one command per line, comments stripped."""
+    text = (ROOT / "README.md").read_text()
+    start = text.index(f"\n## {section}\n")
+    body = text[start : text.index("\n## ", start + 1)]
+    m = re.search(r"```sh\n(.*?)```", body, re.S)
+    assert m, f"no sh block under '## {section}'"
+    lines = []
+    for ln in m.group(1).splitlines():
+        ln = re.sub(r"\s+#.*$", "", ln).strip()
+        if ln:
+            lines.append(ln)
+    return lines
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_run_a_fleet_as_the_readme_prints_it(tmp_path: Path, mlp_bundles: dict, publisher) -> None:
+    cmds = _block("Run a fleet")
+    by_verb = {c.split()[2] if c.startswith("edgefleet fleet") else c.split()[1]: c for c in cmds}
+    http, mqtt = _free_port(), _free_port()
+
+    def typed(cmd: str) -> str:
+        cmd = cmd.replace("--http-port 8080", f"--http-port {http}").replace("--mqtt-port 1883", f"--mqtt-port {mqtt}")
+        return cmd.replace("digits:2.0.0", "mlp:2.0.0")
+
+    work = tmp_path / "journey"
+    (work / "keys").mkdir(parents=True)
+    shutil.copy(publisher[2], work / "keys" / "release.pub")
+    shutil.copy(mlp_bundles["2.0.0"], work / "digits-2.0.0.efb")
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+
+    def sh(cmd: str, **extra: str) -> subprocess.CompletedProcess[str]:
+        r = subprocess.run(["bash", "-c", typed(cmd)], cwd=work, env={**env, **extra}, capture_output=True,
+                           text=True, timeout=300)  # fmt: skip
+        assert "Traceback" not in r.stderr, r.stderr
+        return r
+
+    log = open(tmp_path / "serve.log", "wb")
+    serve = subprocess.Popen(["bash", "-c", "exec " + typed(by_verb["serve"])], cwd=work, env=env, stdout=log,
+                             stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+    agent = None
+    try:
+        token = None
+        deadline = time.monotonic() + 60
+        while token is None:
+            r = sh(by_verb["token"])
+            if r.returncode == 0 and r.stdout.strip().startswith("eft_"):
+                token = r.stdout.strip()
+            elif time.monotonic() > deadline:
+                raise AssertionError(f"token create: {r.stderr}\n{(tmp_path / 'serve.log').read_text()[-2000:]}")
+            else:
+                time.sleep(0.5)
+        client = {"EDGEFLEET_SERVER": f"http://127.0.0.1:{http}", "EDGEFLEET_TOKEN": token}
+
+        def healthy() -> bool:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{http}/healthz", timeout=2) as resp:
+                    return resp.status == 200
+            except OSError:
+                return False
+
+        _until(healthy, 60, "the server's /healthz")
+        r = sh(by_verb["provision"], **client)
+        assert r.returncode == 0, r.stderr
+        assert "self_test_hz = 2.0" in (work / "cam-7" / "device.toml").read_text()
+        agent_cmd = typed(by_verb["agent"]).rstrip("&").strip()
+        agent = subprocess.Popen(["bash", "-c", "exec " + agent_cmd], cwd=work, env=env,
+                                 stdout=open(tmp_path / "agent.log", "wb"), stderr=subprocess.STDOUT)  # fmt: skip
+
+        def devices() -> dict:
+            r = sh("edgefleet fleet devices --json", **client)
+            assert r.returncode == 0, r.stderr
+            return {d["id"]: d for d in json.loads(r.stdout)}
+
+        _until(lambda: devices().get("cam-7", {}).get("online"), 60, "cam-7 online")
+        r = sh(by_verb["publish"], **client)
+        assert r.returncode == 0, r.stderr
+
+        create = next(c for c in cmds if c.startswith("edgefleet fleet rollout create")).replace(
+            " [--after-shadow ID]", ""
+        )
+        assert "--after-shadow" not in create and "rollout create" in create, create
+        r = sh(create + " --json", **client)
+        assert r.returncode == 0, r.stderr
+        rid = json.loads(r.stdout)["id"]
+        status_cmd = next(c for c in cmds if c.startswith("edgefleet fleet rollout status")).replace("ID", rid)
+
+        def finished() -> str | None:
+            r = sh(status_cmd, **client)
+            assert r.returncode == 0, r.stderr
+            m = re.match(r"rollout \S+: \S+ to '[^']*' - (\w+)", r.stdout)
+            assert m, r.stdout
+            return r.stdout if m.group(1) != "running" else None
+
+        out = _until(finished, 420, f"rollout {rid} to finish")
+        assert f"rollout {rid}" in out and "completed" in out, out
+        _until(lambda: devices()["cam-7"]["bundle_version"] == "2.0.0", 30, "cam-7 on 2.0.0")
+
+        # what the journey prints next works too: drift and alerts of the new bundle, a command, audited
+        r = sh("edgefleet fleet drift --bundle mlp:2.0.0 --json", **client)
+        assert r.returncode == 0 and json.loads(r.stdout)["samples"] > 0, r.stdout + r.stderr
+        assert sh(by_verb["alerts"], **client).returncode == 0
+        r = sh(by_verb["command"], **client)
+        assert r.returncode == 0, r.stderr
+    finally:
+        if agent is not None:
+            agent.send_signal(signal.SIGTERM)
+            agent.wait(30)
+        serve.send_signal(signal.SIGTERM)
+        serve.wait(60)
+        log.close()
+
+
+def _until(pred, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        v = pred()
+        if v:
+            return v
+        time.sleep(1)
+    raise AssertionError(f"timed out waiting for {what}")
