@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import inspect
 import io
 import json
@@ -95,16 +96,31 @@ class BuildResult:
     path: Path
 
 
-def _resolve_object(spec: str) -> Any:
-    mod_name, _, attr = spec.partition(":")
+def _resolve_object(spec: str, base: Path | None = None) -> Any:
+    """`package.module:factory` (importable from BASE, the recipe's directory, or the current one) or
+    `path/to/file.py:factory` (relative to BASE)."""
+    mod_name, _, attr = spec.rpartition(":")
     if not mod_name or not attr:
-        raise InputError(f"'{spec}' must look like package.module:factory")
-    if os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())
+        raise InputError(f"'{spec}' must look like package.module:factory or file.py:factory")
     try:
-        obj = getattr(importlib.import_module(mod_name), attr)
-    except (ImportError, AttributeError) as exc:
-        raise InputError(f"cannot import '{spec}': {exc}") from exc
+        if mod_name.endswith(".py"):
+            file = (base or Path.cwd()) / mod_name
+            if not file.is_file():
+                raise InputError(f"cannot import '{spec}': {file} does not exist")
+            loaded = importlib.util.spec_from_file_location(f"_edgefleet_recipe_{file.stem}", file)
+            if loaded is None or loaded.loader is None:
+                raise InputError(f"cannot import '{spec}': {file} is not a Python module")
+            module = importlib.util.module_from_spec(loaded)
+            loaded.loader.exec_module(module)
+        else:
+            for d in (os.getcwd(), *([str(base)] if base is not None else [])):
+                if d not in sys.path:
+                    sys.path.insert(0, d)
+            module = importlib.import_module(mod_name)
+        obj = getattr(module, attr)
+    except (ImportError, AttributeError, SyntaxError) as exc:
+        hint = " (run the build where that package is importable, or name a file: file.py:factory)"
+        raise InputError(f"cannot import '{spec}': {exc}{hint}") from exc
     # A factory function or a class is called to make the model; an instance is used as it is.
     return obj() if inspect.isfunction(obj) or inspect.isclass(obj) else obj
 
@@ -139,7 +155,7 @@ def load_recipe(path: str | os.PathLike[str]) -> BuildConfig:
     for i, st in enumerate(doc.get("steps", [])):
         st = dict(st)
         if st.get("pass") == "distill" and isinstance(st.get("student"), str):
-            st["student"] = _resolve_object(st["student"])
+            st["student"] = _resolve_object(st["student"], Path(path).resolve().parent)
         p = pass_from_dict(st, f"recipe {Path(path).name} steps[{i}]")
         if isinstance(p, Quantize):
             quant = p

@@ -140,3 +140,21 @@ def test_padded_batches_feed_fixed_batch_files_real_rows_only() -> None:
 
     np.testing.assert_array_equal(run_batched(double, x, 4), x * 2)
     assert calls == [4, 4]
+
+
+def test_a_recipe_student_can_be_a_file_beside_the_recipe(tmp_path: Path) -> None:
+    """A newcomer's own student model: `file.py:factory` relative to the recipe; a missing file or a name
+    it lacks is one line naming it."""
+    (tmp_path / "my_models.py").write_text(
+        "import torch\n\nclass Tiny(torch.nn.Module):\n    def __init__(self):\n        super().__init__()\n"
+        "        self.fc = torch.nn.Linear(64, 10)\n\n    def forward(self, x):\n        return self.fc(x.flatten(1))\n"
+    )
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('name = "m"\n[[steps]]\npass = "distill"\nstudent = "my_models.py:Tiny"\n')
+    cfg = load_recipe(recipe)
+    assert type(cfg.steps[0].student).__name__ == "Tiny"
+    for spec, why in (("nope.py:Tiny", "does not exist"), ("my_models.py:Huge", "has no attribute 'Huge'"),
+                      ("no_such_pkg.mod:X", "No module named 'no_such_pkg'")):  # fmt: skip
+        recipe.write_text(f'name = "m"\n[[steps]]\npass = "distill"\nstudent = "{spec}"\n')
+        with pytest.raises(InputError, match=why):
+            load_recipe(recipe)
