@@ -74,6 +74,26 @@ def test_build_a_bundle_as_the_readme_prints_it(tmp_path: Path, teacher_pt2: Pat
     report = json.loads((work / "report.json").read_text())
     assert {a["format"] for a in report["artifacts"]} == {"onnx", "tflite"}
 
+    # 'Run a bundle on a device' on the bundle just built: the Python block (with an x of the app's
+    # inputs), then the `edgefleet run` lines (with the x.npy they name); the agent lines need a fleet
+    # (the fleet journey runs them).
+    import numpy as np
+
+    x = np.load(work / "eval.npz")["x"][:5]
+    np.save(work / "x.npy", x)
+    code = "import numpy as np\nx = np.load('x.npy')\n" + _fenced("Run a bundle on a device", "python")
+    code += "\nprint('PRED', y.argmax(1).tolist())\n"
+    r = subprocess.run([sys.executable, "-c", code], cwd=work, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert "PRED [" in r.stdout and (work / "telemetry.db").exists()
+    runs = [c for c in _block("Run a bundle on a device") if c.startswith("edgefleet run")]
+    assert len(runs) == 2
+    for cmd in runs:
+        r = subprocess.run(["bash", "-c", cmd], cwd=work, env=env, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0 and "Traceback" not in r.stderr, cmd + r.stderr[-2000:]
+    y = np.load(work / "y.npy")
+    assert y.shape == (5, 10) and (y.argmax(1) == np.load(work / "eval.npz")["y"][:5]).mean() >= 0.6
+
 
 def _free_port() -> int:
     with socket.socket() as s:
