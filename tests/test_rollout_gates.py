@@ -250,6 +250,67 @@ def test_operator_pause_resume_and_abort(db: Database) -> None:
     assert notes[-3:] == ["operator: resume", "stage 0 passed its gates", "operator: abort"], notes
 
 
+def test_a_prediction_shift_waits_for_labels_and_ground_truth_passes_the_stage(db: Database) -> None:
+    """Through the engine: a canary whose predicted classes moved, with labels arriving on both sides but
+    too few on its side, is watched, not failed; once its labels show it right where the control is
+    wrong, the stage passes with the shift judged by accuracy."""
+    now = time.time()
+    with db.transaction() as cur:
+        for i in range(4):
+            cur.execute(
+                "INSERT INTO devices (id, tags, created, bundle_version, update_state) "
+                "VALUES (?, ?, ?, '1.0.0', 'idle')",
+                (f"d{i}", json.dumps(["g"]), now),
+            )
+        cur.execute(
+            "INSERT INTO bundles (name, version, sha256, size, path, manifest, created) "
+            "VALUES ('m', '2.0.0', '00', 1, 'm.efb', '{}', ?)",
+            (now,),
+        )
+    orders: list[str] = []
+    engine = RolloutEngine(db, lambda dev, name, version, rid, action, wait=False: orders.append(dev))
+    rid = engine.create("m:2.0.0", "g", [50, 100], {"min_stage_s": 0})
+    engine.tick()
+    first = list(orders)
+    assert len(first) == 2
+
+    def report(step: int, canary_labels: int) -> None:
+        windows = []
+        with db.transaction() as cur:
+            for i in range(4):
+                dev = f"d{i}"
+                canary = dev in first
+                version = "2.0.0" if canary else "1.0.0"
+                if canary and step == 0:
+                    cur.execute(
+                        "INSERT INTO events (key, device_id, type, ts, body) VALUES (?, ?, 'committed', ?, ?)",
+                        (f"{dev}:c", dev, time.time(), json.dumps({"rollout": rid, "version": version})),
+                    )
+                    cur.execute("UPDATE devices SET bundle_version = ? WHERE id = ?", (version, dev))
+                w = _window(dev, version, {0.4: 200}, time.time() + step)
+                w["key"] += f":{step}"
+                # the canary answers class 0 far more often; its labels say it is right, the control's 70%
+                w["outputs"] = {"predicted_class": [180, 20] if canary else [100, 100]}
+                n = canary_labels if canary else 100
+                right = n if canary else 70
+                w["feedback"] = {"confusion": [[right, 0], [n - right, 0]] if canary else [[35, 15], [15, 35]]}
+                windows.append((dev, w))
+        record_windows(db, windows)
+
+    report(0, canary_labels=20)  # 40 labelled canary calls, 200 on the control: too few to judge by
+    for _ in range(2):
+        engine.tick()
+    r = engine.get(rid)
+    assert r["state"] == "running" and r["stage"] == 0 and len(orders) == 2, r  # watched, not failed
+    report(1, canary_labels=40)  # now 120 labelled on the canary, all right
+    engine.tick()
+    r = engine.get(rid)
+    assert r["stage"] == 1 and r["state"] == "running", r["history"]
+    values = r["stages"][0]["gates"]["values"]
+    assert values["prediction_shift_judged_by_accuracy"] and values["accuracy"] == 1.0, values
+    assert values["control_accuracy"] == 0.7
+
+
 def test_a_rollout_that_would_downgrade_devices_is_refused_at_creation(db: Database) -> None:
     """Devices refuse downgrades, so a rollout to an older version sat at '0/2 updated' until it timed out
     (issue 16); it is refused when created, naming the devices and the explicit rollback order."""
