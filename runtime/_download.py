@@ -7,6 +7,7 @@ device's token goes only to origins the device trusts, never along a redirect to
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import shutil
@@ -33,6 +34,8 @@ _DISK_MARGIN = 64 << 20  # left free for the telemetry buffer and the state file
 # Slower than this over a whole window counts as stalled (the part file stays, and the next attempt resumes).
 _MIN_RATE_BYTES_PER_S = 1024.0
 _RATE_WINDOW_S = 30.0
+# errnos of the part file being written (not of the connection): reported, not retried as a network drop
+_LOCAL_ERRNOS = frozenset({errno.ENOSPC, errno.EIO, errno.EDQUOT, errno.EROFS, errno.EFBIG})
 
 
 def origin(url: str) -> str:
@@ -180,6 +183,10 @@ def download(
                                 else:
                                     time.sleep(ahead)
                 except (OSError, TimeoutError) as exc:
+                    if isinstance(exc, OSError) and exc.errno in _LOCAL_ERRNOS:
+                        # Our own disk, not the network: a full or failing disk must be reported (the agent's
+                        # loop says so and retries the step), not retried quietly as a dropped connection.
+                        raise
                     raise DownloadError(f"download of {url} was interrupted at {have}/{size} bytes: {exc}") from exc
                 finally:
                     os.fsync(f.fileno())

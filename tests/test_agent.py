@@ -3,6 +3,7 @@ roll back, resume, refuse; offline buffering; shadow runs; kill -9 at every step
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -64,11 +65,14 @@ class Device:
         self.config.write_text("\n".join(lines) + "\n")
         self.proc: subprocess.Popen[str] | None = None
 
-    def start(self, failpoint: str | None = None) -> None:
+    def start(self, failpoint: str | None = None, fault: str | None = None) -> None:
         env = dict(os.environ)
         env.pop("EDGEFLEET_FAILPOINTS", None)
+        env.pop("EDGEFLEET_FAULTS", None)
         if failpoint:
             env["EDGEFLEET_FAILPOINTS"] = failpoint
+        if fault:
+            env["EDGEFLEET_FAULTS"] = fault
         if self.python is None:
             cmd = [str(Path(sys.executable).parent / "edgefleet")]
         else:
@@ -476,6 +480,66 @@ def kill_case(tmp_path, broker, files, observer, mlp_bundles, publisher, failpoi
         assert pointer["version"] == final and state["state"] == "idle"
         assert state["committed"]["version"] == final
         assert not list((dev.data / "slots").glob("*/.*.tmp"))
+    finally:
+        dev.stop()
+
+
+FAULT_POINTS = [(fp, "ENOSPC", "2.0.0", "2.0.0") for fp in COMMIT_PATH] + [
+    (fp, "EIO", "3.0.0", "1.0.0") for fp in ROLLBACK_PATH
+]
+
+
+@pytest.mark.parametrize(
+    ("point", "code", "offer", "final"), FAULT_POINTS, ids=[f"{k[0]}-{k[1]}-{k[2]}" for k in FAULT_POINTS]
+)
+def test_a_failed_write_during_an_update_is_survived_and_retried(
+    tmp_path: Path,
+    broker: Mosquitto,
+    files: FileServer,
+    observer: Observer,
+    mlp_bundles: dict,
+    publisher,
+    point: str,
+    code: str,
+    offer: str,
+    final: str,
+) -> None:
+    """A write that fails (ENOSPC on the commit path, EIO on the rollback path) at each durable step of an
+    update, once, as on a disk that fills up and is freed: the agent process lives on, says what failed, the
+    device is never between bundles, and it settles where an unfaulted update would."""
+    dev_id = "f-" + point.replace(".", "-") + "-" + offer[0]
+    health = {"window_s": 1.0, **({"max_p95_ratio": 3.0, "p95_slack_ms": 5.0} if final == offer else {})}
+    dev = Device(tmp_path / "d", dev_id, broker, publisher, mlp_bundles["1.0.0"], health=health)
+    dev.start()  # install v1 first, so the fault is met by the update, not the first install
+    observer.wait(lambda: _idle_on(observer, dev_id, "1.0.0"), 30, "v1 installed")
+    dev.stop()
+    dev.start(fault=f"{point}:{code}")
+    try:
+        observer.wait(lambda: _idle_on(observer, dev_id, "1.0.0"), 30, "back online on v1")
+        observer.desire(dev_id, bundle_ref(mlp_bundles[offer], files.url), "r1")
+
+        def reported() -> list[dict[str, Any]]:
+            evs = [e for t in ("agent_error", "update_failed") for e in observer.events(dev_id, t)]
+            return [e for e in evs if "injected at" in json.dumps(e)]
+
+        (said, *_) = observer.wait(reported, 60, f"the failure at {point} reported")
+        assert os.strerror(getattr(errno, code)) in json.dumps(said), said
+        assert dev.proc is not None and dev.proc.poll() is None, dev.log()[-2000:]  # the process lives on
+        pointer, _ = dev.on_disk()
+        assert pointer["version"] in ("1.0.0", offer)
+        outcome = "committed" if final == offer else "rolled_back"
+        if not observer.events(dev_id, outcome):
+            # the update failed where it stood (rather than retrying): the operator's next order goes through
+            observer.wait(lambda: _idle_on(observer, dev_id, "1.0.0") or observer.events(dev_id, outcome), 60,
+                          "settled after the failure")  # fmt: skip
+            if not observer.events(dev_id, outcome):
+                observer.desire(dev_id, bundle_ref(mlp_bundles[offer], files.url), "r2")
+        observer.wait(lambda: observer.events(dev_id, outcome), 90, outcome)
+        observer.wait(lambda: _idle_on(observer, dev_id, final), 30, f"settled on {final}")
+        pointer, state = dev.on_disk()
+        assert pointer["version"] == final and state["state"] == "idle"
+        assert not list((dev.data / "slots").glob("*/.*.tmp"))
+        assert dev.proc.poll() is None
     finally:
         dev.stop()
 
