@@ -3,13 +3,70 @@
 from __future__ import annotations
 
 import argparse
-from typing import Any
+import contextlib
+import io
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, TextIO
 
 __all__ = ["register"]
 
+# Lines of edgefleet's own that reach the terminal while the frameworks' go to the build log.
+_OWN = ("[edgefleet]", "edgefleet:", "error:")
+
+
+class _Split(io.TextIOBase):
+    """sys.stderr during a quiet build: edgefleet's own lines to the terminal, every other line (warnings,
+    framework logging) to the log."""
+
+    def __init__(self, terminal: TextIO, log: TextIO) -> None:
+        self.terminal, self.log, self._line = terminal, log, ""
+
+    def write(self, s: str) -> int:
+        self._line += s
+        *done, self._line = self._line.split("\n")
+        for ln in done:
+            (self.terminal if ln.startswith(_OWN) else self.log).write(ln + "\n")
+        self.terminal.flush()
+        return len(s)
+
+    def flush(self) -> None:
+        self.terminal.flush()
+        self.log.flush()
+
+
+@contextlib.contextmanager
+def _frameworks_to(log_path: Path) -> Iterator[None]:
+    """Send what torch, TensorFlow, absl and friends print (C++ logging on fd 2, Python warnings and
+    logging) to LOG_PATH; edgefleet's own progress lines and errors stay on the terminal."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    log = open(log_path, "a", buffering=1)
+    terminal = os.fdopen(os.dup(saved), "w", buffering=1)
+    old_stderr = sys.stderr
+    os.dup2(log.fileno(), 2)
+    sys.stderr = _Split(terminal, log)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # third-party deprecation chatter; the log keeps C++ output
+            yield
+    finally:
+        sys.stderr.flush()
+        sys.stderr = old_stderr
+        os.dup2(saved, 2)
+        os.close(saved)
+        terminal.close()
+        log.close()
+
 
 def _run(args: argparse.Namespace) -> int:
-    from edgefleet import InputError, load_signing_key
+    from edgefleet import EdgefleetError, InputError, load_signing_key
 
     from ._build import BuildConfig, build, load_recipe
     from ._data import load_npz
@@ -45,7 +102,7 @@ def _run(args: argparse.Namespace) -> int:
     train = load_npz(args.train, need_labels=True) if args.train else None
     if cfg.quantize.mode == "int8" and calib is None:
         raise InputError("--quantize int8 needs --calibration CALIB.npz (representative inputs)")
-    build(
+    run = lambda: build(  # noqa: E731
         args.model,
         args.output,
         cfg,
@@ -56,6 +113,28 @@ def _run(args: argparse.Namespace) -> int:
         report_path=args.report,
         echo_table=True,
     )
+    if args.verbose:
+        run()
+        return 0
+    # Python loggers of the frameworks too: their handlers may hold the terminal's stream.
+    for name in ("torch", "tensorflow", "absl", "jax", "torchao", "onnxscript", "tf_keras", "keras"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    # The log is written aside and moved beside the bundle once it exists: a failed build leaves nothing
+    # where its output would have been (the log stays in the temporary directory, named on the terminal).
+    fd, tmp = tempfile.mkstemp(prefix="edgefleet-build-", suffix=".log")
+    os.close(fd)
+    final = Path(args.output).with_suffix(".build.log")
+    try:
+        with _frameworks_to(Path(tmp)):
+            run()
+    except EdgefleetError:
+        os.unlink(tmp)  # bad input: its one line says it all
+        raise
+    except BaseException:
+        print(f"[edgefleet] the frameworks' log of this build: {tmp}", file=sys.stderr)
+        raise
+    shutil.move(tmp, final)
+    print(f"[edgefleet] the frameworks' own logs: {final} (-v shows them)", file=sys.stderr)
     return 0
 
 
@@ -83,4 +162,7 @@ def register(sub: Any) -> None:
     p.add_argument("--name")
     p.add_argument("--version")
     p.add_argument("--report", help="write the JSON report here")
+    p.add_argument(
+        "-v", "--verbose", action="store_true", help="show the frameworks' own logs (else: OUTPUT.build.log)"
+    )
     p.set_defaults(func=_run)

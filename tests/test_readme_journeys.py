@@ -71,6 +71,11 @@ def test_build_a_bundle_as_the_readme_prints_it(tmp_path: Path, teacher_pt2: Pat
     assert "gate: at most 0.01 lost against the source" in r.stdout and ": met" in r.stdout, r.stdout[-3000:]
     assert "OK: digits 1.0.0" in r.stdout and "golden tflite-int8: OK" in r.stdout
     assert "bundle    digits 1.0.0" in r.stdout
+    # the terminal shows edgefleet's own lines; torch's, TensorFlow's and absl's chatter is in the build log
+    # (issue 16: the [edgefleet] lines were buried in it). LiteRT's one delegate line comes from `verify`.
+    foreign = [ln for ln in r.stderr.splitlines() if not ln.startswith("[edgefleet]") and "XNNPACK delegate" not in ln]
+    assert not foreign, foreign[:10]
+    assert "digits-1.0.0.build.log" in r.stderr and (work / "digits-1.0.0.build.log").stat().st_size > 0
     report = json.loads((work / "report.json").read_text())
     assert {a["format"] for a in report["artifacts"]} == {"onnx", "tflite"}
 
