@@ -44,6 +44,18 @@ def _cmd_run(args: argparse.Namespace) -> int:
         threads=args.threads,
     )
     info = model.info
+    about = {
+        "bundle": info.bundle,
+        "version": info.version,
+        "model": info.model_id,
+        "precision": info.precision,
+        "backend": info.backend,
+        "backend_version": info.backend_version,
+        "accelerator": info.accelerator,
+        "threads": info.threads,
+        "batch": info.batch,
+        "fallbacks": list(info.fallbacks),
+    }
     print(
         f"{info.bundle} {info.version}: model {info.model_id} ({info.precision}) on {info.backend} "
         f"{info.backend_version}, accelerator {info.accelerator}"
@@ -56,6 +68,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if args.golden:
         res = model.check_golden()
         verdict = "PASS" if res.ok else "FAIL"
+        if args.json:
+            golden = {"ok": res.ok, "count": res.count, "max_abs_diff": res.max_abs_diff, "atol": res.atol,
+                      "rtol": res.rtol, "agreement": res.agreement}  # fmt: skip
+            print(json.dumps({**about, "golden": golden}, indent=1))
+            return 0 if res.ok else 1
         print(
             f"golden sample: {verdict}  {res.count} inputs, max |diff| {res.max_abs_diff:.3g} "
             f"(atol {res.atol:.3g}, rtol {res.rtol:.3g}), top-1 agreement {res.agreement:.3f}"
@@ -75,9 +92,15 @@ def _cmd_run(args: argparse.Namespace) -> int:
         np.save(buf, y, allow_pickle=False)
         atomic_write(args.output, buf.getvalue())
     labels = model.manifest.labels
+    rows = []
     for i, row in enumerate(y.reshape(len(y), -1)):
         k = int(row.argmax())
-        print(f"{i}\t{labels[k] if k < len(labels) else k}\t{float(row[k]):.4f}")
+        rows.append({"index": i, "class": k, "label": labels[k] if k < len(labels) else str(k), "score": float(row[k])})
+    if args.json:
+        print(json.dumps({**about, "output": args.output, "shape": list(y.shape), "top1": rows}, indent=1))
+        return 0
+    for r in rows:
+        print(f"{r['index']}\t{r['label']}\t{r['score']:.4f}")
     return 0
 
 
@@ -231,6 +254,7 @@ def register(sub: Any) -> None:
     p.add_argument("--input", help=".npy batch (N, ...) to run")
     p.add_argument("--output", help="write the outputs here (.npy)")
     p.add_argument("--golden", action="store_true", help="run the golden sample and check it (exit 1 on mismatch)")
+    p.add_argument("--json", action="store_true", help="the model, and the golden result or each row's top-1, as JSON")
     p.add_argument("--backend", default="auto", choices=["auto", "onnx", "tflite"])
     p.add_argument(
         "--accelerator",

@@ -211,6 +211,16 @@ def test_cli_run(tmp_path: Path, digits_bundle: Path, publisher) -> None:
     assert "litert" in r.stderr and "xnnpack" in r.stderr
     r = run_cli("run", str(digits_bundle), "--golden", "--key", str(publisher[2]))
     assert r.returncode == 0 and "golden sample: PASS" in r.stdout
+    # --json: the same figures, machine-readable (issue 16: run had no --json)
+    r = run_cli("run", str(digits_bundle), "--golden", "--key", str(publisher[2]), "--json")
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    assert doc["golden"]["ok"] is True and doc["golden"]["count"] == len(x) and doc["backend"] in ("onnxruntime", "litert")
+    r = run_cli("run", str(digits_bundle), "--input", str(tmp_path / "x.npy"), "--key", str(publisher[2]), "--json")
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    assert doc["shape"] == [len(x), 10] and [t["index"] for t in doc["top1"]] == list(range(len(x)))
+    assert all(t["label"] == str(t["class"]) and 0 <= t["score"] for t in doc["top1"])
     np.save(tmp_path / "bad.npy", np.zeros((3, 8, 8), np.float32))
     r = run_cli("run", str(digits_bundle), "--input", str(tmp_path / "bad.npy"), "--key", str(publisher[2]))
     assert r.returncode == 1 and "expected (N, 1, 8, 8)" in r.stderr and not (tmp_path / "out.npy").exists()
