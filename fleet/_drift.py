@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -18,7 +17,7 @@ from edgefleet._drift import chi2_two_sample, js_distance, ks_binned, psi
 
 from ._accuracy import CONCEPT_THRESHOLDS, accuracy_figures, concept_drift, reference_accuracy
 from ._db import Database
-from ._lease import Lease
+from ._lease import Lease, LeasedLoop
 from ._rollups import ALL, accumulate, add_counts, empty_merge, merge_windows, read, series
 
 log = logging.getLogger("edgefleet.fleet.drift")
@@ -182,29 +181,15 @@ class DriftMonitor:
         self._baselines: dict[tuple[str, str], dict[str, Any] | None] = {}
         # Called with the alerts a check opened (after they are stored): armed captures listen here.
         self.on_open: Callable[[list[dict[str, Any]]], None] | None = None
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
         # Held across checks: it must outlast the interval between them.
         self.lease = Lease(db, "drift-monitor", max(10.0, 3 * interval_s), lease_holder)
+        self._loop = LeasedLoop("drift check", self.lease, interval_s, self.check)
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._loop, name="edgefleet-drift", daemon=True)
-        self._thread.start()
+        self._loop.start()
 
     def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(30)
-        if self.lease.held():
-            self.lease.release()
-
-    def _loop(self) -> None:
-        while not self._stop.wait(self.interval_s):
-            try:
-                if self.lease.acquire():
-                    self.check()
-            except Exception:
-                log.exception("drift check failed")
+        self._loop.stop()
 
     def _baseline(self, name: str, version: str) -> dict[str, Any] | None:
         if (name, version) not in self._baselines:

@@ -8,7 +8,6 @@ per-device rows past their keep, a batch per transaction so ingest is never held
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -16,7 +15,7 @@ from dataclasses import dataclass
 from edgefleet import InputError
 
 from ._db import Database
-from ._lease import Lease
+from ._lease import Lease, LeasedLoop
 from ._rollups import DAY, HOUR, compact
 
 __all__ = ["Housekeeper", "Retention"]
@@ -82,32 +81,20 @@ class Housekeeper:
         self.interval_s = interval_s
         self.last: dict[str, int] = {}
         self.also: Callable[[float], dict[str, int]] | None = None  # more to sweep (the server's captures)
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
         self.lease = Lease(db, "housekeeping", max(10.0, 3 * interval_s), lease_holder)
+        self._loop = LeasedLoop("housekeeping", self.lease, interval_s, self.round, run_first=True)
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._loop, name="edgefleet-housekeeping", daemon=True)
-        self._thread.start()
+        self._loop.start()
 
     def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(30)
-        if self.lease.held():
-            self.lease.release()
+        self._loop.stop()
 
-    def _loop(self) -> None:
-        while True:
-            try:
-                if self.lease.acquire():
-                    now = time.time()
-                    self.last = sweep(self.db, now, self.keep)
-                    if self.also is not None:
-                        self.last |= self.also(now)
-                    if any(self.last.values()):
-                        log.info("housekeeping: %s", self.last)
-            except Exception:
-                log.exception("housekeeping failed")  # tried again next interval
-            if self._stop.wait(self.interval_s):
-                return
+    def round(self) -> None:
+        """One sweep (the loop calls it while holding the lease)."""
+        now = time.time()
+        self.last = sweep(self.db, now, self.keep)
+        if self.also is not None:
+            self.last |= self.also(now)
+        if any(self.last.values()):
+            log.info("housekeeping: %s", self.last)

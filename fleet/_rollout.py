@@ -33,7 +33,7 @@ from edgefleet import InputError
 
 from ._db import Database
 from ._gates import DEFAULT_GATES, Gates, StageDevices, Verdict, evaluate
-from ._lease import Lease
+from ._lease import Lease, LeasedLoop
 from ._rollout_store import AssignedDevice, RolloutRow, RolloutStore, SelectedDevice
 
 __all__ = ["DEFAULT_GATES", "MOVES", "STATES", "RolloutEngine", "stratified_order"]
@@ -121,9 +121,9 @@ class RolloutEngine:
         self.lease = Lease(db, "rollout-engine", lease_ttl_s, lease_holder)
         self.set_desired = set_desired
         self.interval = interval
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
+        # tick() takes the lease itself: it is also called directly (tests, a one-off advance)
+        self._loop = LeasedLoop("rollout tick", self.lease, interval, self.tick, acquire=False, join_s=10.0)
 
     # -- operator actions --------------------------------------------------------------------------
     def create(self, bundle: str, selector: str, stages: list[float], gates: dict[str, float] | None = None) -> str:
@@ -224,22 +224,10 @@ class RolloutEngine:
 
     # -- the engine ------------------------------------------------------------------------------
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._loop, name="edgefleet-rollouts", daemon=True)
-        self._thread.start()
+        self._loop.start()
 
     def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(10)
-        if self.lease.held():
-            self.lease.release()
-
-    def _loop(self) -> None:
-        while not self._stop.wait(self.interval):
-            try:
-                self.tick()
-            except Exception:
-                log.exception("rollout tick failed")
+        self._loop.stop()
 
     def tick(self) -> None:
         """Advance every running rollout as far as its gates allow (only while holding the engine's lease)."""
