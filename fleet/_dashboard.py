@@ -23,6 +23,7 @@ from edgefleet import InputError
 from edgefleet._drift import psi
 
 from ._accuracy import accuracy_report
+from ._charts import RANGES, charts, device_history, fleet_history
 from ._drift import baseline_of, drift_report, list_alerts
 from ._rollups import ALL, Rollup, accumulate, empty_merge
 from ._rollups import series as rollup_series
@@ -138,12 +139,34 @@ def mount_dashboard(app: FastAPI, server: FleetServer) -> None:
     def _open_alerts() -> list[dict[str, Any]]:
         alerts = list_alerts(server.db, "open")
         for a in alerts:
-            a["opened_text"] = time.strftime("%H:%M:%S", time.gmtime(a["opened"]))
+            a["opened_text"] = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(a["opened"]))
         return alerts
+
+    def _grouped(alerts: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Open alerts per bundle x cohort: one row each, with its kinds and features (the worst first)."""
+        groups: dict[tuple[str, str], dict[str, Any]] = {}
+        for a in sorted(alerts, key=lambda a: -(a.get("psi") or 0)):
+            g = groups.setdefault(
+                (a["bundle"], a["cohort"]),
+                {"bundle": a["bundle"], "cohort": a["cohort"], "alerts": [], "kinds": set(), "opened": a["opened"]},
+            )
+            g["alerts"].append(a)
+            g["kinds"].add(a["kind"])
+            g["opened"] = min(g["opened"], a["opened"])
+        out = sorted(groups.values(), key=lambda g: (g["bundle"], g["cohort"] != "*", g["cohort"]))
+        for g in out:
+            g["kinds"] = sorted(g["kinds"])
+            g["opened_text"] = time.strftime("%Y-%m-%d %H:%M", time.gmtime(g["opened"]))
+        return out
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     @signed_in
-    def overview(request: Request) -> Response:
+    def overview(request: Request, hours: str = "6") -> Response:
+        span = RANGES.get(hours)
+        if span is None:
+            return HTMLResponse(f"hours must be one of {', '.join(RANGES)}", status_code=400)
+        now = time.time()
+        drawn = charts(fleet_history(server.db, now - span, now), now - span, now, "per bundle version")
         devs = server.devices()
         versions: dict[str, int] = {}
         for d in devs:
@@ -156,8 +179,12 @@ def mount_dashboard(app: FastAPI, server: FleetServer) -> None:
             devices=devs,
             online=sum(d["online"] for d in devs),
             versions=sorted(versions.items()),
-            alerts=_open_alerts(),
+            alerts=(alerts := _open_alerts()),
+            groups=_grouped(alerts),
             rollouts_running=running,
+            charts=drawn,
+            hours=hours,
+            ranges=list(RANGES),
         )
 
     @app.get("/devices", response_class=HTMLResponse, include_in_schema=False)
@@ -170,24 +197,54 @@ def mount_dashboard(app: FastAPI, server: FleetServer) -> None:
 
     @app.get("/devices/{device_id}", response_class=HTMLResponse, include_in_schema=False)
     @signed_in
-    def device(request: Request, device_id: str) -> Response:
+    def device(request: Request, device_id: str, hours: str = "6") -> Response:
         d = next((x for x in server.devices() if x["id"] == device_id), None)
         if d is None:
             return HTMLResponse(f"no device {html.escape(device_id)}", status_code=404)
+        span = RANGES.get(hours)
+        if span is None:
+            return HTMLResponse(f"hours must be one of {', '.join(RANGES)}", status_code=400)
+        now = time.time()
+        drawn = charts(device_history(server.db, device_id, now - span, now), now - span, now, "per bundle version")
+        d["last_seen_text"] = (
+            time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(d["last_seen"])) if d["last_seen"] else "never"
+        )
         events = []
         for ev in server.events(device_id, 50):
             ts, typ, b = ev["ts"], ev["type"], ev["body"]
             detail = b.get("reason") or (
                 f"{b.get('from_state')} → {b.get('to_state')}" if typ == "update_state" else ""
             )
-            events.append({"time": time.strftime("%H:%M:%S", time.gmtime(ts)), "type": typ, "detail": detail})
+            # update events name their bundle (`bundle`, or `target` / `to` for some), others a `version`
+            ref = next((b[k] for k in ("bundle", "target", "to") if isinstance(b.get(k), dict)), {})
+            version = b.get("version") or ref.get("version")
+            if not isinstance(version, str):
+                version = ""  # events are the device's word: only a string is shown
+            events.append(
+                {
+                    "time": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(ts)),
+                    "type": typ,
+                    "version": version or "",
+                    "detail": detail,
+                }
+            )
         refusals = server.refusals(device_id)
         for r in refusals:
             r["time"] = time.strftime("%H:%M:%S", time.gmtime(r["last"]))
         commands = server.commands(device_id, 20)
         for c in commands:
             c["time"] = time.strftime("%H:%M:%S", time.gmtime(c["sent"]))
-        return page(request, "device.html", d=d, events=events, refusals=refusals, commands=commands)
+        return page(
+            request,
+            "device.html",
+            d=d,
+            events=events,
+            refusals=refusals,
+            commands=commands,
+            charts=drawn,
+            hours=hours,
+            ranges=list(RANGES),
+        )
 
     @app.get("/shadows", response_class=HTMLResponse, include_in_schema=False)
     @signed_in

@@ -35,6 +35,8 @@ SCHEMA = [
         start FLOAT8 NOT NULL, calls INTEGER NOT NULL, samples INTEGER NOT NULL, errors INTEGER NOT NULL,
         nan_outputs INTEGER NOT NULL, body TEXT NOT NULL, received FLOAT8 NOT NULL)""",
     "CREATE INDEX IF NOT EXISTS windows_bundle ON windows (bundle_name, bundle_version, start)",
+    # the device page's telemetry history: one device's raw windows of the last hours
+    "CREATE INDEX IF NOT EXISTS windows_device ON windows (device_id, start)",
     """CREATE TABLE IF NOT EXISTS events (
         key TEXT PRIMARY KEY, device_id TEXT NOT NULL, type TEXT NOT NULL, ts FLOAT8 NOT NULL, body TEXT NOT NULL)""",
     "CREATE INDEX IF NOT EXISTS events_device ON events (device_id, ts)",

@@ -133,6 +133,20 @@ def test_create_a_rollout_by_clicking_and_watch_it_complete(
         page.screenshot(path=str(ARTIFACTS / "devices.png"), full_page=True)
         page.goto(server.url + "/devices/ui-0")
         assert "nothing refused" in page.inner_text("#refusals")
+        # the device's own telemetry over time (issue 16: the device page had none), its state, its timeline
+        assert page.locator("#history svg.chart").count() == 3
+        assert (
+            "mlp:2.0.0" in page.inner_text("#history")
+            and page.locator("#history polyline, #history circle").count() >= 1
+        )
+        assert "UTC" in page.inner_text("#device-state") and "committed" in page.inner_text("#events")
+        assert "2.0.0" in page.inner_text("#events")
+        page.screenshot(path=str(ARTIFACTS / "device.png"), full_page=True)
+        page.goto(server.url + "/?hours=1")
+        # the fleet over time: three charts with axes, a line per bundle version, the range picker
+        assert page.locator("#history svg.chart").count() == 3 and "mlp:2.0.0" in page.inner_text("#history")
+        assert page.locator("#history polyline, #history circle").count() >= 1 and "24 h" in page.inner_text("#ranges")
+        page.screenshot(path=str(ARTIFACTS / "overview-history.png"), full_page=True)
         # A shadow of v1 beside v2 on every device: the shadows page shows it and, once reported, its figures.
         r = server.cli("shadow", "create", "--bundle", "mlp:1.0.0", "--selector", "ui", "--sample-rate", "1",
                        "--duration", "3", "--json")  # fmt: skip
