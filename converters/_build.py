@@ -107,20 +107,33 @@ def _resolve_object(spec: str, base: Path | None = None) -> Any:
             file = (base or Path.cwd()) / mod_name
             if not file.is_file():
                 raise InputError(f"cannot import '{spec}': {file} does not exist")
-            loaded = importlib.util.spec_from_file_location(f"_edgefleet_recipe_{file.stem}", file)
+            name = f"_edgefleet_recipe_{file.stem}"
+            loaded = importlib.util.spec_from_file_location(name, file)
             if loaded is None or loaded.loader is None:
                 raise InputError(f"cannot import '{spec}': {file} is not a Python module")
             module = importlib.util.module_from_spec(loaded)
-            loaded.loader.exec_module(module)
+            # registered before it runs, as an import would (dataclasses look their module up), and with its
+            # directory importable, so the file may import its neighbours
+            sys.modules[name] = module
+            if str(file.parent) not in sys.path:
+                sys.path.insert(0, str(file.parent))
+            try:
+                loaded.loader.exec_module(module)
+            except BaseException:
+                sys.modules.pop(name, None)
+                raise
         else:
             for d in (os.getcwd(), *([str(base)] if base is not None else [])):
                 if d not in sys.path:
                     sys.path.insert(0, d)
             module = importlib.import_module(mod_name)
         obj = getattr(module, attr)
-    except (ImportError, AttributeError, SyntaxError) as exc:
+    except InputError:
+        raise
+    except Exception as exc:  # the user's module may raise anything while it runs
         hint = " (run the build where that package is importable, or name a file: file.py:factory)"
-        raise InputError(f"cannot import '{spec}': {exc}{hint}") from exc
+        what = str(exc) if isinstance(exc, ImportError) else f"{type(exc).__name__}: {exc}"
+        raise InputError(f"cannot import '{spec}': {what}{hint}") from exc
     # A factory function or a class is called to make the model; an instance is used as it is.
     return obj() if inspect.isfunction(obj) or inspect.isclass(obj) else obj
 

@@ -10,7 +10,6 @@ import os
 import shutil
 import sys
 import tempfile
-import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TextIO
@@ -40,6 +39,11 @@ class _Split(io.TextIOBase):
         self.terminal.flush()
         self.log.flush()
 
+    def close_line(self) -> None:
+        """Write out a last line that never got its newline."""
+        if self._line:
+            self.write("\n")
+
 
 @contextlib.contextmanager
 def _frameworks_to(log_path: Path) -> Iterator[None]:
@@ -50,19 +54,22 @@ def _frameworks_to(log_path: Path) -> Iterator[None]:
     log = open(log_path, "a", buffering=1)
     terminal = os.fdopen(os.dup(saved), "w", buffering=1)
     old_stderr = sys.stderr
+    split = _Split(terminal, log)
     os.dup2(log.fileno(), 2)
-    sys.stderr = _Split(terminal, log)
+    sys.stderr = split  # Python warnings are written here too: to the log, being nobody's own line
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # third-party deprecation chatter; the log keeps C++ output
-            yield
+        yield
     finally:
-        sys.stderr.flush()
+        # restore first: a failing log (a full disk) must not leave fd 2 pointing at it
         sys.stderr = old_stderr
         os.dup2(saved, 2)
         os.close(saved)
+        with contextlib.suppress(OSError, ValueError):
+            split.close_line()
+            split.flush()
         terminal.close()
-        log.close()
+        with contextlib.suppress(OSError):
+            log.close()
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -127,8 +134,12 @@ def _run(args: argparse.Namespace) -> int:
     try:
         with _frameworks_to(Path(tmp)):
             run()
-    except EdgefleetError:
-        os.unlink(tmp)  # bad input: its one line says it all
+    except EdgefleetError as exc:
+        # One line still: it names the log when the frameworks said something (a converter's diagnostics).
+        if os.path.getsize(tmp):
+            exc.args = (f"{exc.args[0] if exc.args else exc} (the frameworks' log: {tmp})", *exc.args[1:])
+        else:
+            os.unlink(tmp)
         raise
     except BaseException:
         print(f"[edgefleet] the frameworks' log of this build: {tmp}", file=sys.stderr)

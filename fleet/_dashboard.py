@@ -216,7 +216,7 @@ def mount_dashboard(app: FastAPI, server: FleetServer) -> None:
                 f"{b.get('from_state')} → {b.get('to_state')}" if typ == "update_state" else ""
             )
             # update events name their bundle (`bundle`, or `target` / `to` for some), others a `version`
-            ref = next((b[k] for k in ("bundle", "target", "to") if isinstance(b.get(k), dict)), {})
+            ref: dict[str, Any] = next((b[k] for k in ("bundle", "target", "to") if isinstance(b.get(k), dict)), {})
             version = b.get("version") or ref.get("version")
             if not isinstance(version, str):
                 version = ""  # events are the device's word: only a string is shown

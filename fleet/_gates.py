@@ -211,18 +211,19 @@ def evaluate(new: Cohort, control: Cohort, stage: StageDevices, gates: Gates) ->
             failed.append(f"p95 {values['p95_ms']:.3f} ms > {limit:.3f} ms (control {ctl_p95:.3f} ms)")
     # Ground truth, where devices feed labels back: it judges accuracy, and it decides whether a shift in
     # the predicted classes (the proxy for accuracy without labels) is a regression.
-    accuracy_failed = False
     labelled_both = min(new.labelled, control.labelled) >= gates.min_labelled
+    # Shown no worse: within the allowed drop. Not merely "not proven worse", which few labels always are.
+    no_worse = False
     if new.labelled and control.labelled:
         a_new, a_ctl = new.correct / new.labelled, control.correct / control.labelled
         values |= {"accuracy": round(a_new, 4), "control_accuracy": round(a_ctl, 4), "labelled": new.labelled}
+        no_worse = labelled_both and a_ctl - a_new <= gates.max_accuracy_drop
         if labelled_both and a_ctl - a_new > gates.max_accuracy_drop:
             pooled = (new.correct + control.correct) / (new.labelled + control.labelled)
             se = math.sqrt(max(pooled * (1 - pooled), 1e-12) * (1 / new.labelled + 1 / control.labelled))
             p = 0.5 * math.erfc(((a_ctl - a_new) / se) / math.sqrt(2))
             values["accuracy_p_value"] = p
             if p < gates.accuracy_p_value:
-                accuracy_failed = True
                 failed.append(
                     f"accuracy {a_new:.4f} < control {a_ctl:.4f} - {gates.max_accuracy_drop} "
                     f"(p {p:.2g}, {new.labelled} labelled)"
@@ -239,7 +240,7 @@ def evaluate(new: Cohort, control: Cohort, stage: StageDevices, gates: Gates) ->
             and n >= gates.min_prediction_samples
             and values["prediction_p_value"] < gates.prediction_p_value
         ):
-            if labelled_both and not accuracy_failed:
+            if no_worse:
                 # The canary answers differently and the labels say it is no less often right: a model
                 # retrained for inputs the control gets wrong changes exactly those answers.
                 values["prediction_shift_judged_by_accuracy"] = True

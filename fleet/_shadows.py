@@ -63,7 +63,8 @@ def _report(body: dict[str, Any]) -> dict[str, Any] | None:
     # the device's accuracy figures count for nothing rather than the whole report being dropped.
     counts = [body.get(k, 0) for k in ("labelled", "active_correct", "candidate_correct")]
     whole = all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in counts)
-    if whole and counts[1] <= counts[0] and counts[2] <= counts[0] and counts[0] <= max(samples, 0) * 1024:
+    # a label is fed back for a shadowed call's row: never more labels than rows the device ran
+    if whole and counts[1] <= counts[0] and counts[2] <= counts[0] and counts[0] <= samples:
         out["labelled"], out["active_correct"], out["candidate_correct"] = counts
     else:
         out["labelled"] = out["active_correct"] = out["candidate_correct"] = 0
@@ -96,7 +97,9 @@ def merge_reports(reports: dict[str, dict[str, Any]]) -> dict[str, Any]:
     for k in _REPORT_FIELDS:
         merged[k] = _median([r[k] for r in reports.values()])
     labelled = {d: r for d, r in reports.items() if r["labelled"]}
-    lcap = 4 * statistics.median([r["labelled"] for r in labelled.values()]) if labelled else 0
+    # capped like the agreement: at 4x the median device's samples (not the median labelled device's, or a
+    # lone device with labels would weigh whatever it claims)
+    lcap = cap
     share = {d: min(r["labelled"], lcap) / r["labelled"] for d, r in labelled.items()}
     n = sum(r["labelled"] * share[d] for d, r in labelled.items())
     merged["labelled"] = round(n)

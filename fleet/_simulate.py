@@ -171,6 +171,8 @@ class Simulation:
                         self._labels = npz["y"].astype(np.int64).reshape(-1)
             except (OSError, KeyError, ValueError) as exc:
                 raise InputError(f"--inputs {self.inputs}: need an .npz with an array 'x' ({exc})") from exc
+            if not len(self._data):
+                raise InputError(f"--inputs {self.inputs}: 'x' holds no inputs")
             if self._labels is not None and len(self._labels) != len(self._data):
                 raise InputError(
                     f"--inputs {self.inputs}: 'y' has {len(self._labels)} labels for {len(self._data)} inputs"

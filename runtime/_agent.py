@@ -170,7 +170,8 @@ class Agent:
         self.watch.record_call(ms, False, not bool(np.isfinite(y).all()))
         sh = self._shadow
         if sh is not None:
-            sh.offer(np.asarray(x), y, ms, model.last_call_id)
+            call = model.last_call_id
+            sh.offer(np.asarray(x), y, ms, None if call is None else (id(model), call))
         return y
 
     @property
@@ -188,7 +189,7 @@ class Agent:
         m.feedback(call_id, labels)
         sh = self._shadow
         if sh is not None:
-            sh.label(call_id, labels)
+            sh.label((id(m), call_id), labels)
 
     def start(self) -> None:
         """Recover from any interrupted update, then run the agent in a background thread. Refused (InputError)
@@ -393,7 +394,7 @@ class Agent:
             min_samples = int(c.args.get("min_samples", 0))
             path = self._fetch(ref, self.root / "shadow")
             model = self._load(path)
-        except EdgefleetError as exc:
+        except (EdgefleetError, OSError) as exc:  # OSError: the device's own disk (full, failing)
             self._event("shadow_failed", command_id=c.id, reason=str(exc))
             return
         old, self._shadow = self._shadow, Shadow(model, ref, rate, duration, c.id, min_samples)

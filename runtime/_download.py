@@ -7,7 +7,6 @@ device's token goes only to origins the device trusts, never along a redirect to
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import os
 import shutil
@@ -34,8 +33,10 @@ _DISK_MARGIN = 64 << 20  # left free for the telemetry buffer and the state file
 # Slower than this over a whole window counts as stalled (the part file stays, and the next attempt resumes).
 _MIN_RATE_BYTES_PER_S = 1024.0
 _RATE_WINDOW_S = 30.0
-# errnos of the part file being written (not of the connection): reported, not retried as a network drop
-_LOCAL_ERRNOS = frozenset({errno.ENOSPC, errno.EIO, errno.EDQUOT, errno.EROFS, errno.EFBIG})
+
+
+class _DiskError(OSError):
+    """Writing the part file failed (ENOSPC, EIO, ...): the device's disk, not the connection."""
 
 
 def origin(url: str) -> str:
@@ -159,11 +160,14 @@ def download(
                     while chunk := resp.read1(_CHUNK):
                         if have + len(chunk) > size:
                             raise DownloadError(f"download of {url} is larger than the announced {size} bytes")
-                        f.write(chunk)
+                        try:
+                            f.write(chunk)
+                            f.flush()
+                            failpoint("download.mid")
+                        except OSError as exc:
+                            raise _DiskError(exc.errno, f"writing {part}: {exc.strerror or exc}") from exc
                         h.update(chunk)
                         have += len(chunk)
-                        f.flush()
-                        failpoint("download.mid")
                         if cancel is not None and cancel.is_set():
                             raise DownloadError(f"download of {url} was cancelled at {have}/{size} bytes")
                         now = time.monotonic()
@@ -182,11 +186,11 @@ def download(
                                     cancel.wait(ahead)
                                 else:
                                     time.sleep(ahead)
+                except _DiskError:
+                    # Our own disk, not the network: a full or failing disk must be reported (the agent's
+                    # loop says so and retries the step), not retried quietly as a dropped connection.
+                    raise
                 except (OSError, TimeoutError) as exc:
-                    if isinstance(exc, OSError) and exc.errno in _LOCAL_ERRNOS:
-                        # Our own disk, not the network: a full or failing disk must be reported (the agent's
-                        # loop says so and retries the step), not retried quietly as a dropped connection.
-                        raise
                     raise DownloadError(f"download of {url} was interrupted at {have}/{size} bytes: {exc}") from exc
                 finally:
                     os.fsync(f.fileno())

@@ -21,7 +21,10 @@ def _faults(spec: str) -> dict[str, int]:
     out = {}
     for item in filter(None, spec.split(",")):
         name, _, code = item.partition(":")
-        out[name] = int(getattr(errno, code or "ENOSPC"))
+        value = getattr(errno, code or "ENOSPC", None)
+        if not isinstance(value, int):
+            raise ValueError(f"EDGEFLEET_FAULTS: {code!r} is not an errno name (e.g. ENOSPC, EIO)")
+        out[name] = value
     return out
 
 

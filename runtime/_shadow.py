@@ -38,20 +38,21 @@ class Shadow:
         self.command_id = command_id
         self.min_samples = min_samples
         self.deadline = time.monotonic() + duration_s
-        self.q: queue.Queue[tuple[np.ndarray, np.ndarray, float, int | None]] = queue.Queue(maxsize=64)
+        self.q: queue.Queue[tuple[np.ndarray, np.ndarray, float, tuple[int, int] | None]] = queue.Queue(maxsize=64)
         self.samples = self.agree = self.dropped = self.errors = 0
         self.labelled = self.active_correct = self.candidate_correct = 0
         self._lock = threading.Lock()
-        # call id -> (active classes, candidate classes) of calls run; call id -> labels not yet matched
-        self._classes: OrderedDict[int, tuple[np.ndarray, np.ndarray]] = OrderedDict()
-        self._labels: OrderedDict[int, np.ndarray] = OrderedDict()
+        # call -> (active classes, candidate classes) of calls run; call -> labels not yet matched. A call is
+        # (the active model, its call id): ids restart with each model, and a shadow outlives an update.
+        self._classes: OrderedDict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = OrderedDict()
+        self._labels: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
         self.active_ms: list[float] = []
         self.cand_ms: list[float] = []
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, name="edgefleet-shadow", daemon=True)
         self.thread.start()
 
-    def offer(self, x: np.ndarray, y: np.ndarray, ms: float, call_id: int | None = None) -> None:
+    def offer(self, x: np.ndarray, y: np.ndarray, ms: float, call_id: tuple[int, int] | None = None) -> None:
         if random.random() >= self.rate:
             return
         try:
@@ -59,7 +60,7 @@ class Shadow:
         except queue.Full:
             self.dropped += 1
 
-    def label(self, call_id: int, labels: Any) -> None:
+    def label(self, call_id: tuple[int, int], labels: Any) -> None:
         """The true class(es) of call CALL_ID (already checked by the model's own feedback): counted for both
         bundles if the call was sampled; kept until the candidate has run it if it has not yet."""
         truth = np.asarray(labels, np.int64).reshape(-1)

@@ -153,8 +153,19 @@ def test_a_recipe_student_can_be_a_file_beside_the_recipe(tmp_path: Path) -> Non
     recipe.write_text('name = "m"\n[[steps]]\npass = "distill"\nstudent = "my_models.py:Tiny"\n')
     cfg = load_recipe(recipe)
     assert type(cfg.steps[0].student).__name__ == "Tiny"
+    # a file that uses dataclasses under postponed annotations, and imports a neighbour of its own
+    (tmp_path / "helper.py").write_text("WIDTH = 10\n")
+    (tmp_path / "dc_models.py").write_text(
+        "from __future__ import annotations\nfrom dataclasses import dataclass\nimport torch\nimport helper\n\n"
+        "@dataclass\nclass Spec:\n    width: int = helper.WIDTH\n\n"
+        "def make():\n    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, Spec().width))\n"
+    )
+    recipe.write_text('name = "m"\n[[steps]]\npass = "distill"\nstudent = "dc_models.py:make"\n')
+    assert type(load_recipe(recipe).steps[0].student).__name__ == "Sequential"
+    (tmp_path / "broken.py").write_text("raise RuntimeError('no GPU here')\n")
     for spec, why in (("nope.py:Tiny", "does not exist"), ("my_models.py:Huge", "has no attribute 'Huge'"),
-                      ("no_such_pkg.mod:X", "No module named 'no_such_pkg'")):  # fmt: skip
+                      ("no_such_pkg.mod:X", "No module named 'no_such_pkg'"),
+                      ("broken.py:X", "RuntimeError: no GPU here")):  # fmt: skip
         recipe.write_text(f'name = "m"\n[[steps]]\npass = "distill"\nstudent = "{spec}"\n')
         with pytest.raises(InputError, match=why):
             load_recipe(recipe)

@@ -447,6 +447,9 @@ def test_a_prediction_shift_is_judged_by_ground_truth_where_labels_come_back() -
     assert not v.ok and len(v.failed_gates) == 2 and not v.wait_for_labels, v.failed_gates
     v = evaluate(side(moved, 300, 285), side(ctl, 300, 285), stage, Gates.parse({"max_accuracy_drop": 0.0}))
     assert v.ok  # equally often right: no regression
+    # worse by more than the allowed drop, but on too few labels to be significant: the shift still fails it
+    v = evaluate(side(moved, 100, 80), side(ctl, 100, 88), stage, Gates())
+    assert not v.ok and v.failed_gates[0].startswith("prediction PSI") and len(v.failed_gates) == 1, v
     v = evaluate(side(moved, 40, 40), side(ctl, 300, 240), stage, Gates())  # labels coming, 40 < 100
     assert not v.ok and v.wait_for_labels and v.failed_gates[0].startswith("prediction PSI")
 

@@ -215,7 +215,9 @@ def test_cli_run(tmp_path: Path, digits_bundle: Path, publisher) -> None:
     r = run_cli("run", str(digits_bundle), "--golden", "--key", str(publisher[2]), "--json")
     assert r.returncode == 0, r.stderr
     doc = json.loads(r.stdout)
-    assert doc["golden"]["ok"] is True and doc["golden"]["count"] == len(x) and doc["backend"] in ("onnxruntime", "litert")
+    assert (
+        doc["golden"]["ok"] is True and doc["golden"]["count"] == len(x) and doc["backend"] in ("onnxruntime", "litert")
+    )
     r = run_cli("run", str(digits_bundle), "--input", str(tmp_path / "x.npy"), "--key", str(publisher[2]), "--json")
     assert r.returncode == 0, r.stderr
     doc = json.loads(r.stdout)

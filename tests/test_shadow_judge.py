@@ -54,17 +54,21 @@ def test_too_few_labels_leave_it_to_agreement() -> None:
 
 def test_one_device_cannot_outvote_the_fleet_with_labels() -> None:
     honest = {d: _dev(200, 0.99, 100, 90, 98) for d in ("a", "b", "c")}
-    liar = _dev(10**4, 0.99, 10**6, 10**6, 0)  # claims a million labels, the candidate never right
+    liar = _dev(10**4, 0.99, 10**4, 10**4, 0)  # claims 10,000 labelled calls, the candidate never right
     o = merge_reports({**honest, "liar": liar})
-    # the liar weighs as 4 x 100 labelled calls: (3 * 98 + 0) / 700 and (3 * 90 + 400) / 700
-    assert o["labelled"] == 700
-    assert o["candidate_accuracy"] == round(294 / 700, 6) and o["active_accuracy"] == round(670 / 700, 6)
+    # the liar's labels weigh as 4x the median device's samples (200): (3 * 98 + 0) / 1100, (3 * 90 + 800) / 1100
+    assert o["labelled"] == 1100
+    assert o["candidate_accuracy"] == round(294 / 1100, 6) and o["active_accuracy"] == round(1070 / 1100, 6)
+    # one device with labels among many without cannot claim more than the fleet's typical device ran
+    lone = merge_reports({"a": _dev(200, 0.9), "b": _dev(200, 0.9), "c": _dev(10**4, 0.9, 10**4, 0, 10**4)})
+    assert lone["labelled"] == 800
 
 
 @pytest.mark.parametrize(
     "labels",
     [
         {"labelled": 10, "active_correct": 11, "candidate_correct": 0},  # more right than labelled
+        {"labelled": 25, "active_correct": 1, "candidate_correct": 1},  # more labels than calls run
         {"labelled": -1, "active_correct": 0, "candidate_correct": 0},
         {"labelled": 5.5, "active_correct": 1, "candidate_correct": 1},
         {"labelled": True, "active_correct": 1, "candidate_correct": 1},
