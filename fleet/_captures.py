@@ -92,8 +92,10 @@ class Captures:
             return
         url = f"{self.server.config.base_url}/api/captures/{cid}/upload"
         args = {"capture_id": cid, "samples": samples, "url": url}
-        self.server.send_command("capture", args, devices, by=f"capture {cid}")
+        # 'asked' before anyone is asked: a fast device's upload would otherwise find the capture still
+        # armed, be refused, and keep its samples (the demo's test saw a whole cohort refused so)
         self.db.execute("UPDATE captures SET state = 'asked', devices = ? WHERE id = ?", (len(devices), cid))
+        self.server.send_command("capture", args, devices, by=f"capture {cid}")
 
     def on_alerts(self, opened: list[dict[str, Any]]) -> None:
         """Fire the armed captures whose cohort an alert just opened on (the drift monitor calls this)."""
