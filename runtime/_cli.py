@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import io
 import json
@@ -44,18 +45,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         threads=args.threads,
     )
     info = model.info
-    about = {
-        "bundle": info.bundle,
-        "version": info.version,
-        "model": info.model_id,
-        "precision": info.precision,
-        "backend": info.backend,
-        "backend_version": info.backend_version,
-        "accelerator": info.accelerator,
-        "threads": info.threads,
-        "batch": info.batch,
-        "fallbacks": list(info.fallbacks),
-    }
+    about = info.as_dict()  # the --json documents: the ModelInfo that ran
     print(
         f"{info.bundle} {info.version}: model {info.model_id} ({info.precision}) on {info.backend} "
         f"{info.backend_version}, accelerator {info.accelerator}"
@@ -69,9 +59,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         res = model.check_golden()
         verdict = "PASS" if res.ok else "FAIL"
         if args.json:
-            golden = {"ok": res.ok, "count": res.count, "max_abs_diff": res.max_abs_diff, "atol": res.atol,
-                      "rtol": res.rtol, "agreement": res.agreement}  # fmt: skip
-            print(json.dumps({**about, "golden": golden}, indent=1))
+            print(json.dumps({**about, "golden": dataclasses.asdict(res)}, indent=1, default=float))
             return 0 if res.ok else 1
         print(
             f"golden sample: {verdict}  {res.count} inputs, max |diff| {res.max_abs_diff:.3g} "

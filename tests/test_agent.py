@@ -451,20 +451,27 @@ def test_kill_9_during_update_leaves_a_consistent_device(
     kill_case(tmp_path, broker, files, observer, mlp_bundles, publisher, failpoint, offer, final)
 
 
-def kill_case(tmp_path, broker, files, observer, mlp_bundles, publisher, failpoint, offer, final, python=None):
-    """SIGKILL at FAILPOINT while updating v1 -> OFFER; on disk it must be old or new, and settle on FINAL."""
-    dev_id = "k-" + failpoint.replace(".", "-").replace("_", "-") + "-" + offer[0] + ("-arm" if python else "")
+def _stopped_on_v1(tmp_path, dev_id, broker, observer, mlp_bundles, publisher, offer, final, python=None) -> Device:
+    """A device that installed v1 and was stopped, so that what a test injects next is met by the update to
+    OFFER, not by the first install."""
     # Under qemu every instruction is emulated: latencies there are noisy and about 50x native. Natively, the
-    # kills on the commit path test crash consistency, not the latency verdict: a loaded host must not turn
-    # their commit into a rollback (the rollback path keeps the strict window: v3 must be judged slow).
+    # kills and faults on the commit path test crash consistency, not the latency verdict: a loaded host must
+    # not turn their commit into a rollback (the rollback path keeps the strict window: v3 must be judged slow).
     if python is not None:
         health = {"window_s": 3.0, "max_p95_ratio": 3.0, "p95_slack_ms": 5.0}
     else:
         health = {"window_s": 1.0, **({"max_p95_ratio": 3.0, "p95_slack_ms": 5.0} if final == offer else {})}
     dev = Device(tmp_path / "d", dev_id, broker, publisher, mlp_bundles["1.0.0"], python=python, health=health)
-    dev.start()  # install v1 first, so the kill points are hit by the update, not the first install
+    dev.start()
     observer.wait(lambda: _idle_on(observer, dev_id, "1.0.0"), 30, "v1 installed")
     dev.stop()
+    return dev
+
+
+def kill_case(tmp_path, broker, files, observer, mlp_bundles, publisher, failpoint, offer, final, python=None):
+    """SIGKILL at FAILPOINT while updating v1 -> OFFER; on disk it must be old or new, and settle on FINAL."""
+    dev_id = "k-" + failpoint.replace(".", "-").replace("_", "-") + "-" + offer[0] + ("-arm" if python else "")
+    dev = _stopped_on_v1(tmp_path, dev_id, broker, observer, mlp_bundles, publisher, offer, final, python)
     dev.start(failpoint=failpoint)
     observer.desire(dev_id, bundle_ref(mlp_bundles[offer], files.url), "r1")
     rc = dev.wait_exit(90)
@@ -508,11 +515,7 @@ def test_a_failed_write_during_an_update_is_survived_and_retried(
     update, once, as on a disk that fills up and is freed: the agent process lives on, says what failed, the
     device is never between bundles, and it settles where an unfaulted update would."""
     dev_id = "f-" + point.replace(".", "-") + "-" + offer[0]
-    health = {"window_s": 1.0, **({"max_p95_ratio": 3.0, "p95_slack_ms": 5.0} if final == offer else {})}
-    dev = Device(tmp_path / "d", dev_id, broker, publisher, mlp_bundles["1.0.0"], health=health)
-    dev.start()  # install v1 first, so the fault is met by the update, not the first install
-    observer.wait(lambda: _idle_on(observer, dev_id, "1.0.0"), 30, "v1 installed")
-    dev.stop()
+    dev = _stopped_on_v1(tmp_path, dev_id, broker, observer, mlp_bundles, publisher, offer, final)
     dev.start(fault=f"{point}:{code}")
     try:
         observer.wait(lambda: _idle_on(observer, dev_id, "1.0.0"), 30, "back online on v1")

@@ -182,11 +182,8 @@ def test_cohort_figures_from_rollups_match_merging_every_window(db: Database) ->
             assert (c.classes is None and wanted_classes is None) or np.array_equal(c.classes, wanted_classes)
 
 
-def test_operator_pause_resume_and_abort(db: Database) -> None:
-    """Paused: no new orders and no judgement; resumed: the stage is judged and the next one ordered;
-    aborted: nothing more is ordered, and an ended rollout cannot be resumed."""
-    from edgefleet import InputError
-
+def _four_devices_on_v1(db: Database) -> None:
+    """Devices d0-d3 tagged g, idle on m 1.0.0, and m 2.0.0 published."""
     now = time.time()
     with db.transaction() as cur:
         for i in range(4):
@@ -200,6 +197,14 @@ def test_operator_pause_resume_and_abort(db: Database) -> None:
             "VALUES ('m', '2.0.0', '00', 1, 'm.efb', '{}', ?)",
             (now,),
         )
+
+
+def test_operator_pause_resume_and_abort(db: Database) -> None:
+    """Paused: no new orders and no judgement; resumed: the stage is judged and the next one ordered;
+    aborted: nothing more is ordered, and an ended rollout cannot be resumed."""
+    from edgefleet import InputError
+
+    _four_devices_on_v1(db)
     orders: list[tuple[str, str, str]] = []
     engine = RolloutEngine(
         db, lambda dev, name, version, rid, action, wait=False: orders.append((dev, version, action))
@@ -254,19 +259,7 @@ def test_a_prediction_shift_waits_for_labels_and_ground_truth_passes_the_stage(d
     """Through the engine: a canary whose predicted classes moved, with labels arriving on both sides but
     too few on its side, is watched, not failed; once its labels show it right where the control is
     wrong, the stage passes with the shift judged by accuracy."""
-    now = time.time()
-    with db.transaction() as cur:
-        for i in range(4):
-            cur.execute(
-                "INSERT INTO devices (id, tags, created, bundle_version, update_state) "
-                "VALUES (?, ?, ?, '1.0.0', 'idle')",
-                (f"d{i}", json.dumps(["g"]), now),
-            )
-        cur.execute(
-            "INSERT INTO bundles (name, version, sha256, size, path, manifest, created) "
-            "VALUES ('m', '2.0.0', '00', 1, 'm.efb', '{}', ?)",
-            (now,),
-        )
+    _four_devices_on_v1(db)
     orders: list[str] = []
     engine = RolloutEngine(db, lambda dev, name, version, rid, action, wait=False: orders.append(dev))
     rid = engine.create("m:2.0.0", "g", [50, 100], {"min_stage_s": 0})
