@@ -59,7 +59,14 @@ def _accuracy(args: argparse.Namespace, client: Callable[..., Any]) -> int:
 def add_ops_parsers(
     fs: Any, client_args: Callable[[argparse.ArgumentParser], None], client: Callable[..., Any]
 ) -> None:
-    p = fs.add_parser("command", help="send a one-off command (flush, report) to a device or every device of a tag")
+    p = fs.add_parser(
+        "command",
+        help="send a one-off command (flush, report) to a device or every device of a tag",
+        description="Send a one-off command; the device answers with a command_done event, shown with the "
+        "command on its dashboard page and in GET /api/devices/ID/commands. Neither command takes arguments; "
+        "the commands that do are ordered with their own records: 'fleet shadow create' and 'fleet capture "
+        "create'.",
+    )
     p.add_argument("command", choices=["flush", "report"])
     p.add_argument("device", nargs="?")
     p.add_argument("--selector", help="every device with this tag, instead of one device")

@@ -20,7 +20,18 @@ import time
 from typing import Any
 
 from edgefleet import InputError
-from edgefleet.protocol import KINDS, ROOT, Bins, Refusal, baseline_bins, check_window, parse_topic
+from edgefleet.protocol import (
+    KINDS,
+    ROOT,
+    Bins,
+    Refusal,
+    baseline_bins,
+    check_window,
+    parse_event,
+    parse_state,
+    parse_status,
+    parse_topic,
+)
 from edgefleet.protocol import topic as topic_of
 
 from ._db import Database
@@ -400,19 +411,15 @@ class IngestWorker:
             w = check_window(obj, bins, device)
             return kind, device, (w, payload.decode())  # checked JSON already; stored as the device sent it
         if kind == "events":
-            if not isinstance(obj, dict) or not isinstance(obj.get("key"), str) or not isinstance(obj.get("type"), str):
-                raise InputError("event needs a string 'key' and 'type'")
-            return kind, device, (obj["key"], device, obj["type"], float(obj.get("ts", now)), payload.decode())
+            ev = parse_event(obj, device)
+            return kind, device, (ev.key, device, ev.type, ev.ts, payload.decode())
         if kind == "status":
             if obj is None:
                 return None  # a cleared retained status
-            return kind, device, (1 if obj.get("online") else 0, now, device)
+            return kind, device, (1 if parse_status(obj, device).online else 0, now, device)
         if kind == "state":
-            if not isinstance(obj, dict):
-                raise InputError("state must be an object")
-            active = obj.get("active") or {}
-            update = obj.get("update") or {}
-            staged = obj.get("staged") or {}
+            st = parse_state(obj, device)
+            active = st.active or {}
             return (
                 kind,
                 device,
@@ -420,10 +427,10 @@ class IngestWorker:
                     payload.decode(),
                     active.get("bundle"),
                     active.get("version"),
-                    staged.get("version"),
+                    (st.staged or {}).get("version"),
                     active.get("accelerator"),
-                    obj.get("agent_version"),
-                    update.get("state"),
+                    st.agent_version,
+                    st.update_state,
                     now,
                     device,
                 ),

@@ -226,7 +226,8 @@ class RolloutStore:
 
     def record_device_results(self) -> None:
         """Mark pending devices updated or failed from what they reported: their last outcome event for the
-        rollout, or being on its version with no update under way."""
+        rollout (`committed`: updated; `update_failed`, `rolled_back`, `update_refused`: failed), or being on
+        its version with no update under way (docs/fleet.md, "When a device counts as updated")."""
         pending = self.db.query("SELECT rollout_id, device_id FROM rollout_devices WHERE status = 'pending'")
         if not pending:
             return
@@ -240,7 +241,7 @@ class RolloutStore:
             chunk = devices[i : i + _CHUNK]
             for dev, typ, body in self.db.query(
                 f"SELECT device_id, type, body FROM events WHERE device_id IN ({_marks(chunk)}) "
-                "AND type IN ('rolled_back', 'update_failed', 'committed') ORDER BY ts",
+                "AND type IN ('rolled_back', 'update_failed', 'update_refused', 'committed') ORDER BY ts",
                 chunk,
             ):
                 rid = json.loads(body).get("rollout")

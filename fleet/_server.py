@@ -440,7 +440,22 @@ class FleetServer:
             "SELECT id, command, args, sent, sent_by FROM commands WHERE device_id = ? ORDER BY sent DESC LIMIT ?",
             (device_id, limit),
         )
-        return [{"id": i, "command": c, "args": json.loads(a), "sent": s, "by": b} for i, c, a, s, b in rows]
+        oldest = min((float(s) for _, _, _, s, _ in rows), default=0.0)
+        answers: dict[str, dict[str, Any]] = {}
+        # The device's answer: the first event naming the command (command_done, shadow_started, shadow_failed,
+        # capture_uploaded, ...); device clocks may run behind, so a minute of slack.
+        for ts, typ, body in self.db.query(
+            "SELECT ts, type, body FROM events WHERE device_id = ? AND ts >= ? ORDER BY ts", (device_id, oldest - 60)
+        ):
+            b = json.loads(body)
+            cid = b.get("command_id")
+            if isinstance(cid, str) and cid not in answers:
+                reason = b.get("reason")
+                answers[cid] = {"type": typ, "ts": ts, "reason": reason if isinstance(reason, str) else None}
+        return [
+            {"id": i, "command": c, "args": json.loads(a), "sent": s, "by": b, "answer": answers.get(i)}
+            for i, c, a, s, b in rows
+        ]
 
     def refusals(self, device_id: str) -> list[dict[str, Any]]:
         """What the ingest refused from DEVICE_ID, per kind and reason, most recent first."""

@@ -311,7 +311,7 @@ class Agent:
             "update_state",
             from_state=old.value,
             to_state=new.value,
-            target=target.bundle.version if target else None,
+            target=target.bundle.to_dict() if target else None,
             rollout=target.rollout if target else None,
             **extra,
         )
@@ -345,8 +345,10 @@ class Agent:
         if c.command == "flush":
             self.active.flush()
             self.drain.rewind()
+            self._event("command_done", command_id=c.id, command=c.command)
         elif c.command == "report":
             self._state_dirty = True
+            self._event("command_done", command_id=c.id, command=c.command)
         elif c.command == "shadow":
             self._start_shadow(c)
         elif c.command == "capture":

@@ -47,6 +47,11 @@ def _older(a: str, b: str) -> bool:
         return False  # versions are checked when bundles are read; an odd one is not a downgrade order
 
 
+def _named(slot: SlotInfo) -> dict[str, str]:
+    """How events name a bundle a slot holds (a bundle object, as every event's bundle fields)."""
+    return {"name": slot.name, "version": slot.version, "sha256": slot.sha256}
+
+
 def _key(ref: BundleRef | None) -> str:
     return f"{ref.name}:{ref.version}" if ref else "?"
 
@@ -135,7 +140,7 @@ class Updater:
                 return
             if st.state not in BEFORE_SWITCH:
                 return  # finish the health window first; the latest desired is looked at again when idle
-            self._emit("update_superseded", old=target.version if target else None, new=ref.version)
+            self._emit("update_superseded", old=target.to_dict() if target else None, new=ref.to_dict())
             if self._job is not None:
                 self._job.stop()
             self.machine.fire(E.SUPERSEDED, target=None, target_slot=None, attempts=0)
@@ -152,17 +157,17 @@ class Updater:
                 [history_key(committed.name, committed.version, committed.sha256)] if committed else []
             )
             if history_key(ref.name, ref.version, ref.sha256) not in ran:
-                self._refuse("refused_rollback", key, ref, "rollback to a bundle this device never committed")
+                self._refuse("refused_rollback", key, d, "rollback to a bundle this device never committed")
                 return
         elif committed is not None and committed.name == ref.name and _older(ref.version, committed.version):
-            self._refuse("refused_downgrade", key, ref, "downgrade below the committed version")
+            self._refuse("refused_downgrade", key, d, "downgrade below the committed version")
             return
         self.machine.fire(E.OFFERED, target=d)
 
-    def _refuse(self, what: str, key: str, ref: BundleRef, reason: str) -> None:
+    def _refuse(self, what: str, key: str, d: Desired, reason: str) -> None:
         # Once per offer: the server's retained desired state arrives again on every reconnect.
         if (self.record.last_result or {}).get(what) != key:
-            self._emit("update_refused", bundle=ref.to_dict(), reason=reason)
+            self._emit("update_refused", bundle=d.bundle.to_dict(), rollout=d.rollout, reason=reason)
             self.machine.update(last_result={what: key})
 
     # -- restarts ----------------------------------------------------------------------------------
@@ -172,7 +177,7 @@ class Updater:
         active = self.slots.active()
         if active is not None and not self.slots.holds(active):
             # Cannot happen with atomic writes short of disk corruption; fall back to the other slot.
-            self._emit("slot_corrupt", slot=active.slot, version=active.version)
+            self._emit("slot_corrupt", slot=active.slot, bundle=_named(active))
             prev = st.previous or st.committed
             if prev is not None and prev.slot != active.slot and self.slots.holds(prev):
                 self.slots.switch(prev)
@@ -218,7 +223,7 @@ class Updater:
         self.slots.switch(info)
         self.machine.fire(E.INSTALLED, committed=info)
         self.active.activate(info)
-        self._emit("installed", bundle={"name": info.name, "version": info.version})
+        self._emit("installed", bundle=_named(info))
 
     # -- the work of each state --------------------------------------------------------------------
     def step(self) -> None:

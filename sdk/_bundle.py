@@ -187,6 +187,18 @@ def _manifest_document(body: bytes) -> Any:
         raise BundleError("manifest.json is nested too deeply") from exc
 
 
+def _canonical(doc: Any) -> bytes:
+    """The canonical encoding of a parsed document, or a BundleError for what has none: a number JSON parsers
+    read as infinity (1e400) or a string holding a lone surrogate (\\ud800), which UTF-8 cannot encode."""
+    try:
+        return canonical_json(doc)
+    except ValueError as exc:  # UnicodeEncodeError is one
+        raise BundleError(
+            "manifest.json holds a number out of range (read as infinity) or a lone UTF-16 surrogate escape; "
+            "no canonical form exists for it"
+        ) from exc
+
+
 def open_bundle(
     path: str | os.PathLike[str],
     trusted_keys: Sequence[PublicKey | str | os.PathLike[str] | bytes] | None = None,
@@ -249,14 +261,17 @@ def open_bundle(
                         f"bundle {p.name} is not signed, but trusted keys were given; sign it with 'edgefleet sign'"
                     )
                 try:
-                    sig_doc: Any = json.loads(sig_raw)
-                except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+                    sig_doc: Any = json.loads(sig_raw, parse_constant=_reject_constant)
+                    canonical_sig = _canonical(sig_doc) == sig_raw
+                except (ValueError, RecursionError, BundleError) as exc:
                     raise SignatureError(f"bundle {p.name} has a malformed signature file") from exc
+                if not canonical_sig:
+                    raise SignatureError(f"bundle {p.name}: manifest.sig is not in canonical form (as the manifest)")
                 signed_by = check_signature(sig_doc, body, keys).key_id
             doc = _manifest_document(body)
             # Canonical form is checked over the document as written, unknown fields included: a newer
             # MINOR may add fields anywhere, and re-encoding only the fields this reader knows would refuse it.
-            if canonical_json(doc) != body:
+            if _canonical(doc) != body:
                 raise BundleError(
                     "manifest.json is not in canonical form (sorted keys, no whitespace); it was edited by hand"
                 )

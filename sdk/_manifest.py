@@ -6,7 +6,9 @@ The authoritative description is docs/bundle-format.md; keep the two in step.
 from __future__ import annotations
 
 import copy
+import itertools
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -125,6 +127,73 @@ class _Fields:
 def _tn(types: type | tuple[type, ...]) -> str:
     ts = types if isinstance(types, tuple) else (types,)
     return " or ".join(t.__name__ for t in ts)
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _histogram(f: _Fields, edges: bool) -> None:
+    """A baseline feature: `proportions` (non-negative numbers) and, for a binned value, `edges` (one fewer,
+    increasing): what devices' windows are counted on."""
+    props = f.get("proportions", list)
+    if not props or not all(_number(v) and v >= 0 for v in props):
+        raise BundleError(f"manifest field '{f.path('proportions')}' must be a non-empty list of non-negative numbers")
+    if edges:
+        e = f.get("edges", list)
+        if len(e) != len(props) - 1 or not all(_number(v) for v in e) or any(a >= b for a, b in itertools.pairwise(e)):
+            raise BundleError(
+                f"manifest field '{f.path('edges')}' must be {len(props) - 1} increasing numbers (one per inner "
+                "bin edge)"
+            )
+
+
+def _check_sections(m: Manifest) -> None:
+    """The documented shape of the optional sections (docs/bundle-format.md), each field named when wrong.
+    Fields a newer MINOR adds are left alone."""
+    if m.golden:
+        g = _Fields(m.golden, "golden")
+        g.get("inputs", str)
+        if g.get("count", int) < 1:
+            raise BundleError("manifest field 'golden.count' must be at least 1")
+    src = _Fields(m.source, "source")
+    for key, types in (("format", str), ("sha256", (str, type(None))), ("file", (str, type(None)))):
+        src.get(key, types, required=False)
+    if m.source.get("sha256") is not None and not _HEX64.fullmatch(m.source["sha256"]):
+        raise BundleError("manifest field 'source.sha256' must be 64 lowercase hex digits or null")
+    if src.get("size_bytes", int, required=False, default=0) < 0:
+        raise BundleError("manifest field 'source.size_bytes' must not be negative")
+    _Fields(m.preprocessing, "preprocessing").get("layout", str, required=False)
+    for i, step in enumerate(m.steps):
+        s = _Fields(step, f"steps[{i}]")
+        s.get("pass", str)
+        s.get("params", dict, required=False)
+    met = _Fields(m.metrics, "metrics")
+    met.get("samples", int, required=False)
+    met.get("evaluated_on", (str, type(None)), required=False)
+    lin = _Fields(m.lineage, "lineage")
+    lin.get("git_commit", (str, type(None)), required=False)
+    datasets = lin.get("dataset_sha256", dict, required=False, default={})
+    if not all(isinstance(v, str) for v in datasets.values()):
+        raise BundleError("manifest field 'lineage.dataset_sha256' must map data set names to hex digests")
+    if not m.drift_baseline:
+        return
+    b = _Fields(m.drift_baseline, "drift_baseline")
+    b.get("version", int)
+    b.get("layout", str, required=False)
+    names = set()
+    for i, feat in enumerate(b.get("inputs", list)):
+        ff = _Fields(feat, f"drift_baseline.inputs[{i}]")
+        name = ff.get("name", str)
+        if name in names:
+            raise BundleError(f"manifest field 'drift_baseline.inputs' names feature {name!r} twice")
+        names.add(name)
+        _histogram(ff, edges=True)
+    outs = _Fields(b.get("outputs", dict), "drift_baseline.outputs")
+    outs.get("apply_softmax", bool, required=False)
+    for key in ("predicted_class", "confidence"):
+        if key in outs.obj:
+            _histogram(_Fields(outs.obj[key], f"drift_baseline.outputs.{key}"), edges=key != "predicted_class")
 
 
 @dataclass(frozen=True)
@@ -319,7 +388,7 @@ class Manifest:
                 f"manifest field 'format' is {obj.get('format')!r}, not {FORMAT_NAME!r}: not an edgefleet bundle"
             )
         fv = f.get("format_version", str)
-        m = re.match(r"^(\d+)\.(\d+)$", fv)
+        m = re.fullmatch(r"([0-9]+)\.([0-9]+)", fv)
         if not m:
             raise BundleError(f"manifest field 'format_version' is {fv!r}; expected MAJOR.MINOR")
         if int(m.group(1)) != FORMAT_MAJOR:
@@ -347,6 +416,7 @@ class Manifest:
             golden=f.get("golden", dict, required=False, default={}),
             lineage=f.get("lineage", dict, required=False, default={}),
         )
+        _check_sections(manifest)
         manifest.check_references()
         return manifest
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -127,19 +128,35 @@ def encode_signature(key: SigningKey, data: bytes) -> dict[str, str]:
     return {"algorithm": "ed25519", "key_id": key.key_id, "signature": base64.b64encode(key.sign(data)).decode()}
 
 
+_KEY_ID = re.compile(r"[0-9a-f]{16}")
+
+
 def check_signature(sig_doc: object, data: bytes, trusted: list[PublicKey]) -> PublicKey:
-    """Return the trusted key that made `sig_doc` over `data`, or raise SignatureError."""
+    """Return the trusted key that made `sig_doc` over `data`, or raise SignatureError.
+
+    The document's `key_id` names the key that signed: only a trusted key with that id is tried, so a
+    signature whose `key_id` does not name the key that made it is refused (docs/bundle-format.md)."""
     if not isinstance(sig_doc, dict) or sig_doc.get("algorithm") != "ed25519":
         raise SignatureError("bundle signature is malformed (expected an ed25519 signature document)")
+    key_id = sig_doc.get("key_id")
+    if not isinstance(key_id, str) or not _KEY_ID.fullmatch(key_id):
+        raise SignatureError("bundle signature field 'key_id' must be 16 lowercase hex digits")
+    sig = sig_doc.get("signature")
     try:
-        raw = base64.b64decode(str(sig_doc.get("signature", "")), validate=True)
+        raw = base64.b64decode(sig if isinstance(sig, str) else "", validate=True)
     except ValueError as exc:
         raise SignatureError("bundle signature is not valid base64") from exc
-    for key in trusted:
+    named = [k for k in trusted if k.key_id == key_id]
+    ids = ", ".join(k.key_id for k in trusted)
+    if not named:
+        raise SignatureError(
+            f"bundle signature does not verify with the trusted key(s) {ids}: it names key {key_id}, which is not "
+            "trusted; trust its public key, or sign the bundle with a trusted one"
+        )
+    for key in named:
         if key.verify(raw, data):
             return key
-    ids = ", ".join(k.key_id for k in trusted)
     raise SignatureError(
-        f"bundle signature (key {sig_doc.get('key_id')}) does not verify with the trusted key(s) {ids}: "
-        "wrong key, or the bundle was modified after signing"
+        f"bundle signature (key {key_id}) does not verify with that trusted key: "
+        "the bundle was modified after signing, or the signature names the wrong key"
     )

@@ -168,9 +168,14 @@ def parse_desired(obj: Any) -> Desired:
 
 @dataclass(frozen=True)
 class Command:
+    """A one-off order to one device (docs/topics.md lists the commands and their arguments)."""
+
     id: str
     command: str
     args: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"schema": COMMAND_SCHEMA, "id": self.id, "command": self.command, "args": dict(self.args)}
 
 
 def parse_command(obj: Any) -> Command:

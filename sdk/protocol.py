@@ -7,7 +7,8 @@ What docs/topics.md specifies, for the agent, the server and third-party impleme
     desired = parse_desired(json.loads(payload))   # InputError naming what is wrong
 
 Topics and payload schemas (`topic`, `parse_topic`, the `*_SCHEMA` names), the server's orders
-(`Desired`, `BundleRef`, `Command` and their validators), telemetry windows (`check_window`, the
+(`Desired`, `BundleRef`, `Command` and their validators), what devices send (`parse_status`,
+`parse_state`, `parse_event` and their records), telemetry windows (`check_window`, the
 latency histogram's `LATENCY_EDGES_MS`, `latency_quantile`), and the latency rule devices and rollouts
 both apply (`latency_regressed`). Everything here validates what it reads and needs only the core
 install.
@@ -15,6 +16,18 @@ install.
 
 from __future__ import annotations
 
+from ._messages import (
+    BUNDLE_FIELDS,
+    EVENT_TYPES,
+    UPDATE_STATES,
+    Event,
+    State,
+    Status,
+    check_bundle_name,
+    parse_event,
+    parse_state,
+    parse_status,
+)
 from ._telemetry import (
     LATENCY_EDGES_MS,
     WINDOW_SCHEMA,
@@ -49,11 +62,13 @@ from ._topics import (
 )
 
 __all__ = [
+    "BUNDLE_FIELDS",
     "COMMANDS",
     "COMMAND_SCHEMA",
     "DESIRED_SCHEMA",
     "DEVICE_ID",
     "EVENT_SCHEMA",
+    "EVENT_TYPES",
     "KINDS",
     "LATENCY_EDGES_MS",
     "MAX_CAPTURE_SAMPLES",
@@ -61,20 +76,28 @@ __all__ = [
     "ROOT",
     "STATE_SCHEMA",
     "STATUS_SCHEMA",
+    "UPDATE_STATES",
     "WINDOW_SCHEMA",
     "Bins",
     "BundleRef",
     "Command",
     "Desired",
+    "Event",
     "Refusal",
+    "State",
+    "Status",
     "baseline_bins",
+    "check_bundle_name",
     "check_device_id",
     "check_window",
     "latency_quantile",
     "latency_regressed",
     "parse_command",
     "parse_desired",
+    "parse_event",
     "parse_refusal",
+    "parse_state",
+    "parse_status",
     "parse_topic",
     "topic",
 ]

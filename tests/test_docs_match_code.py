@@ -71,3 +71,48 @@ def test_every_command_is_documented() -> None:
     text = (DOCS / "topics.md").read_text()
     for c in COMMANDS:
         assert f"- `{c}`" in text, f"command {c} is not in docs/topics.md"
+
+
+def _section(title: str) -> str:
+    text = (DOCS / "topics.md").read_text()
+    start = text.index(f"## {title}")
+    end = text.find("\n## ", start + 1)
+    return text[start : end if end > 0 else None]
+
+
+def test_event_table_lists_every_event_type_with_its_bundle_fields() -> None:
+    from edgefleet.protocol import BUNDLE_FIELDS
+
+    rows = re.findall(r"^\| (`[^|]+`) \| ([^\n]+) \|$", _section("Events"), re.M)
+    documented: dict[str, set[str]] = {}
+    for types, text in rows:
+        # `name` (bundle object...) marks a field that names a bundle
+        bundles = set(re.findall(r"`(\w+)` \(bundle object", text))
+        for t in re.findall(r"`(\w+)`", types):
+            documented[t] = bundles
+    assert set(documented) == set(BUNDLE_FIELDS), set(documented) ^ set(BUNDLE_FIELDS)
+    for t, names in BUNDLE_FIELDS.items():
+        assert documented[t] == set(names), f"{t}: docs name bundles in {documented[t]}, the code in {set(names)}"
+
+
+def test_state_table_lists_every_field_the_reader_checks() -> None:
+    import inspect
+
+    from edgefleet import _messages
+
+    documented = set(re.findall(r"^\| `(\w+)` \|", _section("Device state"), re.M))
+    checked = set(re.findall(r"""s(?:\.get)?\(?\[?["'](\w+)["']""", inspect.getsource(_messages.parse_state)))
+    checked |= {"schema", "device_id", "ts", *_messages._STATE_OBJECTS}
+    assert checked - documented == set(), f"checked, not documented: {checked - documented}"
+    assert documented - checked == set(), f"documented, not checked: {documented - checked}"
+
+
+def test_telemetry_example_has_every_required_window_field() -> None:
+    import json as _json
+
+    from edgefleet._telemetry import _REQUIRED
+
+    block = re.search(r"```json\n(\{\"schema\": \"edgefleet.telemetry/1\".*?)```", _section("Telemetry window"), re.S)
+    assert block, "docs/topics.md lost its telemetry window example"
+    example = _json.loads(re.sub(r"\[\.\.\.[^\]]*\]", "[]", block.group(1)).replace('"3f9c..."', '"k"'))
+    assert set(_REQUIRED) <= set(example), set(_REQUIRED) - set(example)

@@ -64,7 +64,8 @@ def test_a_shadow_deployment_reports_the_agreement_of_the_same_inputs_offline(
         liar.username_pw_set("sh-liar", pw)
         liar.connect("127.0.0.1", server.mqtt)
         liar.loop_start()
-        liar.publish(topic("sh-liar", "status"), json.dumps({"schema": "edgefleet.status/1", "online": True}), 1, True)
+        status = {"schema": "edgefleet.status/1", "device_id": "sh-liar", "online": True, "ts": time.time()}
+        liar.publish(topic("sh-liar", "status"), json.dumps(status), 1, True)
 
         def online() -> set:
             return {d["id"] for d in json.loads(server.cli("devices", "--json").stdout) if d["online"]}
@@ -176,6 +177,15 @@ def test_a_shadow_deployment_reports_the_agreement_of_the_same_inputs_offline(
         assert r.returncode == 0 and sorted(json.loads(r.stdout)["ids"]) == ["sh-a", "sh-b", "sh-liar"], r.stderr
         status, body, _ = server.get("/api/devices/sh-a/commands", token=server.token)
         assert status == 200 and [c["command"] for c in json.loads(body)] == ["report", "flush"]
+
+        def answers() -> list:
+            return [c["answer"] for c in json.loads(server.get("/api/devices/sh-a/commands", token=server.token)[1])]
+
+        # The real agent answers both (the liar, which runs no agent, never does).
+        _wait(lambda: all(a is not None for a in answers()), 30, "the agent's answers to both commands")
+        assert [a["type"] for a in answers()] == ["command_done", "command_done"]
+        liar_cmds = json.loads(server.get("/api/devices/sh-liar/commands", token=server.token)[1])
+        assert [c["answer"] for c in liar_cmds if c["command"] == "report"] == [None]
         r = server.cli("command", "flush", "nobody")
         assert r.returncode != 0 and "no device nobody" in r.stderr and "Traceback" not in r.stderr
         r = server.cli("command", "flush")

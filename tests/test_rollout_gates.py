@@ -509,3 +509,36 @@ def test_rollups_keep_latency_per_accelerator(db: Database) -> None:
     assert sum(new.latency_by_accel["CPU"]) == 100 and sum(ctl.latency_by_accel["NPU"]) == 200
     v = evaluate(new, ctl, StageDevices(2, 2, 0, True), Gates.parse({"min_prediction_samples": 0}))
     assert v.ok and list(v.values["latency_by_accelerator"]) == ["NPU"], v.values
+
+
+def test_a_device_counts_by_its_latest_outcome_event_for_the_rollout(db: Database) -> None:
+    """docs/fleet.md 'When a device counts as updated': committed -> updated; update_failed, rolled_back and
+    update_refused -> failed (with the event's reason); an outcome for another rollout does not count."""
+    _four_devices_on_v1(db)
+    engine = RolloutEngine(db, lambda *a, **k: None)
+    rid = engine.create("m:2.0.0", "g", [100], {"min_stage_s": 0})
+    engine.tick()
+    t = time.time()
+    outcomes = {
+        "d0": [("committed", rid)],
+        "d1": [("update_refused", rid)],
+        "d2": [("committed", rid), ("rolled_back", rid)],  # the latest counts
+        "d3": [("update_failed", "r-other")],  # another rollout's: still pending
+    }
+    with db.transaction() as cur:
+        for dev, evs in outcomes.items():
+            for i, (typ, r) in enumerate(evs):
+                body = {"type": typ, "rollout": r, "bundle": {"name": "m", "version": "2.0.0"}, "reason": f"{typ} why"}
+                cur.execute(
+                    "INSERT INTO events (key, device_id, type, ts, body) VALUES (?, ?, ?, ?, ?)",
+                    (f"{dev}:ev:{i}", dev, typ, t + i, json.dumps(body)),
+                )
+    engine.store.record_device_results()
+    devices = {d["id"]: d for d in engine.get(rid)["devices"]}
+    assert {d: x["status"] for d, x in devices.items()} == {
+        "d0": "updated",
+        "d1": "failed",
+        "d2": "failed",
+        "d3": "pending",
+    }
+    assert devices["d1"]["reason"] == "update_refused: update_refused why", devices["d1"]

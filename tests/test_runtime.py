@@ -399,3 +399,16 @@ def test_verify_runs_every_models_golden_sample(tmp_path: Path, digits_bundle: P
     assert f"golden {entry.id}: FAILED" in r.stdout and "do not reproduce their golden outputs" in r.stderr
     r = run_cli("verify", str(bad), "--key", str(publisher[2]), "--no-golden")
     assert r.returncode == 0 and "golden" not in r.stdout, r.stdout
+
+    # A bundle with no golden sample at all passes the static checks and is refused by verify.
+    import dataclasses
+
+    bare = dataclasses.replace(
+        b.manifest, golden={}, models=[dataclasses.replace(m, golden_outputs=None) for m in b.manifest.models]
+    )
+    kept = {n: data for n, data in members.items() if not n.startswith("golden/")}
+    none = tmp_path / "no-golden.efb"
+    write_bundle(none, bare, kept, load_signing_key(publisher[1]))
+    r = run_cli("verify", str(none), "--key", str(publisher[2]))
+    assert r.returncode == 1 and "Traceback" not in r.stderr and "golden" in r.stderr, (r.stdout, r.stderr)
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr

@@ -26,7 +26,15 @@ from edgefleet import Manifest, ModelEntry, TensorSpec
 from edgefleet._bundle import sha256_bytes
 from edgefleet._manifest import FileEntry, canonical_json
 from edgefleet._signing import SigningKey, encode_signature
-from edgefleet.protocol import COMMAND_SCHEMA, DESIRED_SCHEMA, LATENCY_EDGES_MS, WINDOW_SCHEMA
+from edgefleet.protocol import (
+    COMMAND_SCHEMA,
+    DESIRED_SCHEMA,
+    EVENT_SCHEMA,
+    LATENCY_EDGES_MS,
+    STATE_SCHEMA,
+    STATUS_SCHEMA,
+    WINDOW_SCHEMA,
+)
 
 SEED = bytes(range(1, 33))  # the vectors' signing key: public, for tests only
 OTHER_SEED = bytes(range(101, 133))
@@ -68,6 +76,17 @@ def _manifest(members: dict[str, bytes]) -> dict[str, Any]:
         models=[entry],
         files=[],
         golden={"inputs": "golden/inputs.npy", "count": 2},
+        # The histogram sizes the telemetry vectors are checked against (`_BINS`): brightness in 3 bins,
+        # 3 classes.
+        drift_baseline={
+            "version": 1,
+            "n_samples": 4,
+            "layout": "NC",
+            "inputs": [
+                {"name": "brightness", "level": "sample", "edges": [0.25, 0.75], "proportions": [0.25, 0.5, 0.25]}
+            ],
+            "outputs": {"apply_softmax": False, "predicted_class": {"proportions": [0.5, 0.25, 0.25]}},
+        },
     )
     m.files = [FileEntry(n, sha256_bytes(b), len(b)) for n, b in sorted(members.items())]
     doc: dict[str, Any] = json.loads(m.canonical_bytes())
@@ -105,6 +124,19 @@ def _bundle(
         entries.append(("manifest.sig", canonical_json(encode_signature(key or _key(SEED), body))))
     entries += sorted(members.items()) + list(extra)
     return _archive(entries)
+
+
+def _signed_with(sig: bytes) -> bytes:
+    """A bundle whose manifest.sig is SIG, as given."""
+    m = _members()
+    body = canonical_json(_manifest(m))
+    return _archive([("manifest.json", body), ("manifest.sig", sig), *sorted(m.items())])
+
+
+def _signature(**over: Any) -> dict[str, Any]:
+    sig = encode_signature(_key(SEED), canonical_json(_manifest(_members())))
+    sig.update(over)
+    return sig
 
 
 def _edit(fn: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
@@ -286,6 +318,69 @@ def bundle_vectors() -> list[tuple[str, bytes, str, str, str]]:
             "no duplicate names",
         ),
         ("refused-not-a-zip.efb", b"PK\x03\x04 this is no archive", "refuse", "not a readable bundle", "a ZIP archive"),
+        (
+            "valid-signature-newer-field.efb",
+            _signed_with(canonical_json(_signature(future_field="kept and ignored"))),
+            "accept",
+            "",
+            "a newer MINOR's field in manifest.sig",
+        ),
+        (
+            "refused-signature-key-id-other.efb",
+            _signed_with(canonical_json(_signature(key_id=_key(OTHER_SEED).key_id))),
+            "refuse",
+            "not trusted",
+            "key_id names the key that signed; a signature naming another key is refused",
+        ),
+        (
+            "refused-signature-key-id-malformed.efb",
+            _signed_with(canonical_json(_signature(key_id="KEY-1"))),
+            "refuse",
+            "key_id",
+            "key_id is 16 lowercase hex digits",
+        ),
+        (
+            "refused-signature-whitespace.efb",
+            _signed_with(json.dumps(_signature(), sort_keys=True, indent=1).encode()),
+            "refuse",
+            "canonical form",
+            "manifest.sig is canonical JSON too",
+        ),
+        (
+            "refused-number-out-of-range.efb",
+            _bundle(body=canonical_json(_manifest(m)).replace(b'"atol":0.0001', b'"atol":1e400')),
+            "refuse",
+            "out of range",
+            "a number no IEEE-754 double holds (parsers read it as infinity)",
+        ),
+        (
+            "refused-lone-surrogate.efb",
+            _bundle(body=canonical_json(_manifest(m)).replace(b'"atol":0.0001', b'"atol":0.0001,"x":"\\ud800"')),
+            "refuse",
+            "surrogate",
+            "a string with a lone UTF-16 surrogate has no UTF-8 (so no canonical) form",
+        ),
+        (
+            "refused-format-version-newline.efb",
+            _bundle(_edit(lambda d: d.update(format_version="1.0\n"))),
+            "refuse",
+            "format_version",
+            "format_version is exactly MAJOR.MINOR",
+        ),
+        (
+            "refused-golden-count-string.efb",
+            _bundle(_edit(lambda d: d["golden"].update(count="2"))),
+            "refuse",
+            "golden.count",
+            "golden.count is an integer",
+        ),
+        (
+            "refused-baseline-edges.efb",
+            _bundle(_edit(lambda d: d["drift_baseline"]["inputs"][0].update(edges=[0.75, 0.25]))),
+            "refuse",
+            "edges",
+            "a baseline feature has one inner edge fewer than proportions, increasing",
+        ),
     ]
     return v
 
@@ -348,6 +443,7 @@ def message_vectors() -> list[dict[str, Any]]:
     )
     add("command", "command-shadow", shadow, "accept")
     add("command", "command-flush", {"schema": COMMAND_SCHEMA, "id": "c-1", "command": "flush"}, "accept")
+    add("command", "command-newer-minor-field", {**shadow, "future": {"x": 1}}, "accept")
     add("command", "command-unknown", {"schema": COMMAND_SCHEMA, "id": "c-2", "command": "wipe"}, "refuse", "unknown")
     add(
         "command",
@@ -387,6 +483,7 @@ def message_vectors() -> list[dict[str, Any]]:
     }
     add("refusal", "refusal-valid", refusal, "accept")
     add("refusal", "refusal-no-key", {**refusal, "key": None}, "accept")
+    add("refusal", "refusal-newer-minor-field", {**refusal, "future": 1}, "accept")
     add("refusal", "refusal-no-reason", {k: v for k, v in refusal.items() if k != "reason"}, "refuse", "reason")
     ctx = {"bins": _BINS, "device_id": "cam-7"}
     add("telemetry", "window-valid", _window(), "accept", **ctx)
@@ -416,6 +513,74 @@ def message_vectors() -> list[dict[str, Any]]:
     )
     add("telemetry", "window-feedback-sum", _window(feedback={**fb, "labelled": 6}), "refuse", "add up", **ctx)
     add("telemetry", "window-missing-key", {k: v for k, v in _window().items() if k != "key"}, "refuse", "key", **ctx)
+
+    dev = {"device_id": "cam-7"}
+    status = {"schema": STATUS_SCHEMA, "device_id": "cam-7", "online": True, "ts": 1700000000.0}
+    add("status", "status-valid", status, "accept", **dev)
+    add("status", "status-offline-will", {**status, "online": False}, "accept", **dev)
+    add("status", "status-newer-minor-field", {**status, "future": [1]}, "accept", **dev)
+    add("status", "status-other-device", {**status, "device_id": "cam-8"}, "refuse", "came from", **dev)
+    add("status", "status-online-string", {**status, "online": "yes"}, "refuse", "online", **dev)
+    add("status", "status-wrong-schema", {**status, "schema": "edgefleet.status/2"}, "refuse", "schema", **dev)
+    named = {"name": "conformance", "version": "1.0.0", "sha256": "ab" * 32}
+    state = {
+        "schema": STATE_SCHEMA,
+        "device_id": "cam-7",
+        "agent_version": "0.1.0",
+        "tags": ["eu"],
+        "active": {
+            "bundle": "conformance",
+            "version": "1.0.0",
+            "model_id": "onnx-fp32",
+            "backend": "onnxruntime",
+            "accelerator": "CPUExecutionProvider",
+            "fallbacks": [],
+            "slot": "a",
+        },
+        "committed": {"slot": "a", **named},
+        "staged": None,
+        "update": {"state": "idle", "rollout": None, "last_result": None, "refused": {}},
+        "buffer": {"windows": 0, "bytes": 0, "dropped_windows": 0},
+        "refused_by_fleet": {"count": 0, "last": None},
+        "capabilities": {"machine": "x86_64", "runtimes": {}},
+        "ts": 1700000000.0,
+    }
+    add("state", "state-valid", state, "accept", **dev)
+    add("state", "state-minimal", {"schema": STATE_SCHEMA, "device_id": "cam-7"}, "accept", **dev)
+    add("state", "state-newer-minor-field", {**state, "future": {"x": 1}}, "accept", **dev)
+    add("state", "state-other-device", {**state, "device_id": "cam-8"}, "refuse", "came from", **dev)
+    add("state", "state-unknown-update-state", {**state, "update": {"state": "nap"}}, "refuse", "update.state", **dev)
+    add("state", "state-staged-version-string", {**state, "staged": "2.0.0"}, "refuse", "staged", **dev)
+    add("state", "state-active-version-newline", {**state, "active": {**state["active"], "version": "1.0.0\n"}},
+        "refuse", "version", **dev)  # fmt: skip
+    ev = {"schema": EVENT_SCHEMA, "key": "cam-7:ev:0123456789ab", "device_id": "cam-7", "ts": 1700000000.0}
+    add("event", "event-committed", {**ev, "type": "committed", "bundle": {**_REF}, "rollout": "r-1"}, "accept", **dev)
+    add(
+        "event",
+        "event-update-state",
+        {**ev, "type": "update_state", "from_state": "idle", "to_state": "downloading", "target": _REF,
+         "rollout": "r-1"},
+        "accept",
+        **dev,
+    )  # fmt: skip
+    add("event", "event-installed", {**ev, "type": "installed", "bundle": named}, "accept", **dev)
+    add("event", "event-newer-minor-field", {**ev, "type": "installed", "bundle": named, "future": [1]}, "accept",
+        **dev)  # fmt: skip
+    add("event", "event-newer-minor-type", {**ev, "type": "npu_thermal_throttle", "celsius": 91}, "accept", **dev)
+    add(
+        "event",
+        "event-target-version-string",
+        {**ev, "type": "update_state", "from_state": "idle", "to_state": "downloading", "target": "1.0.0"},
+        "refuse",
+        "bundle object",
+        **dev,
+    )
+    add("event", "event-no-key", {k: v for k, v in ev.items() if k != "key"} | {"type": "installed",
+        "bundle": named}, "refuse", "key", **dev)  # fmt: skip
+    add("event", "event-other-device", {**ev, "device_id": "cam-8", "type": "buffer_reset"}, "refuse", "came from",
+        **dev)  # fmt: skip
+    add("event", "event-rollout-number", {**ev, "type": "committed", "bundle": named, "rollout": 7}, "refuse",
+        "rollout", **dev)  # fmt: skip
     return out
 
 
