@@ -15,9 +15,16 @@ import numpy as np
 from edgefleet import InputError, Manifest
 
 from ._db import Database
-from ._rollups import ALL, read
+from ._rollups import ALL, Rollup, accumulate, empty_merge, read
 
-__all__ = ["CONCEPT_THRESHOLDS", "accuracy_figures", "accuracy_report", "concept_drift", "reference_accuracy"]
+__all__ = [
+    "CONCEPT_THRESHOLDS",
+    "accuracy_figures",
+    "accuracy_report",
+    "accuracy_series",
+    "concept_drift",
+    "reference_accuracy",
+]
 
 # A cohort's accuracy has drifted when, with at least MIN_LABELLED labelled predictions, it is more than
 # MAX_DROP below the reference and a one-sided test says the drop is no accident (p < P_VALUE).
@@ -52,7 +59,9 @@ def accuracy_figures(confusion: np.ndarray | None, labels: list[str] | None = No
                 "class": labels[i] if labels and i < len(labels) else i,
                 "support": actual,
                 "precision": None if precision is None else round(precision, 6),
+                "precision_ci95": _wilson(tp, predicted) if predicted else None,
                 "recall": None if recall is None else round(recall, 6),
+                "recall_ci95": _wilson(tp, actual) if actual else None,
                 "f1": None if f1 is None else round(f1, 6),
             }
         )
@@ -104,3 +113,23 @@ def accuracy_report(
     merged = read(db, name, version, cohort, since) if merged is None else merged
     fig = accuracy_figures(merged["confusion"], m.labels or None)
     return {"bundle": f"{name}:{version}", **fig, "reference_accuracy": _build_accuracy(m)}
+
+
+def accuracy_series(rows: list[Rollup], since: float, until: float, buckets: int = 48) -> dict[str, list[Any]]:
+    """Accuracy over time from rollup ROWS (one bundle version and cohort): per span of BUCKETS equal spans of
+    [SINCE, UNTIL), the labelled predictions, the accuracy and its 95% interval (None where nothing was
+    labelled)."""
+    width = max(1e-9, (until - since) / buckets)
+    spans = [empty_merge() for _ in range(buckets)]
+    for r in rows:
+        i = int((r.bucket - since) / width)
+        if 0 <= i < buckets:
+            accumulate(spans[i], r.counts)
+    out: dict[str, list[Any]] = {"labelled": [], "accuracy": [], "ci_low": [], "ci_high": []}
+    for m in spans:
+        fig = accuracy_figures(m["confusion"])
+        out["labelled"].append(fig["labelled"])
+        out["accuracy"].append(fig["accuracy"])
+        out["ci_low"].append(fig["ci95"][0] if fig["ci95"] else None)
+        out["ci_high"].append(fig["ci95"][1] if fig["ci95"] else None)
+    return out

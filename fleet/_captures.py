@@ -124,6 +124,8 @@ class Captures:
         if len(x) > cap["samples"]:
             raise InputError(f"{len(x)} samples uploaded; capture {cid} asked for at most {cap['samples']}")
         bundles = sorted({str(b) for b in arrays["bundle"]})
+        for b in bundles:
+            self._check_labels(b, label[arrays["bundle"] == b])
         d = self.dir / cid
         d.mkdir(parents=True, exist_ok=True)
         path = d / f"{device_id}.npz"
@@ -138,6 +140,21 @@ class Captures:
                 raise InputError(f"device {device_id} has answered capture {cid} already")
             atomic_write(path, body)  # inside the transaction: a failed write stores no row either
         return {"capture": cid, "device": device_id, "samples": len(x), "labelled": labelled}
+
+    def _check_labels(self, bundle: str, labels: np.ndarray) -> None:
+        """Labels of samples from BUNDLE (NAME:VERSION) must be classes of it (its drift baseline's classes),
+        or -1 (none fed back); a bundle not published here is refused."""
+        name, _, version = bundle.partition(":")
+        rows = self.db.query("SELECT manifest FROM bundles WHERE name = ? AND version = ?", (name, version))
+        if not rows:
+            raise InputError(f"upload names bundle {bundle!r}, which is not published here")
+        outputs = (json.loads(rows[0][0]).get("drift_baseline") or {}).get("outputs") or {}
+        classes = len((outputs.get("predicted_class") or {}).get("proportions") or [])
+        labelled = labels[labels >= 0]
+        if classes and len(labelled) and int(labelled.max()) >= classes:
+            raise InputError(
+                f"upload has label {int(labelled.max())}; bundle {bundle} has {classes} classes (0-{classes - 1})"
+            )
 
     # -- reading ---------------------------------------------------------------------------------------
     def get(self, cid: str) -> dict[str, Any]:

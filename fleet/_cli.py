@@ -54,7 +54,11 @@ def _serve(args: argparse.Namespace) -> int:
         drift_window_s=args.drift_window,
         metrics_open=args.metrics_open,
         mqtt_bind=args.mqtt_bind,
-        retention=Retention(windows_s=args.keep_windows_days * 86400, rollups_s=args.keep_rollups_days * 86400),
+        retention=Retention(
+            windows_s=args.keep_windows_days * 86400,
+            rollups_s=args.keep_rollups_days * 86400,
+            captures_s=args.keep_captures_days * 86400,
+        ),
         tls_cert=_existing(args.tls_cert, "--tls-cert"),
         tls_key=_existing(args.tls_key, "--tls-key"),
         tls_ca=_existing(args.tls_ca, "--tls-ca"),
@@ -480,6 +484,12 @@ def register(sub: Any) -> None:
         type=float,
         default=400.0,
         help="days the per-minute/hour/day telemetry rollups are kept (default 400)",
+    )
+    p.add_argument(
+        "--keep-captures-days",
+        type=float,
+        default=90.0,
+        help="days captured samples (datasets) are kept, then deleted with their files (default 90)",
     )
     p.set_defaults(func=_serve)
 

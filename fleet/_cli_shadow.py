@@ -22,12 +22,13 @@ def _show(s: dict[str, Any]) -> None:
     )
     rows = [("overall", o), *sorted(s["cohorts"].items())]
     print(
-        f"  {'cohort':<16} {'samples':>8} {'agreement':>9} {'active p95':>10} {'cand. p95':>10} {'errors':>6} "
-        f"{'labelled':>8} {'active acc':>10} {'cand. acc':>9}"
+        f"  {'cohort':<16} {'samples':>8} {'agreement':>9} {'out. PSI':>8} {'active p95':>10} {'cand. p95':>10} "
+        f"{'errors':>6} {'labelled':>8} {'active acc':>10} {'cand. acc':>9}"
     )
     for name, m in rows:
         print(
-            f"  {name:<16} {m['samples']:>8} {_fmt(m['agreement']):>9} {_fmt(m['active_p95_ms'], '.3f'):>10} "
+            f"  {name:<16} {m['samples']:>8} {_fmt(m['agreement']):>9} {_fmt(m.get('output_psi')):>8} "
+            f"{_fmt(m['active_p95_ms'], '.3f'):>10} "
             f"{_fmt(m['candidate_p95_ms'], '.3f'):>10} {m['candidate_errors']:>6} {m.get('labelled', 0):>8} "
             f"{_fmt(m.get('active_accuracy')):>10} {_fmt(m.get('candidate_accuracy')):>9}"
         )

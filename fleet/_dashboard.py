@@ -22,8 +22,8 @@ from fastapi.templating import Jinja2Templates
 from edgefleet import InputError
 from edgefleet._drift import psi
 
-from ._accuracy import accuracy_report
-from ._charts import RANGES, charts, device_history, fleet_history
+from ._accuracy import accuracy_report, accuracy_series
+from ._charts import RANGES, charts, device_history, fleet_history, svg_chart
 from ._drift import baseline_of, drift_report, list_alerts
 from ._rollups import ALL, Rollup, accumulate, empty_merge
 from ._rollups import series as rollup_series
@@ -246,15 +246,56 @@ def mount_dashboard(app: FastAPI, server: FleetServer) -> None:
             ranges=list(RANGES),
         )
 
-    @app.get("/shadows", response_class=HTMLResponse, include_in_schema=False)
-    @signed_in
-    def shadows(request: Request) -> Response:
+    def _shadows_page(request: Request, error: str | None = None) -> Response:
         items = server.shadows.list()
         for s in items:
             s["created_text"] = time.strftime("%Y-%m-%d %H:%M", time.gmtime(s["created"]))
+            h = server.shadows.series(s["id"])
+            s["charts"] = [
+                svg_chart("agreement with the active bundle", {"agreement": h["agreement"]}, h["since"], h["until"]),
+                svg_chart(
+                    "p95 latency (ms)",
+                    {"active": h["active_p95_ms"], "candidate": h["candidate_p95_ms"]},
+                    h["since"],
+                    h["until"],
+                ),
+                svg_chart("output PSI, candidate vs active", {"PSI": h["output_psi"]}, h["since"], h["until"]),
+            ]
+        running = any(s["state"] == "running" for s in items)
         return page(
-            request, "shadows.html", shadows=items, refresh=5 if any(s["state"] == "running" for s in items) else None
+            request, "shadows.html", shadows=items, bundles=_bundles(), error=error, refresh=5 if running else None
         )
+
+    @app.get("/shadows", response_class=HTMLResponse, include_in_schema=False)
+    @signed_in
+    def shadows(request: Request) -> Response:
+        return _shadows_page(request)
+
+    @app.post("/shadows", include_in_schema=False)
+    def create_shadow(
+        request: Request,
+        bundle: str = Form(...),
+        selector: str = Form(...),
+        sample_rate: float = Form(0.1),
+        duration_s: float = Form(600.0),
+    ) -> Response:
+        if not authed(request):
+            return RedirectResponse("/login", status_code=303)
+        try:
+            server.shadows.create(bundle, selector.strip(), sample_rate, duration_s)
+        except InputError as exc:
+            return _shadows_page(request, error=str(exc))
+        return RedirectResponse("/shadows", status_code=303)
+
+    @app.post("/shadows/{sid}/stop", include_in_schema=False)
+    def stop_shadow(request: Request, sid: str) -> Response:
+        if not authed(request):
+            return RedirectResponse("/login", status_code=303)
+        try:
+            server.shadows.stop(sid)
+        except InputError as exc:
+            return _shadows_page(request, error=str(exc))
+        return RedirectResponse("/shadows", status_code=303)
 
     @app.get("/rollouts", response_class=HTMLResponse, include_in_schema=False)
     @signed_in
@@ -311,7 +352,7 @@ def mount_dashboard(app: FastAPI, server: FleetServer) -> None:
     def drift(request: Request, bundle: str | None = None, tag: str | None = None, hours: str = "") -> Response:
         bundles = _bundles()
         bundle = bundle or (bundles[-1] if bundles else None)
-        report = hist = series = accuracy = None
+        report = hist = series = accuracy = acc_chart = None
         span = _RANGES.get(hours)
         if bundle:
             name, _, version = bundle.partition(":")
@@ -325,6 +366,16 @@ def mount_dashboard(app: FastAPI, server: FleetServer) -> None:
                 accuracy = accuracy_report(server.db, name, version, cohort=cohort, merged=merged)
             except InputError:
                 accuracy = None
+            if accuracy is not None and accuracy["labelled"] and buckets:
+                now = time.time()
+                start = now - span if span is not None else buckets[0].bucket
+                acc = accuracy_series(buckets, start, now)
+                acc_chart = svg_chart(
+                    "accuracy on fed-back labels",
+                    {"accuracy": acc["accuracy"], "95% low": acc["ci_low"], "95% high": acc["ci_high"]},
+                    start,
+                    now,
+                )
             try:
                 report = drift_report(server.db, name, version, cohort=cohort, merged=merged)
             except InputError:
@@ -353,4 +404,5 @@ def mount_dashboard(app: FastAPI, server: FleetServer) -> None:
             hist=hist,
             series=series,
             accuracy=accuracy,
+            acc_chart=acc_chart,
         )

@@ -177,6 +177,7 @@ class DriftMonitor:
         self.th = {**DEFAULT_THRESHOLDS, **(thresholds or {})}
         self.last: dict[tuple[str, str, str], float] = {}
         self.accuracy: dict[tuple[str, str], float] = {}  # (bundle, cohort) -> accuracy at the last check
+        self.accuracy_detail: dict[tuple[str, str], dict[str, Any]] = {}  # ... its accuracy_figures
         self._references: dict[tuple[str, str], float | None] = {}
         self._baselines: dict[tuple[str, str], dict[str, Any] | None] = {}
         # Called with the alerts a check opened (after they are stored): armed captures listen here.
@@ -215,6 +216,7 @@ class DriftMonitor:
         seen: dict[tuple[str, str, str, str], dict[str, Any]] = {}
         last: dict[tuple[str, str, str], float] = {}
         accuracy: dict[tuple[str, str], float] = {}
+        detail: dict[tuple[str, str], dict[str, Any]] = {}
         for (name, version, cohort), merged in sorted(merged_by.items()):
             baseline = self._baseline(name, version)
             if baseline is None:
@@ -232,6 +234,7 @@ class DriftMonitor:
             acc = accuracy_figures(merged["confusion"])
             if acc["labelled"]:
                 accuracy[(f"{name}:{version}", cohort)] = acc["accuracy"]
+                detail[(f"{name}:{version}", cohort)] = acc
             cd = concept_drift(acc, self._reference(name, version), CONCEPT_THRESHOLDS)
             if cd is not None:
                 moved = any(
@@ -242,7 +245,7 @@ class DriftMonitor:
                 kind = "accuracy" if moved else "concept"
                 seen[(name, version, cohort, "accuracy")] = {"psi": None, "samples": cd["labelled"], **cd, "kind": kind}
         self.last = last
-        self.accuracy = accuracy
+        self.accuracy, self.accuracy_detail = accuracy, detail
         opened: list[dict[str, Any]] = []
         with self.db.transaction() as cur:
             cur.execute("SELECT id, bundle_name, bundle_version, cohort, feature FROM alerts WHERE state = 'open'")

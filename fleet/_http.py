@@ -5,21 +5,24 @@ from __future__ import annotations
 
 import re
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from fastapi import Depends, FastAPI, HTTPException, Request
-from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from edgefleet import BundleError, InputError
 
 from ._auth import device_of
 from ._captures import MAX_UPLOAD_BYTES
-from ._rollups import ALL
+from ._rollups import ALL, accumulate, empty_merge
 from ._server import MAX_BUNDLE_BYTES, FleetServer
 
 __all__ = ["create_app"]
+
+_CHUNK = 256 * 1024  # bytes a bundle download is read from disk and sent in
 
 
 def create_app(server: FleetServer) -> Any:
@@ -122,16 +125,20 @@ def create_app(server: FleetServer) -> Any:
         device = device_of(server.db, request.headers.get("authorization"))
         if device is None:
             raise HTTPException(401, "a capture upload needs the device's own token (http_token in device.toml)")
-        declared = request.headers.get("content-length")
-        if declared and declared.isdigit() and int(declared) > MAX_UPLOAD_BYTES:
-            raise HTTPException(413, f"upload of {declared} bytes is larger than the {MAX_UPLOAD_BYTES}-byte limit")
-        chunks, total = [], 0
-        async for chunk in request.stream():
-            total += len(chunk)
-            if total > MAX_UPLOAD_BYTES:
-                raise HTTPException(413, f"upload is larger than the {MAX_UPLOAD_BYTES}-byte limit")
-            chunks.append(chunk)
-        return server.captures.upload(cid, device, b"".join(chunks))
+        try:
+            declared = request.headers.get("content-length")
+            if declared and declared.isdigit() and int(declared) > MAX_UPLOAD_BYTES:
+                raise HTTPException(413, f"upload of {declared} bytes is larger than the {MAX_UPLOAD_BYTES}-byte limit")
+            chunks, total = [], 0
+            async for chunk in request.stream():
+                total += len(chunk)
+                if total > MAX_UPLOAD_BYTES:
+                    raise HTTPException(413, f"upload is larger than the {MAX_UPLOAD_BYTES}-byte limit")
+                chunks.append(chunk)
+            return server.captures.upload(cid, device, b"".join(chunks))
+        except (HTTPException, InputError):
+            server.db.bump("capture_uploads_refused")  # on /metrics: edgefleet_capture_uploads_refused_total
+            raise
 
     @app.delete("/api/devices/{device_id}/captures", dependencies=[Depends(operator)])
     def delete_captures(device_id: str) -> dict[str, Any]:
@@ -192,6 +199,13 @@ def create_app(server: FleetServer) -> Any:
     def shadow(sid: str) -> dict[str, Any]:
         return server.shadows.get(sid)
 
+    @app.get("/api/shadows/{sid}/series", dependencies=[Depends(operator)])
+    def shadow_series(sid: str, buckets: int = 48) -> dict[str, Any]:
+        """The shadow over time: per span, samples per minute, agreement, both p95s, the output PSI."""
+        if not 1 <= buckets <= 500:
+            raise InputError("buckets must be between 1 and 500")
+        return server.shadows.series(sid, buckets)
+
     @app.post("/api/shadows/{sid}/stop", dependencies=[Depends(operator)])
     def stop_shadow(sid: str) -> dict[str, Any]:
         return server.shadows.stop(sid)
@@ -232,13 +246,28 @@ def create_app(server: FleetServer) -> Any:
         return rep
 
     @app.get("/api/accuracy", dependencies=[Depends(operator)])
-    def accuracy(bundle: str, tag: str | None = None, since: float | None = None) -> dict[str, Any]:
+    def accuracy(bundle: str, tag: str | None = None, since: float | None = None, series: int = 0) -> dict[str, Any]:
         """Accuracy of BUNDLE (NAME:VERSION) on the labels devices fed back: overall with its 95% interval,
-        precision, recall and F1 per class; `tag` limits it to one cohort."""
-        from ._accuracy import accuracy_report
+        precision, recall and F1 per class (each with its interval); `tag` limits it to one cohort; `series=N`
+        adds accuracy over time in N equal spans from SINCE (or the first labelled minute) to now."""
+        import time
 
+        from ._accuracy import accuracy_report, accuracy_series
+        from ._rollups import series as rollup_series
+
+        if not 0 <= series <= 500:
+            raise InputError("series must be between 0 and 500 spans")
         name, _, version = bundle.partition(":")
-        return accuracy_report(server.db, name, version, cohort=tag or ALL, since=since)
+        rows = rollup_series(server.db, name, version, tag or ALL, since)
+        merged = empty_merge()
+        for r in rows:
+            accumulate(merged, r.counts)
+        rep = accuracy_report(server.db, name, version, cohort=tag or ALL, since=since, merged=merged)
+        if series:
+            start = since if since is not None else (rows[0].bucket if rows else time.time() - 3600)
+            now = time.time()
+            rep["series"] = {"since": start, "until": now, **accuracy_series(rows, start, now, series)}
+        return rep
 
     @app.get("/api/alerts", dependencies=[Depends(operator)])
     def alerts(state: str = "open") -> list[dict[str, Any]]:
@@ -314,13 +343,23 @@ def create_app(server: FleetServer) -> Any:
                 return Response(status_code=416, headers={"Content-Range": f"bytes */{size}"})
             end = min(end, size - 1)
             status = 206
-        with open(path, "rb") as f:
-            f.seek(start)
-            data = f.read(end - start + 1)
-        headers = {"Accept-Ranges": "bytes", "Content-Length": str(len(data))}
+        headers = {"Accept-Ranges": "bytes", "Content-Length": str(end - start + 1)}
         if status == 206:
             headers["Content-Range"] = f"bytes {start}-{end}/{size}"
-        return Response(data, status_code=status, headers=headers, media_type="application/octet-stream")
+
+        def chunks() -> Iterator[bytes]:
+            # Streamed from disk, a chunk at a time: a 2 GiB bundle costs its chunk, not 2 GiB per download.
+            with open(path, "rb") as f:
+                f.seek(start)
+                left = end - start + 1
+                while left > 0:
+                    data = f.read(min(_CHUNK, left))
+                    if not data:
+                        return
+                    left -= len(data)
+                    yield data
+
+        return StreamingResponse(chunks(), status_code=status, headers=headers, media_type="application/octet-stream")
 
     from ._dashboard import mount_dashboard
 

@@ -30,6 +30,12 @@ def metrics_text(server: FleetServer) -> str:
     ]
     for kind in ("telemetry", "events", "state", "status"):
         lines.append(f'edgefleet_ingest_refused_total{{kind="{kind}"}} {c.get("ingest_refused_" + kind, 0)}')
+    lines += [
+        "# HELP edgefleet_capture_uploads_refused_total Capture uploads the server refused (no device token, not "
+        "asked, answered already, too large, too many samples, labels outside the bundle's classes, not an .npz).",
+        "# TYPE edgefleet_capture_uploads_refused_total counter",
+        f"edgefleet_capture_uploads_refused_total {c.get('capture_uploads_refused', 0)}",
+    ]
     alerts = server.db.query(
         "SELECT bundle_name, bundle_version, cohort, feature FROM alerts WHERE state = 'open' ORDER BY 1, 2, 3, 4"
     )
@@ -50,6 +56,31 @@ def metrics_text(server: FleetServer) -> str:
     ]
     for (b, cohort), value in sorted(server.drift.accuracy.items()):
         lines.append(f'edgefleet_accuracy{{bundle="{b}",cohort="{_label(cohort)}"}} {value}')
+    detail = sorted(server.drift.accuracy_detail.items())
+    lines += [
+        "# HELP edgefleet_accuracy_ci95 Bounds of the 95% (Wilson) interval of edgefleet_accuracy.",
+        "# TYPE edgefleet_accuracy_ci95 gauge",
+    ]
+    for (b, cohort), acc in detail:
+        for bound, v in zip(("low", "high"), acc["ci95"], strict=True):
+            lines.append(f'edgefleet_accuracy_ci95{{bundle="{b}",cohort="{_label(cohort)}",bound="{bound}"}} {v}')
+    lines += [
+        "# HELP edgefleet_labelled_predictions Labelled predictions edgefleet_accuracy is computed on.",
+        "# TYPE edgefleet_labelled_predictions gauge",
+    ]
+    for (b, cohort), acc in detail:
+        lines.append(f'edgefleet_labelled_predictions{{bundle="{b}",cohort="{_label(cohort)}"}} {acc["labelled"]}')
+    lines += [
+        "# HELP edgefleet_class_f1 Per-class F1 on fed-back labels at the last drift check.",
+        "# TYPE edgefleet_class_f1 gauge",
+    ]
+    for (b, cohort), acc in detail:
+        for c in acc["per_class"]:
+            if c["f1"] is not None:
+                lines.append(
+                    f'edgefleet_class_f1{{bundle="{b}",cohort="{_label(cohort)}",class="{_label(str(c["class"]))}"}} '
+                    f"{c['f1']}"
+                )
     lines += [
         "# HELP edgefleet_drift_psi PSI against the bundle's baseline at the last drift check.",
         "# TYPE edgefleet_drift_psi gauge",

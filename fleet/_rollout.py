@@ -235,9 +235,16 @@ class RolloutEngine:
             if not self.lease.acquire():
                 return  # another server process runs the engine
             for rid in self.store.ids("running"):
-                # A passed stage's successor starts at once: its orders go out in the same tick.
-                while self.lease.held() and self._run_stage(self._row(rid)):
-                    pass
+                try:
+                    # A passed stage's successor starts at once: its orders go out in the same tick.
+                    while self.lease.held() and self._run_stage(self._row(rid)):
+                        pass
+                except Exception as exc:
+                    if self.store.db.unavailable(exc):
+                        raise  # the database, not this rollout: the loop backs off and tries again
+                    # One rollout's failure (bad data, a bug) must not hold up the others; it is tried again
+                    # next tick.
+                    log.exception("rollout %s: this tick failed; the other rollouts carry on", rid)
             # rollouts that ended keep watching for devices' own rollbacks, which are recorded
             self.store.record_device_results()
 

@@ -20,15 +20,18 @@ import time
 import uuid
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from edgefleet import InputError
-from edgefleet.protocol import COMMAND_SCHEMA, topic
+from edgefleet._drift import js_distance, psi
+from edgefleet.protocol import COMMAND_SCHEMA, LATENCY_EDGES_MS, latency_quantile, topic
 
 from ._db import Database
 
 if TYPE_CHECKING:
     from ._server import FleetServer
 
-__all__ = ["ShadowDeployments", "merge_reports"]
+__all__ = ["ShadowDeployments", "merge_progress", "merge_reports"]
 
 SCHEMA = [
     """CREATE TABLE IF NOT EXISTS shadows (
@@ -38,6 +41,36 @@ SCHEMA = [
 ]
 _GRACE_S = 60.0  # after the duration, how long reports are waited for before the shadow counts as done
 _REPORT_FIELDS = ("active_p50_ms", "active_p95_ms", "candidate_p50_ms", "candidate_p95_ms")
+_MAX_CLASSES = 100_000
+_PROGRESS_COUNTS = ("samples", "agree", "labelled", "active_correct", "candidate_correct", "dropped")
+
+
+def _counts(v: Any, n: int | None = None) -> list[int] | None:
+    """A list of non-negative integer counts (of length N when given), or None."""
+    if not isinstance(v, list) or not 0 < len(v) <= _MAX_CLASSES or (n is not None and len(v) != n):
+        return None
+    return v if all(type(c) is int and c >= 0 for c in v) else None
+
+
+def _class_pair(body: dict[str, Any], total: int | None = None) -> tuple[list[int], list[int]] | None:
+    """A report's per-class answer counts of both bundles: same length, each summing to TOTAL when given."""
+    a, c = _counts(body.get("active_classes")), _counts(body.get("candidate_classes"))
+    if a is None or c is None or len(a) != len(c):
+        return None
+    if total is not None and (sum(a) != total or sum(c) != total):
+        return None
+    return a, c
+
+
+def _output_drift(active: np.ndarray, candidate: np.ndarray) -> dict[str, float | None]:
+    """How far the candidate's answers moved from the active bundle's, over the same calls."""
+    if not active.sum() or not candidate.sum():
+        return {"output_psi": None, "output_js": None}
+    return {"output_psi": round(psi(active, candidate), 6), "output_js": round(js_distance(active, candidate), 6)}
+
+
+def _padded(a: np.ndarray, n: int) -> np.ndarray:
+    return np.concatenate([a, np.zeros(n - len(a))]) if len(a) < n else a
 
 
 def _number(v: Any, lo: float = 0.0, hi: float = math.inf) -> float | None:
@@ -68,6 +101,8 @@ def _report(body: dict[str, Any]) -> dict[str, Any] | None:
         out["labelled"], out["active_correct"], out["candidate_correct"] = counts
     else:
         out["labelled"] = out["active_correct"] = out["candidate_correct"] = 0
+    # Per class, how often each bundle answered it (absent from older agents): kept only if both sum to samples.
+    out["classes"] = _class_pair(body, samples)
     return out
 
 
@@ -106,7 +141,87 @@ def merge_reports(reports: dict[str, dict[str, Any]]) -> dict[str, Any]:
     for side in ("active", "candidate"):
         right = sum(r[f"{side}_correct"] * share[d] for d, r in labelled.items())
         merged[f"{side}_accuracy"] = round(right / n, 6) if n else None
+    # The two bundles' answer distributions over the same calls, each device weighed as in the agreement.
+    classes = {d: r["classes"] for d, r in with_samples.items() if r.get("classes")}
+    n_classes = max((len(c[0]) for c in classes.values()), default=0)
+    sides = [np.zeros(n_classes), np.zeros(n_classes)]
+    for d, (a, c) in classes.items():
+        w = weight[d] / with_samples[d]["samples"]
+        sides[0] += _padded(np.asarray(a, np.float64), n_classes) * w
+        sides[1] += _padded(np.asarray(c, np.float64), n_classes) * w
+    merged.update(_output_drift(*sides))
     return merged
+
+
+def _progress(body: dict[str, Any]) -> dict[str, Any] | None:
+    """A device's shadow_progress with every figure checked, or None if it is not one."""
+    out: dict[str, Any] = {}
+    for k in _PROGRESS_COUNTS:
+        v = body.get(k)
+        if type(v) is not int or v < 0:
+            return None
+        out[k] = v
+    if out["agree"] > out["samples"] or out["active_correct"] > out["labelled"] or out["labelled"] > out["samples"]:
+        return None
+    if out["candidate_correct"] > out["labelled"]:
+        return None
+    end = _number(body.get("end"), 0.0, 1e11)
+    if end is None:
+        return None
+    out["end"] = end
+    bins = len(LATENCY_EDGES_MS) + 1
+    for k in ("active_latency_ms", "candidate_latency_ms"):
+        lat = _counts(body.get(k), bins)
+        if lat is None and out["samples"]:
+            return None
+        out[k] = lat or [0] * bins
+    out["classes"] = _class_pair(body, out["samples"]) if out["samples"] else None
+    return out
+
+
+def merge_progress(
+    progress: builtins.list[tuple[str, dict[str, Any]]], since: float, until: float, buckets: int = 48
+) -> dict[str, builtins.list[float | None]]:
+    """A shadow over time: (device, checked progress) merged into BUCKETS equal spans of [SINCE, UNTIL) by
+    each report's end. Per span: samples per minute, agreement, both bundles' p95 latency from their merged
+    histograms, the output PSI between them; a device counts at most 4x the span's median device."""
+    width = max(1e-9, (until - since) / buckets)
+    spans: builtins.list[dict[str, dict[str, Any]]] = [{} for _ in range(buckets)]
+    for dev, p in progress:
+        i = int((p["end"] - since) / width)
+        if 0 <= i < buckets:
+            per = spans[i].setdefault(dev, {"n": 0, "agree": 0, "a": None, "c": None, "lat_a": 0, "lat_c": 0, "k": []})
+            per["n"] += p["samples"]
+            per["agree"] += p["agree"]
+            per["lat_a"] = per["lat_a"] + np.asarray(p["active_latency_ms"])
+            per["lat_c"] = per["lat_c"] + np.asarray(p["candidate_latency_ms"])
+            if p["classes"]:
+                per["k"].append(p["classes"])
+    out: dict[str, builtins.list[float | None]] = {
+        k: [] for k in ("samples_per_min", "agreement", "active_p95_ms", "candidate_p95_ms", "output_psi")
+    }
+    for devs in spans:
+        live = {d: v for d, v in devs.items() if v["n"]}
+        if not live:
+            for vs in out.values():
+                vs.append(None)
+            continue
+        cap = 4 * statistics.median(v["n"] for v in live.values())
+        w = {d: min(v["n"], cap) / v["n"] for d, v in live.items()}
+        n = sum(v["n"] * w[d] for d, v in live.items())
+        out["samples_per_min"].append(round(sum(v["n"] for v in live.values()) / (width / 60.0), 2))
+        out["agreement"].append(round(sum(v["agree"] * w[d] for d, v in live.items()) / n, 6))
+        for side, key in (("lat_a", "active_p95_ms"), ("lat_c", "candidate_p95_ms")):
+            lat = sum(np.asarray(v[side], np.float64) * w[d] for d, v in live.items())
+            out[key].append(latency_quantile(np.round(lat).astype(int).tolist(), 0.95))
+        k = max((len(a) for v in live.values() for a, _ in v["k"]), default=0)
+        a_sum, c_sum = np.zeros(k), np.zeros(k)
+        for d, v in live.items():
+            for a, c in v["k"]:
+                a_sum += _padded(np.asarray(a, np.float64), k) * w[d]
+                c_sum += _padded(np.asarray(c, np.float64), k) * w[d]
+        out["output_psi"].append(_output_drift(a_sum, c_sum)["output_psi"] if k else None)
+    return out
 
 
 class ShadowDeployments:
@@ -217,34 +332,64 @@ class ShadowDeployments:
     def list(self) -> builtins.list[dict[str, Any]]:
         return [self.get(s) for s in self.ids()]
 
+    def series(self, sid: str, buckets: int = 48) -> dict[str, Any]:
+        """Shadow SID over time, from its devices' shadow_progress events (`merge_progress`), from its start to
+        its end (or now, while it runs)."""
+        st = self.get(sid)
+        name, _, version = st["bundle"].partition(":")
+        devices = self._devices(sid)
+        progress: builtins.list[tuple[str, dict[str, Any]]] = []
+        for dev, ev in self._shadow_events(devices, ("shadow_progress",)):
+            cand = ev.get("candidate") or {}
+            if ev.get("command_id") == sid and (cand.get("name"), cand.get("version")) == (name, version):
+                p = _progress(ev)
+                if p is not None:
+                    progress.append((dev, p))
+        since = st["created"]
+        until = max(since + 60.0, min(time.time(), st["ends"] + _GRACE_S) if st["state"] == "running" else st["ends"])
+        until = max(until, max((p["end"] for _, p in progress), default=since) + 1e-3)
+        return {"since": since, "until": until, **merge_progress(progress, since, until, buckets)}
+
+    def _devices(self, sid: str) -> builtins.list[str]:
+        rows = self.db.query("SELECT devices FROM shadows WHERE id = ?", (sid,))
+        return json.loads(rows[0][0]) if rows else []
+
+    def _shadow_events(
+        self, devices: builtins.list[str], types: tuple[str, ...]
+    ) -> builtins.list[tuple[str, dict[str, Any]]]:
+        out = []
+        kinds = ",".join(f"'{t}'" for t in types)  # our own constants
+        for i in range(0, len(devices), 500):
+            chunk = devices[i : i + 500]
+            marks = ",".join("?" for _ in chunk)
+            for dev, body in self.db.query(
+                f"SELECT device_id, body FROM events WHERE device_id IN ({marks}) AND type IN ({kinds}) ORDER BY ts",
+                chunk,
+            ):
+                out.append((dev, json.loads(body)))
+        return out
+
     def _events(
         self, sid: str, name: str, version: str, devices: builtins.list[str]
     ) -> tuple[set[str], dict[str, str], dict[str, dict[str, Any]]]:
         started: set[str] = set()
         failed: dict[str, str] = {}
         reports: dict[str, dict[str, Any]] = {}
-        for i in range(0, len(devices), 500):
-            chunk = devices[i : i + 500]
-            marks = ",".join("?" for _ in chunk)
-            for dev, typ, body in self.db.query(
-                f"SELECT device_id, type, body FROM events WHERE device_id IN ({marks}) "
-                "AND type IN ('shadow_started', 'shadow_failed', 'shadow_report') ORDER BY ts",
-                chunk,
-            ):
-                ev = json.loads(body)
-                if ev.get("command_id") != sid:
-                    continue
-                cand = ev.get("candidate") or {}
-                if typ != "shadow_failed" and (cand.get("name"), cand.get("version")) != (name, version):
-                    continue  # a report about another bundle than the one this shadow sent
-                if typ == "shadow_started":
-                    started.add(dev)
-                elif typ == "shadow_failed":
-                    failed[dev] = str(ev.get("reason", ""))[:300]
-                else:
-                    r = _report(ev)
-                    if r is not None:
-                        reports[dev] = r
+        for dev, ev in self._shadow_events(devices, ("shadow_started", "shadow_failed", "shadow_report")):
+            if ev.get("command_id") != sid:
+                continue
+            typ = ev.get("type")
+            cand = ev.get("candidate") or {}
+            if typ != "shadow_failed" and (cand.get("name"), cand.get("version")) != (name, version):
+                continue  # a report about another bundle than the one this shadow sent
+            if typ == "shadow_started":
+                started.add(dev)
+            elif typ == "shadow_failed":
+                failed[dev] = str(ev.get("reason", ""))[:300]
+            else:
+                r = _report(ev)
+                if r is not None:
+                    reports[dev] = r
         return started, failed, reports
 
 

@@ -106,6 +106,9 @@ class Agent:
         self._next_self_test = 0.0
         self._desired: Desired | None = None
         self._shadow: Shadow | None = None
+        # A shadow candidate being fetched and loaded off the loop (command id, cancel), and those ready.
+        self._shadow_fetch: tuple[str, threading.Event] | None = None
+        self._shadow_ready: queue.Queue[tuple[Command, BundleRef, Model]] = queue.Queue()
         self._upload: threading.Thread | None = None
 
         store = UpdateStore(root / "agent.json")
@@ -208,6 +211,8 @@ class Agent:
     def stop(self, timeout: float = 10.0) -> None:
         """Flush telemetry to the buffer, say offline, disconnect."""
         self.request_stop()
+        if self._shadow_fetch is not None:
+            self._shadow_fetch[1].set()
         if self._thread is not None:
             self._thread.join(timeout)
         self.active.flush()
@@ -254,13 +259,13 @@ class Agent:
         }
 
     # -- parts' hooks ----------------------------------------------------------------------------
-    def _load(self, path: Path) -> Model:
+    def _load(self, path: Path, threads: int | None = None) -> Model:
         return load(
             path,
             [str(k) for k in self.config.trusted_keys],
             self.config.backend,
             self.config.accelerators,
-            threads=self.config.threads,
+            threads=threads or self.config.threads,
             session_factory=self._session_factory,
         )
 
@@ -271,6 +276,7 @@ class Agent:
             window_s=self.config.window_s,
             capture_per_hour=self.config.capture_per_hour,
             feedback_calls=self.config.feedback_calls,
+            feedback_ttl_s=self.config.feedback_ttl_s,
         )
 
     def _fetch(self, ref: BundleRef, directory: Path, cancel: threading.Event | None = None) -> Path:
@@ -379,6 +385,7 @@ class Agent:
                 str(self.config.http_token),
                 limit=int(c.args["samples"]),
                 max_bytes=self.config.capture_upload_max_bytes,
+                bytes_per_s=self.config.capture_upload_bytes_per_s or None,
                 bundle_name=None if m is None else m.info.bundle,
                 ca=None if self.config.http_ca is None else str(self.config.http_ca),
             )
@@ -388,27 +395,74 @@ class Agent:
         self._event("capture_uploaded", command_id=c.id, capture_id=cap, **got)
 
     def _start_shadow(self, c: Command) -> None:
+        """Fetch and load the candidate in a thread of its own (a slow download must not hold up the loop's
+        telemetry and orders); the loop starts the run once it is ready. A newer shadow order cancels it."""
+        ref = BundleRef.parse(c.args.get("bundle"), "shadow command bundle")  # parse_command checked it
+        if self._shadow_fetch is not None:
+            self._shadow_fetch[1].set()
+        cancel = threading.Event()
+        self._shadow_fetch = (c.id, cancel)
+        threading.Thread(
+            target=self._fetch_shadow, args=(c, ref, cancel), name="edgefleet-shadow-fetch", daemon=True
+        ).start()
+
+    def _fetch_shadow(self, c: Command, ref: BundleRef, cancel: threading.Event) -> None:
         try:
-            # parse_command checked these when the command arrived.
-            ref = BundleRef.parse(c.args.get("bundle"), "shadow command bundle")
-            rate = float(c.args.get("sample_rate", 0.1))
-            duration = float(c.args.get("duration_s", 60))
-            min_samples = int(c.args.get("min_samples", 0))
-            path = self._fetch(ref, self.root / "shadow")
-            model = self._load(path)
+            path = self._fetch(ref, self.root / "shadow", cancel)
+            model = self._load(path, threads=1)  # one core at most: the app's calls keep theirs
         except (EdgefleetError, OSError) as exc:  # OSError: the device's own disk (full, failing)
-            self._event("shadow_failed", command_id=c.id, reason=str(exc))
+            if not cancel.is_set():
+                self._event("shadow_failed", command_id=c.id, reason=str(exc))
             return
-        old, self._shadow = self._shadow, Shadow(model, ref, rate, duration, c.id, min_samples)
+        if cancel.is_set():
+            model.close()  # superseded, or the agent stops
+            return
+        self._shadow_ready.put((c, ref, model))
+        self._wake.set()
+
+    def _run_shadow(self, c: Command, ref: BundleRef, model: Model) -> None:
+        rate = float(c.args.get("sample_rate", 0.1))
+        duration = float(c.args.get("duration_s", 60))
+        min_samples = int(c.args.get("min_samples", 0))
+        if self._shadow_fetch is not None and self._shadow_fetch[0] == c.id:
+            self._shadow_fetch = None
+        old, self._shadow = (
+            self._shadow,
+            Shadow(
+                model,
+                ref,
+                rate,
+                duration,
+                c.id,
+                min_samples,
+                cpu_share=self.config.shadow_cpu_share,
+                progress_s=self.config.window_s,
+            ),
+        )
         if old is not None:
-            self._event("shadow_report", **old.report(), superseded_by=c.id)
+            self._end_shadow(old, superseded_by=c.id)
         self._event("shadow_started", command_id=c.id, candidate={"name": ref.name, "version": ref.version})
 
     def _check_shadow(self) -> None:
+        while True:
+            try:
+                self._run_shadow(*self._shadow_ready.get_nowait())
+            except queue.Empty:
+                break
         sh = self._shadow
-        if sh is not None and sh.done(time.monotonic()):
+        if sh is None:
+            return
+        now = time.monotonic()
+        if sh.done(now):
             self._shadow = None
-            self._event("shadow_report", **sh.report())
+            self._end_shadow(sh)
+        elif sh.progress_due(now):
+            self._event("shadow_progress", **sh.progress())
+
+    def _end_shadow(self, sh: Shadow, **extra: Any) -> None:
+        report = sh.report()  # stops the run: the last progress covers everything
+        self._event("shadow_progress", **sh.progress())
+        self._event("shadow_report", **report, **extra)
 
     def _self_test(self) -> None:
         hz = self.config.self_test_hz
@@ -451,7 +505,7 @@ class Agent:
         if left is not None:
             due.append(left + 0.01)
         if self._shadow is not None:
-            due.append(self._shadow.deadline - now)
+            due.append(min(self._shadow.deadline, self._shadow.progress_at) - now)
         return max(0.0, min(due))
 
     def _take_orders(self) -> None:

@@ -71,13 +71,23 @@ class AgentConfig:
     tags: list[str] = field(default_factory=list)
     # Ground truth: keep the predicted class of this many recent calls for Agent.feedback (0: off).
     feedback_calls: int = 0
+    # ... each for at most this long (seconds): feedback that comes later is refused as expired.
+    feedback_ttl_s: float = 86400.0
     # Opt-in: captured samples (capture_per_hour) and the labels fed back for them may be uploaded to the
     # fleet server when it asks (a `capture` command), at most this many bytes per request.
     capture_upload: bool = False
     capture_upload_max_bytes: int = 4 << 20
+    # ... sent no faster than this (bytes a second; 0: no cap), beside the telemetry drain's own cap.
+    capture_upload_bytes_per_s: float = 64 * 1024
+    # Shadow runs: the share of the time the candidate's (single) inference thread may be busy; it rests the
+    # remainder, so the app's own calls keep their cores.
+    shadow_cpu_share: float = 0.25
 
     def __post_init__(self) -> None:
         check_device_id(self.device_id)
+        share = self.shadow_cpu_share
+        if not isinstance(share, (int, float)) or isinstance(share, bool) or not 0 < share <= 1:
+            raise InputError(f"shadow_cpu_share must be a number in (0, 1], got {share!r}")
         if not self.trusted_keys:
             raise InputError("agent config needs trusted_keys: the public key(s) bundles must be signed with")
 

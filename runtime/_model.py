@@ -151,10 +151,12 @@ class Model:
         capture_per_hour: float = 0.0,
         summary_budget: float | None = SUMMARY_BUDGET,
         feedback_calls: int = 0,
+        feedback_ttl_s: float = 86400.0,
     ) -> WindowAggregator:
         """Record every `predict` into windows stored in BUFFER (see `TelemetryBuffer`); input histograms
         take at most SUMMARY_BUDGET of the inference time (None: every input). FEEDBACK_CALLS > 0 keeps
-        the predicted classes of that many recent calls, so `feedback` can count them against true labels."""
+        the predicted classes of that many recent calls, for at most FEEDBACK_TTL_S, so `feedback` can count
+        them against true labels."""
         bundle = {"name": self.info.bundle, "version": self.info.version, "model_id": self.info.model_id}
         agg = WindowAggregator(
             buffer.add,
@@ -172,6 +174,7 @@ class Model:
             label_sink=buffer.label_sample,
             summary_budget=summary_budget,
             feedback_calls=feedback_calls,
+            feedback_ttl_s=feedback_ttl_s,
         )
         self._telemetry = agg
         return agg

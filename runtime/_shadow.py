@@ -1,7 +1,13 @@
 """Shadow runs: a candidate bundle beside the active one on a sample of live inputs, in its own thread.
 
 The app's call only offers its input and output to a bounded queue (dropped, and counted, when the
-candidate falls behind), so a shadow never slows the call it samples by more than a queue put.
+candidate falls behind), so a shadow never slows the call it samples by more than a queue put. The
+candidate runs on one inference thread and rests after each call so that it is busy at most
+`cpu_share` of the time (default SHADOW_CPU_SHARE): the cores the app's own calls run on stay theirs for
+the rest (docs/device-agent.md, "Shadow runs"). What arrives meanwhile is dropped and counted.
+
+Every `progress_s` the agent reports what was added since the last time (`shadow_progress`), so the fleet
+can show a shadow over time; the final `shadow_report` has the totals.
 
 Labels the app feeds back for a sampled call (`label`) score both bundles on the same calls: where the two
 disagree, ground truth says which one was right. A label may arrive before the candidate has run the call,
@@ -20,28 +26,60 @@ from typing import Any
 import numpy as np
 
 from edgefleet import EdgefleetError
-from edgefleet.protocol import BundleRef
+from edgefleet.protocol import LATENCY_EDGES_MS, BundleRef
 
 from ._health import quantile
 from ._model import Model
 
-__all__ = ["Shadow"]
+__all__ = ["SHADOW_CPU_SHARE", "Shadow", "rest_after"]
 
 _KEPT = 4096  # sampled calls (and early labels) remembered for labels fed back later
+SHADOW_CPU_SHARE = 0.25
+_COUNTS = ("samples", "agree", "labelled", "active_correct", "candidate_correct", "dropped", "errors")
+
+
+def rest_after(busy_s: float, share: float) -> float:
+    """How long the candidate rests after BUSY_S of work so that it is busy SHARE of the time."""
+    return busy_s * (1.0 - share) / share if 0 < share < 1 else 0.0
+
+
+def _latency_bin(ms: float) -> int:
+    return int(np.searchsorted(LATENCY_EDGES_MS, ms, side="right"))
 
 
 class Shadow:
     def __init__(
-        self, model: Model, ref: BundleRef, rate: float, duration_s: float, command_id: str, min_samples: int = 0
+        self,
+        model: Model,
+        ref: BundleRef,
+        rate: float,
+        duration_s: float,
+        command_id: str,
+        min_samples: int = 0,
+        *,
+        cpu_share: float = SHADOW_CPU_SHARE,
+        progress_s: float = 60.0,
     ) -> None:
         self.model, self.ref, self.rate = model, ref, rate
         self.command_id = command_id
         self.min_samples = min_samples
+        self.cpu_share = cpu_share
+        self.progress_s = progress_s
         self.deadline = time.monotonic() + duration_s
         self.q: queue.Queue[tuple[np.ndarray, np.ndarray, float, tuple[int, int] | None]] = queue.Queue(maxsize=64)
         self.samples = self.agree = self.dropped = self.errors = 0
         self.labelled = self.active_correct = self.candidate_correct = 0
+        self.busy_s = 0.0  # the candidate's inference time, all told
+        # Per class, how often each bundle answered it; latency histograms on LATENCY_EDGES_MS.
+        self.active_classes = np.zeros(0, np.int64)
+        self.candidate_classes = np.zeros(0, np.int64)
+        self.active_latency = np.zeros(len(LATENCY_EDGES_MS) + 1, np.int64)
+        self.candidate_latency = np.zeros(len(LATENCY_EDGES_MS) + 1, np.int64)
+        self._reported: dict[str, Any] = self._totals()  # what the last progress report covered
+        self._progress_at = time.monotonic() + progress_s
+        self._progress_wall = time.time()
         self._lock = threading.Lock()
+        self._started = time.monotonic()
         # call -> (active classes, candidate classes) of calls run; call -> labels not yet matched. A call is
         # (the active model, its call id): ids restart with each model, and a shadow outlives an update.
         self._classes: OrderedDict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = OrderedDict()
@@ -56,9 +94,10 @@ class Shadow:
         if random.random() >= self.rate:
             return
         try:
-            self.q.put_nowait((x, y, ms, call_id))
+            # a copy: an app may reuse its input buffer for the next call before the candidate has run
+            self.q.put_nowait((np.array(x, copy=True), y, ms, call_id))
         except queue.Full:
-            self.dropped += 1
+            self.dropped += 1  # the candidate is behind, or resting within its CPU share
 
     def label(self, call_id: tuple[int, int], labels: Any) -> None:
         """The true class(es) of call CALL_ID (already checked by the model's own feedback): counted for both
@@ -92,16 +131,28 @@ class Shadow:
                 continue
             t0 = time.perf_counter()
             try:
-                yc = self.model.predict(x)
+                yc: np.ndarray | None = self.model.predict(x)
             except EdgefleetError:
+                yc = None
+            busy = time.perf_counter() - t0
+            self.busy_s += busy
+            if yc is None:
                 self.errors += 1
+                self.stop.wait(rest_after(busy, self.cpu_share))
                 continue
-            self.cand_ms.append((time.perf_counter() - t0) * 1000)
-            self.active_ms.append(ms)
+            cand_ms = busy * 1000
             n = len(x)
             cand, active = yc.reshape(n, -1).argmax(1), y.reshape(n, -1).argmax(1)
-            self.samples += n
-            self.agree += int((cand == active).sum())
+            with self._lock:
+                self.cand_ms.append(cand_ms)
+                self.active_ms.append(ms)
+                self.active_latency[_latency_bin(ms)] += 1
+                self.candidate_latency[_latency_bin(cand_ms)] += 1
+                k = max(yc.reshape(n, -1).shape[1], y.reshape(n, -1).shape[1], len(self.active_classes))
+                self.active_classes = _grown(self.active_classes, k) + np.bincount(active, minlength=k)
+                self.candidate_classes = _grown(self.candidate_classes, k) + np.bincount(cand, minlength=k)
+                self.samples += n
+                self.agree += int((cand == active).sum())
             if call_id is not None:
                 with self._lock:
                     truth = self._labels.pop(call_id, None)
@@ -111,6 +162,41 @@ class Shadow:
                         self._classes[call_id] = (active, cand)
                         while len(self._classes) > _KEPT:
                             self._classes.popitem(last=False)
+            self.stop.wait(rest_after(busy, self.cpu_share))
+
+    def _totals(self) -> dict[str, Any]:
+        out: dict[str, Any] = {k: getattr(self, k) for k in _COUNTS}
+        for k in ("active_classes", "candidate_classes", "active_latency", "candidate_latency"):
+            out[k] = getattr(self, k).copy()
+        return out
+
+    @property
+    def progress_at(self) -> float:
+        return self._progress_at
+
+    def progress_due(self, now: float) -> bool:
+        return now >= self._progress_at
+
+    def progress(self) -> dict[str, Any]:
+        """The `shadow_progress` event's fields: what was added since the last progress (or the start)."""
+        with self._lock:
+            now, then = self._totals(), self._reported
+            self._reported = now
+        start, self._progress_wall = self._progress_wall, time.time()
+        self._progress_at = time.monotonic() + self.progress_s
+        out: dict[str, Any] = {
+            "command_id": self.command_id,
+            "candidate": {"name": self.ref.name, "version": self.ref.version},
+            "start": start,
+            "end": self._progress_wall,
+        }
+        for k in _COUNTS:
+            out["candidate_errors" if k == "errors" else k] = int(now[k] - then[k])
+        for k in ("active_classes", "candidate_classes"):
+            out[k] = (now[k] - _grown(then[k], len(now[k]))).tolist()
+        for k in ("active_latency", "candidate_latency"):
+            out[f"{k}_ms"] = (now[k] - then[k]).tolist()
+        return out
 
     def report(self) -> dict[str, Any]:
         """Stop the run and close the candidate; the `shadow_report` event's fields."""
@@ -131,4 +217,12 @@ class Shadow:
             "labelled": self.labelled,
             "active_correct": self.active_correct,
             "candidate_correct": self.candidate_correct,
+            "active_classes": self.active_classes.tolist(),
+            "candidate_classes": self.candidate_classes.tolist(),
+            "cpu_share": round(self.busy_s / max(1e-9, time.monotonic() - self._started), 4),
         }
+
+
+def _grown(counts: np.ndarray, k: int) -> np.ndarray:
+    """COUNTS padded with zeros to K classes."""
+    return counts if len(counts) >= k else np.concatenate([counts, np.zeros(k - len(counts), np.int64)])

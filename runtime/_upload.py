@@ -4,8 +4,10 @@ fleet's own origin only; samples leave the device's buffer once the server has s
 from __future__ import annotations
 
 import io
+import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -37,6 +39,22 @@ def encode_samples(rows: list[tuple[int, float, str, np.ndarray, np.ndarray, int
     return buf.getvalue(), [r[0] for r in keep]
 
 
+_CHUNK = 16 * 1024
+
+
+def paced(
+    body: bytes, bytes_per_s: float | None, clock: Any = time.monotonic, sleep: Any = time.sleep
+) -> Iterator[bytes]:
+    """BODY in chunks, sent no faster than BYTES_PER_S (None or 0: as fast as the link takes them)."""
+    t0 = clock()
+    for i in range(0, len(body), _CHUNK):
+        if bytes_per_s:
+            ahead = i / bytes_per_s - (clock() - t0)
+            if ahead > 0:
+                sleep(ahead)
+        yield body[i : i + _CHUNK]
+
+
 class _NoRedirect(urllib.request.HTTPRedirectHandler):
     def redirect_request(self, *args: Any, **kwargs: Any) -> None:
         return None  # a redirect would carry the token elsewhere: the upload fails instead
@@ -52,18 +70,24 @@ def upload_samples(
     bundle_name: str | None = None,
     timeout_s: float = 60.0,
     ca: str | None = None,
+    bytes_per_s: float | None = None,
 ) -> dict[str, int]:
-    """Send up to LIMIT captured samples (at most MAX_BYTES) to URL; they are dropped from BUFFER once the
-    server answers 2xx. Returns what was sent; raises EdgefleetError naming what went wrong."""
+    """Send up to LIMIT captured samples (at most MAX_BYTES) to URL, no faster than BYTES_PER_S; they are
+    dropped from BUFFER once the server answers 2xx. Returns what was sent; raises EdgefleetError naming what
+    went wrong."""
     rows = buffer.take_samples(limit, max_bytes, bundle_name)
     if not rows:
         raise EdgefleetError("no captured samples to upload (capture_per_hour is 0, or none captured yet)")
     body, seqs = encode_samples(rows)
     req = urllib.request.Request(
         url,
-        data=body,
+        data=paced(body, bytes_per_s),
         method="POST",
-        headers={"Authorization": f"Bearer {token}", "Content-Type": "application/octet-stream"},
+        headers={
+            "Authorization": f"Bearer {token}",
+            "Content-Type": "application/octet-stream",
+            "Content-Length": str(len(body)),  # a length, so the paced chunks go as one plain body
+        },
     )
     try:
         with urllib.request.build_opener(_NoRedirect, https_handler(ca)).open(req, timeout=timeout_s) as r:

@@ -285,6 +285,10 @@ class ModelEntry:
         if not all(isinstance(a, str) for a in accel):
             raise BundleError(f"manifest field '{f.path('accelerators')}' must be a list of strings")
         tol = f.get("golden_tolerance", dict, required=False, default={})
+        if not all(_number(v) and v >= 0 for v in tol.values()):
+            raise BundleError(
+                f"manifest field '{f.path('golden_tolerance')}' must map atol / rtol to non-negative numbers"
+            )
         return cls(
             id=f.pattern("id", _NAME, "a simple name (letters, digits, . _ -)"),
             format=fmt,

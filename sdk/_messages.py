@@ -52,6 +52,7 @@ BUNDLE_FIELDS: dict[str, tuple[str, ...]] = {
     "slot_corrupt": ("bundle",),
     "shadow_started": ("candidate",),
     "shadow_report": ("candidate",),
+    "shadow_progress": ("candidate",),
     "shadow_failed": (),
     "capture_uploaded": (),
     "capture_refused": (),

@@ -273,6 +273,33 @@ def test_telemetry_keeps_flowing_during_a_slow_download(
         dev.stop()
 
 
+def test_a_shadow_candidate_is_fetched_without_holding_up_the_loop(
+    tmp_path: Path, broker: Mosquitto, files: FileServer, observer: Observer, mlp_bundles: dict, publisher
+) -> None:
+    """A shadow's candidate downloads in its own thread (issue 15: it held the loop for the whole transfer):
+    at 4 KiB/s it takes seconds, windows keep arriving meanwhile, and a command sent then is answered."""
+    dev = Device(
+        tmp_path / "d", "dev-sf", broker, publisher, mlp_bundles["1.0.0"], window_s=0.25, download_bytes_per_s=4096
+    )
+    dev.start()
+    try:
+        observer.wait(lambda: _idle_on(observer, "dev-sf", "1.0.0"), 30, "v1 installed")
+        before = len(observer.windows("dev-sf"))
+        t0 = time.monotonic()
+        observer.command(
+            "dev-sf", "s1", "shadow", {"bundle": bundle_ref(mlp_bundles["2.0.0"], files.url), "duration_s": 60}
+        )
+        observer.command("dev-sf", "r1", "report", {})
+        (done,) = observer.wait(lambda: observer.events("dev-sf", "command_done"), 20, "report answered")
+        observer.wait(lambda: observer.events("dev-sf", "shadow_started"), 30, "shadow started")
+        took = time.monotonic() - t0
+        assert took > 2.0, took  # the candidate was slow to arrive
+        assert done["ts"] < observer.events("dev-sf", "shadow_started")[0]["ts"]  # answered while it was fetched
+        assert len(observer.windows("dev-sf")) - before >= 4  # and windows kept coming
+    finally:
+        dev.stop()
+
+
 def test_bad_downloads_never_reach_a_slot(
     tmp_path: Path, broker: Mosquitto, files: FileServer, observer: Observer, mlp_bundles: dict, publisher
 ) -> None:
@@ -372,6 +399,17 @@ def test_shadow_mode_in_process(tmp_path: Path, broker: Mosquitto, files: FileSe
         assert 0.5 <= rep["agreement"] <= 1.0
         assert rep["active_p95_ms"] > 0 and rep["candidate_p95_ms"] > 0
         assert agent.model is not None and agent.model.info.version == "1.0.0"  # nothing promoted
+        # Per class, how often each bundle answered; the progress reports add up to the report.
+        assert sum(rep["active_classes"]) == sum(rep["candidate_classes"]) == rep["samples"]
+        progress = observer.events("dev-s", "shadow_progress")
+        assert progress and progress[-1]["end"] <= rep["ts"] + 1
+        for k in ("samples", "labelled", "dropped"):
+            assert sum(p[k] for p in progress) == rep[k], k
+        assert sum(p["agree"] for p in progress) == round(rep["agreement"] * rep["samples"])
+        # a latency per call run, of len(x) samples each
+        assert sum(sum(p["candidate_latency_ms"]) for p in progress) * len(x) == rep["samples"]
+        # The candidate kept to its CPU share (it rests after each call), the app's calls were never held up.
+        assert 0 < rep["cpu_share"] <= 0.25 + 0.02, rep["cpu_share"]
     finally:
         agent.stop()
 

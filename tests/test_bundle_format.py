@@ -299,14 +299,26 @@ def test_sign_existing_bundle_and_bad_key(tmp_path: Path) -> None:
 # Peak RSS from /proc (VmHWM, this process image only): getrusage's ru_maxrss survives exec on Linux and
 # would report the forking pytest's own size.
 _RSS_PROBE = """
-import sys
+import resource, sys
 from edgefleet import BundleError, open_bundle
 keys = sys.argv[2:] or None
+# An address-space limit 256 MiB above what the process holds now, as on a small device (resource.setrlimit):
+# decompressing the bomb would need more.
+size = next(line for line in open("/proc/self/status") if line.startswith("VmSize:"))
+limit = (int(size.split()[1]) << 10) + (256 << 20)
+resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 try:
     open_bundle(sys.argv[1], trusted_keys=keys)
     print("opened")
 except BundleError as exc:
     print(type(exc).__name__, exc)
+except MemoryError:
+    print("MemoryError")
+try:
+    bytearray(600 << 20)
+    print("limit not in force")
+except MemoryError:
+    print("limit in force")
 hwm = next(line for line in open("/proc/self/status") if line.startswith("VmHWM:"))
 print(int(hwm.split()[1]) // 1024)
 """
@@ -314,7 +326,8 @@ print(int(hwm.split()[1]) // 1024)
 
 def test_a_zip_bomb_is_refused_before_it_is_decompressed(tmp_path: Path) -> None:
     """A small bundle whose model member inflates to 600 MiB: refused by the signature (an untrusted key) or
-    by the size the signed manifest declares, without decompressing it (peak memory stays low)."""
+    by the size the signed manifest declares, without decompressing it (peak memory stays low), under an
+    address-space limit (setrlimit) the inflated member would not fit in."""
     import subprocess
     import sys
 
@@ -342,7 +355,8 @@ def test_a_zip_bomb_is_refused_before_it_is_decompressed(tmp_path: Path) -> None
             text=True,
             check=True,
         )
-        verdict, rss_mb = r.stdout.strip().splitlines()
+        verdict, limit, rss_mb = r.stdout.strip().splitlines()
+        assert limit == "limit in force"  # the member, inflated, would not have fit
         if label == "untrusted":
             assert verdict.startswith("SignatureError"), verdict
         else:

@@ -160,7 +160,22 @@ def test_create_a_rollout_by_clicking_and_watch_it_complete(
 
         _wait(reported, 60, "shadow reported on the page")
         assert "mlp:1.0.0" in page.inner_text("h2.shadow") and "overall" in page.inner_text("main")
+        # over time, from the devices' progress reports: agreement, both p95s, output PSI
+        assert page.locator(f"#history-{sid} svg.chart").count() == 3
+        assert page.locator(f"#history-{sid} polyline, #history-{sid} circle").count() >= 3
         page.screenshot(path=str(ARTIFACTS / "shadows.png"), full_page=True)
+        # started and stopped from the page; a bad form is one line on it
+        page.fill("#selector", "nobody")
+        page.click("#start")
+        assert "matches no device" in page.inner_text("#error")
+        page.select_option("#bundle", "mlp:1.0.0")
+        page.fill("#selector", "ui")
+        page.fill("#duration_s", "600")
+        page.click("#start")
+        page.wait_for_selector("form.inline button[id^=stop-]")
+        page.click("form.inline button[id^=stop-]")
+        page.wait_for_selector("h2.shadow")
+        assert "stopped" in page.inner_text("h2.shadow") and not page.locator("button[id^=stop-]").count()
         page.goto(server.url + "/drift?bundle=mlp:2.0.0")
         page.wait_for_selector("#features")
         assert "brightness" in page.inner_text("#features") and page.locator("#features svg").count() >= 4

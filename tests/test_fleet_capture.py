@@ -121,6 +121,20 @@ def test_capture_upload_export_and_build(tmp_path: Path, publisher, mlp_bundles:
         assert code == 400 and "answered capture" in body
         code, body = _post(url, tok["cap-in"], b"not a zip")
         assert code == 400 and "not a readable .npz" in body
+        # over 64 MiB by its declared length: refused before a byte of it is read
+        import http.client
+
+        conn = http.client.HTTPConnection("127.0.0.1", int(server.url.rsplit(":", 1)[1]), timeout=30)
+        conn.putrequest("POST", f"/api/captures/{cid}/upload")
+        conn.putheader("Authorization", f"Bearer {tok['cap-in']}")
+        conn.putheader("Content-Length", str(65 << 20))
+        conn.endheaders()
+        resp = conn.getresponse()
+        assert resp.status == 413 and "larger than" in resp.read().decode()
+        conn.close()
+        metrics = server.get("/metrics", token=server.token)[1].decode()
+        # a device's uploads refused: the two 400s and the 413 (requests without a device token are not its)
+        assert "edgefleet_capture_uploads_refused_total 3" in metrics, metrics
         r = server.cli("capture", "create", "--selector", "cap-in-site", "--samples", "5", "--json")
         cid2 = json.loads(r.stdout)["id"]
         code, body = _post(f"{server.url}/api/captures/{cid2}/upload", tok["cap-out"], good)

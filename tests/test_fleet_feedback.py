@@ -83,6 +83,14 @@ def test_feedback_gives_accuracy_per_cohort_and_a_concept_drift_alert(
         assert len(ok["per_class"]) == 10 and all(c["recall"] is not None for c in ok["per_class"] if c["support"])
         text = server.cli("accuracy", "--bundle", "mlp:1.0.0", "--tag", "site-ok")
         assert "labelled predictions" in text.stdout and "precision" in text.stdout
+        for c in (c for c in ok["per_class"] if c["support"]):
+            assert c["recall_ci95"][0] <= c["recall"] <= c["recall_ci95"][1]
+        # Over time: the spans hold every labelled prediction once, each span's accuracy within its interval.
+        code, body, _ = server.get("/api/accuracy?bundle=mlp:1.0.0&tag=site-ok&series=12", token=server.token)
+        s = json.loads(body)["series"]
+        assert code == 200 and len(s["accuracy"]) == 12 and sum(s["labelled"]) == n + 1
+        for a, lo, hi in zip(s["accuracy"], s["ci_low"], s["ci_high"], strict=True):
+            assert a is None or lo <= a <= hi
 
         def alerts() -> list[dict]:
             return json.loads(server.cli("alerts", "--json").stdout)
@@ -94,6 +102,11 @@ def test_feedback_gives_accuracy_per_cohort_and_a_concept_drift_alert(
         assert concept[0]["feature"] == "accuracy" and concept[0]["accuracy"] < 0.2 < 0.9 < concept[0]["reference"]
         assert not [al for al in mine if al["kind"] in ("data", "prediction")], mine  # the inputs did not move
         assert 0 <= _metric(server, 'edgefleet_accuracy{bundle="mlp:1.0.0",cohort="site-flip"}') < 0.2
+        assert _metric(server, 'edgefleet_labelled_predictions{bundle="mlp:1.0.0",cohort="site-flip"}') == n
+        low = _metric(server, 'edgefleet_accuracy_ci95{bundle="mlp:1.0.0",cohort="site-flip",bound="low"}')
+        assert 0 <= low <= _metric(server, 'edgefleet_accuracy{bundle="mlp:1.0.0",cohort="site-flip"}')
+        metrics = server.get("/metrics", token=server.token)[1].decode()
+        assert 'edgefleet_class_f1{bundle="mlp:1.0.0",cohort="site-ok",class="' in metrics
         # the server's log lines carry their time and where they come from
         log = (tmp_path / "server.log").read_text()
         assert re.search(

@@ -140,6 +140,27 @@ def test_a_shadow_deployment_reports_the_agreement_of_the_same_inputs_offline(
         honest = sum(int((v1[d] == v2[d]).sum()) for d in rows)
         assert s["overall"]["agreement"] == round(honest / (150 + 150 + 600), 6)
         assert s["overall"]["min_device_agreement"] == 0.0  # and the outlier shows
+        # The two bundles' answer distributions, as offline on the same calls (the liar sent none).
+        from edgefleet._drift import psi
+
+        k = int(max(max(v.max() for v in v1.values()), max(v.max() for v in v2.values()))) + 1
+        act = sum(np.bincount(v1[d], minlength=k) for d in rows)
+        cand = sum(np.bincount(v2[d], minlength=k) for d in rows)
+        for d in rows:
+            assert s["per_device"][d]["classes"] == [
+                np.bincount(v1[d], minlength=len(s["per_device"][d]["classes"][0])).tolist(),
+                np.bincount(v2[d], minlength=len(s["per_device"][d]["classes"][0])).tolist(),
+            ]
+        assert s["overall"]["output_psi"] == pytest.approx(psi(act, cand), abs=1e-5)
+        # Over time, from the devices' shadow_progress events: the spans hold every honest sample once.
+        status_code, body, _ = server.get(f"/api/shadows/{sid}/series", token=server.token)
+        series = json.loads(body)
+        assert status_code == 200 and len(series["agreement"]) == 48
+        minutes = (series["until"] - series["since"]) / 48 / 60
+        assert round(sum(v or 0 for v in series["samples_per_min"]) * minutes) == 300
+        spans = [a for a in series["agreement"] if a is not None]
+        assert spans and all(0.0 <= a <= 1.0 for a in spans)
+        assert any(v is not None for v in series["candidate_p95_ms"])
 
         # A rollout after the shadow: refused below the agreement it needs, started (and noted) above it.
         base = ("rollout", "create", "--bundle", "mlp:2.0.0", "--selector", "sh", "--after-shadow", sid)

@@ -18,9 +18,18 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from edgefleet import BundleError, EdgefleetError, InputError, open_bundle
+from edgefleet._manifest import Manifest
 from edgefleet.fleet._captures import _read_npz
 from edgefleet.fleet._rollups import accumulate, empty_merge
-from edgefleet.protocol import check_window, parse_command, parse_desired
+from edgefleet.protocol import (
+    UPDATE_STATES,
+    check_window,
+    parse_command,
+    parse_desired,
+    parse_event,
+    parse_state,
+    parse_status,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs" / "conformance"
@@ -108,6 +117,53 @@ def test_parsers_on_anything(doc: Any) -> None:
     for parse in (parse_command, parse_desired):
         with pytest.raises(InputError):
             parse(doc)
+
+
+_FROM_DEVICE = [v for v in MESSAGES if v["kind"] in ("status", "state", "event") and v["verdict"] == "accept"]
+_PARSE = {"status": parse_status, "state": parse_state, "event": parse_event}
+
+
+@FUZZ
+@given(st.sampled_from(_FROM_DEVICE).flatmap(lambda v: st.tuples(st.just(v["kind"]), mutated(v["payload"]))))
+def test_status_state_and_event_validators(case: tuple[str, Any]) -> None:
+    """What the ingest stores from a device: accepted means the fields the server reads are of their type."""
+    kind, doc = case
+    try:
+        got = _PARSE[kind](doc, "cam-7")
+    except InputError:
+        return
+    assert got.device_id == "cam-7" and got.to_dict()["device_id"] == "cam-7"
+    if kind == "status":
+        assert isinstance(got.online, bool) and got.ts >= 0
+    elif kind == "state":
+        assert got.update_state is None or got.update_state in UPDATE_STATES
+        for ref in (got.committed, got.staged):
+            assert ref is None or (isinstance(ref["name"], str) and isinstance(ref["version"], str))
+        assert got.agent_version is None or isinstance(got.agent_version, str)
+    else:
+        assert isinstance(got.key, str) and got.key and isinstance(got.type, str) and got.ts >= 0
+
+
+@FUZZ
+@given(json_values)
+def test_device_message_validators_on_anything(doc: Any) -> None:
+    for parse in _PARSE.values():
+        with pytest.raises(InputError):
+            parse(doc, "cam-7")
+
+
+_MANIFEST = json.loads(zipfile.ZipFile(io.BytesIO(VALID)).read("manifest.json"))
+
+
+@FUZZ
+@given(mutated(_MANIFEST))
+def test_manifest_parser(doc: Any) -> None:
+    """A manifest with any field replaced or removed is read or refused with a BundleError, nothing else."""
+    try:
+        m = Manifest.parse(doc)
+    except BundleError:
+        return
+    assert m.models and all(f.path for f in m.files)
 
 
 @settings(

@@ -542,3 +542,39 @@ def test_a_device_counts_by_its_latest_outcome_event_for_the_rollout(db: Databas
         "d3": "pending",
     }
     assert devices["d1"]["reason"] == "update_refused: update_refused why", devices["d1"]
+
+
+def test_one_failing_rollout_does_not_hold_up_the_others(db: Database, monkeypatch) -> None:
+    """A rollout whose judgement fails (bad data, a bug) is logged and tried again next tick; the other
+    rollouts in the same tick go on (issue 15: a failure inside the tick stopped every rollout)."""
+    _four_devices_on_v1(db)
+    with db.transaction() as cur:
+        cur.execute(
+            "INSERT INTO bundles (name, version, sha256, size, path, manifest, created) "
+            "VALUES ('n', '2.0.0', '01', 1, 'n.efb', '{}', ?)",
+            (time.time(),),
+        )
+        for i in range(4):
+            cur.execute(
+                "INSERT INTO devices (id, tags, created, bundle_name, bundle_version, update_state) "
+                "VALUES (?, ?, ?, 'n', '1.0.0', 'idle')",
+                (f"e{i}", json.dumps(["h"]), time.time()),
+            )
+    orders: list[tuple[str, str]] = []
+    engine = RolloutEngine(db, lambda dev, name, version, rid, action, wait=False: orders.append((dev, name)))
+    bad = engine.create("m:2.0.0", "g", [50, 100], {"min_stage_s": 0})
+    good = engine.create("n:2.0.0", "h", [50, 100], {"min_stage_s": 0})
+    real = engine._run_stage
+
+    def run_stage(r):  # the first rollout's every tick fails
+        if r.id == bad:
+            raise ValueError("a bug in judging this rollout")
+        return real(r)
+
+    monkeypatch.setattr(engine, "_run_stage", run_stage)
+    engine.tick()
+    assert {name for _, name in orders} == {"n"} and len(orders) == 2  # the good one's first stage ordered
+    assert engine.get(good)["state"] == "running" and engine.get(bad)["state"] == "running"
+    monkeypatch.setattr(engine, "_run_stage", real)
+    engine.tick()  # the failed one is tried again next tick, and orders its stage
+    assert {name for _, name in orders} == {"m", "n"}

@@ -79,3 +79,55 @@ def test_label_counts_that_do_not_add_up_count_for_nothing(labels: dict[str, Any
     r = _report({"samples": 20, "agreement": 1.0, **labels})
     assert r is not None and r["samples"] == 20  # the rest of the report stands
     assert (r["labelled"], r["active_correct"], r["candidate_correct"]) == (0, 0, 0)
+
+
+def _progress(end: float, samples: int, agree: int, a: list[int], c: list[int], lat_bin: int = 20) -> dict[str, Any]:
+    from edgefleet.fleet._shadows import _progress as check
+
+    lat = [0] * 62
+    lat[lat_bin] = samples
+    body = {
+        "samples": samples, "agree": agree, "labelled": 0, "active_correct": 0, "candidate_correct": 0,
+        "dropped": 0, "end": end, "active_latency_ms": lat, "candidate_latency_ms": lat,
+        "active_classes": a, "candidate_classes": c,
+    }  # fmt: skip
+    p = check(body)
+    assert p is not None
+    return p
+
+
+def test_output_drift_between_the_bundles_is_merged_from_the_devices_answer_counts() -> None:
+    from edgefleet._drift import psi
+
+    a = _report({"samples": 100, "agreement": 0.9, "active_classes": [50, 50], "candidate_classes": [60, 40]})
+    b = _report({"samples": 100, "agreement": 0.8, "active_classes": [30, 70], "candidate_classes": [50, 50]})
+    liar = _report({"samples": 100, "agreement": 1.0, "active_classes": [5, 5], "candidate_classes": [5, 5]})
+    assert a and b and liar and liar["classes"] is None  # counts that do not add up to its samples: not used
+    o = merge_reports({"a": a, "b": b, "liar": liar})
+    assert o["output_psi"] == round(psi([80, 120], [110, 90]), 6) and o["output_js"] > 0
+
+
+def test_a_shadow_over_time_is_merged_per_span_with_each_device_capped() -> None:
+    from edgefleet.fleet._shadows import _progress as check
+    from edgefleet.fleet._shadows import merge_progress
+
+    t0 = 1_700_000_000.0
+    progress = [
+        ("a", _progress(t0 + 30, 100, 90, [50, 50], [50, 50])),
+        ("b", _progress(t0 + 40, 100, 80, [50, 50], [50, 50])),
+        ("a", _progress(t0 + 90, 100, 50, [50, 50], [90, 10], lat_bin=30)),
+        ("b", _progress(t0 + 95, 100, 70, [50, 50], [50, 50])),
+        ("c", _progress(t0 + 99, 100, 60, [50, 50], [50, 50])),
+        # a liar in the second minute: 10^6 samples, weighed as 4x the median device's (100)
+        ("liar", _progress(t0 + 100, 10**6, 10**6, [10**6, 0], [10**6, 0])),
+    ]
+    s = merge_progress(progress, t0, t0 + 120, buckets=2)
+    assert s["samples_per_min"] == [200.0, 300.0 + 10**6]
+    assert s["agreement"][0] == 0.85
+    assert s["agreement"][1] == round((50 + 70 + 60 + 400) / (300 + 400), 6)
+    assert s["active_p95_ms"][0] is not None and s["output_psi"][0] == 0.0
+    assert merge_progress([], t0, t0 + 60, buckets=3)["agreement"] == [None, None, None]
+    # figures that cannot be: more agreeing than samples, a latency histogram of the wrong size
+    assert check({**progress[0][1], "agree": 101, "active_classes": [50, 50], "candidate_classes": [50, 50]}) is None
+    bad = {**progress[0][1], "active_latency_ms": [1] * 3, "active_classes": [50, 50], "candidate_classes": [50, 50]}
+    assert check(bad) is None

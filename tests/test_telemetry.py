@@ -224,6 +224,75 @@ def test_captured_samples_leave_newest_first(tmp_path: Path) -> None:
     assert len(one) == 1 and one[0][1] == 1009.0  # the byte limit holds: each sample is over 200 bytes
 
 
+def test_feedback_is_kept_for_its_time_and_count_only(mlp_bundles: dict, publisher, tmp_path: Path, digits) -> None:
+    """A call's prediction is kept for feedback_ttl_s and among the last feedback_calls calls; later or older
+    feedback is an InputError naming why, and counts nothing."""
+    from edgefleet import InputError
+
+    m = rt.load(mlp_bundles["1.0.0"], [str(publisher[2])])
+    agg = m.attach_telemetry(rt.TelemetryBuffer(tmp_path / "t.db"), feedback_calls=3, feedback_ttl_s=60.0)
+    now = [1000.0]
+    agg._clock = lambda: now[0]
+    x = digits["eval"][0]
+    ids = []
+    for i in range(4):
+        m.predict(x[i : i + 1])
+        ids.append(m.last_call_id)
+    with pytest.raises(InputError, match="unknown, already given feedback, or expired"):
+        m.feedback(ids[0], 1)  # the 4th call pushed the 1st out
+    m.feedback(ids[1], 1)
+    now[0] += 61.0
+    with pytest.raises(InputError, match="last 60 s are kept"):
+        m.feedback(ids[2], 1)
+    m.flush_telemetry()
+
+
+def test_a_capture_upload_keeps_to_its_bandwidth_cap(tmp_path: Path) -> None:
+    """The upload is paced (capture_upload_bytes_per_s) and arrives whole, as one plain body with its length;
+    uncapped it is not held back. Against a real HTTP server on loopback."""
+    import threading
+    import time
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from edgefleet.runtime._upload import paced, upload_samples
+
+    got: list[tuple[bytes, str | None]] = []
+
+    class Sink(BaseHTTPRequestHandler):
+        def log_message(self, *a: object) -> None:
+            pass
+
+        def do_POST(self) -> None:  # http.server calls it by this name
+            n = int(self.headers["Content-Length"])
+            got.append((self.rfile.read(n), self.headers.get("Transfer-Encoding")))
+            self.send_response(200)
+            self.end_headers()
+
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), Sink)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{srv.server_address[1]}/upload"
+    try:
+        times = {}
+        for cap in (None, 100_000.0):
+            buf = rt.TelemetryBuffer(tmp_path / f"t-{cap}.db")
+            rng = np.random.default_rng(0)
+            for i in range(40):  # ~10 KiB each, incompressible
+                buf.add_sample(1000.0 + i, "m:1.0.0", rng.random((1, 1280)).astype(np.float64), np.zeros((1, 2)))
+            t0 = time.monotonic()
+            sent = upload_samples(buf, url, "tok", limit=40, max_bytes=1 << 20, bytes_per_s=cap)
+            times[cap] = time.monotonic() - t0
+            assert sent["samples"] == 40 and len(got[-1][0]) == sent["bytes"] and got[-1][1] is None
+            assert not buf.take_samples(40, 1 << 20, None)  # gone from the device once stored
+        assert times[100_000.0] >= sent["bytes"] / 100_000.0 * 0.9 > times[None], times
+    finally:
+        srv.shutdown()
+    # The pacing itself, on a clock of its own: a chunk goes once the time for the bytes before it has passed.
+    now = [0.0]
+    slept: list[float] = []
+    chunks = list(paced(b"x" * 50_000, 16_384.0, clock=lambda: now[0], sleep=lambda s: slept.append(s)))
+    assert b"".join(chunks) == b"x" * 50_000 and slept == [1.0, 2.0, 3.0]
+
+
 def test_cli_show_and_export(mlp_bundles: dict, publisher, tmp_path: Path) -> None:
     m, buf, _ = _model(mlp_bundles, publisher, tmp_path)
     for _ in range(3):
