@@ -16,7 +16,11 @@ from edgefleet._telemetry import latency_quantile
 from ._db import Database
 from ._rollups import ALL, accumulate, empty_merge, series
 
-__all__ = ["RANGES", "device_history", "fleet_history", "svg_chart"]
+__all__ = ["OUTCOMES", "RANGES", "device_counts", "device_history", "fleet_history", "svg_chart", "update_outcomes"]
+
+# Update outcome events (docs/topics.md) as the overview names them.
+OUTCOMES = {"committed": "committed", "rolled_back": "rolled back", "update_failed": "failed",
+            "update_refused": "refused"}  # fmt: skip
 
 # The overview's time ranges (the query's `hours`): seconds back from now.
 RANGES: dict[str, float] = {"1": 3600.0, "6": 6 * 3600.0, "24": 86400.0, "168": 7 * 86400.0}
@@ -54,6 +58,38 @@ def device_history(
         spans = merged.setdefault(f"{name}:{version}", [empty_merge() for _ in range(buckets)])
         accumulate(spans[i], json.loads(body))
     return {bundle: _figures(spans, width) for bundle, spans in sorted(merged.items())}
+
+
+def device_counts(db: Database, since: float, until: float, buckets: int = 48) -> dict[str, list[float | None]]:
+    """Devices online and registered over time (the housekeeper's per-minute counts): the last count in
+    each of BUCKETS equal spans of [SINCE, UNTIL), None where none was taken."""
+    width = (until - since) / buckets
+    out: dict[str, list[float | None]] = {"online": [None] * buckets, "registered": [None] * buckets}
+    rows = db.query(
+        "SELECT bucket, online, registered FROM device_counts WHERE bucket >= ? AND bucket < ? ORDER BY bucket",
+        (since - since % 60, until),
+    )
+    for bucket, online, registered in rows:
+        i = min(buckets - 1, max(0, int((float(bucket) - since) / width)))
+        out["online"][i], out["registered"][i] = float(online), float(registered)
+    return out
+
+
+def update_outcomes(db: Database, since: float, until: float, buckets: int = 48) -> dict[str, list[float | None]]:
+    """How many updates ended each way (committed, rolled back, failed, refused) in each of BUCKETS equal spans
+    of [SINCE, UNTIL), by the devices' own outcome events."""
+    width = (until - since) / buckets
+    out: dict[str, list[float | None]] = {label: [0.0] * buckets for label in OUTCOMES.values()}
+    marks = ", ".join("?" * len(OUTCOMES))
+    rows = db.query(
+        f"SELECT type, ts FROM events WHERE type IN ({marks}) AND ts >= ? AND ts < ?",
+        (*OUTCOMES, since, until),
+    )
+    for typ, ts in rows:
+        i = min(buckets - 1, max(0, int((float(ts) - since) / width)))
+        counts = out[OUTCOMES[typ]]
+        counts[i] = (counts[i] or 0.0) + 1
+    return out
 
 
 def _figures(spans: list[dict[str, Any]], width: float) -> dict[str, list[float | None]]:

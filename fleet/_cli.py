@@ -277,7 +277,8 @@ def _devices(args: argparse.Namespace) -> int:
     for d in devs:
         bundle = f"{d['bundle_name'] or '-'} {d['bundle_version'] or ''}"
         print(
-            f"{d['id']:<20} {'yes' if d['online'] else 'no':<7} {bundle:<20} {d['update_state'] or '-':<14} "
+            f"{d['id']:<20} {('silent' if d.get('stale') else 'yes') if d['online'] else 'no':<7} {bundle:<20} "
+            f"{d['update_state'] or '-':<14} "
             f"{','.join(d['tags'])}"
         )
     return 0

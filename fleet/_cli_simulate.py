@@ -43,7 +43,7 @@ def _simulate(args: argparse.Namespace) -> int:
         capture_per_hour=args.capture_per_hour,
         capture_upload=args.capture_upload,
     )
-    run(sim, args.duration)
+    run(sim, args.duration, args.json)
     return 0
 
 
@@ -77,6 +77,7 @@ def add_simulate_parser(fs: Any) -> None:
     p.add_argument(
         "--standin", action="store_true", help="a fast stand-in predictor instead of the real runtime (large N)"
     )
+    p.add_argument("--json", action="store_true", help="JSON lines: the devices once running, versions at the end")
     p.add_argument("--workdir")
     p.add_argument("--server")
     p.add_argument("--token")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import html
 import time
+import urllib.parse
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -23,8 +24,8 @@ from edgefleet import InputError
 from edgefleet._drift import psi
 
 from ._accuracy import accuracy_report, accuracy_series
-from ._charts import RANGES, charts, device_history, fleet_history, svg_chart
-from ._drift import baseline_of, drift_report, list_alerts
+from ._charts import RANGES, charts, device_counts, device_history, fleet_history, svg_chart, update_outcomes
+from ._drift import baseline_of, compare_cohorts, drift_report, list_alerts
 from ._rollups import ALL, Rollup, accumulate, empty_merge
 from ._rollups import series as rollup_series
 from ._server import FleetServer
@@ -50,6 +51,11 @@ def _svg_bars(ref: list[float], live: np.ndarray | None) -> str:
             parts.append(f'<rect x="{x + bw:.1f}" y="{h - lh:.1f}" width="{bw:.1f}" height="{lh:.1f}" fill="#2563eb"/>')
     parts.append("</svg>")
     return "".join(parts)
+
+
+def _proportions(counts: Any) -> list[float]:
+    c = np.asarray(counts, np.float64)
+    return (c / c.sum()).tolist() if c.sum() else c.tolist()
 
 
 def _svg_line(values: list[float | None], threshold: float) -> str:
@@ -167,17 +173,24 @@ def mount_dashboard(app: FastAPI, server: FleetServer) -> None:
             return HTMLResponse(f"hours must be one of {', '.join(RANGES)}", status_code=400)
         now = time.time()
         drawn = charts(fleet_history(server.db, now - span, now), now - span, now, "per bundle version")
-        devs = server.devices()
+        drawn.append(svg_chart("devices", device_counts(server.db, now - span, now), now - span, now))
+        drawn.append(svg_chart("updates ended", update_outcomes(server.db, now - span, now), now - span, now))
+        # counted in SQL: the overview of a 10,000-device fleet reads no device list
         versions: dict[str, int] = {}
-        for d in devs:
-            key = f"{d['bundle_name']}:{d['bundle_version']}" if d["bundle_version"] else "(none)"
-            versions[key] = versions.get(key, 0) + 1
+        total = online = 0
+        for name, version, n, up in server.db.query(
+            "SELECT bundle_name, bundle_version, COUNT(*), COALESCE(SUM(online), 0) FROM devices "
+            "GROUP BY bundle_name, bundle_version"
+        ):
+            key = f"{name}:{version}" if version else "(none)"
+            versions[key] = versions.get(key, 0) + int(n)
+            total, online = total + int(n), online + int(up)
         running = server.db.query("SELECT COUNT(*) FROM rollouts WHERE state = 'running'")[0][0]
         return page(
             request,
             "overview.html",
-            devices=devs,
-            online=sum(d["online"] for d in devs),
+            registered=total,
+            online=online,
             versions=sorted(versions.items()),
             alerts=(alerts := _open_alerts()),
             groups=_grouped(alerts),
@@ -189,16 +202,50 @@ def mount_dashboard(app: FastAPI, server: FleetServer) -> None:
 
     @app.get("/devices", response_class=HTMLResponse, include_in_schema=False)
     @signed_in
-    def devices(request: Request) -> Response:
-        devs = server.devices()
+    def devices(
+        request: Request,
+        q: str = "",
+        tag: str = "",
+        version: str = "",
+        online: str = "",
+        sort: str = "id",
+        page_no: int = 1,
+    ) -> Response:
+        per_page = 50
+        state = {"yes": True, "no": False}.get(online)
+        try:
+            total, devs = server.find_devices(
+                q=q or None,
+                tag=tag or None,
+                version=version or None,
+                online=state,
+                sort=sort,
+                limit=per_page,
+                offset=(max(1, page_no) - 1) * per_page,
+            )
+        except InputError as exc:
+            return HTMLResponse(html.escape(str(exc)), status_code=400)
         for d in devs:
-            d["last_seen_text"] = time.strftime("%H:%M:%S", time.gmtime(d["last_seen"])) if d["last_seen"] else "-"
-        return page(request, "devices.html", devices=devs)
+            d["last_seen_text"] = (
+                time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(d["last_seen"])) if d["last_seen"] else "-"
+            )
+        pages = max(1, -(-total // per_page))
+        query = {"q": q, "tag": tag, "version": version, "online": online, "sort": sort}
+        return page(
+            request,
+            "devices.html",
+            devices=devs,
+            total=total,
+            page_no=min(max(1, page_no), pages),
+            pages=pages,
+            query=query,
+            link=lambda n: "/devices?" + urllib.parse.urlencode({**query, "page_no": n}),
+        )
 
     @app.get("/devices/{device_id}", response_class=HTMLResponse, include_in_schema=False)
     @signed_in
     def device(request: Request, device_id: str, hours: str = "6") -> Response:
-        d = next((x for x in server.devices() if x["id"] == device_id), None)
+        d = server.device(device_id)
         if d is None:
             return HTMLResponse(f"no device {html.escape(device_id)}", status_code=404)
         span = RANGES.get(hours)
@@ -349,10 +396,12 @@ def mount_dashboard(app: FastAPI, server: FleetServer) -> None:
 
     @app.get("/drift", response_class=HTMLResponse, include_in_schema=False)
     @signed_in
-    def drift(request: Request, bundle: str | None = None, tag: str | None = None, hours: str = "") -> Response:
+    def drift(
+        request: Request, bundle: str | None = None, tag: str | None = None, hours: str = "", against: str = ""
+    ) -> Response:
         bundles = _bundles()
         bundle = bundle or (bundles[-1] if bundles else None)
-        report = hist = series = accuracy = acc_chart = None
+        report = hist = series = accuracy = acc_chart = versus = None
         span = _RANGES.get(hours)
         if bundle:
             name, _, version = bundle.partition(":")
@@ -392,6 +441,21 @@ def mount_dashboard(app: FastAPI, server: FleetServer) -> None:
                 series = {k: _svg_line(v, th) for k, v in _series(buckets, baseline).items()}
                 for k in refs:
                     series.setdefault(k, '<span class="muted">-</span>')
+            if against and tag and against != tag:
+                # Cohort against cohort on the same version and range: the tag's live counts (blue) beside the
+                # other cohort's (grey), per feature, with the same statistics as against the baseline.
+                other = empty_merge()
+                for r in rollup_series(server.db, name, version, against, None if span is None else time.time() - span):
+                    accumulate(other, r.counts)
+                stats = compare_cohorts(merged, other)
+                mine = {**merged["inputs"], **{f"output:{k}": v for k, v in merged["outputs"].items()}}
+                theirs = {**other["inputs"], **{f"output:{k}": v for k, v in other["outputs"].items()}}
+                versus = {
+                    "against": against,
+                    "samples": [merged["samples"], other["samples"]],
+                    "features": stats,
+                    "bars": {k: _svg_bars(_proportions(theirs[k]), np.asarray(mine[k])) for k in stats},
+                }
         return page(
             request,
             "drift.html",
@@ -405,4 +469,6 @@ def mount_dashboard(app: FastAPI, server: FleetServer) -> None:
             series=series,
             accuracy=accuracy,
             acc_chart=acc_chart,
+            against=against,
+            versus=versus,
         )

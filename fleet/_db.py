@@ -40,6 +40,10 @@ SCHEMA = [
     """CREATE TABLE IF NOT EXISTS events (
         key TEXT PRIMARY KEY, device_id TEXT NOT NULL, type TEXT NOT NULL, ts FLOAT8 NOT NULL, body TEXT NOT NULL)""",
     "CREATE INDEX IF NOT EXISTS events_device ON events (device_id, ts)",
+    "CREATE INDEX IF NOT EXISTS events_type ON events (type, ts)",  # update outcomes over time
+    # devices online and registered, a row per minute (the housekeeper's), for the overview's chart
+    """CREATE TABLE IF NOT EXISTS device_counts (
+        bucket FLOAT8 PRIMARY KEY, online INTEGER NOT NULL, registered INTEGER NOT NULL)""",
     """CREATE TABLE IF NOT EXISTS alerts (
         id TEXT PRIMARY KEY, bundle_name TEXT NOT NULL, bundle_version TEXT NOT NULL, cohort TEXT NOT NULL,
         feature TEXT NOT NULL, state TEXT NOT NULL, opened FLOAT8 NOT NULL, closed FLOAT8, updated FLOAT8 NOT NULL,

@@ -17,6 +17,7 @@ from edgefleet import BundleError, InputError
 
 from ._auth import device_of
 from ._captures import MAX_UPLOAD_BYTES
+from ._http_auth import AuthFirst
 from ._rollups import ALL, accumulate, empty_merge
 from ._server import MAX_BUNDLE_BYTES, FleetServer
 
@@ -27,6 +28,7 @@ _CHUNK = 256 * 1024  # bytes a bundle download is read from disk and sent in
 
 def create_app(server: FleetServer) -> Any:
     app = FastAPI(title="edgefleet fleet server", version="1", description="Devices, bundles, rollouts, drift.")
+    app.add_middleware(AuthFirst, server=server)
     bearer = HTTPBearer(auto_error=False)
 
     def operator(creds: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:  # noqa: B008
@@ -52,9 +54,26 @@ def create_app(server: FleetServer) -> Any:
         return server.metrics()
 
     @app.get("/api/devices", dependencies=[Depends(operator)])
-    def devices() -> list[dict[str, Any]]:
-        """Registered devices with their online state, bundle, tags."""
-        return [{**d, "bundle_version": d["bundle_version"]} for d in server.devices()]
+    def devices(
+        response: Response,
+        q: str | None = None,
+        tag: str | None = None,
+        version: str | None = None,
+        online: bool | None = None,
+        sort: str = "id",
+        limit: int | None = None,
+        offset: int = 0,
+    ) -> list[dict[str, Any]]:
+        """Registered devices with their online state, bundle, tags: all, or those whose id contains Q, with
+        TAG, on VERSION, online or not, sorted (`id`, `last_seen`, `version`), a page of LIMIT from OFFSET;
+        the `X-Total-Count` header says how many match."""
+        if limit is not None and not 1 <= limit <= 10_000:
+            raise InputError("limit must be between 1 and 10000")
+        total, found = server.find_devices(
+            q=q, tag=tag, version=version, online=online, sort=sort, limit=limit, offset=offset
+        )
+        response.headers["X-Total-Count"] = str(total)
+        return found
 
     @app.post("/api/devices", dependencies=[Depends(operator)])
     def register(body: dict[str, Any]) -> Any:

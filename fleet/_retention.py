@@ -18,7 +18,7 @@ from ._db import Database
 from ._lease import Lease, LeasedLoop
 from ._rollups import DAY, HOUR, compact
 
-__all__ = ["Housekeeper", "Retention"]
+__all__ = ["Housekeeper", "Retention", "count_devices"]
 
 log = logging.getLogger("edgefleet.fleet.retention")
 
@@ -51,6 +51,7 @@ def sweep(db: Database, now: float, keep: Retention) -> dict[str, int]:
         ("windows", "start", now - keep.windows_s),
         ("rollups", "bucket", now - keep.rollups_s),
         ("window_devices", "last_start", now - keep.rollups_s),
+        ("device_counts", "bucket", now - keep.rollups_s),
     ):
         key = "key" if table == "windows" else None
         deleted = 0
@@ -68,6 +69,16 @@ def sweep(db: Database, now: float, keep: Retention) -> dict[str, int]:
                 break
         out[table] = deleted
     return out
+
+
+def count_devices(db: Database, now: float) -> None:
+    """Record how many devices are registered and online in NOW's minute (the overview charts them)."""
+    online, registered = db.query("SELECT COALESCE(SUM(online), 0), COUNT(*) FROM devices")[0]
+    db.execute(
+        "INSERT INTO device_counts (bucket, online, registered) VALUES (?, ?, ?) "
+        "ON CONFLICT (bucket) DO UPDATE SET online = ?, registered = ?",
+        (now - now % 60, int(online), int(registered), int(online), int(registered)),
+    )
 
 
 class Housekeeper:
@@ -93,6 +104,7 @@ class Housekeeper:
     def round(self) -> None:
         """One sweep (the loop calls it while holding the lease)."""
         now = time.time()
+        count_devices(self.db, now)
         self.last = sweep(self.db, now, self.keep)
         if self.also is not None:
             self.last |= self.also(now)

@@ -94,6 +94,9 @@ def _free_loopback_port() -> int:
         return int(s.getsockname()[1])
 
 
+STALE_S = 90.0  # three of the agents' 30 s heartbeats
+
+
 class FleetServer:
     """`edgefleet fleet serve`: everything in one process, state in the database."""
 
@@ -362,9 +365,60 @@ class FleetServer:
         return metrics_text(self)
 
     def devices(self) -> list[dict[str, Any]]:
+        """Every registered device (see `find_devices` for a page of them)."""
+        return self.find_devices(limit=None)[1]
+
+    def device(self, device_id: str) -> dict[str, Any] | None:
+        found = self.find_devices(device_id=device_id, limit=1)[1]
+        return found[0] if found else None
+
+    def find_devices(
+        self,
+        *,
+        device_id: str | None = None,
+        q: str | None = None,
+        tag: str | None = None,
+        version: str | None = None,
+        online: bool | None = None,
+        sort: str = "id",
+        limit: int | None = 50,
+        offset: int = 0,
+    ) -> tuple[int, list[dict[str, Any]]]:
+        """(how many match, the page of them): devices whose id contains Q, carrying TAG, on bundle VERSION,
+        online or not, sorted by SORT (`id`, `last_seen`: latest first, `version`), LIMIT from OFFSET. In SQL,
+        so a page of a 10,000-device fleet reads that page."""
+        where: list[str] = []
+        params: list[Any] = []
+        if device_id is not None:
+            where.append("id = ?")
+            params.append(device_id)
+        if q:
+            where.append("LOWER(id) LIKE ? ESCAPE '\\'")  # case-blind alike on SQLite and PostgreSQL
+            params.append("%" + q.lower().replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%")
+        if tag:
+            where.append("tags LIKE ?")  # tags are stored as a JSON list of checked names: quotes delimit one
+            params.append(f"%{json.dumps(tag)}%")
+        if version:
+            where.append("bundle_version = ?")
+            params.append(version)
+        if online is not None:
+            where.append("online = ?")
+            params.append(1 if online else 0)
+        # NULLs (never seen, no bundle) last on both databases (PostgreSQL puts them first in DESC)
+        order = {
+            "id": "id",
+            "last_seen": "last_seen IS NULL, last_seen DESC, id",
+            "version": "bundle_version IS NULL, bundle_version, id",
+        }.get(sort)
+        if order is None:
+            raise InputError(f"sort must be id, last_seen or version, not {sort!r}")
+        cond = (" WHERE " + " AND ".join(where)) if where else ""
+        total = int(self.db.query(f"SELECT COUNT(*) FROM devices{cond}", params)[0][0])
+        page = f" LIMIT {int(limit)} OFFSET {max(0, int(offset))}" if limit is not None else ""
         rows = self.db.query(
             "SELECT id, tags, online, bundle_name, bundle_version, staged_version, accelerator, agent_version, "
-            "update_state, last_seen, state FROM devices ORDER BY id"
+            f"update_state, last_seen, state FROM devices{cond} ORDER BY {order}{page}",
+            params,
         )
         keys = (
             "id",
@@ -379,13 +433,17 @@ class FleetServer:
             "last_seen",
         )
         out = []
+        now = time.time()
         for r in rows:
             d = dict(zip(keys, r[:-1], strict=True))
             d["tags"] = json.loads(d["tags"])
             d["online"] = bool(d["online"])
+            # Online by its retained status, but silent: an agent republishes its status and state every 30 s
+            # (docs/device-agent.md), so a loop that stopped while its MQTT connection lives shows here.
+            d["stale"] = d["online"] and (d["last_seen"] is None or now - float(d["last_seen"]) > STALE_S)
             d["capabilities"] = _capabilities(r[-1])
             out.append(d)
-        return out
+        return total, out
 
     @functools.lru_cache(maxsize=256)  # noqa: B019 - one server per process; a bundle's models never change
     def _formats(self, name: str, version: str) -> frozenset[str]:

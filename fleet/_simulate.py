@@ -323,8 +323,11 @@ class Simulation:
         return {a.device_id: (a.model.info.version if a.model else None) for a in self.agents}
 
 
-def run(sim: Simulation, duration: float | None) -> None:
-    """Run SIM for DURATION seconds, or until Ctrl-C or SIGTERM (either stops the devices cleanly)."""
+def run(sim: Simulation, duration: float | None, as_json: bool = False) -> None:
+    """Run SIM for DURATION seconds, or until Ctrl-C or SIGTERM (either stops the devices cleanly). AS_JSON:
+    a JSON line when the devices run (`started`: ids, workdir) and one when they stopped (`stopped`: each
+    device's bundle version), instead of the sentence."""
+    import json
     import signal
 
     # SIGTERM as well as Ctrl-C: a shell without job control starts background jobs with SIGINT
@@ -332,7 +335,11 @@ def run(sim: Simulation, duration: float | None) -> None:
     term = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: term.set())
     sim.start()
-    print(f"simulating {sim.devices} devices in {sim.dir}; Ctrl-C stops", flush=True)
+    if as_json:
+        ids = [a.device_id for a in sim.agents]
+        print(json.dumps({"event": "started", "devices": ids, "workdir": str(sim.dir)}), flush=True)
+    else:
+        print(f"simulating {sim.devices} devices in {sim.dir}; Ctrl-C stops", flush=True)
     try:
         deadline = None if duration is None else time.monotonic() + duration
         while not term.is_set() and (deadline is None or time.monotonic() < deadline):
@@ -340,7 +347,10 @@ def run(sim: Simulation, duration: float | None) -> None:
     except KeyboardInterrupt:
         pass
     finally:
+        versions = sim.versions()
         sim.stop()
+        if as_json:
+            print(json.dumps({"event": "stopped", "versions": versions}), flush=True)
 
 
 # Devices per process: the agents' own threads (one each; their MQTT traffic shares one NetworkLoop)
@@ -364,7 +374,8 @@ def run_sharded(argv: list[str], devices: int, prefix: str, workdir: str | None)
         cmd = [sys.executable, "-m", "edgefleet", *rest, "--devices", str(n), "--prefix", f"{prefix}{k}"]
         cmd += ["--workdir", str(base / f"shard-{k}")]
         procs.append(subprocess.Popen(cmd))
-    print(f"simulating {devices} devices in {shards} processes under {base}; Ctrl-C stops", flush=True)
+    if "--json" not in argv:  # with it, each process prints its own JSON lines
+        print(f"simulating {devices} devices in {shards} processes under {base}; Ctrl-C stops", flush=True)
 
     def stop(*_: Any) -> None:
         for p in procs:

@@ -35,6 +35,7 @@ from ._download import download, origin
 from ._export import BufferDrain, MqttExporter
 from ._health import HealthWatch
 from ._link import MqttLink
+from ._liveness import HEARTBEAT_S, Heartbeat
 from ._model import Model, SessionFactory, load
 from ._netloop import NetworkLoop
 from ._shadow import Shadow
@@ -106,6 +107,8 @@ class Agent:
         self._next_self_test = 0.0
         self._desired: Desired | None = None
         self._shadow: Shadow | None = None
+        self.heartbeat = Heartbeat(self.root)
+        self._loop_error: str | None = None
         # A shadow candidate being fetched and loaded off the loop (command id, cancel), and those ready.
         self._shadow_fetch: tuple[str, threading.Event] | None = None
         self._shadow_ready: queue.Queue[tuple[Command, BundleRef, Model]] = queue.Queue()
@@ -227,12 +230,17 @@ class Agent:
             self._lock_fd = None
 
     def run_forever(self) -> None:
+        """Run until `request_stop` (SIGTERM); an EdgefleetError if the loop ended on its own (it could not
+        start its MQTT session), so a supervisor sees the process end instead of a silent one."""
         self.start()
         try:
             while not self._stop.wait(1.0):
-                pass
+                if self._thread is not None and not self._thread.is_alive():
+                    raise EdgefleetError(f"agent {self.device_id}: its loop ended unexpectedly; see the log above")
         finally:
             self.stop()
+        if self._loop_error is not None:
+            raise EdgefleetError(self._loop_error)
 
     def state_doc(self) -> dict[str, Any]:
         """The retained `state` document (docs/topics.md)."""
@@ -526,13 +534,15 @@ class Agent:
     def _loop(self) -> None:
         try:
             self.link.connect()
-        except EdgefleetError as exc:
-            log.error("%s", exc)
+        except Exception as exc:  # a config the MQTT client refuses (a TLS file), a missing extra
+            self._loop_error = f"agent {self.device_id} cannot connect to the fleet: {exc}".splitlines()[0]
+            log.error("%s", self._loop_error)
             self._stop.set()
             return
         last_state = 0.0
         while not self._stop.is_set():
             self._passes += 1
+            self.heartbeat.beat(self._passes, self.machine.state.value)
             before = self.machine.state
             self._take_orders()
             try:
@@ -547,8 +557,10 @@ class Agent:
                 if self.active.changed.is_set():
                     self.active.changed.clear()
                     self._state_dirty = True
-                if time.monotonic() - last_state > 30:
+                if time.monotonic() - last_state > HEARTBEAT_S:
+                    # the retained status's ts and the state advance: the fleet tells a stuck loop by them
                     self._state_dirty, last_state = True, time.monotonic()
+                    self.link.publish_status()
                 # State before events: the server marks a device updated on its 'committed' event, and its
                 # registry (active version) should not lag behind that.
                 if self._state_dirty and self.link.publish_state(self.state_doc()):

@@ -96,6 +96,8 @@ def _cmd_agent(args: argparse.Namespace) -> int:
     from ._agent import Agent
     from ._config import load_config
 
+    if args.action == "status":
+        return _agent_status(args)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(asctime)s %(message)s")
     agent = Agent(load_config(args.config))
 
@@ -106,6 +108,27 @@ def _cmd_agent(args: argparse.Namespace) -> int:
     print(f"edgefleet agent {agent.device_id}: data in {agent.root}", file=sys.stderr, flush=True)
     agent.run_forever()
     return 0
+
+
+def _agent_status(args: argparse.Namespace) -> int:
+    """`edgefleet agent status`: whether the agent of a device.toml runs and its loop is not stuck (exit 0),
+    or not (exit 1, one line saying which), from the heartbeat in its data directory."""
+    from ._config import load_config
+    from ._liveness import agent_status
+
+    cfg = load_config(args.config)
+    st = agent_status(Path(cfg.data_dir), args.max_age) if args.max_age else agent_status(Path(cfg.data_dir))
+    st["device_id"] = cfg.device_id
+    if args.json:
+        print(json.dumps(st))
+    elif st["healthy"]:
+        print(
+            f"agent {cfg.device_id}: running (pid {st['pid']}), loop passed {st['age_s']:.1f} s ago, "
+            f"update state {st['update_state']}"
+        )
+    else:
+        print(f"agent {cfg.device_id}: {st['reason']}", file=sys.stderr)
+    return 0 if st["healthy"] else 1
 
 
 def _buffer_path(args: argparse.Namespace) -> Path:
@@ -259,7 +282,16 @@ def register(sub: Any) -> None:
         help="run the device agent (MQTT link, telemetry upload, A/B updates)"
         + (backends or missing_note(("paho",), "runtime-onnx")),
     )
+    p.add_argument(
+        "action",
+        nargs="?",
+        choices=["run", "status"],
+        default="run",
+        help="run the agent (default), or say whether the agent of this config runs and is not stuck (exit 1 if not)",
+    )
     p.add_argument("--config", required=True, help="device.toml")
+    p.add_argument("--max-age", type=float, help="status: seconds since the loop's last pass that count as stuck")
+    p.add_argument("--json", action="store_true", help="status: the figures as JSON")
     p.add_argument("-v", "--verbose", action="store_true")
     p.set_defaults(func=_cmd_agent)
 

@@ -88,6 +88,11 @@ class MqttLink:
         else:
             client.loop_start()
 
+    def publish_status(self) -> None:
+        """Publish the retained online status again (its `ts` is the agent's heartbeat)."""
+        if self._client is not None and self.connected.is_set():
+            self._client.publish(topic(self.device_id, "status"), self.status(True), qos=1, retain=True)
+
     def publish_state(self, doc: dict[str, Any]) -> bool:
         """Publish the retained state document; False (nothing sent) while disconnected."""
         if self._client is None or not self.connected.is_set():

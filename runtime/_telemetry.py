@@ -10,6 +10,7 @@ in memory (at most `window_s`, 60 s by default) is lost on a kill; `flush()` clo
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import logging
@@ -26,6 +27,8 @@ import numpy as np
 
 from edgefleet import InputError
 from edgefleet._fs import atomic_write
+
+from ._failpoints import failpoint
 
 __all__ = ["BufferStats", "TelemetryBuffer"]
 
@@ -68,9 +71,14 @@ class BufferStats:
     samples: int
     oldest: float | None
     newest: float | None
+    # records lost to a write the disk refused otherwise than full (EIO, a read-only or over-quota
+    # filesystem) since the buffer was opened; kept in memory, since the buffer could not record them
+    write_errors: int = 0
 
 
-def _is_full(exc: sqlite3.Error) -> bool:
+def _is_full(exc: BaseException) -> bool:
+    if isinstance(exc, OSError):
+        return exc.errno == errno.ENOSPC
     return "full" in str(exc).lower() or getattr(exc, "sqlite_errorcode", None) == 13  # SQLITE_FULL
 
 
@@ -91,6 +99,7 @@ class TelemetryBuffer:
         self.reset_reason: str | None = None
         # Records stored by this process: lets a reader skip querying when nothing new arrived.
         self.added = 0
+        self.write_errors = 0
         # Called (outside the lock) after each stored record: lets a sender sleep until there is work.
         self.on_add: Callable[[], None] | None = None
         self._lock = threading.RLock()
@@ -206,6 +215,7 @@ class TelemetryBuffer:
             for attempt in range(3):
                 try:
                     self._db.execute("BEGIN IMMEDIATE")
+                    failpoint("buffer.add")
                     self._drop_oldest(len(body))
                     self._db.execute(
                         "INSERT OR IGNORE INTO windows (key, kind, start, end, body, size) VALUES (?, ?, ?, ?, ?, ?)",
@@ -215,11 +225,12 @@ class TelemetryBuffer:
                     self._bytes += len(body)
                     self.added += 1
                     break
-                except sqlite3.OperationalError as exc:
+                except (sqlite3.OperationalError, OSError) as exc:
                     self._rollback()
                     self._bytes = int(self._db.execute("SELECT COALESCE(SUM(size), 0) FROM windows").fetchone()[0])
                     if not _is_full(exc):
-                        raise
+                        self._write_error(kind, exc)
+                        return
                     self._on_full(attempt)
             else:
                 # Still full after freeing space: this window is the one lost, and counted.
@@ -304,25 +315,34 @@ class TelemetryBuffer:
                         break
                     self._db.execute("DELETE FROM samples WHERE seq = ?", (row[0],))
                     self._sample_bytes -= row[1]
+                failpoint("buffer.add_sample")
                 self._db.execute(
                     "INSERT INTO samples (ts, bundle, input, output, size, call) VALUES (?, ?, ?, ?, ?, ?)",
                     (ts, bundle, bx.getvalue(), by.getvalue(), size, call),
                 )
                 self._db.execute("COMMIT")
                 self._sample_bytes += size
-            except sqlite3.OperationalError as exc:
+            except (sqlite3.OperationalError, OSError) as exc:
                 self._rollback()
+                self._sample_bytes = int(self._db.execute("SELECT COALESCE(SUM(size), 0) FROM samples").fetchone()[0])
                 if not _is_full(exc):
-                    raise
+                    self._write_error("sample", exc)
 
     def label_sample(self, call: str, label: int) -> None:
         """The true class of the captured sample of call CALL, when one was captured."""
         with self._lock:
             try:
+                failpoint("buffer.label")
                 self._db.execute("UPDATE samples SET label = ? WHERE call = ?", (int(label), call))
-            except sqlite3.OperationalError as exc:
+            except (sqlite3.OperationalError, OSError) as exc:
                 if not _is_full(exc):
-                    raise
+                    self._write_error("label", exc)
+
+    def _write_error(self, what: str, exc: BaseException) -> None:
+        # Never into the app's predict (which closes windows and captures samples): the record is lost,
+        # counted in `write_errors` and logged; the next write tries the disk again.
+        self.write_errors += 1
+        log.error("telemetry buffer: a %s was lost to a disk error: %s", what, exc)
 
     def take_samples(
         self, limit: int, max_bytes: int, bundle_name: str | None = None
@@ -413,6 +433,7 @@ class TelemetryBuffer:
                 samples=int(ns),
                 oldest=lo,
                 newest=hi,
+                write_errors=self.write_errors,
             )
 
     def close(self) -> None:

@@ -73,8 +73,16 @@ class Observer:
     def publish(self, device: str, kind: str, payload: bytes | str, retain: bool = False) -> None:
         self.c.publish(topic(device, kind), payload, qos=1, retain=retain).wait_for_publish(5)
 
-    def desire(self, device: str, ref: dict[str, Any], rollout: str | None, action: str = "update") -> None:
-        doc = {"schema": DESIRED_SCHEMA, "bundle": ref, "action": action, "rollout": rollout, "issued_at": time.time()}
+    def desire(
+        self,
+        device: str,
+        ref: dict[str, Any],
+        rollout: str | None,
+        action: str = "update",
+        issued_at: float | None = None,
+    ) -> None:
+        when = time.time() if issued_at is None else issued_at
+        doc = {"schema": DESIRED_SCHEMA, "bundle": ref, "action": action, "rollout": rollout, "issued_at": when}
         self.publish(device, "desired", json.dumps(doc), retain=True)
 
     def command(self, device: str, cid: str, command: str, args: dict[str, Any]) -> None:

@@ -273,6 +273,24 @@ def test_telemetry_keeps_flowing_during_a_slow_download(
         dev.stop()
 
 
+def test_an_order_issued_long_ago_is_carried_out(
+    tmp_path: Path, broker: Mosquitto, files: FileServer, observer: Observer, mlp_bundles: dict, publisher
+) -> None:
+    """Decision (a) of issue 15, documented in docs/topics.md: issued_at is not enforced (device clocks
+    drift; a retained order is re-read after every reconnect); what a replayed order can do is bounded by
+    the downgrade and rollback rules instead. An order dated 1970 is carried out like a fresh one."""
+    dev = Device(tmp_path / "d", "dev-old", broker, publisher, mlp_bundles["1.0.0"])
+    dev.start()
+    try:
+        observer.wait(lambda: _idle_on(observer, "dev-old", "1.0.0"), 30, "v1 installed")
+        observer.desire("dev-old", bundle_ref(mlp_bundles["2.0.0"], files.url), "r-old", issued_at=1.0)
+        observer.wait(lambda: _idle_on(observer, "dev-old", "2.0.0"), 60, "v2 committed")
+        (c,) = observer.events("dev-old", "committed")
+        assert c["rollout"] == "r-old"
+    finally:
+        dev.stop()
+
+
 def test_a_shadow_candidate_is_fetched_without_holding_up_the_loop(
     tmp_path: Path, broker: Mosquitto, files: FileServer, observer: Observer, mlp_bundles: dict, publisher
 ) -> None:

@@ -60,7 +60,7 @@ def test_create_a_rollout_by_clicking_and_watch_it_complete(
                     "provision",
                     dev,
                     "--tags",
-                    "ui",
+                    f"ui,half-{i % 2}",
                     "--data-dir",
                     str(server.data),
                     "--out",
@@ -131,6 +131,15 @@ def test_create_a_rollout_by_clicking_and_watch_it_complete(
         page.goto(server.url + "/devices")
         assert page.locator("#devices tr").count() == 5 and "mlp 2.0.0" in page.inner_text("#devices")
         page.screenshot(path=str(ARTIFACTS / "devices.png"), full_page=True)
+        # searched and filtered from the page's form (in SQL: a page of a large fleet reads that page)
+        page.fill("#q", "UI-3")
+        page.select_option("#online", "yes")
+        page.click("#apply")
+        page.wait_for_selector("#count")
+        assert page.locator("#devices tr").count() == 2 and "ui-3" in page.inner_text("#devices")
+        assert page.inner_text("#count").startswith("1 device")
+        page.goto(server.url + "/devices?version=9.9.9")
+        assert "no device matches" in page.inner_text("#devices")
         page.goto(server.url + "/devices/ui-0")
         assert "nothing refused" in page.inner_text("#refusals")
         # the device's own telemetry over time (issue 16: the device page had none), its state, its timeline
@@ -143,8 +152,16 @@ def test_create_a_rollout_by_clicking_and_watch_it_complete(
         assert "2.0.0" in page.inner_text("#events")
         page.screenshot(path=str(ARTIFACTS / "device.png"), full_page=True)
         page.goto(server.url + "/?hours=1")
-        # the fleet over time: three charts with axes, a line per bundle version, the range picker
-        assert page.locator("#history svg.chart").count() == 3 and "mlp:2.0.0" in page.inner_text("#history")
+        # the fleet over time: calls, errors and p95 with a line per bundle version, devices online and
+        # registered, updates ended by outcome; axes, the range picker
+        assert page.locator("#history svg.chart").count() == 5 and "mlp:2.0.0" in page.inner_text("#history")
+        assert (
+            page.locator(
+                "#history svg[aria-label='devices'] polyline, #history svg[aria-label='devices'] circle"
+            ).count()
+            >= 1
+        )
+        assert "committed" in (page.locator("#history svg[aria-label='updates ended']").text_content() or "")
         assert page.locator("#history polyline, #history circle").count() >= 1 and "24 h" in page.inner_text("#ranges")
         page.screenshot(path=str(ARTIFACTS / "overview-history.png"), full_page=True)
         # A shadow of v1 beside v2 on every device: the shadows page shows it and, once reported, its figures.
@@ -180,6 +197,11 @@ def test_create_a_rollout_by_clicking_and_watch_it_complete(
         page.wait_for_selector("#features")
         assert "brightness" in page.inner_text("#features") and page.locator("#features svg").count() >= 4
         page.screenshot(path=str(ARTIFACTS / "drift.png"), full_page=True)
+        # one cohort against another on the same version, feature by feature
+        page.goto(server.url + "/drift?bundle=mlp:2.0.0&tag=half-0&against=half-1")
+        page.wait_for_selector("#versus")
+        assert "brightness" in page.inner_text("#versus") and page.locator("#versus svg").count() >= 4
+        page.screenshot(path=str(ARTIFACTS / "drift-cohorts.png"), full_page=True)
         # a bad form is refused on the page, not with a stack trace
         page.goto(server.url + "/rollouts")
         page.fill("#selector", "nobody")

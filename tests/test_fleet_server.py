@@ -933,6 +933,39 @@ def test_pages_check_the_token_before_doing_any_work(server: Server) -> None:
             assert exc.code == 303, (path, exc.code)
             assert exc.headers["Location"].startswith("/login"), (path, exc.headers["Location"])
 
+    # State-changing requests: answered before their body is read. FastAPI parses a JSON body before a route's
+    # dependencies run, so an unauthenticated 100 MB POST was read whole before its 401.
+    import http.client
+
+    def send(method: str, path: str, declared: int, body: bytes = b"", token: str | None = None) -> tuple[int, str]:
+        conn = http.client.HTTPConnection("127.0.0.1", server.http, timeout=10)
+        conn.putrequest(method, path)
+        conn.putheader("Content-Length", str(declared))
+        conn.putheader("Content-Type", "application/json")
+        if token:
+            conn.putheader("Authorization", f"Bearer {token}")
+        conn.endheaders()
+        if body:
+            conn.send(body)
+        r = conn.getresponse()
+        out = (r.status, r.getheader("Location") or r.read().decode(errors="replace"))
+        conn.close()
+        return out
+
+    for method, path in (("POST", "/api/devices"), ("POST", "/api/rollouts"), ("PUT", "/api/bundles"),
+                         ("POST", "/api/captures/cap-x/upload"), ("DELETE", "/api/devices/x/captures")):  # fmt: skip
+        status, detail = send(method, path, 100 << 20)  # the body never sent: the answer comes anyway
+        assert status == 401 and "token" in detail, (path, status, detail)
+    assert send("POST", "/rollouts", 100 << 20) == (303, "/login")  # a dashboard form without the cookie
+    status, detail = send("POST", "/api/devices", 100 << 20, token=server.token)
+    assert status == 413 and "1048576-byte limit" in detail
+    status, detail = send("PUT", "/api/bundles", 3 << 30, token=server.token)  # a bundle over 2 GiB
+    assert status == 413 and f"{2 << 30}-byte limit" in detail
+    assert not list((server.data / "bundles").iterdir())  # nothing stored, not even half
+    ok = b'{"id": "ok-device-1"}'
+    status, detail = send("POST", "/api/devices", len(ok), ok, token=server.token)
+    assert status == 200, detail
+
 
 def test_bundles_whose_file_names_would_collide_are_stored_apart(tmp_path: Path, server: Server, publisher) -> None:
     """`coll-1.0.0` version 2.0.0 and `coll` version 1.0.0-2.0.0 were both stored as coll-1.0.0-2.0.0.efb,

@@ -26,7 +26,7 @@ def test_a_large_simulated_fleet_splits_over_processes_and_updates(tmp_path: Pat
         sim = subprocess.Popen(
             [
                 *(sys.executable, "-m", "edgefleet", "fleet", "simulate", "--devices", "150", "--standin"),
-                *("--bundle", "mlp:1.0.0", "--tags", "big", "--rate", "1", "--prefix", "s"),
+                *("--bundle", "mlp:1.0.0", "--tags", "big", "--rate", "1", "--prefix", "s", "--json"),
                 *("--workdir", str(tmp_path / "sim"), "--server", server.url, "--token", server.token),
             ],
             stdout=subprocess.PIPE,
@@ -62,6 +62,14 @@ def test_a_large_simulated_fleet_splits_over_processes_and_updates(tmp_path: Pat
             sim.send_signal(signal.SIGTERM)
             try:
                 assert sim.wait(120) == 0
+                assert sim.stdout is not None
+                lines = [json.loads(ln) for ln in sim.stdout.read().splitlines() if ln.strip()]
+                started = [ln for ln in lines if ln["event"] == "started"]
+                stopped = [ln for ln in lines if ln["event"] == "stopped"]
+                # one process of 75 each; the one updated device says so
+                assert sorted(len(ln["devices"]) for ln in started) == [75, 75], lines
+                versions = {d: v for ln in stopped for d, v in ln["versions"].items()}
+                assert len(versions) == 150 and list(versions.values()).count("2.0.0") == 1, versions
             finally:
                 if sim.poll() is None:
                     subprocess.run(["pkill", "-KILL", "-f", "--", f"--workdir {tmp_path / 'sim'}"], check=False)

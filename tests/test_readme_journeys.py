@@ -165,6 +165,10 @@ def test_run_a_fleet_as_the_readme_prints_it(tmp_path: Path, mlp_bundles: dict, 
             return {d["id"]: d for d in json.loads(r.stdout)}
 
         _until(lambda: devices().get("cam-7", {}).get("online"), 60, "cam-7 online")
+        status = re.search(r"`(edgefleet agent status [^`]+)`", (ROOT / "README.md").read_text())
+        assert status, "the README lost its agent status line"
+        r = sh(status.group(1))
+        assert r.returncode == 0 and "running (pid" in r.stdout, (r.stdout, r.stderr)
         r = sh(by_verb["publish"], **client)
         assert r.returncode == 0, r.stderr
 

@@ -224,6 +224,36 @@ def test_captured_samples_leave_newest_first(tmp_path: Path) -> None:
     assert len(one) == 1 and one[0][1] == 1009.0  # the byte limit holds: each sample is over 200 bytes
 
 
+@pytest.mark.parametrize("point", ["buffer.add", "buffer.add_sample", "buffer.label"])
+@pytest.mark.parametrize("code", ["EIO", "EROFS"])
+def test_a_disk_error_in_the_buffer_never_reaches_the_apps_call(
+    mlp_bundles: dict, publisher, tmp_path: Path, digits, monkeypatch, point: str, code: str
+) -> None:
+    """A write the disk refuses (EIO, a read-only filesystem) at any of the buffer's writes: the app's predict
+    and feedback go on, the record is lost and counted (write_errors), the next write goes through."""
+    import errno
+    import time
+
+    from edgefleet.runtime import _failpoints
+
+    monkeypatch.setattr(_failpoints, "_FAULTS", {point: getattr(errno, code)})
+    monkeypatch.setattr(_failpoints, "_fired", set())
+    buf = rt.TelemetryBuffer(tmp_path / "t.db")
+    m = rt.load(mlp_bundles["1.0.0"], [str(publisher[2])])
+    m.attach_telemetry(buf, window_s=3600, capture_per_hour=3600 * 1000, feedback_calls=100)
+    x, y = digits["eval"]
+    for i in range(3):
+        time.sleep(0.01)  # past the capture rate limit (1,000 a second here)
+        m.predict(x[i : i + 1])  # captures a sample each
+        m.feedback(m.last_call_id, int(y[i]))  # labels it
+        m.flush_telemetry()  # closes a window each
+    st = buf.stats()
+    labels = [r[5] for r in buf.take_samples(10, 1 << 20)]
+    # (windows, samples, unlabelled samples) kept: the one record lost, the rest as if nothing happened
+    want = {"buffer.add": (2, 3, 0), "buffer.add_sample": (3, 2, 0), "buffer.label": (3, 3, 1)}[point]
+    assert (st.windows, st.samples, labels.count(None)) == want and st.write_errors == 1, st
+
+
 def test_feedback_is_kept_for_its_time_and_count_only(mlp_bundles: dict, publisher, tmp_path: Path, digits) -> None:
     """A call's prediction is kept for feedback_ttl_s and among the last feedback_calls calls; later or older
     feedback is an InputError naming why, and counts nothing."""

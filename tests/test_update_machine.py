@@ -202,3 +202,12 @@ def test_a_bundle_that_kills_the_agent_every_time_is_given_up_before_the_switch(
     assert failed and f"restarted {_MAX_RESUMES + 1} times during smoke_test" in failed[-1]["reason"]
     assert agent.persisted.last_result["result"] == "failed"
     agent.stop()
+
+
+def test_the_protocols_update_states_are_the_machines() -> None:
+    """The state document's `update.state` is checked against edgefleet.protocol.UPDATE_STATES (the core
+    install's copy, for third parties); the agent's machine must have exactly those states."""
+    from edgefleet.protocol import UPDATE_STATES
+    from edgefleet.runtime._update_machine import UpdateState
+
+    assert tuple(s.value for s in UpdateState) == UPDATE_STATES
