@@ -163,6 +163,9 @@ class Agent:
         model = self.active.model
         if model is None:
             raise BundleError(f"device {self.device_id} has no active bundle yet; it waits for the fleet to send one")
+        sh = self._shadow
+        if sh is not None:
+            sh.app_call_started()
         t0 = time.perf_counter()
         try:
             y = model.predict(x)
@@ -171,10 +174,12 @@ class Agent:
         except Exception:
             self.watch.record_call(None, True, False)
             raise
+        finally:
+            if sh is not None:
+                sh.app_call_ended()
         ms = (time.perf_counter() - t0) * 1000
         self.active.recent_ms.append(ms)
         self.watch.record_call(ms, False, not bool(np.isfinite(y).all()))
-        sh = self._shadow
         if sh is not None:
             call = model.last_call_id
             sh.offer(np.asarray(x), y, ms, None if call is None else (id(model), call))

@@ -2,9 +2,10 @@
 
 The app's call only offers its input and output to a bounded queue (dropped, and counted, when the
 candidate falls behind), so a shadow never slows the call it samples by more than a queue put. The
-candidate runs on one inference thread and rests after each call so that it is busy at most
-`cpu_share` of the time (default SHADOW_CPU_SHARE): the cores the app's own calls run on stay theirs for
-the rest (docs/device-agent.md, "Shadow runs"). What arrives meanwhile is dropped and counted.
+candidate runs on one inference thread, only once the app has been between calls for IDLE_S (it waits
+for that at most WAIT_S, then drops the sample: an app that keeps the cores busy back to back is not
+shadowed, not slowed), and rests after each call so that it is busy at most `cpu_share` of the time
+(default SHADOW_CPU_SHARE) (docs/device-agent.md, "Shadow runs"). What it drops is counted.
 
 Every `progress_s` the agent reports what was added since the last time (`shadow_progress`), so the fleet
 can show a shadow over time; the final `shadow_report` has the totals.
@@ -35,6 +36,8 @@ __all__ = ["SHADOW_CPU_SHARE", "Shadow", "rest_after"]
 
 _KEPT = 4096  # sampled calls (and early labels) remembered for labels fed back later
 SHADOW_CPU_SHARE = 0.25
+IDLE_S = 0.001  # the app between calls this long: the candidate may run now
+WAIT_S = 1.0  # ... waited for at most this long per sample
 _COUNTS = ("samples", "agree", "labelled", "active_correct", "candidate_correct", "dropped", "errors")
 
 
@@ -80,6 +83,10 @@ class Shadow:
         self._progress_wall = time.time()
         self._lock = threading.Lock()
         self._started = time.monotonic()
+        # The app's calls in progress, and when the last one ended (the candidate runs between them).
+        self._app = threading.Condition()
+        self._app_active = 0
+        self._app_ended = 0.0
         # call -> (active classes, candidate classes) of calls run; call -> labels not yet matched. A call is
         # (the active model, its call id): ids restart with each model, and a shadow outlives an update.
         self._classes: OrderedDict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = OrderedDict()
@@ -98,6 +105,34 @@ class Shadow:
             self.q.put_nowait((np.array(x, copy=True), y, ms, call_id))
         except queue.Full:
             self.dropped += 1  # the candidate is behind, or resting within its CPU share
+
+    def app_call_started(self) -> None:
+        with self._app:
+            self._app_active += 1
+
+    def app_call_ended(self) -> None:
+        with self._app:
+            self._app_active -= 1
+            self._app_ended = time.monotonic()
+            self._app.notify_all()
+
+    def _app_idle(self) -> bool:
+        """Wait until the app has been between calls for IDLE_S (at most WAIT_S); whether it was."""
+        deadline = time.monotonic() + WAIT_S
+        while not self.stop.is_set():
+            with self._app:
+                if not self._app.wait_for(lambda: self._app_active == 0, max(0.0, deadline - time.monotonic())):
+                    return False
+                quiet = time.monotonic() - self._app_ended
+            if quiet >= IDLE_S:
+                with self._app:
+                    if self._app_active == 0:
+                        return True
+                continue
+            if time.monotonic() + (IDLE_S - quiet) > deadline:
+                return False
+            time.sleep(IDLE_S - quiet)
+        return False
 
     def label(self, call_id: tuple[int, int], labels: Any) -> None:
         """The true class(es) of call CALL_ID (already checked by the model's own feedback): counted for both
@@ -128,6 +163,9 @@ class Shadow:
             try:
                 x, y, ms, call_id = self.q.get(timeout=0.1)
             except queue.Empty:
+                continue
+            if not self._app_idle():
+                self.dropped += 1  # the app kept calling: its calls come first
                 continue
             t0 = time.perf_counter()
             try:
