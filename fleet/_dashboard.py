@@ -297,7 +297,7 @@ def mount_dashboard(app: FastAPI, server: FleetServer) -> None:
         items = server.shadows.list()
         for s in items:
             s["created_text"] = time.strftime("%Y-%m-%d %H:%M", time.gmtime(s["created"]))
-            h = server.shadows.series(s["id"])
+            h = server.shadows.series(s["id"], shadow=s)
             s["charts"] = [
                 svg_chart("agreement with the active bundle", {"agreement": h["agreement"]}, h["since"], h["until"]),
                 svg_chart(

@@ -11,10 +11,11 @@ forms the operator's cookie and 64 KiB, `/login` 4 KiB.
 from __future__ import annotations
 
 import json
-from http.cookies import SimpleCookie
 from typing import TYPE_CHECKING, Any
 
 import anyio.to_thread
+from fastapi import HTTPException
+from starlette.requests import cookie_parser
 
 from ._auth import device_of
 from ._captures import MAX_UPLOAD_BYTES
@@ -32,8 +33,13 @@ _LOGIN_BODY = 4 << 10
 _WRITES = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 
 
-class _TooLarge(Exception):
-    pass
+class _TooLarge(HTTPException):
+    """Raised while a body is read: FastAPI answers an HTTPException as it is (any other exception while it
+    parses a body would become a 400)."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(413, f"request body is larger than the {limit}-byte limit of this route")
+        self.limit = limit
 
 
 class AuthFirst:
@@ -42,7 +48,9 @@ class AuthFirst:
 
     def _rule(self, method: str, path: str, headers: dict[bytes, bytes]) -> tuple[bool, int, bool]:
         """(allowed, body limit, is the dashboard) for a state-changing request."""
-        auth = headers.get(b"authorization", b"").decode("latin-1") or None
+        scheme, _, credential = headers.get(b"authorization", b"").decode("latin-1").strip().partition(" ")
+        # the scheme in any case, as the routes' own HTTPBearer takes it
+        auth = f"Bearer {credential.strip()}" if scheme.lower() == "bearer" and credential.strip() else None
         if path == "/login":
             return True, _LOGIN_BODY, True
         if path.startswith("/api/captures/") and path.endswith("/upload"):
@@ -50,12 +58,8 @@ class AuthFirst:
         if path.startswith("/api/"):
             limit = MAX_BUNDLE_BYTES if (method, path) == ("PUT", "/api/bundles") else _API_BODY
             return self.server.check_token(auth), limit, False
-        cookie = SimpleCookie()
-        try:
-            cookie.load(headers.get(b"cookie", b"").decode("latin-1"))
-        except Exception:  # a malformed cookie header is no credential
-            cookie = SimpleCookie()
-        tok = cookie[COOKIE].value if COOKIE in cookie else ""
+        # Starlette's own parser (the pages read the cookie with it): it copes with other apps' cookies
+        tok = cookie_parser(headers.get(b"cookie", b"").decode("latin-1")).get(COOKIE, "")
         return bool(tok) and self.server.check_token(f"Bearer {tok}"), _FORM_BODY, True
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
@@ -88,7 +92,7 @@ class AuthFirst:
             if msg["type"] == "http.request":
                 seen += len(msg.get("body", b""))
                 if seen > limit:
-                    raise _TooLarge
+                    raise _TooLarge(limit)
             return msg
 
         started = False
@@ -100,7 +104,7 @@ class AuthFirst:
 
         try:
             await self.app(scope, counted, tracked)
-        except _TooLarge:
+        except _TooLarge:  # raised where no route turned it into its answer (a route streaming the body)
             if not started:
                 await self._too_large(scope["path"], send, limit)
 

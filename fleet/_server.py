@@ -95,6 +95,8 @@ def _free_loopback_port() -> int:
 
 
 STALE_S = 90.0  # three of the agents' 30 s heartbeats
+# The events that answer a command (they name its id as command_id).
+_ANSWERS = ("command_done", "shadow_started", "shadow_failed", "capture_uploaded", "capture_refused", "capture_failed")
 
 
 class FleetServer:
@@ -394,10 +396,12 @@ class FleetServer:
             params.append(device_id)
         if q:
             where.append("LOWER(id) LIKE ? ESCAPE '\\'")  # case-blind alike on SQLite and PostgreSQL
-            params.append("%" + q.lower().replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%")
+            params.append("%" + _like(q.lower()) + "%")
         if tag:
-            where.append("tags LIKE ?")  # tags are stored as a JSON list of checked names: quotes delimit one
-            params.append(f"%{json.dumps(tag)}%")
+            # tags are stored as a JSON list of checked names: the quotes delimit one ('_' is escaped: a
+            # character of tags, a wildcard of LIKE)
+            where.append("tags LIKE ? ESCAPE '\\'")
+            params.append("%" + _like(json.dumps(tag)) + "%")
         if version:
             where.append("bundle_version = ?")
             params.append(version)
@@ -498,12 +502,16 @@ class FleetServer:
             "SELECT id, command, args, sent, sent_by FROM commands WHERE device_id = ? ORDER BY sent DESC LIMIT ?",
             (device_id, limit),
         )
-        oldest = min((float(s) for _, _, _, s, _ in rows), default=0.0)
+        if not rows:
+            return []
+        oldest = min(float(s) for _, _, _, s, _ in rows)
         answers: dict[str, dict[str, Any]] = {}
-        # The device's answer: the first event naming the command (command_done, shadow_started, shadow_failed,
-        # capture_uploaded, ...); device clocks may run behind, so a minute of slack.
+        # The device's answer: the first event naming the command; device clocks may run behind, so a minute
+        # of slack.
+        marks = ", ".join("?" * len(_ANSWERS))
         for ts, typ, body in self.db.query(
-            "SELECT ts, type, body FROM events WHERE device_id = ? AND ts >= ? ORDER BY ts", (device_id, oldest - 60)
+            f"SELECT ts, type, body FROM events WHERE device_id = ? AND type IN ({marks}) AND ts >= ? ORDER BY ts",
+            (device_id, *_ANSWERS, oldest - 60),
         ):
             b = json.loads(body)
             cid = b.get("command_id")
@@ -528,6 +536,11 @@ class FleetServer:
             "SELECT ts, type, body FROM events WHERE device_id = ? ORDER BY ts DESC LIMIT ?", (device_id, limit)
         )
         return [{"device_id": device_id, "ts": ts, "type": t, "body": json.loads(b)} for ts, t, b in rows]
+
+
+def _like(text: str) -> str:
+    """TEXT as itself in a LIKE pattern with ESCAPE '\\' (its %, _ and \\ are not wildcards)."""
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
 
 
 def _capabilities(state: str | None) -> dict[str, Any] | None:

@@ -303,11 +303,11 @@ class ShadowDeployments:
             raise InputError(f"no shadow deployment {sid}")
         name, version, selector, rate, duration, min_samples, state, created, ends, devs = rows[0]
         devices: list[str] = json.loads(devs)
-        started, failed, reports = self._events(sid, name, version, devices)
+        started, failed, reports = self._events(sid, name, version, devices, created - 60.0)
         if state == "running" and (len(reports) + len(failed) == len(devices) or time.time() > ends + _GRACE_S):
             self.db.execute("UPDATE shadows SET state = 'completed' WHERE id = ? AND state = 'running'", (sid,))
             state = "completed"
-        tags = {d["id"]: d["tags"] for d in self.server.devices()}
+        tags = self._tags(devices)
         cohorts: dict[str, dict[str, Any]] = {}
         for tag in sorted({t for d in devices for t in tags.get(d, [])} - {selector}):
             members = {d: r for d, r in reports.items() if tag in tags.get(d, [])}
@@ -332,14 +332,15 @@ class ShadowDeployments:
     def list(self) -> builtins.list[dict[str, Any]]:
         return [self.get(s) for s in self.ids()]
 
-    def series(self, sid: str, buckets: int = 48) -> dict[str, Any]:
+    def series(self, sid: str, buckets: int = 48, shadow: dict[str, Any] | None = None) -> dict[str, Any]:
         """Shadow SID over time, from its devices' shadow_progress events (`merge_progress`), from its start to
-        its end (or now, while it runs)."""
-        st = self.get(sid)
+        its end (or now, while it runs). SHADOW: its `get`, when the caller has it already."""
+        st = self.get(sid) if shadow is None else shadow
         name, _, version = st["bundle"].partition(":")
         devices = self._devices(sid)
         progress: builtins.list[tuple[str, dict[str, Any]]] = []
-        for dev, ev in self._shadow_events(devices, ("shadow_progress",)):
+        # device clocks may run a little behind the server's: a minute of slack before the shadow's start
+        for dev, ev in self._shadow_events(devices, ("shadow_progress",), since=st["created"] - 60.0):
             cand = ev.get("candidate") or {}
             if ev.get("command_id") == sid and (cand.get("name"), cand.get("version")) == (name, version):
                 p = _progress(ev)
@@ -350,12 +351,23 @@ class ShadowDeployments:
         until = max(until, max((p["end"] for _, p in progress), default=since) + 1e-3)
         return {"since": since, "until": until, **merge_progress(progress, since, until, buckets)}
 
+    def _tags(self, devices: builtins.list[str]) -> dict[str, builtins.list[str]]:
+        out: dict[str, builtins.list[str]] = {}
+        for i in range(0, len(devices), 500):
+            chunk = devices[i : i + 500]
+            marks = ",".join("?" for _ in chunk)
+            out.update(
+                (d, json.loads(t))
+                for d, t in self.db.query(f"SELECT id, tags FROM devices WHERE id IN ({marks})", chunk)
+            )
+        return out
+
     def _devices(self, sid: str) -> builtins.list[str]:
         rows = self.db.query("SELECT devices FROM shadows WHERE id = ?", (sid,))
         return json.loads(rows[0][0]) if rows else []
 
     def _shadow_events(
-        self, devices: builtins.list[str], types: tuple[str, ...]
+        self, devices: builtins.list[str], types: tuple[str, ...], since: float = 0.0
     ) -> builtins.list[tuple[str, dict[str, Any]]]:
         out = []
         kinds = ",".join(f"'{t}'" for t in types)  # our own constants
@@ -363,19 +375,20 @@ class ShadowDeployments:
             chunk = devices[i : i + 500]
             marks = ",".join("?" for _ in chunk)
             for dev, body in self.db.query(
-                f"SELECT device_id, body FROM events WHERE device_id IN ({marks}) AND type IN ({kinds}) ORDER BY ts",
-                chunk,
+                f"SELECT device_id, body FROM events WHERE device_id IN ({marks}) AND type IN ({kinds}) "
+                "AND ts >= ? ORDER BY ts",
+                [*chunk, since],
             ):
                 out.append((dev, json.loads(body)))
         return out
 
     def _events(
-        self, sid: str, name: str, version: str, devices: builtins.list[str]
+        self, sid: str, name: str, version: str, devices: builtins.list[str], since: float
     ) -> tuple[set[str], dict[str, str], dict[str, dict[str, Any]]]:
         started: set[str] = set()
         failed: dict[str, str] = {}
         reports: dict[str, dict[str, Any]] = {}
-        for dev, ev in self._shadow_events(devices, ("shadow_started", "shadow_failed", "shadow_report")):
+        for dev, ev in self._shadow_events(devices, ("shadow_started", "shadow_failed", "shadow_report"), since):
             if ev.get("command_id") != sid:
                 continue
             typ = ev.get("type")

@@ -5,7 +5,7 @@
     _health           the health window after a switch, and its verdict
     _active           the model `predict` runs, swapped atomically
     _link, _export    the MQTT session; the telemetry buffer drained through an exporter
-    _shadow           candidate bundles run beside the active one
+    _shadow           candidate bundles run beside the active one (_shadow_runner: the orders)
 
 All work happens on the agent's own thread (`_loop`); MQTT callbacks only queue orders and wake it.
 """
@@ -38,7 +38,7 @@ from ._link import MqttLink
 from ._liveness import HEARTBEAT_S, Heartbeat
 from ._model import Model, SessionFactory, load
 from ._netloop import NetworkLoop
-from ._shadow import Shadow
+from ._shadow_runner import ShadowRunner
 from ._slots import SlotStore
 from ._telemetry import TelemetryBuffer
 from ._update import Updater
@@ -106,12 +106,17 @@ class Agent:
         self._stats_cache: tuple[float, dict[str, Any]] | None = None
         self._next_self_test = 0.0
         self._desired: Desired | None = None
-        self._shadow: Shadow | None = None
+        self.shadows = ShadowRunner(
+            emit=self._event,
+            fetch=self._fetch,
+            load=lambda path: self._load(path, threads=1),  # one core at most: the app's calls keep theirs
+            wake=self._wake.set,
+            directory=self.root / "shadow",
+            cpu_share=config.shadow_cpu_share,
+            progress_s=config.window_s,
+        )
         self.heartbeat = Heartbeat(self.root)
         self._loop_error: str | None = None
-        # A shadow candidate being fetched and loaded off the loop (command id, cancel), and those ready.
-        self._shadow_fetch: tuple[str, threading.Event] | None = None
-        self._shadow_ready: queue.Queue[tuple[Command, BundleRef, Model]] = queue.Queue()
         self._upload: threading.Thread | None = None
 
         store = UpdateStore(root / "agent.json")
@@ -163,7 +168,7 @@ class Agent:
         model = self.active.model
         if model is None:
             raise BundleError(f"device {self.device_id} has no active bundle yet; it waits for the fleet to send one")
-        sh = self._shadow
+        sh = self.shadows.current
         if sh is not None:
             sh.app_call_started()
         t0 = time.perf_counter()
@@ -198,7 +203,7 @@ class Agent:
         if m is None:
             raise BundleError(f"device {self.device_id} has no active bundle")
         m.feedback(call_id, labels)
-        sh = self._shadow
+        sh = self.shadows.current
         if sh is not None:
             sh.label((id(m), call_id), labels)
 
@@ -219,8 +224,7 @@ class Agent:
     def stop(self, timeout: float = 10.0) -> None:
         """Flush telemetry to the buffer, say offline, disconnect."""
         self.request_stop()
-        if self._shadow_fetch is not None:
-            self._shadow_fetch[1].set()
+        self.shadows.cancel()
         if self._thread is not None:
             self._thread.join(timeout)
         self.active.flush()
@@ -369,7 +373,7 @@ class Agent:
             self._state_dirty = True
             self._event("command_done", command_id=c.id, command=c.command)
         elif c.command == "shadow":
-            self._start_shadow(c)
+            self.shadows.order(c)
         elif c.command == "capture":
             self._start_upload(c)
 
@@ -406,76 +410,6 @@ class Agent:
             self._event("capture_failed", command_id=c.id, capture_id=cap, reason=str(exc))
             return
         self._event("capture_uploaded", command_id=c.id, capture_id=cap, **got)
-
-    def _start_shadow(self, c: Command) -> None:
-        """Fetch and load the candidate in a thread of its own (a slow download must not hold up the loop's
-        telemetry and orders); the loop starts the run once it is ready. A newer shadow order cancels it."""
-        ref = BundleRef.parse(c.args.get("bundle"), "shadow command bundle")  # parse_command checked it
-        if self._shadow_fetch is not None:
-            self._shadow_fetch[1].set()
-        cancel = threading.Event()
-        self._shadow_fetch = (c.id, cancel)
-        threading.Thread(
-            target=self._fetch_shadow, args=(c, ref, cancel), name="edgefleet-shadow-fetch", daemon=True
-        ).start()
-
-    def _fetch_shadow(self, c: Command, ref: BundleRef, cancel: threading.Event) -> None:
-        try:
-            path = self._fetch(ref, self.root / "shadow", cancel)
-            model = self._load(path, threads=1)  # one core at most: the app's calls keep theirs
-        except (EdgefleetError, OSError) as exc:  # OSError: the device's own disk (full, failing)
-            if not cancel.is_set():
-                self._event("shadow_failed", command_id=c.id, reason=str(exc))
-            return
-        if cancel.is_set():
-            model.close()  # superseded, or the agent stops
-            return
-        self._shadow_ready.put((c, ref, model))
-        self._wake.set()
-
-    def _run_shadow(self, c: Command, ref: BundleRef, model: Model) -> None:
-        rate = float(c.args.get("sample_rate", 0.1))
-        duration = float(c.args.get("duration_s", 60))
-        min_samples = int(c.args.get("min_samples", 0))
-        if self._shadow_fetch is not None and self._shadow_fetch[0] == c.id:
-            self._shadow_fetch = None
-        old, self._shadow = (
-            self._shadow,
-            Shadow(
-                model,
-                ref,
-                rate,
-                duration,
-                c.id,
-                min_samples,
-                cpu_share=self.config.shadow_cpu_share,
-                progress_s=self.config.window_s,
-            ),
-        )
-        if old is not None:
-            self._end_shadow(old, superseded_by=c.id)
-        self._event("shadow_started", command_id=c.id, candidate={"name": ref.name, "version": ref.version})
-
-    def _check_shadow(self) -> None:
-        while True:
-            try:
-                self._run_shadow(*self._shadow_ready.get_nowait())
-            except queue.Empty:
-                break
-        sh = self._shadow
-        if sh is None:
-            return
-        now = time.monotonic()
-        if sh.done(now):
-            self._shadow = None
-            self._end_shadow(sh)
-        elif sh.progress_due(now):
-            self._event("shadow_progress", **sh.progress())
-
-    def _end_shadow(self, sh: Shadow, **extra: Any) -> None:
-        report = sh.report()  # stops the run: the last progress covers everything
-        self._event("shadow_progress", **sh.progress())
-        self._event("shadow_report", **report, **extra)
 
     def _self_test(self) -> None:
         hz = self.config.self_test_hz
@@ -517,8 +451,9 @@ class Agent:
         left = m.telemetry_due_s() if m is not None else None
         if left is not None:
             due.append(left + 0.01)
-        if self._shadow is not None:
-            due.append(min(self._shadow.deadline, self._shadow.progress_at) - now)
+        shadow_due = self.shadows.due_in(now)
+        if shadow_due is not None:
+            due.append(shadow_due)
         return max(0.0, min(due))
 
     def _take_orders(self) -> None:
@@ -554,7 +489,7 @@ class Agent:
                 self.updater.step()
                 if self.machine.state == UpdateState.IDLE and self._desired is not None:
                     self.updater.consider(self._desired)
-                self._check_shadow()
+                self.shadows.check()
                 self._self_test()
                 m = self.active.model
                 if m is not None:
@@ -576,6 +511,7 @@ class Agent:
             except Exception as exc:  # see _failed: the loop outlives any one step (ENOSPC, MemoryError, a bug)
                 self._failed("step", exc)
                 self._step_failures += 1
+                self.heartbeat.beat(self._passes, self.machine.state.value, force=True)  # alive, backing off
                 # Back off while the same step keeps failing (a full disk, a broken slot): 0.5 s doubling to 60 s.
                 self._wake.wait(min(60.0, 0.5 * 2 ** min(self._step_failures - 1, 7)))
                 self._wake.clear()

@@ -50,7 +50,11 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def agent_status(root: Path, max_age_s: float = 3 * _WRITE_S + HEARTBEAT_S) -> dict[str, Any]:
+# A loop backing off a failing step waits up to 60 s between passes (and beats before it waits).
+DEFAULT_MAX_AGE_S = 90.0
+
+
+def agent_status(root: Path, max_age_s: float = DEFAULT_MAX_AGE_S) -> dict[str, Any]:
     """What the heartbeat in data directory ROOT says: `running` (the agent's process exists), `age_s` of
     its loop's last beat, `healthy` (running and beating within MAX_AGE_S), and the update state then."""
     path = root / HEARTBEAT_FILE

@@ -35,6 +35,9 @@ from ._model import Model
 __all__ = ["SHADOW_CPU_SHARE", "Shadow", "rest_after"]
 
 _KEPT = 4096  # sampled calls (and early labels) remembered for labels fed back later
+# Per-class answer counts are kept for outputs of at most this many classes: a segmentation or embedding
+# model's "classes" would make every report too large to send, and mean nothing.
+MAX_CLASSES = 1024
 SHADOW_CPU_SHARE = 0.25
 IDLE_S = 0.001  # the app between calls this long: the candidate may run now
 WAIT_S = 1.0  # ... waited for at most this long per sample
@@ -104,7 +107,8 @@ class Shadow:
             # a copy: an app may reuse its input buffer for the next call before the candidate has run
             self.q.put_nowait((np.array(x, copy=True), y, ms, call_id))
         except queue.Full:
-            self.dropped += 1  # the candidate is behind, or resting within its CPU share
+            with self._lock:  # the candidate's thread counts drops too
+                self.dropped += 1  # the candidate is behind, or resting within its CPU share
 
     def app_call_started(self) -> None:
         with self._app:
@@ -165,7 +169,8 @@ class Shadow:
             except queue.Empty:
                 continue
             if not self._app_idle():
-                self.dropped += 1  # the app kept calling: its calls come first
+                with self._lock:
+                    self.dropped += 1  # the app kept calling: its calls come first
                 continue
             t0 = time.perf_counter()
             try:
@@ -173,9 +178,10 @@ class Shadow:
             except EdgefleetError:
                 yc = None
             busy = time.perf_counter() - t0
-            self.busy_s += busy
+            with self._lock:
+                self.busy_s += busy
+                self.errors += yc is None
             if yc is None:
-                self.errors += 1
                 self.stop.wait(rest_after(busy, self.cpu_share))
                 continue
             cand_ms = busy * 1000
@@ -187,8 +193,9 @@ class Shadow:
                 self.active_latency[_latency_bin(ms)] += 1
                 self.candidate_latency[_latency_bin(cand_ms)] += 1
                 k = max(yc.reshape(n, -1).shape[1], y.reshape(n, -1).shape[1], len(self.active_classes))
-                self.active_classes = _grown(self.active_classes, k) + np.bincount(active, minlength=k)
-                self.candidate_classes = _grown(self.candidate_classes, k) + np.bincount(cand, minlength=k)
+                if k <= MAX_CLASSES:
+                    self.active_classes = _grown(self.active_classes, k) + np.bincount(active, minlength=k)
+                    self.candidate_classes = _grown(self.candidate_classes, k) + np.bincount(cand, minlength=k)
                 self.samples += n
                 self.agree += int((cand == active).sum())
             if call_id is not None:

@@ -227,8 +227,12 @@ class TelemetryBuffer:
                     break
                 except (sqlite3.OperationalError, OSError) as exc:
                     self._rollback()
-                    self._bytes = int(self._db.execute("SELECT COALESCE(SUM(size), 0) FROM windows").fetchone()[0])
+                    self._recount()
                     if not _is_full(exc):
+                        if kind == "events":
+                            # An update outcome must reach the fleet: the agent's step fails, backs off and
+                            # sends it again (it is recorded only after it is buffered).
+                            raise
                         self._write_error(kind, exc)
                         return
                     self._on_full(attempt)
@@ -238,6 +242,13 @@ class TelemetryBuffer:
                 return
         if self.on_add is not None:
             self.on_add()
+
+    def _recount(self) -> None:
+        try:
+            self._bytes = int(self._db.execute("SELECT COALESCE(SUM(size), 0) FROM windows").fetchone()[0])
+            self._sample_bytes = int(self._db.execute("SELECT COALESCE(SUM(size), 0) FROM samples").fetchone()[0])
+        except sqlite3.Error:
+            pass  # the disk still fails: the figures are refreshed on the next write
 
     def _rollback(self) -> None:
         try:
@@ -324,7 +335,7 @@ class TelemetryBuffer:
                 self._sample_bytes += size
             except (sqlite3.OperationalError, OSError) as exc:
                 self._rollback()
-                self._sample_bytes = int(self._db.execute("SELECT COALESCE(SUM(size), 0) FROM samples").fetchone()[0])
+                self._recount()
                 if not _is_full(exc):
                     self._write_error("sample", exc)
 

@@ -63,6 +63,11 @@ BUNDLE_FIELDS: dict[str, tuple[str, ...]] = {
     "agent_error": (),
 }
 EVENT_TYPES = tuple(BUNDLE_FIELDS)
+# Fields agents before the bundle-object rule sent as a bare version string (same schema, still in the
+# field): a receiver accepts that form there too; agents now always send objects.
+LEGACY_VERSION_FIELDS = frozenset(
+    {("update_state", "target"), ("update_superseded", "old"), ("update_superseded", "new")}
+)
 _EVENT_TYPE = re.compile(r"[a-z][a-z0-9_]{0,63}")
 _MAX_KEY = 200
 _STATUS_FIELDS = ("schema", "device_id", "online", "ts")
@@ -171,7 +176,10 @@ def parse_event(obj: Any, device_id: str | None = None) -> Event:
     dev = _device(e, device_id, "event")
     ts = _ts(e, "event")
     for name in BUNDLE_FIELDS.get(typ, ()):
-        check_bundle_name(e.get(name), f"{typ} event field '{name}'")
+        v = e.get(name)
+        if (typ, name) in LEGACY_VERSION_FIELDS and isinstance(v, str) and _SEMVER.fullmatch(v):
+            continue
+        check_bundle_name(v, f"{typ} event field '{name}'")
     if "rollout" in e and e["rollout"] is not None and not isinstance(e["rollout"], str):
         raise InputError(f"{typ} event field 'rollout' must be a string or null")
     if "reason" in e and not isinstance(e["reason"], str):

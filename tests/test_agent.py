@@ -547,8 +547,9 @@ def kill_case(tmp_path, broker, files, observer, mlp_bundles, publisher, failpoi
         dev.stop()
 
 
-FAULT_POINTS = [(fp, "ENOSPC", "2.0.0", "2.0.0") for fp in COMMIT_PATH] + [
-    (fp, "EIO", "3.0.0", "1.0.0") for fp in ROLLBACK_PATH
+# Both a full disk and a failing one at every point (issue 15: "ENOSPC and EIO at every write").
+FAULT_POINTS = [(fp, code, "2.0.0", "2.0.0") for fp in COMMIT_PATH for code in ("ENOSPC", "EIO")] + [
+    (fp, code, "3.0.0", "1.0.0") for fp in ROLLBACK_PATH for code in ("EIO", "ENOSPC")
 ]
 
 
@@ -567,10 +568,10 @@ def test_a_failed_write_during_an_update_is_survived_and_retried(
     offer: str,
     final: str,
 ) -> None:
-    """A write that fails (ENOSPC on the commit path, EIO on the rollback path) at each durable step of an
-    update, once, as on a disk that fills up and is freed: the agent process lives on, says what failed, the
-    device is never between bundles, and it settles where an unfaulted update would."""
-    dev_id = "f-" + point.replace(".", "-") + "-" + offer[0]
+    """A write that fails (ENOSPC or EIO) at each durable step of an update, once, as on a disk that fills
+    up and is freed or has a bad sector: the agent process lives on, says what failed, the device is never
+    between bundles, and it settles where an unfaulted update would."""
+    dev_id = "f-" + point.replace(".", "-") + "-" + offer[0] + "-" + code.lower()
     dev = _stopped_on_v1(tmp_path, dev_id, broker, observer, mlp_bundles, publisher, offer, final)
     dev.start(fault=f"{point}:{code}")
     try:

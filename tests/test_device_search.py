@@ -26,8 +26,8 @@ def server(request, tmp_path: Path) -> FleetServer:
                 (f"cam-{i:04d}", json.dumps(tags), now, i % 2, "2.0.0" if i < 30 else "1.0.0", now - i),
             )
         # ids that LIKE would take for patterns: searched as text
-        for dev in ("odd_one", "oddXone", "pct%dev"):
-            cur.execute("INSERT INTO devices (id, tags, created) VALUES (?, '[]', ?)", (dev, now))
+        for dev, tags in (("odd_one", ["line_a"]), ("oddXone", ["lineXa"]), ("pct%dev", [])):
+            cur.execute("INSERT INTO devices (id, tags, created) VALUES (?, ?, ?)", (dev, json.dumps(tags), now))
     return s
 
 
@@ -42,6 +42,7 @@ def test_search_filter_sort_and_page(server: FleetServer) -> None:
     night = server.find_devices(tag="night", limit=None)[1]
     assert [d["id"] for d in night] == [f"cam-{i:04d}" for i in range(0, 120, 10)]
     assert server.find_devices(tag="site", limit=None)[0] == 0  # a whole tag, not a part of one
+    assert [d["id"] for d in server.find_devices(tag="line_a", limit=None)[1]] == ["odd_one"]
     assert server.find_devices(version="2.0.0", online=True, limit=None)[0] == 15
     assert server.find_devices(online=False, tag="site-b", limit=None)[0] == 20
     recent = server.find_devices(sort="last_seen", limit=3)[1]

@@ -52,9 +52,9 @@ def test_the_candidate_rests_within_its_share(mlp_bundles: dict) -> None:
     sh = _shadow(mlp_bundles["2.0.0"], share=0.05)
     t0 = time.monotonic()
     try:
-        for _ in range(300):  # offered far faster than a 5% share can take them
+        for _ in range(1000):  # offered far faster than a 5% share can take them: the queue overflows
             sh.offer(x, y, 1.0)
-            time.sleep(0.002)
+        time.sleep(1.0)  # while the candidate works through the queue at its share
         elapsed = time.monotonic() - t0
         assert sh.dropped > 0 and sh.samples > 0
         # busy at most its share of the time, give or take the one run in progress

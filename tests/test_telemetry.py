@@ -254,6 +254,24 @@ def test_a_disk_error_in_the_buffer_never_reaches_the_apps_call(
     assert (st.windows, st.samples, labels.count(None)) == want and st.write_errors == 1, st
 
 
+def test_a_disk_error_on_an_event_is_raised_to_the_agent_to_retry(tmp_path: Path, monkeypatch) -> None:
+    """Update outcomes must reach the fleet: a disk error on an event raises (the agent's step fails, backs off
+    and emits it again), where a telemetry window is dropped and counted."""
+    import errno
+
+    from edgefleet.runtime import _failpoints
+
+    monkeypatch.setattr(_failpoints, "_FAULTS", {"buffer.add": errno.EIO})
+    monkeypatch.setattr(_failpoints, "_fired", set())
+    buf = rt.TelemetryBuffer(tmp_path / "t.db")
+    ev = {"key": "d:ev:1", "type": "committed", "ts": 1.0}
+    with pytest.raises(OSError):
+        buf.add(ev, kind="events")
+    assert buf.stats().windows == 0 and buf.write_errors == 0
+    buf.add(ev, kind="events")  # the retry
+    assert buf.stats().windows == 1
+
+
 def test_feedback_is_kept_for_its_time_and_count_only(mlp_bundles: dict, publisher, tmp_path: Path, digits) -> None:
     """A call's prediction is kept for feedback_ttl_s and among the last feedback_calls calls; later or older
     feedback is an InputError naming why, and counts nothing."""

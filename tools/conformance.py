@@ -569,12 +569,21 @@ def message_vectors() -> list[dict[str, Any]]:
     add("event", "event-newer-minor-type", {**ev, "type": "npu_thermal_throttle", "celsius": 91}, "accept", **dev)
     add(
         "event",
-        "event-target-version-string",
+        "event-target-legacy-version-string",
         {**ev, "type": "update_state", "from_state": "idle", "to_state": "downloading", "target": "1.0.0"},
+        "accept",
+        **dev,
+    )
+    add(
+        "event",
+        "event-target-number",
+        {**ev, "type": "update_state", "from_state": "idle", "to_state": "downloading", "target": 7},
         "refuse",
         "bundle object",
         **dev,
     )
+    add("event", "event-installed-version-string", {**ev, "type": "installed", "bundle": "1.0.0"}, "refuse",
+        "bundle object", **dev)  # fmt: skip
     add("event", "event-no-key", {k: v for k, v in ev.items() if k != "key"} | {"type": "installed",
         "bundle": named}, "refuse", "key", **dev)  # fmt: skip
     add("event", "event-other-device", {**ev, "device_id": "cam-8", "type": "buffer_reset"}, "refuse", "came from",
