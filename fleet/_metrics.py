@@ -30,6 +30,15 @@ def metrics_text(server: FleetServer) -> str:
     ]
     for kind in ("telemetry", "events", "state", "status"):
         lines.append(f'edgefleet_ingest_refused_total{{kind="{kind}"}} {c.get("ingest_refused_" + kind, 0)}')
+    # Per device, bounded: how many devices had messages refused (which ones, and why: the device pages and
+    # GET /api/devices/ID/refusals; a label per device or per free-text reason would be unbounded).
+    refusing = dict(server.db.query("SELECT kind, COUNT(DISTINCT device_id) FROM refusals GROUP BY kind"))
+    lines += [
+        "# HELP edgefleet_ingest_refusing_devices Devices that had messages of this kind refused.",
+        "# TYPE edgefleet_ingest_refusing_devices gauge",
+    ]
+    for kind in ("telemetry", "events", "state", "status"):
+        lines.append(f'edgefleet_ingest_refusing_devices{{kind="{kind}"}} {int(refusing.get(kind, 0))}')
     lines += [
         "# HELP edgefleet_capture_uploads_refused_total Capture uploads the server refused (no device token, not "
         "asked, answered already, too large, too many samples, labels outside the bundle's classes, not an .npz).",

@@ -905,6 +905,8 @@ def test_poisoned_windows_are_refused_and_never_reach_the_fleet_statistics(
     two_bins = next(a for a in answers if a["key"] == "dev-p:bad:0")
     assert "bins" in two_bins["reason"] or "counts" in two_bins["reason"], two_bins
     assert _metric(server, 'edgefleet_ingest_refused_total{kind="telemetry"}') >= len(poisoned)
+    assert _metric(server, 'edgefleet_ingest_refusing_devices{kind="telemetry"}') == 1  # dev-p alone
+    assert _metric(server, 'edgefleet_ingest_refusing_devices{kind="events"}') == 0
     status, body, _ = server.get("/api/devices/dev-p/refusals", token=server.token)
     assert status == 200 and sum(r["count"] for r in json.loads(body)) == len(poisoned)
     c.loop_stop()
