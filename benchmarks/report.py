@@ -22,6 +22,8 @@ ORDER = (
     "fleet_ingest",
     "fleet_rollout",
     "fleet_scale",
+    "dashboard_pages",
+    "shadow_budget",
     "install_size",
 )
 
