@@ -207,13 +207,24 @@ def _drift_table(features: dict[str, Any]) -> None:
 
 
 def _alerts(args: argparse.Namespace) -> int:
+    from edgefleet import InputError
+
+    if args.action == "ack":
+        if not args.ids:
+            raise InputError("alerts ack needs the alert ids (from 'edgefleet fleet alerts')")
+        body = json.dumps({"ids": args.ids, "mute_hours": args.mute_hours}).encode()
+        r = _client(args, "POST", "/api/alerts/ack", body)
+        print(json.dumps(r) if args.json else f"acknowledged {r['acknowledged']} alert(s)")
+        return 0
     rows = _client(args, "GET", f"/api/alerts?state={args.state}")
     if args.json:
         print(json.dumps(rows, indent=1))
         return 0
     import time
 
-    print(f"{'opened (UTC)':<20} {'state':<7} {'kind':<10} {'bundle':<16} {'cohort':<14} {'feature':<28} value")
+    print(
+        f"{'id':<14} {'opened (UTC)':<20} {'state':<7} {'kind':<10} {'bundle':<16} {'cohort':<14} {'feature':<28} value"
+    )
     for a in rows:
         opened = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(a["opened"]))
         value = (
@@ -221,9 +232,10 @@ def _alerts(args: argparse.Namespace) -> int:
             if a["feature"] == "accuracy" and a.get("accuracy") is not None
             else f"psi {a['psi'] if a['psi'] is not None else float('nan'):.3f}"
         )
+        mark = " [muted]" if a.get("muted") else " [acknowledged]" if a.get("acknowledged") else ""
         print(
-            f"{opened:<20} {a['state']:<7} {a['kind']:<10} {a['bundle']:<16} {a['cohort']:<14} {a['feature']:<28} "
-            f"{value}"
+            f"{a['id']:<14} {opened:<20} {a['state']:<7} {a['kind']:<10} {a['bundle']:<16} {a['cohort']:<14} "
+            f"{a['feature']:<28} {value}{mark}"
         )
     return 0
 
@@ -411,7 +423,10 @@ def register(sub: Any) -> None:
 
     add_capture_parsers(fs, _client_args, _client)
 
-    p = fs.add_parser("alerts", help="drift alerts the server has raised")
+    p = fs.add_parser("alerts", help="drift alerts the server has raised; 'ack ID...' acknowledges (and mutes)")
+    p.add_argument("action", nargs="?", choices=["list", "ack"], default="list")
+    p.add_argument("ids", nargs="*", help="ack: the alert ids")
+    p.add_argument("--mute-hours", type=float, default=0.0, help="ack: hide them from the dashboard this long")
     p.add_argument("--state", default="open", choices=["open", "closed", "all"])
     _client_args(p)
     p.set_defaults(func=_alerts)

@@ -25,7 +25,7 @@ from edgefleet._drift import psi
 
 from ._accuracy import accuracy_report, accuracy_series
 from ._charts import RANGES, charts, device_counts, device_history, fleet_history, svg_chart, update_outcomes
-from ._drift import baseline_of, compare_cohorts, drift_report, list_alerts
+from ._drift import acknowledge, baseline_of, compare_cohorts, drift_report, list_alerts
 from ._rollups import ALL, Rollup, accumulate, empty_merge
 from ._rollups import series as rollup_series
 from ._server import FleetServer
@@ -163,7 +163,19 @@ def mount_dashboard(app: FastAPI, server: FleetServer) -> None:
         for g in out:
             g["kinds"] = sorted(g["kinds"])
             g["opened_text"] = time.strftime("%Y-%m-%d %H:%M", time.gmtime(g["opened"]))
+            g["ids"] = ",".join(a["id"] for a in g["alerts"])
+            g["acknowledged"] = all(a["acknowledged"] for a in g["alerts"])
         return out
+
+    @app.post("/alerts/ack", include_in_schema=False)
+    def ack(request: Request, ids: str = Form(...), mute_hours: float = Form(0.0)) -> Response:
+        if not authed(request):
+            return RedirectResponse("/login", status_code=303)
+        try:
+            acknowledge(server.db, [i for i in ids.split(",") if i], "operator", mute_hours * 3600)
+        except InputError:
+            pass  # alerts closed meanwhile: nothing left to acknowledge
+        return RedirectResponse("/", status_code=303)
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     @signed_in
@@ -186,13 +198,16 @@ def mount_dashboard(app: FastAPI, server: FleetServer) -> None:
             versions[key] = versions.get(key, 0) + int(n)
             total, online = total + int(n), online + int(up)
         running = server.db.query("SELECT COUNT(*) FROM rollouts WHERE state = 'running'")[0][0]
+        every = _open_alerts()
+        alerts = [a for a in every if not a["muted"]]  # muted ones: acknowledged, hidden for a while
         return page(
             request,
             "overview.html",
             registered=total,
             online=online,
             versions=sorted(versions.items()),
-            alerts=(alerts := _open_alerts()),
+            alerts=alerts,
+            muted=len(every) - len(alerts),
             groups=_grouped(alerts),
             rollouts_running=running,
             charts=drawn,

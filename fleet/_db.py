@@ -49,6 +49,9 @@ SCHEMA = [
         feature TEXT NOT NULL, state TEXT NOT NULL, opened FLOAT8 NOT NULL, closed FLOAT8, updated FLOAT8 NOT NULL,
         psi FLOAT8, p_value FLOAT8, samples INTEGER NOT NULL, detail TEXT NOT NULL)""",
     "CREATE INDEX IF NOT EXISTS alerts_state ON alerts (state, opened)",
+    # An operator's acknowledgement of an alert (who, when) and how long it is muted on the dashboard.
+    """CREATE TABLE IF NOT EXISTS alert_acks (
+        alert_id TEXT PRIMARY KEY, acked_by TEXT NOT NULL, acked_at FLOAT8 NOT NULL, muted_until FLOAT8)""",
     """CREATE TABLE IF NOT EXISTS tokens (sha256 TEXT PRIMARY KEY, name TEXT NOT NULL, created FLOAT8 NOT NULL)""",
     # A device's bundle-download token (its hash): lets it fetch bundles, nothing else of the API.
     """CREATE TABLE IF NOT EXISTS device_tokens (

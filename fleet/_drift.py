@@ -25,6 +25,7 @@ log = logging.getLogger("edgefleet.fleet.drift")
 __all__ = [
     "DEFAULT_THRESHOLDS",
     "DriftMonitor",
+    "acknowledge",
     "add_counts",
     "cohort_report",
     "drift_report",
@@ -282,13 +283,37 @@ class DriftMonitor:
 ALERT_FIELDS = ("id", "bundle", "cohort", "feature", "state", "opened", "closed", "psi", "p_value", "samples")
 
 
+def acknowledge(db: Database, alert_ids: list[str], by: str, mute_s: float = 0.0) -> int:
+    """Acknowledge ALERT_IDS for BY (an operator), and mute them on the dashboard for MUTE_S seconds (0: not
+    muted). They stay open while the drift lasts, and close by themselves as before. Returns how many."""
+    if not alert_ids:
+        raise InputError("name at least one alert to acknowledge")
+    if not (isinstance(mute_s, (int, float)) and 0 <= mute_s <= 30 * 86400):
+        raise InputError(f"mute must be between 0 and 30 days, got {mute_s!r} s")
+    marks = ", ".join("?" * len(alert_ids))
+    known = {a for (a,) in db.query(f"SELECT id FROM alerts WHERE id IN ({marks})", alert_ids)}
+    unknown = [a for a in alert_ids if a not in known]
+    if unknown:
+        raise InputError(f"no alert {unknown[0]}" + (f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""))
+    now = time.time()
+    muted = now + mute_s if mute_s else None
+    with db.transaction() as cur:
+        for a in sorted(known):
+            cur.execute(
+                "INSERT INTO alert_acks (alert_id, acked_by, acked_at, muted_until) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT (alert_id) DO UPDATE SET acked_by = ?, acked_at = ?, muted_until = ?",
+                (a, by, now, muted, by, now, muted),
+            )
+    return len(known)
+
+
 def list_alerts(db: Database, state: str = "open", limit: int = 500) -> list[dict[str, Any]]:
     """Drift alerts, newest first; STATE is open, closed or all."""
     if state not in ("open", "closed", "all"):
         raise InputError(f"alert state {state!r}: use open, closed or all")
     sql = (
         "SELECT id, bundle_name, bundle_version, cohort, feature, state, opened, closed, psi, p_value, samples, "
-        "detail FROM alerts"
+        "detail, acked_by, acked_at, muted_until FROM alerts LEFT JOIN alert_acks ON alert_acks.alert_id = alerts.id"
     )
     params: list[Any] = []
     if state != "all":
@@ -297,8 +322,12 @@ def list_alerts(db: Database, state: str = "open", limit: int = 500) -> list[dic
     sql += " ORDER BY opened DESC, feature LIMIT ?"
     params.append(limit)
     out = []
+    now = time.time()
     for r in db.query(sql, params):
         a = dict(zip(ALERT_FIELDS, (r[0], f"{r[1]}:{r[2]}", *r[3:11]), strict=True))
+        a["acknowledged"] = None if r[12] is None else {"by": r[12], "at": r[13]}
+        a["muted_until"] = r[14]
+        a["muted"] = r[14] is not None and float(r[14]) > now
         # Which drift it is: the inputs moved (data), the outputs moved (prediction), or accuracy fell while
         # the inputs did not (concept; 'accuracy' when the inputs moved as well).
         if a["feature"] == "accuracy":

@@ -295,6 +295,19 @@ def create_app(server: FleetServer) -> Any:
 
         return list_alerts(server.db, state)
 
+    @app.post("/api/alerts/ack", dependencies=[Depends(operator)])
+    def ack_alerts(body: dict[str, Any]) -> dict[str, Any]:
+        """Acknowledge alerts (`{"ids": [...], "mute_hours": 0}`): recorded with who and when; muted ones leave
+        the dashboard's open list until then (they stay open, and close by themselves)."""
+        from ._drift import acknowledge
+
+        ids, hours = body.get("ids"), body.get("mute_hours", 0)
+        if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+            raise InputError("ids must be a list of alert ids")
+        if not isinstance(hours, (int, float)) or isinstance(hours, bool):
+            raise InputError("mute_hours must be a number")
+        return {"acknowledged": acknowledge(server.db, ids, "operator", float(hours) * 3600)}
+
     @app.post("/api/commands", dependencies=[Depends(operator)])
     def send_command(body: dict[str, Any]) -> dict[str, Any]:
         """Send a one-off command: `{"command": "flush"|"report", "device": ID}` or `{..., "selector": TAG}`;

@@ -105,3 +105,48 @@ def test_alerts_open_for_the_drifting_cohort_and_close_when_it_ends(db: Database
     # a restarted server's monitor starts from the stored windows and alerts: nothing reopens
     assert DriftMonitor(db, interval_s=10, window_s=300).check(now + 400) == []
     assert len(list_alerts(db, "all")) == len(first)
+
+
+def test_an_operator_acknowledges_and_mutes_alerts(tmp_path, db: Database) -> None:
+    """Acknowledged alerts say who and when; muted ones leave the dashboard's open list until then, and stay
+    open (the drift monitor still owns opening and closing them). API, CLI-shaped body and the page's form,
+    through the real app."""
+    from fastapi.testclient import TestClient
+
+    from edgefleet import InputError
+    from edgefleet.fleet._auth import create_token
+    from edgefleet.fleet._drift import acknowledge
+    from edgefleet.fleet._http import create_app
+    from edgefleet.fleet._server import FleetServer, ServerConfig
+
+    server = FleetServer(ServerConfig(data_dir=tmp_path / "fleet", db_url=db.url))
+    now = time.time()
+    with db.transaction() as cur:
+        for i, cohort in enumerate(("site-a", "site-a", "site-b")):
+            cur.execute(
+                "INSERT INTO alerts (id, bundle_name, bundle_version, cohort, feature, state, opened, updated, psi, "
+                "p_value, samples, detail) VALUES (?, 'm', '1.0.0', ?, ?, 'open', ?, ?, 0.5, 0.0, 300, '{}')",
+                (f"a-{i}", cohort, f"feature_{i}", now, now),
+            )
+    with pytest.raises(InputError, match="no alert a-9"):
+        acknowledge(db, ["a-0", "a-9"], "operator")
+    token = create_token(tmp_path / "fleet", "test", db.url)
+    client = TestClient(create_app(server))
+    r = client.post("/api/alerts/ack", json={"ids": ["a-0"], "mute_hours": 0},
+                    headers={"Authorization": f"Bearer {token}"})  # fmt: skip
+    assert r.status_code == 200 and r.json() == {"acknowledged": 1}
+    listed = {a["id"]: a for a in list_alerts(db)}
+    assert listed["a-0"]["acknowledged"]["by"] == "operator" and not listed["a-0"]["muted"]
+    assert listed["a-1"]["acknowledged"] is None
+    # the page's form: site-a's group muted for an hour; it leaves the open list, site-b's stays
+    client.cookies.set("edgefleet_token", token)
+    assert "site-a" in client.get("/").text
+    r = client.post("/alerts/ack", data={"ids": "a-0,a-1", "mute_hours": "1"}, follow_redirects=False)
+    assert r.status_code == 303
+    page = client.get("/").text
+    assert "2 muted" in page and "feature_2" in page and "feature_0" not in page
+    assert {a["id"] for a in list_alerts(db) if a["state"] == "open"} == {"a-0", "a-1", "a-2"}  # still open
+    # without a cookie the form does nothing
+    client.cookies.clear()
+    assert client.post("/alerts/ack", data={"ids": "a-2"}, follow_redirects=False).headers["location"] == "/login"
+    assert next(a for a in list_alerts(db) if a["id"] == "a-2")["acknowledged"] is None
