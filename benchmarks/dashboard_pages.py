@@ -24,8 +24,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.fleet_scale import RESULTS, Fleet, timed  # noqa: E402
-from edgefleet import generate_keypair, open_bundle  # noqa: E402
+from benchmarks.fleet_scale import RESULTS, Fleet, mlp_manifests, timed  # noqa: E402
 
 TARGET_MS = 1000.0
 
@@ -112,19 +111,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--db", default="sqlite", choices=["sqlite", "postgresql"])
     ap.add_argument("--reps", type=int, default=10)
     args = ap.parse_args(argv)
-    from examples.digits.data import load_splits
-    from examples.digits.mlp import build_mlp_bundle
-
     sizes = [tuple(int(x) for x in part.split(":")) for part in args.sizes.split(",")]
     runs = []
     with tempfile.TemporaryDirectory() as td:
         tmp = Path(td)
-        key = generate_keypair(tmp / "key")
-        digits = load_splits()
-        manifests = {
-            v: open_bundle(build_mlp_bundle(tmp / f"mlp-{v}.efb", digits, v, key, seed)).manifest
-            for v, seed in (("1.0.0", 0), ("2.0.0", 1))
-        }
+        manifests = mlp_manifests(tmp)
         pg = None
         try:
             for devices, minutes in sizes:

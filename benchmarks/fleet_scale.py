@@ -222,6 +222,19 @@ def ingest_without_rollups(url: str, manifests: dict[str, Any], devices: int, mi
         ingest.add_windows = kept
 
 
+def mlp_manifests(tmp: Path) -> dict[str, Any]:
+    """The manifests of the digits MLP bundles 1.0.0 and 2.0.0 (the canary), built and signed under TMP."""
+    from examples.digits.data import load_splits
+    from examples.digits.mlp import build_mlp_bundle
+
+    key = generate_keypair(tmp / "key")
+    digits = load_splits()
+    return {
+        v: open_bundle(build_mlp_bundle(tmp / f"mlp-{v}.efb", digits, v, key, seed)).manifest
+        for v, seed in (("1.0.0", 0), ("2.0.0", 1))
+    }
+
+
 def run(
     kind: str, url: str, bare_url: str, manifests: dict[str, Any], devices: int, minutes: int, tmp: Path
 ) -> dict[str, Any]:
@@ -316,19 +329,11 @@ def main(argv: list[str] | None = None) -> int:
         "--append", action="store_true", help="keep the results of earlier runs (other sizes or databases) in the files"
     )
     args = ap.parse_args(argv)
-    from examples.digits.data import load_splits
-    from examples.digits.mlp import build_mlp_bundle
-
     sizes = [tuple(int(x) for x in s.split(":")) for s in args.sizes.split(",")]
     results = []
     with tempfile.TemporaryDirectory() as td:
         tmp = Path(td)
-        key = generate_keypair(tmp / "key")
-        digits = load_splits()
-        manifests = {
-            v: open_bundle(build_mlp_bundle(tmp / f"mlp-{v}.efb", digits, v, key, seed)).manifest
-            for v, seed in (("1.0.0", 0), ("2.0.0", 1))
-        }
+        manifests = mlp_manifests(tmp)
         pg = None
         for kind in args.db.split(","):
             for devices, minutes in sizes:
