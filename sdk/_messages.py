@@ -6,13 +6,12 @@ fields it does not know (a newer MINOR's additions) in `extra` and gives the doc
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass, field
 from typing import Any
 
 from ._errors import InputError
-from ._manifest import _NAME, _SEMVER
+from ._manifest import _NAME, _SEMVER, _number
 from ._topics import EVENT_SCHEMA, STATE_SCHEMA, STATUS_SCHEMA, _check_schema
 
 __all__ = [
@@ -75,10 +74,6 @@ _STATUS_FIELDS = ("schema", "device_id", "online", "ts")
 _STATE_OBJECTS = ("buffer", "refused_by_fleet", "capabilities")
 
 
-def _finite(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
 def _device(obj: dict[str, Any], device_id: str | None, what: str) -> str:
     dev = obj.get("device_id")
     if not isinstance(dev, str):
@@ -90,7 +85,7 @@ def _device(obj: dict[str, Any], device_id: str | None, what: str) -> str:
 
 def _ts(obj: dict[str, Any], what: str) -> float:
     ts = obj.get("ts")
-    if not isinstance(ts, (int, float)) or not _finite(ts) or ts < 0:
+    if not isinstance(ts, (int, float)) or not _number(ts) or ts < 0:
         raise InputError(f"{what} field 'ts' must be a finite, non-negative number (seconds since the epoch)")
     return float(ts)
 
